@@ -1,0 +1,1 @@
+"""dvpo_lightning."""

@@ -1,0 +1,92 @@
+"""Held-out evaluation of a policy under an embedded task's gold scorer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from dvpo_lightning.data.collate import pad_left
+from dvpo_lightning.data.formats import load_examples
+from dvpo_lightning.data.tokenize import encode_prompt
+from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+from dvpo_lightning.tasks import get_task
+
+
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, task_name: str, prompts: list[str],
+                    cfg: SamplingConfig, batch_size: int = 128) -> dict[str, float]:
+    """Mean gold reward, exact-answer rate, EOS rate and response length on ``prompts``."""
+    task = get_task(task_name)
+    gen = HFGenerator(tokenizer.eos_token_id, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    gold, exact, eos, length = [], [], [], []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids, mask = pad_left([encode_prompt(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
+        resp, rmask = gen.generate(model, ids.to(device), mask.to(device), cfg)
+        for p, r, m in zip(chunk, resp.tolist(), rmask.tolist()):
+            toks = [t for t, keep in zip(r, m) if keep]
+            finished = bool(toks) and toks[-1] == tokenizer.eos_token_id
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            score = task.gold_score(p, text, finished)
+            gold.append(score)
+            exact.append(float(score == 1.0))
+            eos.append(float(finished))
+            length.append(float(len(toks)))
+    if was_training:
+        model.train()
+    n = len(gold)
+    return {"gold_reward": sum(gold) / n, "exact": sum(exact) / n, "eos_frac": sum(eos) / n,
+            "response_len": sum(length) / n}
+
+
+class GoldEval(L.Callback):
+    """Evaluate the module's ``model`` on held-out prompts at every validation and at the end.
+
+    Args:
+        task: embedded task name whose gold scorer judges (``sorting``).
+        prompts_path: held-out prompts file.
+        max_prompts: evaluate on the first this-many prompts.
+        max_new_tokens: longest response.
+        greedy: greedy decoding (else sampling at temperature 1).
+        summary_file: JSON file name written into the log directory at the end of ``fit``.
+    """
+
+    def __init__(self, task: str = "sorting", prompts_path: str = "data/sorting/eval_prompts.jsonl",
+                 max_prompts: int = 256, max_new_tokens: int = 16, greedy: bool = False,
+                 summary_file: str = "gold_eval.json") -> None:
+        self.task, self.prompts_path, self.max_prompts = task, prompts_path, max_prompts
+        self.cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=greedy)
+        self.summary_file = summary_file
+        self.last: dict[str, float] = {}
+
+    def _prompts(self) -> list:
+        return [r["prompt"] for r in load_examples(self.prompts_path, "prompt")][: self.max_prompts]
+
+    def _run(self, pl_module) -> dict[str, float]:
+        return evaluate_policy(pl_module.model, pl_module.tokenizer, self.task, self._prompts(),
+                               self.cfg)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        self.last = self._run(pl_module)
+        for k, v in self.last.items():
+            pl_module.log(f"eval/{k}", v, prog_bar=k == "gold_reward")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.last = self._run(pl_module)
+        rank_zero_info("held-out gold evaluation: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in self.last.items()))
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / self.summary_file).write_text(json.dumps(
+            {**self.last, "global_step": trainer.global_step}, indent=2))

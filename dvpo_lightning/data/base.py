@@ -1,0 +1,82 @@
+"""The shared part of the stage-1 DataModules: tokenizer, length policy, loaders."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from dvpo_lightning.data.tokenize import LengthReport, check_length_policy
+from dvpo_lightning.models.loading import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over a list of already tokenized examples."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class TokenizedDataModule(L.LightningDataModule):
+    """Base class: loads the tokenizer, applies the length policy and reports what it cut.
+
+    Args:
+        tokenizer: directory of a Hugging Face tokenizer (the policy's).
+        batch_size: training examples per batch (pairs for pairwise data).
+        val_batch_size: evaluation batch size; defaults to ``batch_size``.
+        max_length: longest ``prompt + response`` in tokens.
+        length_policy: what to do with longer rows: ``truncate``, ``drop`` or ``error``.
+        chat_template: apply the tokenizer's chat template to prompts when it has one.
+        num_workers: DataLoader workers.
+        seed: seed of the shuffling order (the Trainer's sampler) and of any data sampling.
+    """
+
+    def __init__(self, tokenizer: str, batch_size: int = 32, val_batch_size: int | None = None,
+                 max_length: int = 512, length_policy: str = "truncate",
+                 chat_template: bool = True, num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__()
+        check_length_policy(length_policy)
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.tokenizer_path = tokenizer
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.max_length = max_length
+        self.length_policy = length_policy
+        self.chat_template = chat_template
+        self.num_workers = num_workers
+        self.seed = seed
+        self._tokenizer = None
+        self.length_reports: list[LengthReport] = []
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def new_report(self, source: str) -> LengthReport:
+        report = LengthReport(source, self.max_length, self.length_policy)
+        self.length_reports.append(report)
+        return report
+
+    def log_reports(self) -> None:
+        for r in self.length_reports:
+            if r.truncated or r.dropped:
+                log.warning("%s (first rows: %s)", r.summary(), r.examples)
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Callable) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                          num_workers=self.num_workers, drop_last=False)

@@ -1,0 +1,56 @@
+"""Padding into the one layout every stage shares.
+
+``[left-padded prompt (B, P) | right-padded response (B, T)]``: the last prompt token sits in
+column ``P - 1`` of every row, so ``u_0 … u_T`` are ``values[:, P-1:]`` and the logits that
+predict ``y_1 … y_T`` are ``logits[:, P-1:-1]`` — no per-row gathering (ALGORITHM.md alignment).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(B, P) long`` ids and ``(B, P) bool`` mask, padded on the left."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = True
+    return ids, mask
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """``(B, T) long`` ids and ``(B, T) bool`` mask, padded on the right."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = True
+    return ids, mask
+
+
+def collate_prompt_response(prompts: list[list[int]], responses: list[list[int]],
+                            pad_id: int) -> dict[str, Tensor]:
+    """The shared layout: ``prompt_ids/prompt_mask (B, P)``, ``response_ids/response_mask (B, T)``."""
+    prompt_ids, prompt_mask = pad_left(prompts, pad_id)
+    response_ids, response_mask = pad_right(responses, pad_id)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "response_ids": response_ids, "response_mask": response_mask}
+
+
+def join(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(B, P + T)`` input ids and attention mask of the shared layout."""
+    ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1)
+    return ids, mask
+
+
+def response_slice(x: Tensor, prompt_width: int) -> Tensor:
+    """``x[:, P-1:]``: the ``T + 1`` positions ``u_0 … u_T`` of per-position outputs."""
+    return x[:, prompt_width - 1:]

@@ -1,0 +1,71 @@
+"""SFT demonstrations: ``{prompt, response}`` or chat ``messages``."""
+
+from __future__ import annotations
+
+import random
+
+from torch.utils.data import DataLoader
+
+from dvpo_lightning.data.base import ListDataset, TokenizedDataModule
+from dvpo_lightning.data.collate import collate_prompt_response
+from dvpo_lightning.data.formats import load_examples
+from dvpo_lightning.data.tokenize import encode_prompt, encode_response, fit_length
+
+
+class SFTDataModule(TokenizedDataModule):
+    """Prompt/response pairs for next-token training on the response tokens.
+
+    Args:
+        train_path: SFT file (jsonl / json / parquet / datasets directory).
+        val_path: held-out SFT file; None holds out ``val_fraction`` of ``train_path``.
+        val_fraction: fraction of the training rows held out when ``val_path`` is None.
+        format: row format (``auto`` detects it; see ``dvpo_lightning.data.formats``).
+        split: split of a ``datasets`` directory.
+        **kwargs: see :class:`TokenizedDataModule` (tokenizer, batch_size, max_length, …).
+    """
+
+    def __init__(self, train_path: str, tokenizer: str, val_path: str | None = None,
+                 val_fraction: float = 0.02, format: str = "auto", split: str | None = None,
+                 batch_size: int = 32, val_batch_size: int | None = None, max_length: int = 512,
+                 length_policy: str = "truncate", chat_template: bool = True,
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(tokenizer, batch_size, val_batch_size, max_length, length_policy,
+                         chat_template, num_workers, seed)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.train_path, self.val_path = train_path, val_path
+        self.val_fraction, self.format, self.split = val_fraction, format, split
+
+    def _encode(self, path: str) -> list[tuple[list[int], list[int]]]:
+        report = self.new_report(path)
+        out = []
+        for i, ex in enumerate(load_examples(path, "sft", split=self.split, format=self.format)):
+            fitted = fit_length(encode_prompt(self.tokenizer, ex["prompt"], self.chat_template),
+                                encode_response(self.tokenizer, ex["response"]),
+                                self.max_length, self.length_policy, report, i)
+            if fitted is not None:
+                out.append(fitted)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train = self._encode(self.train_path)
+        if self.val_path:
+            val = self._encode(self.val_path)
+        else:
+            random.Random(self.seed).shuffle(train)
+            n_val = max(1, int(len(train) * self.val_fraction)) if self.val_fraction else 0
+            val, train = train[:n_val], train[n_val:]
+        self.train_set, self.val_set = ListDataset(train), ListDataset(val)
+        self.log_reports()
+
+    def collate(self, items: list[tuple[list[int], list[int]]]) -> dict:
+        prompts, responses = zip(*items)
+        return collate_prompt_response(list(prompts), list(responses), self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, True, self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.val_batch_size, False, self.collate)

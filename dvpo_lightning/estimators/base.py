@@ -1,0 +1,62 @@
+"""The contract every advantage estimator keeps.
+
+An estimator is a pure function of an :class:`~dvpo_lightning.rollout.Experience` (no ``self``
+state, no distributed calls, no in-place edits) wrapped by a small class that holds its
+hyper-parameters, so LightningCLI can pick it by ``class_path``. It returns
+``(advantages, returns)``, both ``(B, T)`` and zero where ``response_mask`` is False; ``returns``
+is only meaningful for estimators with a trained critic.
+
+Each estimator *declares* what the experience must carry (:class:`Need`); the RL module fetches
+exactly that and nothing else, so no method name is ever tested inside the module.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from torch import Tensor
+
+from dvpo_lightning.rollout.experience import Experience
+
+
+class Need(str, enum.Enum):
+    """What an estimator needs from the rollout."""
+
+    GVM_VALUES = "gvm_values"  # u_0 … u_T from the frozen Global Value Model
+    CRITIC_VALUES = "critic_values"  # u_0 … u_T from a critic trained online (PPO)
+    SCORES = "scores"  # sequence reward r(x, y) from the reward model
+    GROUPS = "groups"  # n responses per prompt with group ids
+    GREEDY_BASELINE = "greedy_baseline"  # RM score of the greedy response to each prompt
+
+
+class AdvantageEstimator:
+    """Base class: subclasses set ``needs`` and implement ``__call__``.
+
+    Attributes:
+        needs: what the experience must carry for this estimator.
+        group_size: responses sampled per prompt (1 unless ``Need.GROUPS``).
+        trains_critic: True when ``returns`` are regression targets for a critic.
+    """
+
+    needs: frozenset[Need] = frozenset()
+    group_size: int = 1
+    trains_critic: bool = False
+
+    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def check(self, exp: Experience) -> None:
+        """Raise a clear error when ``exp`` lacks a field this estimator declared it needs."""
+        field = {
+            Need.GVM_VALUES: "values",
+            Need.CRITIC_VALUES: "values",
+            Need.SCORES: "scores",
+            Need.GROUPS: "group_ids",
+            Need.GREEDY_BASELINE: "baseline_scores",
+        }
+        for need in self.needs:
+            if getattr(exp, field[need]) is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs {need.value!r} but the experience has no "
+                    f"{field[need]!r}; the RL module must fetch every declared need"
+                )

@@ -1,0 +1,115 @@
+"""GRPO: sequence rewards normalised within each group of responses to the same prompt."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dvpo_lightning.estimators.base import AdvantageEstimator, Need
+from dvpo_lightning.returns import sequence_rewards
+from dvpo_lightning.rollout.experience import Experience
+
+GROUP_SCALES = ("std", "none")
+
+
+def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row group count, sum and sum of squares (vectorised, any id order).
+
+    Args:
+        values: ``(B,)`` float.
+        group_ids: ``(B,)`` long; equal ids share a prompt.
+
+    Returns:
+        ``(count, total, total_sq)``, each ``(B,)``: the statistic of the row's own group.
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)  # (B,) group index per row
+    n_groups = int(inverse.max()) + 1
+    v = values.to(torch.float64)
+
+    def per_group(x: Tensor) -> Tensor:
+        return torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
+
+    count = per_group(torch.ones_like(v))
+    return count[inverse], per_group(v)[inverse], per_group(v * v)[inverse]
+
+
+def group_normalized_advantages(
+    scores: Tensor, group_ids: Tensor, eps: float = 1e-6, scale: str = "std"
+) -> Tensor:
+    """GRPO advantage ``A_i = (R_i − mean_g) / (std_g + eps)`` (Shao et al. 2024, §4.1.2).
+
+    ``std_g`` is the unbiased (Bessel) standard deviation of the group, as ``torch.std`` in TRL
+    and verl. ``scale="none"`` drops the division (Dr. GRPO, Liu et al. 2025).
+
+    Args:
+        scores: ``(B,)`` float, sequence rewards ``R_i``.
+        group_ids: ``(B,)`` long; equal ids share a prompt.
+        eps: added to the group std.
+        scale: ``"std"`` or ``"none"``.
+
+    Returns:
+        ``(B,)`` float (dtype of ``scores``); zero mean within every group.
+    """
+    if scale not in GROUP_SCALES:
+        raise ValueError(
+            f"group_normalized_advantages: unknown scale {scale!r}; valid: {GROUP_SCALES}"
+        )
+    count, total, total_sq = group_stats(scores, group_ids)
+    mean = total / count
+    centred = scores.to(torch.float64) - mean
+    if scale == "std":
+        if (count < 2).any():
+            raise ValueError(
+                "group_normalized_advantages: a group has a single response, so its std is "
+                f"undefined (group sizes: {sorted(set(count.long().tolist()))}); sample >= 2 "
+                "responses per prompt or use scale='none'"
+            )
+        var = ((total_sq - total * mean) / (count - 1)).clamp(min=0.0)
+        centred = centred / (var.sqrt() + eps)
+    return centred.to(scores.dtype)
+
+
+def check_group_sizes(group_ids: Tensor, group_size: int, who: str) -> None:
+    """Raise unless every group in the batch has exactly ``group_size`` rows."""
+    _, counts = torch.unique(group_ids, return_counts=True)
+    if (counts != group_size).any():
+        raise ValueError(
+            f"{who}: expected every prompt to have group_size={group_size} responses, got group "
+            f"sizes {sorted(set(counts.tolist()))}; the data module must repeat each prompt "
+            "group_size times"
+        )
+
+
+class GRPO(AdvantageEstimator):
+    """Group-relative advantages, broadcast to every valid token of the response.
+
+    ``R_i = score_i − Σ_t kl_penalty_{i,t}``; ``returns`` are zeros (no critic).
+
+    Args:
+        group_size: responses sampled per prompt (paper: 5).
+        eps: added to the group std.
+        scale: "std" divides by the group std (GRPO); "none" only centres (Dr. GRPO).
+    """
+
+    needs = frozenset({Need.SCORES, Need.GROUPS})
+
+    def __init__(self, group_size: int = 5, eps: float = 1e-6, scale: str = "std") -> None:
+        if group_size < 2:
+            raise ValueError(
+                f"GRPO: group_size must be >= 2 to normalise a group, got {group_size}"
+            )
+        if scale not in GROUP_SCALES:
+            raise ValueError(f"GRPO: unknown scale {scale!r}; valid: {GROUP_SCALES}")
+        self.group_size = group_size
+        self.eps = eps
+        self.scale = scale
+
+    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        self.check(exp)
+        check_group_sizes(exp.group_ids, self.group_size, "GRPO")
+        mask = exp.response_mask
+        with torch.no_grad():
+            rewards = sequence_rewards(exp.scores, exp.kl_penalty, mask)
+            adv = group_normalized_advantages(rewards, exp.group_ids, self.eps, self.scale)
+            advantages = torch.where(mask, adv[:, None], 0.0)
+        return advantages, torch.zeros_like(advantages)

@@ -1,0 +1,96 @@
+"""A transformer backbone with a scalar head on every position.
+
+One class serves the Global Value Model (values on every token), the scalar reward model (the
+score at the last token) and the PPO critic. The artifact is a directory that ``transformers``
+loads as the backbone (``AutoModel.from_pretrained``) plus ``value_head.safetensors`` and
+``value_head.json`` for the head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dvpo_lightning.models.loading import load_backbone, position_ids_from_mask
+
+HEAD_WEIGHTS = "value_head.safetensors"
+HEAD_CONFIG = "value_head.json"
+
+
+class ValueModel(nn.Module):
+    """``backbone`` + ``Linear(hidden, 1)``; ``forward`` gives one float per position.
+
+    Args:
+        backbone: a transformer without LM head (``AutoModel``).
+        kind: what the head means: ``"gvm"``, ``"reward"`` or ``"critic"`` (saved with it).
+        zero_init_head: start the head at zero (the authors' GVM does) instead of a small
+            random init.
+    """
+
+    def __init__(self, backbone: PreTrainedModel, kind: str = "gvm",
+                 zero_init_head: bool = True) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.kind = kind
+        hidden = backbone.config.hidden_size
+        self.head = nn.Linear(hidden, 1)
+        if zero_init_head:
+            nn.init.zeros_(self.head.weight)
+        else:
+            nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """``(B, L) long``, ``(B, L)`` → ``(B, L) float32`` head outputs at every position."""
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask.long(),
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, tokenizer: PreTrainedTokenizerBase,
+                        kind: str = "gvm", zero_init_head: bool = True,
+                        dtype: str | None = None) -> ValueModel:
+        """Backbone from ``name_or_path``; the head too when the directory has one, else fresh."""
+        model = cls(load_backbone(name_or_path, tokenizer, dtype), kind, zero_init_head)
+        head_file = Path(name_or_path) / HEAD_WEIGHTS
+        if head_file.exists():
+            model.head.load_state_dict(load_file(str(head_file)))
+            meta = json.loads((Path(name_or_path) / HEAD_CONFIG).read_text())
+            model.kind = meta.get("kind", kind)
+        return model
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(out))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(out / HEAD_WEIGHTS))
+        (out / HEAD_CONFIG).write_text(json.dumps(
+            {"kind": self.kind, "hidden_size": self.head.in_features}, indent=2))
+
+
+def has_value_head(path: str | Path) -> bool:
+    return (Path(path) / HEAD_WEIGHTS).exists()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and ``requires_grad=False`` on every parameter; returns ``module``."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+@torch.no_grad()
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

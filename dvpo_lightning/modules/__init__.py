@@ -1,0 +1,7 @@
+"""LightningModules: thin systems with injected parts."""
+
+from dvpo_lightning.modules.gvm import GVMModule
+from dvpo_lightning.modules.reward_model import RewardModelModule
+from dvpo_lightning.modules.sft import SFTModule
+
+__all__ = ["GVMModule", "RewardModelModule", "SFTModule"]

@@ -1,0 +1,63 @@
+"""The scalar reward model (the paper's ScalarRM): Bradley–Terry loss on the last token's score."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from dvpo_lightning.losses import bradley_terry_loss
+from dvpo_lightning.modules.value_base import ValueHeadModule
+
+
+def final_scores(values: Tensor, response_mask: Tensor) -> Tensor:
+    """The score at each row's last response token (its EOS when finished).
+
+    Args:
+        values: ``(B, T + 1)`` head outputs ``u_0 … u_T``.
+        response_mask: ``(B, T) bool``.
+
+    Returns:
+        ``(B,)``: ``u_L`` where ``L`` is the row's response length.
+    """
+    last = response_mask.long().sum(1)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+class RewardModelModule(ValueHeadModule):
+    """Scalar reward model trained on preference pairs.
+
+    Loss: ``−log σ(r(x, y_c) − r(x, y_r))`` with ``r`` the head output at the last response
+    token. Validation: held-out pair accuracy with every aggregation (``final`` is the RM's own).
+
+    Args:
+        backbone: a local model directory (the SFT policy, as in the paper) or a tiny config.
+        tokenizer: tokenizer directory; defaults to ``backbone``'s.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        margin: optional margin in the Bradley–Terry loss.
+        export_dir: where to write the reward model (backbone + head) at the end of ``fit``.
+        zero_init_head: start the score head at zero.
+        dtype: dtype to load ``backbone`` in.
+    """
+
+    kind = "reward"
+    table_title = "ScalarRM"
+
+    def __init__(self, backbone: str = "tiny-llama", tokenizer: str | None = None,
+                 lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 50,
+                 min_lr_ratio: float = 0.1, margin: float | None = None,
+                 export_dir: str | None = None, zero_init_head: bool = True,
+                 dtype: str | None = None) -> None:
+        super().__init__(backbone, tokenizer, lr, weight_decay, warmup_steps, min_lr_ratio,
+                         export_dir, zero_init_head, dtype)
+        self.save_hyperparameters()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        n = int(batch["n_pairs"])
+        scores = final_scores(self.response_values(batch), batch["response_mask"])
+        loss = bradley_terry_loss(scores[:n], scores[n:], self.hparams.margin)
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/reward_acc", (scores[:n] > scores[n:]).float().mean(), batch_size=n)
+        self.log("train/reward_margin", (scores[:n] - scores[n:]).mean(), batch_size=n)
+        return loss

@@ -1,0 +1,86 @@
+"""Supervised fine-tuning: next-token loss on the response tokens only."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from dvpo_lightning.data.collate import join
+from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, position_ids_from_mask
+from dvpo_lightning.modules.export import export_atomic
+from dvpo_lightning.modules.optim import adamw, warmup_cosine
+
+
+def response_token_logps(logits: Tensor, response_ids: Tensor, prompt_width: int) -> Tensor:
+    """``log π(y_t | s_t)`` for ``t = 1..T`` from full-sequence ``logits (B, P+T, V)``.
+
+    The logits at column ``P - 1 + (t - 1)`` predict ``y_t`` (ALGORITHM.md alignment).
+    Returns ``(B, T) float32``.
+    """
+    logits = logits[:, prompt_width - 1:-1].float()
+    return torch.gather(logits.log_softmax(-1), 2, response_ids[..., None]).squeeze(-1)
+
+
+class SFTModule(L.LightningModule):
+    """Next-token cross-entropy on response tokens (prompt tokens are context only).
+
+    Args:
+        backbone: a local model directory or a tiny config name (``tiny-llama``: random init).
+        tokenizer: tokenizer directory; defaults to ``backbone``'s.
+        lr: peak learning rate (AdamW).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        export_dir: where to write the trained policy (``save_pretrained`` + tokenizer) at the
+            end of ``fit``; None writes nothing.
+        dtype: dtype to load ``backbone`` in (``auto``, ``float32``, ``bfloat16``).
+    """
+
+    def __init__(self, backbone: str = "tiny-llama", tokenizer: str | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
+                 min_lr_ratio: float = 0.1, export_dir: str | None = None,
+                 dtype: str | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer or backbone)
+        self.model = load_causal_lm(backbone, self.tokenizer, dtype)
+
+    def forward(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Mean response-token NLL and the number of response tokens."""
+        ids, mask = join(batch)
+        logits = self.model(input_ids=ids, attention_mask=mask.long(),
+                            position_ids=position_ids_from_mask(mask), use_cache=False).logits
+        logp = response_token_logps(logits, batch["response_ids"], batch["prompt_ids"].shape[1])
+        rmask = batch["response_mask"]
+        n = rmask.sum()
+        return -(logp * rmask).sum() / n.clamp(min=1), n
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, n = self(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["response_ids"].shape[0])
+        self.log("train/tokens", n.float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, n = self(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=int(n))
+
+    def configure_optimizers(self):
+        opt = adamw(self.model.parameters(), self.hparams.lr, self.hparams.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = warmup_cosine(opt, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        if self.hparams.export_dir and self.trainer.is_global_zero:
+            def write(d):
+                self.model.save_pretrained(str(d))
+                self.tokenizer.save_pretrained(str(d))
+
+            out = export_atomic(self.hparams.export_dir, write,
+                                {"kind": "policy", "stage": "sft", "hparams": dict(self.hparams),
+                                 "global_step": self.global_step})
+            rank_zero_info(f"SFT policy written to {out}")

@@ -1,0 +1,99 @@
+"""What the reward model and the GVM share: a value head model, pair-accuracy validation,
+a printed accuracy table and the export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from dvpo_lightning.data.collate import join, response_slice
+from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
+from dvpo_lightning.models.loading import load_tokenizer
+from dvpo_lightning.models.value_model import ValueModel
+from dvpo_lightning.modules.export import export_atomic
+from dvpo_lightning.modules.optim import adamw, warmup_cosine
+
+
+def format_accuracy_table(title: str, acc: dict[str, float], n_pairs: int) -> str:
+    """A markdown table of pair accuracy per aggregation."""
+    lines = [f"{title} — held-out pair accuracy ({n_pairs} pairs)", "",
+             "| aggregation | accuracy |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in acc.items()]
+    return "\n".join(lines)
+
+
+class ValueHeadModule(L.LightningModule):
+    """Base of :class:`RewardModelModule` and :class:`GVMModule` (not used on its own)."""
+
+    kind = "value"
+    table_title = "Value model"
+
+    def __init__(self, backbone: str, tokenizer: str | None, lr: float, weight_decay: float,
+                 warmup_steps: int, min_lr_ratio: float, export_dir: str | None,
+                 zero_init_head: bool, dtype: str | None) -> None:
+        super().__init__()
+        self.tokenizer = load_tokenizer(tokenizer or backbone)
+        self.model = ValueModel.from_pretrained(backbone, self.tokenizer, self.kind,
+                                                zero_init_head, dtype)
+        self.val_acc = PairAccuracy()
+        self.last_accuracy: dict[str, float] = {}
+        self.last_val_pairs = 0
+
+    def response_values(self, batch: dict) -> Tensor:
+        """``u_0 … u_T``: ``(B, T + 1)`` head outputs from the last prompt token on."""
+        ids, mask = join(batch)
+        return response_slice(self.model(ids, mask), batch["prompt_ids"].shape[1])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        n = int(batch["n_pairs"])
+        token_values = self.response_values(batch)[:, 1:]  # u_1 … u_T
+        mask = batch["response_mask"]
+        self.val_acc.update(token_values[:n], mask[:n], token_values[n:], mask[n:])
+        self.last_val_pairs += n
+
+    def on_validation_epoch_start(self) -> None:
+        self.last_val_pairs = 0
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.val_acc.reset()
+        self.last_accuracy = {k: float(v) for k, v in acc.items()}
+        for k, v in acc.items():
+            self.log(f"val/pair_acc/{k}", v, prog_bar=k == self.main_aggregation)
+
+    @property
+    def main_aggregation(self) -> str:
+        return "final"
+
+    def configure_optimizers(self):
+        opt = adamw(self.model.parameters(), self.hparams.lr, self.hparams.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = warmup_cosine(opt, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        if self.last_accuracy:
+            table = format_accuracy_table(self.table_title, self.last_accuracy,
+                                          self.last_val_pairs)
+            print("\n" + table + "\n", flush=True)
+            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "pair_accuracy.json").write_text(json.dumps(
+                {"model": self.kind, "pairs": self.last_val_pairs,
+                 "accuracy": self.last_accuracy, "global_step": self.global_step}, indent=2))
+        if self.hparams.export_dir:
+            def write(d):
+                self.model.save_pretrained(d)
+                self.tokenizer.save_pretrained(str(d))
+
+            out = export_atomic(self.hparams.export_dir, write,
+                                {"kind": self.kind, "hparams": dict(self.hparams),
+                                 "global_step": self.global_step,
+                                 "pair_accuracy": self.last_accuracy})
+            rank_zero_info(f"{self.table_title} written to {out}")

@@ -1,0 +1,16 @@
+"""Embedded tasks: prompt generators, gold scorers and the tokenizer builder."""
+
+from dvpo_lightning.tasks.base import Task
+from dvpo_lightning.tasks.sorting import SortingTask
+
+TASKS: dict[str, type] = {"sorting": SortingTask}
+
+
+def get_task(name: str, **kwargs) -> Task:
+    """The embedded task called ``name``; the error lists the known ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
+
+
+__all__ = ["TASKS", "SortingTask", "Task", "get_task"]

@@ -1,0 +1,210 @@
+"""Generate every split of an embedded task, disjoint like the paper's Base setting.
+
+Writes, under ``out``::
+
+    tokenizer/            Hugging Face tokenizer (character level)
+    sft.jsonl             {prompt, response}: demonstrations of a noisy teacher
+    trajectories.jsonl    {prompt, response, score, policy}: behaviour-policy samples, gold-scored
+    pairs.jsonl           {prompt, chosen, rejected, policy}: preferences derived from them,
+                          with Bradley–Terry label noise (like human labels)
+    rl_prompts.jsonl      {prompt}: prompts for policy optimisation
+    eval_prompts.jsonl    {prompt}: held-out prompts for evaluating policies
+    eval_pairs.jsonl      {prompt, chosen, rejected, policy}: held-out pairs, noise-free labels
+    manifest.json         the arguments, counts and mean gold score of every split
+
+Every split draws from its own prompts: no prompt appears in two splits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+from dvpo_lightning.tasks import get_task
+from dvpo_lightning.tasks.base import Task
+from dvpo_lightning.tasks.tokenizer import save_char_tokenizer
+
+# name -> (random slip rate, systematic flaw rate) of each behaviour policy
+DEFAULT_BEHAVIOUR = {
+    "careful": (0.02, 0.2),
+    "teacher": (0.05, 0.6),
+    "sloppy": (0.2, 0.4),
+    "stubborn": (0.1, 0.9),
+}
+
+
+def _unique_prompts(task: Task, n: int, rng: random.Random, seen: set[str]) -> list[str]:
+    out: list[str] = []
+    tries = 0
+    while len(out) < n:
+        p = task.sample_prompt(rng)
+        tries += 1
+        if tries > 50 * n + 1000:
+            raise ValueError(
+                f"could only draw {len(out)} of {n} distinct prompts for task {task.name!r}; "
+                "ask for fewer rows or widen the task (e.g. more digits)"
+            )
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    tmp.replace(path)
+
+
+def _sample_pair(
+    task: Task, prompt: str, rates: tuple[float, float], rng: random.Random, tries: int
+) -> tuple[tuple[str, float], tuple[str, float]] | None:
+    """Two responses of one behaviour policy to ``prompt`` with different gold scores."""
+    for _ in range(tries):
+        a = task.noisy_response(prompt, rates[0], rng, rates[1])
+        b = task.noisy_response(prompt, rates[0], rng, rates[1])
+        sa, sb = task.gold_score(prompt, a), task.gold_score(prompt, b)
+        if sa != sb:
+            return (a, sa), (b, sb)
+    return None
+
+
+def make_task_data(
+    out: str = "data/sorting",
+    task: str = "sorting",
+    min_digits: int = 4,
+    max_digits: int = 8,
+    n_sft: int = 20000,
+    sft_error_rate: float = 0.05,
+    sft_dedup_rate: float = 0.6,
+    n_trajectory_prompts: int = 6000,
+    behaviour_policies: dict[str, tuple[float, float]] | None = None,
+    label_noise_temperature: float | None = 0.1,
+    n_rl_prompts: int = 4000,
+    n_eval_prompts: int = 256,
+    n_eval_pair_prompts: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Generate all splits of an embedded task (see the module docstring for the files).
+
+    Args:
+        out: output directory.
+        task: embedded task name (``sorting``).
+        min_digits: shortest prompt of the sorting task.
+        max_digits: longest prompt of the sorting task.
+        n_sft: SFT demonstrations.
+        sft_error_rate: per-token random slip probability of the SFT teacher.
+        sft_dedup_rate: probability that the SFT teacher leaves out a repeated digit (its
+            systematic flaw; above 0.5 even greedy SFT inherits it, leaving RL headroom).
+        n_trajectory_prompts: prompts with two behaviour-policy responses each (scored rows
+            and, where the two differ in gold score, a preference pair).
+        behaviour_policies: name → (slip rate, systematic flaw rate) of each behaviour policy.
+        label_noise_temperature: Bradley–Terry label noise of training pairs: the better
+            response is labelled chosen with probability σ(Δgold / temperature); None for
+            noise-free labels.
+        n_rl_prompts: prompts for policy optimisation.
+        n_eval_prompts: held-out prompts for evaluating policies.
+        n_eval_pair_prompts: held-out prompts for evaluation pairs (noise-free labels).
+        seed: random seed; the same arguments give the same files.
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``).
+    """
+    behaviour = dict(behaviour_policies or DEFAULT_BEHAVIOUR)
+    for name, rates in behaviour.items():
+        if len(rates) != 2 or not all(0.0 <= r <= 1.0 for r in rates):
+            raise ValueError(f"behaviour_policies[{name!r}] = {rates} must be two rates in "
+                             "[0, 1]: (slip rate, systematic flaw rate)")
+    t = get_task(task, min_digits=min_digits, max_digits=max_digits)
+    rng = random.Random(seed)
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    save_char_tokenizer(t.alphabet, root / "tokenizer")
+
+    seen: set[str] = set()
+    sft_prompts = _unique_prompts(t, n_sft, rng, seen)
+    traj_prompts = _unique_prompts(t, n_trajectory_prompts, rng, seen)
+    rl_prompts = _unique_prompts(t, n_rl_prompts, rng, seen)
+    eval_prompts = _unique_prompts(t, n_eval_prompts, rng, seen)
+    eval_pair_prompts = _unique_prompts(t, n_eval_pair_prompts, rng, seen)
+
+    sft = [{"prompt": p, "response": t.noisy_response(p, sft_error_rate, rng, sft_dedup_rate)} for p in sft_prompts]
+
+    names = sorted(behaviour)
+    trajectories, pairs = [], []
+    for p in traj_prompts:
+        policy = rng.choice(names)
+        a = t.noisy_response(p, *behaviour[policy][:1], rng, behaviour[policy][1])
+        b = t.noisy_response(p, *behaviour[policy][:1], rng, behaviour[policy][1])
+        sa, sb = t.gold_score(p, a), t.gold_score(p, b)
+        trajectories += [
+            {"prompt": p, "response": a, "score": sa, "policy": policy},
+            {"prompt": p, "response": b, "score": sb, "policy": policy},
+        ]
+        if sa == sb:
+            continue
+        (hi, s_hi), (lo, s_lo) = ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
+        if label_noise_temperature is not None:
+            p_right = 1.0 / (1.0 + math.exp(-(s_hi - s_lo) / label_noise_temperature))
+            if rng.random() >= p_right:
+                hi, lo = lo, hi
+        pairs.append({"prompt": p, "chosen": hi, "rejected": lo, "policy": policy})
+
+    eval_pairs = []
+    for p in eval_pair_prompts:
+        policy = rng.choice(names)
+        got = _sample_pair(t, p, behaviour[policy], rng, tries=20)
+        if got is None:
+            continue
+        (a, sa), (b, sb) = got
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        eval_pairs.append({"prompt": p, "chosen": chosen, "rejected": rejected, "policy": policy})
+
+    splits = {
+        "sft": sft,
+        "trajectories": trajectories,
+        "pairs": pairs,
+        "rl_prompts": [{"prompt": p} for p in rl_prompts],
+        "eval_prompts": [{"prompt": p} for p in eval_prompts],
+        "eval_pairs": eval_pairs,
+    }
+    for name, rows in splits.items():
+        _write_jsonl(root / f"{name}.jsonl", rows)
+
+    def mean_gold(rows: list[dict], key: str) -> float | None:
+        vals = [t.gold_score(r["prompt"], r[key]) for r in rows]
+        return round(sum(vals) / len(vals), 4) if vals else None
+
+    manifest = {
+        "task": task,
+        "args": {
+            "min_digits": min_digits,
+            "max_digits": max_digits,
+            "n_sft": n_sft,
+            "sft_error_rate": sft_error_rate,
+            "sft_dedup_rate": sft_dedup_rate,
+            "n_trajectory_prompts": n_trajectory_prompts,
+            "behaviour_policies": behaviour,
+            "label_noise_temperature": label_noise_temperature,
+            "n_rl_prompts": n_rl_prompts,
+            "n_eval_prompts": n_eval_prompts,
+            "n_eval_pair_prompts": n_eval_pair_prompts,
+            "seed": seed,
+        },
+        "counts": {name: len(rows) for name, rows in splits.items()},
+        "mean_gold": {
+            "sft_teacher": mean_gold(sft, "response"),
+            "trajectories": mean_gold(trajectories, "response"),
+            "pairs_chosen": mean_gold(pairs, "chosen"),
+            "pairs_rejected": mean_gold(pairs, "rejected"),
+        },
+        "pair_label_agreement_with_gold": round(
+            sum(t.gold_score(r["prompt"], r["chosen"]) > t.gold_score(r["prompt"], r["rejected"])
+                for r in pairs) / max(len(pairs), 1), 4),
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

@@ -1,0 +1,77 @@
+"""Digit sorting: the default embedded task.
+
+Prompt ``"3172="``, correct response ``"1237"`` followed by EOS. The gold scorer credits the
+correct prefix: the first wrong token ruins everything after it, so the value of a partial
+response changes at a single token — the token-level structure a value model must find.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+DIGITS = "0123456789"
+
+
+@dataclass(frozen=True)
+class SortingTask:
+    """Sort a string of digits in ascending order.
+
+    Args:
+        min_digits: shortest prompt, in digits.
+        max_digits: longest prompt, in digits.
+    """
+
+    min_digits: int = 4
+    max_digits: int = 8
+    name: str = "sorting"
+    alphabet: str = DIGITS + "="
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(
+                f"SortingTask needs 1 <= min_digits <= max_digits, got {self.min_digits} and "
+                f"{self.max_digits}; fix the task arguments"
+            )
+
+    def sample_prompt(self, rng: random.Random) -> str:
+        n = rng.randint(self.min_digits, self.max_digits)
+        return "".join(rng.choice(DIGITS) for _ in range(n)) + "="
+
+    def reference(self, prompt: str) -> str:
+        return "".join(sorted(prompt.rstrip("=")))
+
+    def gold_score(self, prompt: str, response: str, finished: bool = True) -> float:
+        """Correct-prefix credit: ``k / (n + 1)``, plus the last ``1 / (n + 1)`` for stopping
+        right after a fully correct answer; ``n`` digits, ``k`` the correct prefix length.
+
+        So the exact answer with EOS scores 1.0, an empty response 0.0, and any token after the
+        first mistake earns nothing.
+        """
+        target = self.reference(prompt)
+        k = 0
+        for got, want in zip(response, target):
+            if got != want:
+                break
+            k += 1
+        exact = finished and response == target
+        return (k + int(exact)) / (len(target) + 1)
+
+    def noisy_response(self, prompt: str, error_rate: float, rng: random.Random,
+                       dedup_rate: float = 0.0) -> str:
+        """The answer of a teacher with two flaws.
+
+        - a systematic one: each repeated copy of a digit is left out with probability
+          ``dedup_rate`` (above 0.5 the teacher's *most likely* answer is wrong, so even greedy
+          decoding of a model that imitates it is wrong: headroom that only RL can recover);
+        - random slips: each written digit is replaced, with probability ``error_rate``, by
+          another digit drawn uniformly.
+        """
+        out = []
+        for i, ch in enumerate(self.reference(prompt)):
+            if out and ch == self.reference(prompt)[i - 1] and rng.random() < dedup_rate:
+                continue
+            if rng.random() < error_rate:
+                ch = rng.choice(DIGITS.replace(ch, ""))
+            out.append(ch)
+        return "".join(out)
