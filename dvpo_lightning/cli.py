@@ -2,6 +2,7 @@
 
     python -m dvpo_lightning fit --config configs/sft.yaml [--model.lr=3e-4 ...]
     python -m dvpo_lightning data --config configs/data.yaml [--out data/sorting ...]
+    python -m dvpo_lightning pipeline --config configs/pipeline.yaml [--force true]
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ class DVPOCLI(LightningCLI):
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Frozen parts (reference, GVM, RM) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         from transformers.utils import logging as hf_logging
 
@@ -45,7 +51,13 @@ def data_main(args: list[str]) -> None:
     print(f"task data written: {counts}; mean gold {manifest['mean_gold']}")
 
 
-EXTRA_COMMANDS = {"data": data_main}
+def _pipeline(args: list[str]) -> None:
+    from dvpo_lightning.pipeline import pipeline_main
+
+    pipeline_main(args)
+
+
+EXTRA_COMMANDS = {"data": data_main, "pipeline": _pipeline}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:

@@ -1,7 +1,8 @@
 """LightningModules: thin systems with injected parts."""
 
+from dvpo_lightning.modules.dvpo import DVPOModule
 from dvpo_lightning.modules.gvm import GVMModule
 from dvpo_lightning.modules.reward_model import RewardModelModule
 from dvpo_lightning.modules.sft import SFTModule
 
-__all__ = ["GVMModule", "RewardModelModule", "SFTModule"]
+__all__ = ["DVPOModule", "GVMModule", "RewardModelModule", "SFTModule"]

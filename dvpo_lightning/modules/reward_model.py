@@ -6,20 +6,7 @@ from torch import Tensor
 
 from dvpo_lightning.losses import bradley_terry_loss
 from dvpo_lightning.modules.value_base import ValueHeadModule
-
-
-def final_scores(values: Tensor, response_mask: Tensor) -> Tensor:
-    """The score at each row's last response token (its EOS when finished).
-
-    Args:
-        values: ``(B, T + 1)`` head outputs ``u_0 … u_T``.
-        response_mask: ``(B, T) bool``.
-
-    Returns:
-        ``(B,)``: ``u_L`` where ``L`` is the row's response length.
-    """
-    last = response_mask.long().sum(1)
-    return values.gather(1, last[:, None]).squeeze(1)
+from dvpo_lightning.rollout.scoring import final_scores
 
 
 class RewardModelModule(ValueHeadModule):

@@ -1,0 +1,439 @@
+"""One RL LightningModule for DVPO and every baseline: only the estimator differs.
+
+One ``training_step`` = generate → score / value → advantages → K PPO epochs over
+mini-batches → log. Which frozen parts are loaded and run is decided by what the estimator
+declares it needs (:class:`~dvpo_lightning.estimators.Need`), never by its name.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from dvpo_lightning.estimators.base import AdvantageEstimator, Need
+from dvpo_lightning.estimators.normalize import advantage_stats, whiten_advantages
+from dvpo_lightning.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
+from dvpo_lightning.masked import masked_mean, masked_moments
+from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
+from dvpo_lightning.models.value_model import ValueModel, freeze
+from dvpo_lightning.modules.export import export_atomic
+from dvpo_lightning.modules.optim import adamw
+from dvpo_lightning.rollout.experience import Experience
+from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+from dvpo_lightning.rollout.scoring import policy_logps, response_values, sequence_scores
+from dvpo_lightning.rollout.zero3 import gathered_for_generation
+from dvpo_lightning.tasks import get_task
+
+
+class DVPOModule(L.LightningModule):
+    """PPO-style policy optimisation with a pluggable advantage estimator.
+
+    Args:
+        policy: the SFT policy directory (the starting point, and the reference by default).
+        estimator: the advantage estimator (``class_path``): ``GVM`` (DVPO), ``GAE`` (PPO),
+            ``GRPO``, ``ReMax`` or ``RLOO``.
+        tokenizer: tokenizer directory; defaults to the policy's.
+        reference: the frozen reference policy for the KL; defaults to ``policy``.
+        value_model: the frozen Global Value Model directory (estimators needing GVM values).
+        reward_model: the frozen scalar reward model directory (estimators needing scores).
+        critic_init: initial weights of the PPO critic (estimators that train one); defaults
+            to ``reward_model`` (as in the paper's PPO), else the policy.
+        task: embedded task whose gold scorer is logged for rollouts and evaluations (None
+            for data without a gold judge).
+        max_new_tokens: longest response.
+        temperature: sampling temperature of rollouts.
+        top_p: nucleus sampling mass (1.0 disables it).
+        top_k: top-k sampling (0 disables it).
+        kl_coef: KL coefficient β (initial value when ``adaptive_kl``).
+        kl_estimator: ``k1``, ``k2`` or ``k3`` estimator of KL(π‖π_ref) per token.
+        kl_in_reward: put ``−β·KL_t`` in the per-token reward (PPO style); False adds
+            ``β·KL`` to the loss instead (GRPO style).
+        adaptive_kl: adapt β towards ``kl_target`` (Ziegler et al.) instead of keeping it fixed.
+        kl_target: target KL per sequence of the adaptive controller.
+        kl_horizon: horizon of the adaptive controller.
+        ppo_epochs: passes over each rollout batch (K).
+        mini_batch_size: responses per mini-batch (per process); None = the whole batch.
+        grad_accum: mini-batches accumulated per optimizer step.
+        clip_eps: PPO clip ε (lower side; and upper unless ``clip_eps_high``).
+        clip_eps_high: upper clip ε (asymmetric clipping); None = ``clip_eps``.
+        value_clip: clip range of the critic's value loss (PPO).
+        vf_coef: weight of the critic's value loss in the joint loss.
+        loss_aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum``.
+        whiten_advantages: whiten advantages over the batch (all processes) after the
+            estimator.
+        ratio_skip_threshold: skip a mini-batch whose mean ratio π/π_old exceeds this.
+        max_grad_norm: gradient-norm clip (None disables it).
+        lr: policy learning rate.
+        critic_lr: critic learning rate (its own parameter group); defaults to ``lr``.
+        weight_decay: AdamW weight decay.
+        export_dir: where to write the trained policy at the end of ``fit``.
+        eval_greedy: evaluate held-out prompts with greedy decoding (else sampling).
+        summary_file: JSON summary written into the run directory at the end of ``fit``.
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        estimator: AdvantageEstimator,
+        tokenizer: str | None = None,
+        reference: str | None = None,
+        value_model: str | None = None,
+        reward_model: str | None = None,
+        critic_init: str | None = None,
+        task: str | None = None,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        kl_coef: float = 0.05,
+        kl_estimator: str = "k1",
+        kl_in_reward: bool = True,
+        adaptive_kl: bool = False,
+        kl_target: float = 6.0,
+        kl_horizon: int = 10000,
+        ppo_epochs: int = 4,
+        mini_batch_size: int | None = None,
+        grad_accum: int = 1,
+        clip_eps: float = 0.2,
+        clip_eps_high: float | None = None,
+        value_clip: float = 0.2,
+        vf_coef: float = 0.5,
+        loss_aggregation: str = "token_mean",
+        whiten_advantages: bool = False,
+        ratio_skip_threshold: float = 10.0,
+        max_grad_norm: float | None = 1.0,
+        lr: float = 1e-5,
+        critic_lr: float | None = None,
+        weight_decay: float = 0.0,
+        export_dir: str | None = None,
+        eval_greedy: bool = False,
+        summary_file: str = "rl_summary.json",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["estimator"])
+        self.automatic_optimization = False
+        self.estimator = estimator
+        needs = estimator.needs
+        self._check_args(needs)
+        self.tokenizer = load_tokenizer(tokenizer or policy)
+        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
+        self.generator = HFGenerator(self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+
+        trained = nn.ModuleDict({"policy": load_causal_lm(policy, self.tokenizer)})
+        if Need.CRITIC_VALUES in needs:
+            trained["critic"] = ValueModel.from_pretrained(
+                critic_init or reward_model or policy, self.tokenizer, kind="critic")
+        self.trained = trained
+        frozen = nn.ModuleDict({"reference": freeze(load_causal_lm(reference or policy,
+                                                                   self.tokenizer))})
+        if Need.GVM_VALUES in needs:
+            frozen["gvm"] = freeze(ValueModel.from_pretrained(value_model, self.tokenizer))
+        if Need.SCORES in needs or Need.GREEDY_BASELINE in needs:
+            frozen["reward_model"] = freeze(ValueModel.from_pretrained(reward_model,
+                                                                       self.tokenizer))
+        self.frozen = frozen
+        self.kl_ctl = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
+                       else FixedKLController(kl_coef))
+        self.task = get_task(task) if task else None
+        self.history: list[dict] = []
+        self._ref_eval: dict[str, float] | None = None
+
+    def _check_args(self, needs: frozenset[Need]) -> None:
+        hp = self.hparams
+        if Need.GVM_VALUES in needs and not hp.value_model:
+            raise ValueError(f"{type(self.estimator).__name__} needs a frozen GVM: set "
+                             "model.value_model to the GVM directory (stage 1 output)")
+        if (Need.SCORES in needs or Need.GREEDY_BASELINE in needs) and not hp.reward_model:
+            raise ValueError(f"{type(self.estimator).__name__} needs a reward model: set "
+                             "model.reward_model to the reward-model directory")
+        if hp.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"model.kl_estimator={hp.kl_estimator!r} is not one of k1, k2, k3")
+        if hp.ppo_epochs < 1 or hp.grad_accum < 1:
+            raise ValueError("model.ppo_epochs and model.grad_accum must be >= 1")
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.trained["policy"]
+
+    @property
+    def model(self) -> nn.Module:
+        """The trained policy (what evaluation callbacks generate with)."""
+        return self.trained["policy"]
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        g = getattr(dm, "group_size", 1)
+        if g != self.estimator.group_size:
+            raise ValueError(
+                f"data.group_size ({g}) must equal the estimator's group_size "
+                f"({self.estimator.group_size}); set --data.init_args.group_size="
+                f"{self.estimator.group_size}")
+        b = getattr(dm, "batch_size", 1) * g
+        mb = self.hparams.mini_batch_size or b
+        if b % mb:
+            raise ValueError(f"the rollout batch ({b} responses = data.batch_size × group_size)"
+                             f" must be a multiple of model.mini_batch_size ({mb})")
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def make_experience(self, batch: dict) -> tuple[Experience, dict]:
+        """Generate, then fetch exactly what the estimator needs."""
+        needs = self.estimator.needs
+        timing = {}
+        t0 = time.perf_counter()
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        self.policy.eval()
+        with gathered_for_generation(self.policy):
+            response_ids, response_mask = self.generator.generate(
+                self.policy, prompt_ids, prompt_mask, self.sampling)
+            baseline_ids = baseline_mask = None
+            if Need.GREEDY_BASELINE in needs:
+                baseline_ids, baseline_mask = self.generator.generate(
+                    self.policy, prompt_ids, prompt_mask,
+                    SamplingConfig(self.sampling.max_new_tokens, greedy=True))
+        timing["generate"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        seq = (prompt_ids, prompt_mask, response_ids, response_mask)
+        logp_old, _ = policy_logps(self.policy, *seq)
+        logp_ref, _ = policy_logps(self.frozen["reference"], *seq)
+        kl = kl_estimate(logp_old, logp_ref, self.hparams.kl_estimator, response_mask)
+        kl_penalty = kl * self.kl_ctl.coef if self.hparams.kl_in_reward else torch.zeros_like(kl)
+        values = scores = baseline = None
+        if Need.GVM_VALUES in needs:
+            values = response_values(self.frozen["gvm"], *seq)
+        if Need.CRITIC_VALUES in needs:
+            values = response_values(self.trained["critic"], *seq)
+        if Need.SCORES in needs:
+            scores = sequence_scores(self.frozen["reward_model"], *seq)
+        if Need.GREEDY_BASELINE in needs:
+            baseline = sequence_scores(self.frozen["reward_model"], prompt_ids, prompt_mask,
+                                       baseline_ids, baseline_mask)
+        self.policy.train()
+        timing["score"] = time.perf_counter() - t1
+        exp = Experience(prompt_ids, prompt_mask, response_ids, response_mask, logp_old,
+                         logp_ref, kl_penalty, values, scores,
+                         batch["group_ids"] if Need.GROUPS in needs else None, baseline)
+        info = {"kl": kl, "timing": timing}
+        if self.task is not None:
+            info["gold"] = self._gold(batch["prompts"], response_ids, response_mask)
+        return exp, info
+
+    def _gold(self, prompts: list, response_ids: Tensor, response_mask: Tensor) -> Tensor:
+        out = []
+        for p, r, m in zip(prompts, response_ids.tolist(), response_mask.tolist()):
+            toks = [t for t, keep in zip(r, m) if keep]
+            finished = bool(toks) and toks[-1] == self.tokenizer.eos_token_id
+            out.append(self.task.gold_score(p, self.tokenizer.decode(
+                toks, skip_special_tokens=True), finished))
+        return torch.tensor(out, device=response_ids.device)
+
+    def _global_whiten(self, adv: Tensor, mask: Tensor) -> Tensor:
+        moments = torch.stack([m.to(torch.float64) for m in masked_moments(adv, mask)])
+        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
+            dist.all_reduce(moments)
+        return whiten_advantages(adv, mask, stats=advantage_stats(tuple(moments)))
+
+    # ------------------------------------------------------------------ update
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        t_start = time.perf_counter()
+        exp, info = self.make_experience(batch)
+        self.estimator.check(exp)
+        advantages, returns = self.estimator(exp)
+        if self.hparams.whiten_advantages:
+            advantages = self._global_whiten(advantages, exp.response_mask)
+        t_update = time.perf_counter()
+        stats = self.ppo_update(exp, advantages, returns)
+        mask = exp.response_mask
+        seq_kl = (info["kl"] * mask).sum(1)
+        self.kl_ctl.update(float(seq_kl.mean()), exp.batch_size)
+        bs = exp.batch_size
+        logs = {
+            "rollout/kl_to_ref": seq_kl.mean(),
+            "rollout/response_len": mask.sum(1).float().mean(),
+            "rollout/eos_frac": (exp.response_ids == self.tokenizer.eos_token_id).any(1)
+            .float().mean(),
+            "adv/mean": masked_mean(advantages, mask),
+            "adv/std": (masked_mean(advantages ** 2, mask)
+                        - masked_mean(advantages, mask) ** 2).clamp(min=0).sqrt(),
+            "train/kl_coef": torch.tensor(self.kl_ctl.coef),
+            "timing/generate_s": torch.tensor(info["timing"]["generate"]),
+            "timing/score_s": torch.tensor(info["timing"]["score"]),
+            "timing/update_s": torch.tensor(time.perf_counter() - t_update),
+            "perf/step_s": torch.tensor(time.perf_counter() - t_start),
+            "perf/gen_tokens_per_s": mask.sum() / max(info["timing"]["generate"], 1e-9),
+            **stats,
+        }
+        if exp.scores is not None:
+            logs["rollout/score_mean"] = exp.scores.mean()
+            logs["rollout/score_std"] = exp.scores.std() if bs > 1 else torch.tensor(0.0)
+        if "gold" in info:
+            logs["rollout/gold_reward"] = info["gold"].mean()
+        if exp.values is not None and self.estimator.trains_critic:
+            v = exp.values[:, :-1]
+            var_r = returns[mask].var()
+            logs["critic/explained_variance"] = 1 - (returns - v)[mask].var() / (var_r + 1e-8)
+        if torch.cuda.is_available():
+            logs["perf/peak_mem_gb"] = torch.tensor(torch.cuda.max_memory_allocated() / 2**30)
+        self.log_dict({k: v.float() if isinstance(v, Tensor) else v for k, v in logs.items()},
+                      batch_size=bs, prog_bar=False)
+        self.log("rl_step", float(batch_idx + 1), prog_bar=True, batch_size=bs)
+
+    def ppo_update(self, exp: Experience, advantages: Tensor, returns: Tensor) -> dict:
+        """K epochs of clipped policy-gradient (and critic) updates over mini-batches."""
+        hp = self.hparams
+        opt = self.optimizers()
+        b = exp.batch_size
+        mb = hp.mini_batch_size or b
+        n_mb = b // mb
+        acc: dict[str, list[Tensor]] = {}
+        skipped = 0
+        step_in_accum = 0
+        for _ in range(hp.ppo_epochs):
+            perm = torch.randperm(b, device=exp.response_ids.device)
+            for i in range(n_mb):
+                idx = perm[i * mb:(i + 1) * mb]
+                sub = exp.index(idx)
+                adv, ret, mask = advantages[idx], returns[idx], sub.response_mask
+                seq = (sub.prompt_ids, sub.prompt_mask, sub.response_ids, mask)
+                logp, entropy = policy_logps(self.policy, *seq, with_entropy=True)
+                pg_loss, st = ppo_clip_loss(logp, sub.logp_old, adv, mask, hp.clip_eps,
+                                            hp.clip_eps_high, hp.loss_aggregation)
+                if float(st["ratio_mean"]) > hp.ratio_skip_threshold:
+                    skipped += 1
+                    continue
+                loss = pg_loss
+                if not hp.kl_in_reward:
+                    kl_tok = kl_estimate(logp, sub.logp_ref, hp.kl_estimator, mask)
+                    kl_loss = aggregate(kl_tok, mask, hp.loss_aggregation)
+                    loss = loss + self.kl_ctl.coef * kl_loss
+                    acc.setdefault("train/kl_loss", []).append(kl_loss.detach())
+                if "critic" in self.trained:
+                    v_new = response_values(self.trained["critic"], *seq)[:, :-1]
+                    v_loss = clipped_value_loss(v_new, sub.values[:, :-1], ret, mask,
+                                                hp.value_clip, hp.loss_aggregation)
+                    loss = loss + hp.vf_coef * v_loss
+                    acc.setdefault("train/value_loss", []).append(v_loss.detach())
+                self.manual_backward(loss / hp.grad_accum)
+                step_in_accum += 1
+                if step_in_accum == hp.grad_accum or i == n_mb - 1:
+                    acc.setdefault("train/grad_norm", []).append(self._clip_and_step(opt))
+                    step_in_accum = 0
+                acc.setdefault("train/policy_loss", []).append(pg_loss.detach())
+                acc.setdefault("train/entropy", []).append(masked_mean(entropy.detach(), mask))
+                for k in ("approx_kl", "clipfrac"):
+                    acc.setdefault(f"train/{k}", []).append(st[k])
+        out = {k: torch.stack([x.float() for x in v]).mean() for k, v in acc.items()}
+        out["train/skipped_minibatches"] = torch.tensor(float(skipped))
+        return out
+
+    def _clip_and_step(self, opt) -> Tensor:
+        params = [p for p in self.trained.parameters() if p.grad is not None]
+        if self.hparams.max_grad_norm is not None and params:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
+        else:
+            norm = torch.zeros(())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [{"params": list(self.trained["policy"].parameters()), "lr": hp.lr}]
+        if "critic" in self.trained:
+            groups.append({"params": list(self.trained["critic"].parameters()),
+                           "lr": hp.critic_lr or hp.lr})
+        return adamw(groups, hp.lr, hp.weight_decay)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def _evaluate_batch(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+        cfg = SamplingConfig(self.sampling.max_new_tokens, self.sampling.temperature,
+                             self.sampling.top_p, self.sampling.top_k,
+                             greedy=self.hparams.eval_greedy)
+        ids, pmask = batch["prompt_ids"], batch["prompt_mask"]
+        resp, rmask = self.generator.generate(model, ids, pmask, cfg)
+        seq = (ids, pmask, resp, rmask)
+        logp, _ = policy_logps(model, *seq)
+        logp_ref, _ = policy_logps(self.frozen["reference"], *seq)
+        out = {"kl_to_ref": (kl_estimate(logp, logp_ref, "k1", rmask) * rmask).sum(1),
+               "response_len": rmask.sum(1).float()}
+        if "reward_model" in self.frozen:
+            out["rm_score"] = sequence_scores(self.frozen["reward_model"], *seq)
+        if self.task is not None:
+            out["gold_reward"] = self._gold(batch["prompts"], resp, rmask)
+        return out
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows: list[dict[str, Tensor]] = []
+        self._ref_rows: list[dict[str, Tensor]] = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.policy.eval()
+        with gathered_for_generation(self.policy):
+            self._val_rows.append(self._evaluate_batch(self.policy, batch))
+        if self._ref_eval is None and self.task is not None:
+            self._ref_rows.append(self._evaluate_batch(self.frozen["reference"], batch))
+        self.policy.train()
+
+    def on_validation_epoch_end(self) -> None:
+        cat = {k: torch.cat([r[k] for r in self._val_rows]) for k in self._val_rows[0]}
+        if self._ref_rows and self._ref_eval is None and not self.trainer.sanity_checking:
+            self._ref_gold = torch.cat([r["gold_reward"] for r in self._ref_rows])
+            self._ref_eval = {"gold_reward": float(self._ref_gold.mean())}
+        metrics = {f"eval/{k}": v.float().mean() for k, v in cat.items()}
+        if "gold_reward" in cat and self._ref_eval is not None:
+            ref = self._ref_gold.to(cat["gold_reward"].device)
+            g = cat["gold_reward"]
+            metrics["eval/win_rate_vs_ref"] = ((g > ref).float() + 0.5 * (g == ref).float()).mean()
+        for k, v in metrics.items():
+            self.log(k, v, prog_bar=k == "eval/gold_reward")
+        if not self.trainer.sanity_checking:
+            self.history.append({"step": int(self.global_step),
+                                 **{k: float(v) for k, v in metrics.items()}})
+
+    # ------------------------------------------------------------------ state and export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith("frozen.")}
+        checkpoint["kl_controller"] = self.kl_ctl.state_dict()
+        checkpoint["eval_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for k, v in self.frozen.state_dict().items():
+            checkpoint["state_dict"][f"frozen.{k}"] = v
+        if "kl_controller" in checkpoint:
+            self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
+        self.history = checkpoint.get("eval_history", [])
+
+    def on_fit_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        summary = {"estimator": type(self.estimator).__name__,
+                   "estimator_args": {k: v for k, v in vars(self.estimator).items()
+                                      if not k.startswith("_")},
+                   "global_step": int(self.global_step),
+                   "reference_eval": self._ref_eval, "final_eval": self.history[-1]
+                   if self.history else None, "history": self.history}
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / self.hparams.summary_file).write_text(json.dumps(summary, indent=2, default=str))
+        if summary["final_eval"]:
+            rank_zero_info("final held-out evaluation: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in summary["final_eval"].items() if k != "step")
+                + (f" (reference gold {self._ref_eval['gold_reward']:.4f})"
+                   if self._ref_eval else ""))
+        if self.hparams.export_dir:
+            def write(d):
+                self.policy.save_pretrained(str(d))
+                self.tokenizer.save_pretrained(str(d))
+
+            export_atomic(self.hparams.export_dir, write,
+                          {"kind": "policy", "stage": "rl", "summary": summary})

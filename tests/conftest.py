@@ -1,0 +1,108 @@
+"""Session-wide test set-up: an offline environment, the tiny task data and a tiny SFT policy.
+
+The environment is set at import time, before any test module imports ``transformers``,
+``datasets`` or ``wandb``, so no test can reach the network or write to the user's caches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+_SESSION_TMP = tempfile.mkdtemp(prefix="dvpo-tests-")
+os.environ.update({
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_DIR": os.path.join(_SESSION_TMP, "wandb"),
+    "HF_HOME": os.path.join(_SESSION_TMP, "hf_home"),
+    "HF_DATASETS_CACHE": os.path.join(_SESSION_TMP, "hf_datasets"),
+    "TOKENIZERS_PARALLELISM": "false",
+})
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+# The sizes of the session's task data (small enough to generate in ~1 s).
+TASK_DATA_ARGS = dict(n_sft=400, n_trajectory_prompts=300, n_rl_prompts=64, n_eval_prompts=16,
+                      n_eval_pair_prompts=60, seed=0)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> str:
+    """The session's scratch directory (also ``HF_HOME``'s parent); removed at the end."""
+    return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> str:
+    """Directory of every split of the sorting task, tiny (see ``TASK_DATA_ARGS``)."""
+    from dvpo_lightning.tasks.make_data import make_task_data
+
+    out = tmp_path_factory.mktemp("task_data")
+    make_task_data(out=str(out), **TASK_DATA_ARGS)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(task_data) -> str:
+    return os.path.join(task_data, "tokenizer")
+
+
+def build_trainer(root, max_steps: int = 5, val_every: int | None = None, **kwargs):
+    """A CPU ``Trainer`` for tests: no logger, no checkpoints, no progress bar, no sanity check.
+
+    Args:
+        root: ``default_root_dir`` (where ``pair_accuracy.json`` and friends are written).
+        max_steps: optimizer steps.
+        val_every: run validation every this many steps (None: no validation loop).
+        **kwargs: any other ``Trainer`` argument (overrides the defaults above).
+    """
+    import lightning as L
+
+    args = dict(
+        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1,
+        default_root_dir=str(root), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    if val_every is None:
+        args.update(limit_val_batches=0)
+    else:
+        args.update(val_check_interval=val_every, check_val_every_n_epoch=None)
+    args.update(kwargs)
+    return L.Trainer(**args)
+
+
+@pytest.fixture(scope="session")
+def make_trainer():
+    """``make_trainer(root, max_steps=5, val_every=None, **trainer_kwargs)`` (see
+    :func:`build_trainer`)."""
+    return build_trainer
+
+
+@pytest.fixture(scope="session")
+def sft_model_dir(task_data, tokenizer_dir, tmp_path_factory) -> str:
+    """A tiny SFT policy artifact (``test-llama``, a few steps on the SFT split), exported by
+    ``SFTModule`` itself: the backbone the reward model and the GVM start from."""
+    import lightning as L
+
+    from dvpo_lightning.data.sft import SFTDataModule
+    from dvpo_lightning.modules import SFTModule
+
+    root = tmp_path_factory.mktemp("sft_artifact")
+    L.seed_everything(0, verbose=False)
+    module = SFTModule(backbone="test-llama", tokenizer=tokenizer_dir, lr=1e-2, warmup_steps=0,
+                       export_dir=str(root / "model"))
+    data = SFTDataModule(train_path=os.path.join(task_data, "sft.jsonl"), tokenizer=tokenizer_dir,
+                         batch_size=16, max_length=32)
+    build_trainer(root, max_steps=8).fit(module, data)
+    return str(root / "model")
