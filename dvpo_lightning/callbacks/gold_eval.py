@@ -81,12 +81,12 @@ class GoldEval(L.Callback):
             pl_module.log(f"eval/{k}", v, prog_bar=k == "gold_reward")
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank
         if not trainer.is_global_zero:
             return
         self.last = self._run(pl_module)
         rank_zero_info("held-out gold evaluation: " + ", ".join(
             f"{k} {v:.4f}" for k, v in self.last.items()))
-        out = Path(trainer.log_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / self.summary_file).write_text(json.dumps(
             {**self.last, "global_step": trainer.global_step}, indent=2))

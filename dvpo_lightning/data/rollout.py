@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from dvpo_lightning.data.base import ListDataset, TokenizedDataModule
 from dvpo_lightning.data.collate import pad_left
@@ -11,34 +11,57 @@ from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.tokenize import encode_prompt
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A seeded permutation per epoch that remembers where it is.
+class EpochShuffleSampler(DistributedSampler):
+    """A seeded permutation per epoch, split across processes, that remembers where it is.
 
-    The order of epoch ``e`` depends only on ``(seed, e)``; ``state_dict`` holds the epoch and
-    the number of indices already handed out, so a resumed run continues with the next prompt.
+    The order of epoch ``e`` depends only on ``(seed, e)`` and is the same on every process;
+    process ``rank`` of ``world_size`` takes every ``world_size``-th index of it, so each global
+    batch holds the same prompts whatever the number of processes, and a prompt's group of
+    ``n`` responses is always made on one process. ``state_dict`` holds the epoch and the number
+    of indices this process has handed out, so a resumed run continues with the next prompt.
+
+    Indices are handed out in whole global batches: an epoch is the first
+    ``n − n % (batch_size · world_size)`` indices of its permutation (like ``drop_last``). A new
+    iterator starts the next epoch once the current one is handed out in full, whether or not
+    the loader asked past its end (Lightning stops at ``len(loader)`` batches).
+
+    It subclasses ``DistributedSampler`` only so that Lightning uses it as is instead of
+    wrapping it (a wrapper would read it whole and lose the position).
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool = True, batch_size: int = 1,
+                 world_size: int = 1, rank: int = 0) -> None:
+        Sampler.__init__(self)
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.num_replicas, self.rank = world_size, rank
+        global_batch = batch_size * world_size
+        if n < global_batch:
+            raise ValueError(f"{n} prompts are fewer than one global batch ({batch_size} per "
+                             f"process × {world_size} processes); lower data.batch_size")
+        self.epoch_length = (n - n % global_batch) // world_size  # indices per process
         self.epoch, self.position = 0, 0
 
     def _order(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.n))
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+        order = list(range(self.n))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        return order[self.rank::self.num_replicas][: self.epoch_length]
 
     def __iter__(self):
+        if self.position >= self.epoch_length:  # the previous epoch was handed out in full
+            self.epoch, self.position = self.epoch + 1, 0
         order = self._order()
-        while self.position < self.n:
+        while self.position < self.epoch_length:
             i = order[self.position]
             self.position += 1
             yield i
-        self.epoch += 1
-        self.position = 0
 
     def __len__(self) -> int:
-        return self.n
+        return self.epoch_length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored: the sampler counts its own epochs (they survive a resume exactly)."""
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -97,11 +120,10 @@ class RolloutDataModule(TokenizedDataModule):
             return
         self.train_set = ListDataset(self._encode(self.train_path))
         self.val_set = ListDataset(self._encode(self.eval_path, self.max_eval_prompts))
-        if len(self.train_set) < self.batch_size:
-            raise ValueError(
-                f"{self.train_path} has {len(self.train_set)} prompts, fewer than "
-                f"data.batch_size={self.batch_size}; lower data.batch_size or add prompts")
-        self.sampler = EpochShuffleSampler(len(self.train_set), self.seed, self.shuffle)
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        self.sampler = EpochShuffleSampler(len(self.train_set), self.seed, self.shuffle,
+                                           self.batch_size, world, rank)
         self.log_reports()
 
     def collate(self, items: list[tuple[list[int], object]], group_size: int) -> dict:

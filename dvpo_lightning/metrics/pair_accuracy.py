@@ -25,7 +25,7 @@ def aggregate_token_values(values: Tensor, mask: Tensor, how: str) -> Tensor:
                          "needs at least one token (its EOS)")
     values = values.float()
     if how == "mean":
-        return (values * mask).sum(1) / mask.sum(1)
+        return values.masked_fill(~mask, 0.0).sum(1) / mask.sum(1)  # padding may hold inf/nan
     if how == "final":
         last = mask.long().sum(1) - 1
         return values.gather(1, last[:, None]).squeeze(1)

@@ -49,7 +49,7 @@ class DVPOModule(L.LightningModule):
         task: embedded task whose gold scorer is logged for rollouts and evaluations (None
             for data without a gold judge).
         max_new_tokens: longest response.
-        temperature: sampling temperature of rollouts.
+        temperature: sampling temperature of rollouts; 0 means greedy decoding.
         top_p: nucleus sampling mass (1.0 disables it).
         top_k: top-k sampling (0 disables it).
         kl_coef: KL coefficient β (initial value when ``adaptive_kl``).
@@ -124,7 +124,8 @@ class DVPOModule(L.LightningModule):
         needs = estimator.needs
         self._check_args(needs)
         self.tokenizer = load_tokenizer(tokenizer or policy)
-        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k)
+        self.sampling = SamplingConfig(max_new_tokens, temperature or 1.0, top_p, top_k,
+                                       greedy=temperature == 0)
         self.generator = HFGenerator(self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
 
         trained = nn.ModuleDict({"policy": load_causal_lm(policy, self.tokenizer)})
@@ -235,11 +236,26 @@ class DVPOModule(L.LightningModule):
                 toks, skip_special_tokens=True), finished))
         return torch.tensor(out, device=response_ids.device)
 
-    def _global_whiten(self, adv: Tensor, mask: Tensor) -> Tensor:
-        moments = torch.stack([m.to(torch.float64) for m in masked_moments(adv, mask)])
+    def _all_reduce_sum(self, x: Tensor) -> Tensor:
         if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
-            dist.all_reduce(moments)
+            x = x.clone()
+            dist.all_reduce(x)
+        return x
+
+    def _global_whiten(self, adv: Tensor, mask: Tensor) -> Tensor:
+        """Whiten with the mean and variance of the valid tokens of *all* processes."""
+        moments = torch.stack([m.to(torch.float64) for m in masked_moments(adv, mask)])
+        moments = self._all_reduce_sum(moments)
         return whiten_advantages(adv, mask, stats=advantage_stats(tuple(moments)))
+
+    def _loss_counts(self, mask: Tensor) -> tuple[float, float]:
+        """Token and sequence counts of this mini-batch over all processes, divided by the
+        number of processes: DDP averages gradients, so ``Σ_rank S_rank / (N / W)`` averaged
+        over ``W`` ranks is the single-process loss ``Σ S / N`` of the whole mini-batch."""
+        counts = torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64,
+                              device=mask.device)
+        counts = self._all_reduce_sum(counts) / max(self.trainer.world_size, 1)
+        return float(counts[0]), float(counts[1])
 
     # ------------------------------------------------------------------ update
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -303,22 +319,25 @@ class DVPOModule(L.LightningModule):
                 sub = exp.index(idx)
                 adv, ret, mask = advantages[idx], returns[idx], sub.response_mask
                 seq = (sub.prompt_ids, sub.prompt_mask, sub.response_ids, mask)
+                n_tok, n_seq = self._loss_counts(mask)
                 logp, entropy = policy_logps(self.policy, *seq, with_entropy=True)
                 pg_loss, st = ppo_clip_loss(logp, sub.logp_old, adv, mask, hp.clip_eps,
-                                            hp.clip_eps_high, hp.loss_aggregation)
-                if float(st["ratio_mean"]) > hp.ratio_skip_threshold:
+                                            hp.clip_eps_high, hp.loss_aggregation, n_tok, n_seq)
+                explode = torch.tensor(float(st["ratio_mean"] > hp.ratio_skip_threshold),
+                                       device=mask.device)
+                if float(self._all_reduce_sum(explode)) > 0:  # every rank skips together
                     skipped += 1
                     continue
                 loss = pg_loss
                 if not hp.kl_in_reward:
                     kl_tok = kl_estimate(logp, sub.logp_ref, hp.kl_estimator, mask)
-                    kl_loss = aggregate(kl_tok, mask, hp.loss_aggregation)
+                    kl_loss = aggregate(kl_tok, mask, hp.loss_aggregation, n_tok, n_seq)
                     loss = loss + self.kl_ctl.coef * kl_loss
                     acc.setdefault("train/kl_loss", []).append(kl_loss.detach())
                 if "critic" in self.trained:
                     v_new = response_values(self.trained["critic"], *seq)[:, :-1]
                     v_loss = clipped_value_loss(v_new, sub.values[:, :-1], ret, mask,
-                                                hp.value_clip, hp.loss_aggregation)
+                                                hp.value_clip, hp.loss_aggregation, n_tok, n_seq)
                     loss = loss + hp.vf_coef * v_loss
                     acc.setdefault("train/value_loss", []).append(v_loss.detach())
                 self.manual_backward(loss / hp.grad_accum)
@@ -357,7 +376,7 @@ class DVPOModule(L.LightningModule):
     def _evaluate_batch(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
         cfg = SamplingConfig(self.sampling.max_new_tokens, self.sampling.temperature,
                              self.sampling.top_p, self.sampling.top_k,
-                             greedy=self.hparams.eval_greedy)
+                             greedy=self.hparams.eval_greedy or self.sampling.greedy)
         ids, pmask = batch["prompt_ids"], batch["prompt_mask"]
         resp, rmask = self.generator.generate(model, ids, pmask, cfg)
         seq = (ids, pmask, resp, rmask)
@@ -414,6 +433,7 @@ class DVPOModule(L.LightningModule):
         self.history = checkpoint.get("eval_history", [])
 
     def on_fit_end(self) -> None:
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective: all ranks
         if not self.trainer.is_global_zero:
             return
         summary = {"estimator": type(self.estimator).__name__,
@@ -422,7 +442,6 @@ class DVPOModule(L.LightningModule):
                    "global_step": int(self.global_step),
                    "reference_eval": self._ref_eval, "final_eval": self.history[-1]
                    if self.history else None, "history": self.history}
-        out = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / self.hparams.summary_file).write_text(json.dumps(summary, indent=2, default=str))
         if summary["final_eval"]:

@@ -76,15 +76,15 @@ class ValueHeadModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_end(self) -> None:
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective
         if not self.trainer.is_global_zero:
             return
         if self.last_accuracy:
             table = format_accuracy_table(self.table_title, self.last_accuracy,
                                           self.last_val_pairs)
             print("\n" + table + "\n", flush=True)
-            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "pair_accuracy.json").write_text(json.dumps(
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / "pair_accuracy.json").write_text(json.dumps(
                 {"model": self.kind, "pairs": self.last_val_pairs,
                  "accuracy": self.last_accuracy, "global_step": self.global_step}, indent=2))
         if self.hparams.export_dir:

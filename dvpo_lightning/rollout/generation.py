@@ -66,7 +66,10 @@ class HFGenerator:
             max_new_tokens=cfg.max_new_tokens,
             min_new_tokens=cfg.min_new_tokens or None,
             do_sample=not cfg.greedy,
-            eos_token_id=None if cfg.min_new_tokens >= cfg.max_new_tokens else self.eos_token_id,
+            # Always passed: with min == max the min-length processor then suppresses EOS and
+            # the length is forced (None fell back to the model's config and EOS still ended
+            # responses early).
+            eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )

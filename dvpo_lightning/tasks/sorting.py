@@ -64,14 +64,22 @@ class SortingTask:
         - a systematic one: each repeated copy of a digit is left out with probability
           ``dedup_rate`` (above 0.5 the teacher's *most likely* answer is wrong, so even greedy
           decoding of a model that imitates it is wrong: headroom that only RL can recover);
-        - random slips: each written digit is replaced, with probability ``error_rate``, by
-          another digit drawn uniformly.
+        - random slips, each with probability ``error_rate`` per written digit: half of them
+          replace the digit by another one, a quarter insert an extra random digit after it, a
+          quarter leave it out (so responses of every length appear, and a value or reward
+          model sees what too long and too short look like).
         """
+        ref = self.reference(prompt)
         out = []
-        for i, ch in enumerate(self.reference(prompt)):
-            if out and ch == self.reference(prompt)[i - 1] and rng.random() < dedup_rate:
+        for i, ch in enumerate(ref):
+            if i and ch == ref[i - 1] and rng.random() < dedup_rate:
                 continue
             if rng.random() < error_rate:
-                ch = rng.choice(DIGITS.replace(ch, ""))
+                kind = rng.random()
+                if kind < 0.5:
+                    out.append(rng.choice(DIGITS.replace(ch, "")))
+                elif kind < 0.75:
+                    out += [ch, rng.choice(DIGITS)]
+                continue
             out.append(ch)
         return "".join(out)

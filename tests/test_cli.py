@@ -1,0 +1,116 @@
+"""The command line: help from docstrings, printed configs, overrides, and errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dvpo_lightning.cli import cli_main, main
+
+REPO = Path(__file__).resolve().parents[1]
+SFT_YAML = str(REPO / "configs" / "sft.yaml")
+# cli_main(args=...) run under pytest: LightningCLI warns that sys.argv holds pytest's args
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+
+def flat(text: str) -> str:
+    """Help text with its line wrapping undone."""
+    return re.sub(r"\s+", " ", text)
+
+
+@pytest.fixture()
+def sft_args(task_data, tmp_path) -> list[str]:
+    """``configs/sft.yaml`` pointed at the tiny fixtures (``run=False`` takes no subcommand)."""
+    return ["--config", SFT_YAML,
+            "--model.init_args.backbone=test-llama",
+            f"--model.init_args.export_dir={tmp_path / 'model'}",
+            f"--data.init_args.train_path={Path(task_data) / 'sft.jsonl'}",
+            f"--data.init_args.tokenizer={Path(task_data) / 'tokenizer'}",
+            f"--trainer.default_root_dir={tmp_path}"]
+
+
+def test_fit_help_subprocess():
+    env = {**os.environ, "COLUMNS": "100"}
+    res = subprocess.run([sys.executable, "-m", "dvpo_lightning", "fit", "--help"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = flat(res.stdout)
+    assert "--model CONFIG | CLASS_PATH_OR_NAME" in out
+    assert "--data CONFIG | CLASS_PATH_OR_NAME" in out
+    assert "data.init_args.tokenizer --> model.init_args.tokenizer" in out  # the link
+    assert "Whether to enable model summarization by default" in out  # an argument docstring
+
+
+@pytest.mark.parametrize("cls,line", [
+    ("dvpo_lightning.modules.SFTModule", "--model.lr LR peak learning rate (AdamW)."),
+    ("GVMModule", "--model.target TARGET ``td0``, ``td_lambda`` or ``mc``."),
+])
+def test_model_help_shows_init_docstrings(cls, line, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--model.help", cls])
+    assert e.value.code in (0, None)
+    assert line in flat(capsys.readouterr().out)
+
+
+def test_data_command_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data", "--help"])
+    assert e.value.code in (0, None)
+    out = flat(capsys.readouterr().out)
+    assert "--n_sft N_SFT SFT demonstrations." in out
+
+
+def test_print_config_shows_model_class_and_overrides(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", SFT_YAML, "--model.lr=0.5", "--print_config"])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: dvpo_lightning.modules.SFTModule" in out
+    assert "class_path: dvpo_lightning.data.sft.SFTDataModule" in out
+    assert re.search(r"^\s+lr: 0\.5$", out, re.M), out
+    assert re.search(r"^\s+warmup_steps: 100$", out, re.M)  # from the YAML
+    assert re.search(r"^\s+tokenizer: data/sorting/tokenizer$", out, re.M)
+
+
+@pytest.mark.parametrize("lr_flag", ["--model.init_args.lr=0.5", "--model.lr=0.5"])
+def test_overrides_land_in_the_objects(lr_flag, sft_args):
+    cli = cli_main(args=[*sft_args, lr_flag, "--trainer.max_steps=3", "--data.batch_size=7"],
+                   run=False)
+    assert cli.model.hparams.lr == 0.5
+    assert cli.trainer.max_steps == 3
+    assert cli.datamodule.batch_size == 7
+    assert cli.trainer.max_epochs == 3  # from the YAML, untouched
+    # the tokenizer is named once, in data, and linked into the model
+    assert cli.model.hparams.tokenizer == cli.datamodule.tokenizer_path
+    assert cli.model.hparams.tokenizer.endswith("tokenizer")
+    assert len(cli.model.tokenizer) == cli.model.model.config.vocab_size
+
+
+@pytest.mark.parametrize("bad,name", [
+    ("--model.init_args.no_such_arg=1", "no_such_arg"),
+    ("--trainer.no_such_flag=1", "no_such_flag"),
+    ("--data.init_args.batch_sise=4", "batch_sise"),
+])
+def test_unknown_key_is_an_error(bad, name, sft_args, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(args=[*sft_args, bad], run=False)
+    assert e.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "error:" in err.lower() and name in err, err[-2000:]
+
+
+def test_invalid_value_states_the_rule(sft_model_dir, task_data, tmp_path):
+    args = ["--config", str(REPO / "configs" / "gvm.yaml"),
+            f"--model.init_args.backbone={sft_model_dir}",
+            f"--model.init_args.export_dir={tmp_path / 'model'}",
+            f"--data.init_args.tokenizer={Path(task_data) / 'tokenizer'}",
+            f"--trainer.default_root_dir={tmp_path}",
+            "--model.init_args.target=td2"]
+    with pytest.raises(ValueError, match=r"model.target='td2' is not one of \('td0', "
+                                         r"'td_lambda', 'mc'\)"):
+        cli_main(args=args, run=False)

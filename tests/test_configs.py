@@ -1,0 +1,230 @@
+"""Every config is a test case: each YAML under ``configs/`` is parsed by the real CLI and
+instantiated tiny (litgpt ``tests/test_config_hub.py``).
+
+Configs are discovered by glob, so a new one is covered the day it is added. Each YAML is
+classified by its content:
+
+- ``model:`` key → a LightningCLI config: parsed with ``cli_main(args=[...], run=False)`` and
+  instantiated (Trainer, LightningModule, DataModule). Paths in it are pointed at the session's
+  tiny fixtures by CLI overrides (the file itself is what is parsed):
+
+  * ``data/sorting/<file>`` → the same file of the tiny task data;
+  * ``runs/<task>/<stage>/model`` → a tiny artifact of that stage (``ARTIFACTS``: ``sft``,
+    ``reward_model``, ``gvm``); add an entry for a config that reads another stage's artifact;
+  * output keys (``OUTPUT_KEYS``: ``export_dir``, ``default_root_dir``, ...) → a temp dir;
+  * ``OVERRIDES[class_path]``: extra overrides per model class, for what the rules above
+    cannot know (e.g. SFT starts from ``tiny-llama``; the test uses ``test-llama``).
+
+  Paths inside YAML lists (e.g. callbacks) are not rewritten: such classes must not touch
+  their files at construction. A config that cannot be instantiated this way fails with the
+  overrides used and the error, never skips.
+- keys that are all arguments of ``make_task_data`` → a ``data`` command config: run through
+  the ``data`` command's parser with a temp ``--out`` and small counts.
+- ``stages:`` key → a ``pipeline`` config: every stage config exists and exports where the
+  pipeline expects its artifact.
+- wandb sweeps (``method`` + ``parameters``, or under a ``sweeps`` folder) are not run here.
+
+Anything else fails ``test_every_config_is_classified``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dvpo_lightning.cli import cli_main, data_main
+from dvpo_lightning.data.base import TokenizedDataModule
+from dvpo_lightning.tasks.make_data import make_task_data
+
+REPO = Path(__file__).resolve().parents[1]
+# cli_main(args=...) run under pytest: LightningCLI warns that sys.argv holds pytest's args
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+CONFIG_DIR = REPO / "configs"
+ALL_CONFIGS = sorted(p for ext in ("*.yaml", "*.yml") for p in CONFIG_DIR.rglob(ext))
+
+OUTPUT_KEYS = {"export_dir", "default_root_dir", "dirpath", "save_dir", "log_dir", "output_dir"}
+ARTIFACT_RE = re.compile(r"^runs/[^/]+/(?P<stage>[^/]+)/model/?$")
+ARTIFACTS = {"sft": "sft", "reward_model": "reward", "gvm": "gvm"}  # stage dir → fixture kind
+OVERRIDES: dict[str, list[str]] = {
+    # random init: the test-sized model instead of the config's tiny-llama
+    "dvpo_lightning.modules.SFTModule": ["--model.init_args.backbone=test-llama"],
+}
+DATA_ARGS = set(inspect.signature(make_task_data).parameters)
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def classify(path: Path) -> str | None:
+    doc = load(path)
+    if not isinstance(doc, dict):
+        return None
+    if "model" in doc:
+        return "cli"
+    if "sweeps" in path.parts or {"method", "parameters"} <= set(doc):
+        return "sweep"
+    if "stages" in doc:
+        return "pipeline"
+    if doc and set(doc) <= DATA_ARGS:
+        return "data"
+    return None
+
+
+def configs_of(kind: str) -> list:
+    found = [p for p in ALL_CONFIGS if classify(p) == kind]
+    return [pytest.param(p, id=str(p.relative_to(CONFIG_DIR))) for p in found]
+
+
+def test_configs_exist_and_every_config_is_classified():
+    names = {p.name for p in ALL_CONFIGS}
+    assert {"sft.yaml", "reward_model.yaml", "gvm.yaml", "data.yaml"} <= names
+    unknown = [str(p.relative_to(REPO)) for p in ALL_CONFIGS if classify(p) is None]
+    assert not unknown, (
+        f"configs of no known kind: {unknown}. A LightningCLI config needs a top-level `model:`; "
+        f"a data config only arguments of make_task_data ({sorted(DATA_ARGS)}); a pipeline "
+        "config `stages:`. Otherwise teach classify() in tests/test_configs.py about it.")
+
+
+# --- LightningCLI configs -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def artifacts(sft_model_dir, tmp_path_factory) -> dict[str, str]:
+    """Tiny artifacts of every stage a config can start from (value heads untrained)."""
+    from dvpo_lightning.models import ValueModel, load_tokenizer
+
+    out = {"sft": sft_model_dir}
+    tok = load_tokenizer(sft_model_dir)
+    root = tmp_path_factory.mktemp("artifacts")
+    for kind in ("reward", "gvm"):
+        vm = ValueModel.from_pretrained(sft_model_dir, tok, kind=kind, zero_init_head=False)
+        vm.save_pretrained(root / kind)
+        tok.save_pretrained(str(root / kind))
+        out[kind] = str(root / kind)
+    return out
+
+
+def fixture_overrides(doc: dict, task_data: str, artifacts: dict, tmp: Path) -> list[str]:
+    """``--a.b.c=value`` for every path in ``doc`` (dicts only) that must point at fixtures."""
+    args: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else key
+            if isinstance(value, dict):
+                walk(value, dotted)
+            elif isinstance(value, str):
+                if key in OUTPUT_KEYS:
+                    args.append(f"--{dotted}={tmp / dotted}")
+                elif value.startswith("data/sorting/"):
+                    target = Path(task_data) / value[len("data/sorting/"):]
+                    if not target.exists():
+                        pytest.fail(f"{dotted}={value!r}: the tiny task data has no {target.name}")
+                    args.append(f"--{dotted}={target}")
+                elif m := ARTIFACT_RE.match(value):
+                    stage = m["stage"]
+                    if stage not in ARTIFACTS:
+                        pytest.fail(f"{dotted}={value!r}: no tiny artifact for stage {stage!r}; "
+                                    f"known: {sorted(ARTIFACTS)}. Add it to ARTIFACTS and the "
+                                    "`artifacts` fixture in tests/test_configs.py")
+                    args.append(f"--{dotted}={artifacts[ARTIFACTS[stage]]}")
+
+    walk(doc, "")
+    return args
+
+
+def resolve(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+@pytest.mark.parametrize("path", configs_of("cli"))
+def test_lightning_config_parses_and_instantiates(path, task_data, artifacts, tmp_path, capsys):
+    doc = load(path)
+    class_path = doc["model"]["class_path"]
+    args = ["--config", str(path), *fixture_overrides(doc, task_data, artifacts, tmp_path),
+            *OVERRIDES.get(class_path, [])]
+    try:
+        cli = cli_main(args=args, run=False)
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - reported with its context
+        pytest.fail(f"{path.relative_to(REPO)} could not be instantiated with the tiny fixtures.\n"
+                    f"args: {args}\nerror: {err!r}\nstderr: {capsys.readouterr().err[-3000:]}\n"
+                    "If it needs another fixture, extend OVERRIDES / ARTIFACTS in "
+                    "tests/test_configs.py")
+
+    assert isinstance(cli.model, resolve(class_path))
+    data_doc = doc.get("data")
+    if isinstance(data_doc, dict) and "class_path" in data_doc:
+        assert isinstance(cli.datamodule, resolve(data_doc["class_path"]))
+    assert cli.trainer is not None
+    overridden = {a.split("=", 1)[0][2:] for a in args if a.startswith("--") and "=" in a}
+
+    # every value the YAML sets (and the test did not override) is what the CLI parsed
+    def check(node, parsed, dotted: str) -> None:
+        for key, value in node.items():
+            sub = f"{dotted}.{key}"
+            if sub in overridden:
+                continue
+            got = parsed[key]
+            if isinstance(value, dict):
+                check(value, got, sub)
+            elif not isinstance(value, list):
+                assert got == value, f"{sub}: YAML {value!r}, parsed {got!r}"
+
+    for section in ("trainer", "model", "data"):
+        if isinstance(doc.get(section), dict):
+            check(doc[section], cli.config[section], section)
+    if "tokenizer" in cli.model.hparams and isinstance(cli.datamodule, TokenizedDataModule):
+        assert cli.model.hparams.tokenizer == cli.datamodule.tokenizer_path  # the CLI link
+
+    # the stage-1 DataModules read the fixture files and give a batch
+    if isinstance(cli.datamodule, TokenizedDataModule):
+        cli.datamodule.setup("fit")
+        batch = next(iter(cli.datamodule.train_dataloader()))
+        assert batch["prompt_ids"].shape[0] > 0
+
+
+# --- data and pipeline configs --------------------------------------------------------------
+
+SMALL_COUNTS = dict(n_sft=12, n_trajectory_prompts=10, n_rl_prompts=4, n_eval_prompts=4,
+                    n_eval_pair_prompts=6)
+
+
+@pytest.mark.parametrize("path", configs_of("data"))
+def test_data_config_parses_and_generates(path, tmp_path, capsys):
+    doc = load(path)
+    out = tmp_path / "data"
+    args = ["--config", str(path), "--out", str(out)]
+    for k, v in SMALL_COUNTS.items():
+        args += [f"--{k}", str(v)]
+    data_main(args)
+    assert "task data written: sft 12" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key, value in doc.items():
+        if key != "out" and key not in SMALL_COUNTS:
+            assert manifest["args"].get(key, manifest.get(key)) == value, key
+    assert (out / "tokenizer").is_dir()
+
+
+@pytest.mark.parametrize("path", configs_of("pipeline"))
+def test_pipeline_config_is_consistent(path):
+    spec = load(path)
+    if spec.get("data"):
+        assert classify(REPO / spec["data"]) == "data", spec["data"]
+    for stage in spec["stages"]:
+        cfg = REPO / stage["config"]
+        assert cfg.exists() and classify(cfg) == "cli", stage
+        export = load(cfg)["model"]["init_args"].get("export_dir")
+        assert export is not None and os.path.normpath(export) == os.path.normpath(
+            stage["artifact"]), (f"stage {stage['name']}: {stage['config']} exports to "
+                                 f"{export!r}, the pipeline expects {stage['artifact']!r}")

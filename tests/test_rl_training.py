@@ -1,0 +1,302 @@
+"""Stage 2 through the real CLI: every RL config trains a tiny policy for two RL steps on CPU.
+
+Each config (``configs/{dvpo,ppo,grpo,remax,rloo}.yaml``) is parsed by ``cli_main`` with only the
+paths and sizes overridden, then fitted. Checked: metrics finite, every trainable parameter
+changed, every frozen one (reference, GVM, reward model) bit-for-bit unchanged and in eval mode
+throughout, the exported policy loads with ``transformers``, the run summary is written. Plus the
+GVM versions, KL as a loss term with an adaptive coefficient, and the set-up errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dvpo_lightning.cli import cli_main
+from dvpo_lightning.estimators import GVM
+from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MAX_NEW_TOKENS = 8
+# cli_main(args=...) under pytest: sys.argv holds pytest's own arguments, which it ignores
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on busy cores: more than one intra-op thread is many times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tokenizer_dir, tmp_path_factory) -> SimpleNamespace:
+    """Tiny stand-ins for the stage-1 outputs: a policy, a reward model and a GVM directory.
+
+    The policy is a random ``test-llama``; the reward model and the GVM are its backbone with a
+    random value head (no training needed: the RL step only has to read them).
+    """
+    root = tmp_path_factory.mktemp("rl_artifacts")
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    policy = root / "policy"
+    load_causal_lm("test-llama", tok).save_pretrained(str(policy))
+    tok.save_pretrained(str(policy))
+    out = {"policy": str(policy)}
+    for name, kind in (("reward_model", "reward"), ("gvm", "gvm")):
+        vm = ValueModel.from_pretrained(str(policy), tok, kind=kind, zero_init_head=False)
+        vm.save_pretrained(root / name)
+        tok.save_pretrained(str(root / name))
+        out[name] = str(root / name)
+    return SimpleNamespace(**out)
+
+
+def _config(name: str) -> dict:
+    return yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+
+
+def make_cli(name: str, root: Path, art: SimpleNamespace, task_data: str, *extra: str,
+             rl_steps: int = 2, ppo_epochs: int = 2, n_minibatches: int = 2,
+             batch_size: int = 2):
+    """``cli_main(run=False)`` on ``configs/{name}.yaml`` with tiny paths and sizes.
+
+    ``trainer.max_steps`` counts optimizer steps (manual optimisation), so it is set to
+    ``rl_steps × ppo_epochs × n_minibatches`` (grad_accum 1). ``extra`` overrides come last.
+
+    Returns:
+        ``(cli, max_steps)``.
+    """
+    init = _config(name)["model"]["init_args"]
+    assert init.get("grad_accum", 1) == 1, "update the step count below for grad_accum"
+    group = init["estimator"].get("init_args", {}).get("group_size", 1)
+    responses = batch_size * group
+    max_steps = rl_steps * ppo_epochs * n_minibatches
+    args = ["--config", str(CONFIGS / f"{name}.yaml"), f"--model.init_args.policy={art.policy}"]
+    for key, path in (("value_model", art.gvm), ("reward_model", art.reward_model)):
+        if key in init:
+            args.append(f"--model.init_args.{key}={path}")
+    args += [
+        f"--data.init_args.train_path={task_data}/rl_prompts.jsonl",
+        f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
+        f"--data.init_args.tokenizer={task_data}/tokenizer",
+        f"--data.init_args.batch_size={batch_size}",
+        "--data.init_args.max_eval_prompts=4",
+        f"--model.init_args.ppo_epochs={ppo_epochs}",
+        f"--model.init_args.mini_batch_size={responses // n_minibatches}",
+        f"--model.init_args.max_new_tokens={MAX_NEW_TOKENS}",
+        f"--model.init_args.export_dir={root / 'policy'}",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.max_steps={max_steps}",
+        f"--trainer.val_check_interval={rl_steps}",  # one evaluation, after the last RL step
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        *extra,
+    ]
+    return cli_main(args=args, run=False), max_steps
+
+
+class FrozenProbe(Callback):
+    """Records any frozen module in train mode or frozen parameter with ``requires_grad``, and
+    whether the policy is in train mode after each update (it generates in eval mode)."""
+
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+        self.checks = 0
+
+    def _check(self, module, where: str) -> None:
+        self.checks += 1
+        self.violations += [f"{where}: frozen.{n} in train mode"  # n == "": the container
+                            for n, m in module.frozen.named_modules() if n and m.training]
+        self.violations += [f"{where}: frozen.{n} requires grad"
+                            for n, p in module.frozen.named_parameters() if p.requires_grad]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._check(pl_module, f"train batch {batch_idx} start")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._check(pl_module, f"train batch {batch_idx} end")
+        if not pl_module.policy.training:
+            self.violations.append(f"train batch {batch_idx}: policy left in eval mode")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                                dataloader_idx=0) -> None:
+        self._check(pl_module, f"validation batch {batch_idx}")
+
+
+def fit(cli) -> dict[str, torch.Tensor]:
+    """Fit with a :class:`FrozenProbe`; returns a copy of the state dict from before."""
+    before = {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
+    probe = FrozenProbe()
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert probe.checks > 0 and probe.violations == [], probe.violations
+    return before
+
+
+def unchanged_trainable(module, before: dict) -> list[str]:
+    params = [(n, p) for n, p in module.trained.named_parameters() if p.requires_grad]
+    assert params, "nothing is trainable"
+    return [n for n, p in params if torch.equal(before[f"trained.{n}"], p.detach())]
+
+
+def changed_frozen(module, before: dict) -> list[str]:
+    state = module.frozen.state_dict()
+    assert state, "nothing is frozen"
+    return [k for k, v in state.items() if not torch.equal(before[f"frozen.{k}"], v)]
+
+
+def finite_metrics(trainer) -> dict[str, float]:
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    assert not bad, f"non-finite metrics: {bad}"
+    return metrics
+
+
+# name -> estimator class, trained parts, frozen parts, metrics that must be logged
+EXPECT = {
+    "dvpo": ("GVM", {"policy"}, {"reference", "gvm"}, set()),
+    "ppo": ("GAE", {"policy", "critic"}, {"reference", "reward_model"},
+            {"train/value_loss", "critic/explained_variance", "rollout/score_mean"}),
+    "grpo": ("GRPO", {"policy"}, {"reference", "reward_model"},
+             {"rollout/score_mean", "train/kl_loss"}),
+    "remax": ("ReMax", {"policy"}, {"reference", "reward_model"}, {"rollout/score_mean"}),
+    "rloo": ("RLOO", {"policy"}, {"reference", "reward_model"}, {"rollout/score_mean"}),
+}
+COMMON_METRICS = {"train/policy_loss", "train/approx_kl", "train/clipfrac", "train/entropy",
+                  "train/grad_norm", "rollout/kl_to_ref", "rollout/response_len", "adv/mean",
+                  "rollout/gold_reward", "eval/gold_reward", "eval/kl_to_ref", "rl_step"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECT))
+def test_config_trains_two_rl_steps(name, artifacts, task_data, tmp_path):
+    estimator, trained, frozen, extra_metrics = EXPECT[name]
+    cli, max_steps = make_cli(name, tmp_path, artifacts, task_data)
+    module = cli.model
+    assert type(module.estimator).__name__ == estimator
+    assert set(module.trained) == trained and set(module.frozen) == frozen
+    assert cli.datamodule.group_size == module.estimator.group_size
+
+    before = fit(cli)
+
+    assert cli.trainer.global_step == max_steps
+    metrics = finite_metrics(cli.trainer)
+    assert COMMON_METRICS | extra_metrics <= set(metrics), \
+        sorted(COMMON_METRICS | extra_metrics - set(metrics))
+    assert metrics["rl_step"] == 2 and metrics["train/skipped_minibatches"] == 0
+    assert 0 < metrics["rollout/response_len"] <= MAX_NEW_TOKENS
+
+    assert unchanged_trainable(module, before) == []
+    assert changed_frozen(module, before) == []
+    policy, reference = module.policy.state_dict(), module.frozen["reference"].state_dict()
+    assert policy.keys() == reference.keys()
+    assert any(not torch.equal(policy[k], reference[k]) for k in policy), \
+        "the reference must be a separate copy, not the trained policy"
+    for name_, part in module.frozen.items():
+        assert not part.training, name_
+        assert not any(p.requires_grad for p in part.parameters()), name_
+
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, policy[k]), f"exported {k} differs from the trained policy"
+    AutoTokenizer.from_pretrained(str(tmp_path / "policy"))
+    meta = json.loads((tmp_path / "policy" / "dvpo_artifact.json").read_text())
+    assert meta["kind"] == "policy" and meta["stage"] == "rl"
+
+    summary = json.loads((tmp_path / "rl_summary.json").read_text())
+    assert summary["estimator"] == estimator and summary["global_step"] == max_steps
+    assert len(summary["history"]) == 1
+    assert math.isfinite(summary["final_eval"]["eval/gold_reward"])
+    assert summary["reference_eval"] is not None
+
+
+def test_gvm_versions_each_run_one_step(artifacts, task_data, tmp_path):
+    adv = {}
+    for version in ("paper", "value_difference", "code"):
+        cli, _ = make_cli("dvpo", tmp_path / version, artifacts, task_data,
+                          f"--model.init_args.estimator.init_args.version={version}",
+                          rl_steps=1, ppo_epochs=1, n_minibatches=1)
+        assert cli.model.estimator.version == version
+        before = fit(cli)
+        assert cli.trainer.global_step == 1
+        metrics = finite_metrics(cli.trainer)
+        assert unchanged_trainable(cli.model, before) == []
+        assert changed_frozen(cli.model, before) == []
+        adv[version] = (metrics["adv/mean"], metrics["adv/std"])
+    # same seed, same rollout: only the advantage formula differs
+    means = [m for m, _ in adv.values()]
+    assert len({round(m, 6) for m in means}) == 3, adv
+    mean, std = adv["code"]  # the authors' code whitens advantages over the batch
+    assert abs(mean) < 1e-5 and 0.8 < std < 1.05, adv["code"]
+
+
+def test_kl_as_loss_term_with_k3_and_adaptive_coef(artifacts, task_data, tmp_path, monkeypatch):
+    seen = []
+    original = GVM.__call__
+
+    def spy(self, exp):
+        seen.append(exp.kl_penalty.clone())
+        return original(self, exp)
+
+    monkeypatch.setattr(GVM, "__call__", spy)
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
+                      "--model.init_args.kl_in_reward=false", "--model.init_args.kl_estimator=k3",
+                      "--model.init_args.adaptive_kl=true", "--model.init_args.kl_coef=0.05",
+                      "--model.init_args.kl_target=6.0", "--model.init_args.kl_horizon=10")
+    before = fit(cli)
+    metrics = finite_metrics(cli.trainer)
+    assert len(seen) == 2 and all((k == 0).all() for k in seen), "no KL in the reward"
+    assert metrics["train/kl_loss"] > 0  # k3 >= 0, and > 0 once the policy has moved
+    # KL far below its target: error clipped to -0.2, n = 2 responses, horizon 10, two RL steps
+    assert cli.model.kl_ctl.coef == pytest.approx(0.05 * (1 - 0.2 * 2 / 10) ** 2, rel=1e-9)
+    assert metrics["train/kl_coef"] == pytest.approx(cli.model.kl_ctl.coef, rel=1e-6)
+    assert unchanged_trainable(cli.model, before) == []
+
+
+def test_group_size_mismatch_fails_at_fit_start(artifacts, task_data, tmp_path):
+    cli, _ = make_cli("grpo", tmp_path, artifacts, task_data, "--data.init_args.group_size=2")
+    with pytest.raises(ValueError, match=r"data.group_size \(2\) must equal the estimator's "
+                                         r"group_size \(4\)"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0
+
+
+def test_mini_batch_size_must_divide_the_rollout_batch(artifacts, task_data, tmp_path):
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--data.init_args.batch_size=4",
+                      "--model.init_args.mini_batch_size=3")
+    with pytest.raises(ValueError, match=r"rollout batch \(4 responses.*multiple of "
+                                         r"model.mini_batch_size \(3\)"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0
+
+
+def test_gvm_without_value_model_names_the_setting(artifacts, task_data, tmp_path):
+    with pytest.raises(ValueError, match=r"GVM needs a frozen GVM: set model.value_model"):
+        make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.value_model=null")
+
+
+def test_frozen_gvm_is_eval_and_without_grad(artifacts, task_data, tmp_path):
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data)
+    gvm = cli.model.frozen["gvm"]
+    saved = ValueModel.from_pretrained(artifacts.gvm, load_tokenizer(artifacts.gvm))
+    assert torch.equal(gvm.head.weight, saved.head.weight), "the GVM's trained head is loaded"
+    assert not any(m.training for m in gvm.modules())
+    assert not any(p.requires_grad for p in gvm.parameters())
+    fit(cli)  # the probe checks eval mode and requires_grad at every batch
+    assert not any(m.training for m in gvm.modules())
+    assert not any(p.requires_grad for p in gvm.parameters())
+    assert all(id(p) not in {id(q) for g in cli.model.optimizers().optimizer.param_groups
+                             for q in g["params"]} for p in gvm.parameters())
