@@ -121,16 +121,31 @@ def test_task_data_manifest_counts_match_files(task_data, data_args):
         assert manifest["counts"][name] == len(read_jsonl(Path(task_data) / f"{name}.jsonl"))
     assert data_args["n_sft"] == 400  # conftest's sizes
     assert manifest["counts"]["sft"] == data_args["n_sft"]
-    assert manifest["counts"]["trajectories"] == 2 * data_args["n_trajectory_prompts"]
+    per_prompt = manifest["args"]["responses_per_prompt"]
+    assert manifest["counts"]["trajectories"] == per_prompt * data_args["n_trajectory_prompts"]
     assert manifest["counts"]["rl_prompts"] == data_args["n_rl_prompts"]
     assert manifest["counts"]["eval_prompts"] == data_args["n_eval_prompts"]
-    assert 0 < manifest["counts"]["pairs"] <= data_args["n_trajectory_prompts"]
+    max_pairs = per_prompt * (per_prompt - 1) // 2 * data_args["n_trajectory_prompts"]
+    assert 0 < manifest["counts"]["pairs"] <= max_pairs
     assert 0 < manifest["counts"]["eval_pairs"] <= data_args["n_eval_pair_prompts"]
 
 
 def test_task_data_scores_and_labels(task_data):
-    for r in read_jsonl(Path(task_data) / "trajectories.jsonl"):
-        assert r["score"] == TASK.gold_score(r["prompt"], r["response"])
+    trajectories = read_jsonl(Path(task_data) / "trajectories.jsonl")
+    noise = [r["score"] - r["gold"] for r in trajectories]
+    for r in trajectories:
+        assert r["gold"] == TASK.gold_score(r["prompt"], r["response"])
+    # the annotator's noise is there, centred, of about the configured size (0.1)
+    assert abs(sum(noise) / len(noise)) < 0.02
+    assert 0.07 < (sum(n * n for n in noise) / len(noise)) ** 0.5 < 0.13
+    # training pairs are labelled by the annotated scores of the same prompt's responses
+    # (a response can occur more than once for a prompt, each time with its own noisy score)
+    scored: dict[tuple, list[float]] = {}
+    for r in trajectories:
+        scored.setdefault((r["prompt"], r["response"]), []).append(r["score"])
+    for r in read_jsonl(Path(task_data) / "pairs.jsonl"):
+        assert any(c > j for c in scored[(r["prompt"], r["chosen"])]
+                   for j in scored[(r["prompt"], r["rejected"])])
     # held-out pairs have noise-free labels: the chosen response is strictly better
     for r in read_jsonl(Path(task_data) / "eval_pairs.jsonl"):
         assert TASK.gold_score(r["prompt"], r["chosen"]) > TASK.gold_score(r["prompt"],

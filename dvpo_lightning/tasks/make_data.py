@@ -4,9 +4,11 @@ Writes, under ``out``::
 
     tokenizer/            Hugging Face tokenizer (character level)
     sft.jsonl             {prompt, response}: demonstrations of a noisy teacher
-    trajectories.jsonl    {prompt, response, score, policy}: behaviour-policy samples, gold-scored
-    pairs.jsonl           {prompt, chosen, rejected, policy}: preferences derived from them,
-                          with Bradley–Terry label noise (like human labels)
+    trajectories.jsonl    {prompt, response, score, gold, policy}: behaviour-policy samples with
+                          an annotator's score (the gold score plus Gaussian noise)
+    pairs.jsonl           {prompt, chosen, rejected, policy}: every pair of responses to the same
+                          prompt whose annotated scores differ, labelled by those scores (how
+                          UltraFeedback is binarized) — the same information as the scores
     rl_prompts.jsonl      {prompt}: prompts for policy optimisation
     eval_prompts.jsonl    {prompt}: held-out prompts for evaluating policies
     eval_pairs.jsonl      {prompt, chosen, rejected, policy}: held-out pairs, noise-free labels
@@ -18,7 +20,6 @@ Every split draws from its own prompts: no prompt appears in two splits.
 from __future__ import annotations
 
 import json
-import math
 import random
 from pathlib import Path
 
@@ -26,12 +27,13 @@ from dvpo_lightning.tasks import get_task
 from dvpo_lightning.tasks.base import Task
 from dvpo_lightning.tasks.tokenizer import save_char_tokenizer
 
-# name -> (random slip rate, systematic flaw rate) of each behaviour policy
+# name -> (random slip rate, dedup rate, stutter rate) of each behaviour policy
 DEFAULT_BEHAVIOUR = {
-    "careful": (0.02, 0.2),
-    "teacher": (0.05, 0.6),
-    "sloppy": (0.2, 0.4),
-    "stubborn": (0.1, 0.9),
+    "careful": (0.02, 0.2, 0.0),
+    "teacher": (0.05, 0.6, 0.0),
+    "sloppy": (0.2, 0.4, 0.05),
+    "stubborn": (0.1, 0.9, 0.0),
+    "stutterer": (0.05, 0.1, 0.3),
 }
 
 
@@ -61,12 +63,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _sample_pair(
-    task: Task, prompt: str, rates: tuple[float, float], rng: random.Random, tries: int
+    task: Task, prompt: str, rates: tuple[float, float, float], rng: random.Random, tries: int
 ) -> tuple[tuple[str, float], tuple[str, float]] | None:
     """Two responses of one behaviour policy to ``prompt`` with different gold scores."""
     for _ in range(tries):
-        a = task.noisy_response(prompt, rates[0], rng, rates[1])
-        b = task.noisy_response(prompt, rates[0], rng, rates[1])
+        a = task.noisy_response(prompt, rates[0], rng, *rates[1:])
+        b = task.noisy_response(prompt, rates[0], rng, *rates[1:])
         sa, sb = task.gold_score(prompt, a), task.gold_score(prompt, b)
         if sa != sb:
             return (a, sa), (b, sb)
@@ -81,9 +83,10 @@ def make_task_data(
     n_sft: int = 20000,
     sft_error_rate: float = 0.05,
     sft_dedup_rate: float = 0.6,
-    n_trajectory_prompts: int = 6000,
-    behaviour_policies: dict[str, tuple[float, float]] | None = None,
-    label_noise_temperature: float | None = 0.1,
+    n_trajectory_prompts: int = 3000,
+    behaviour_policies: dict[str, tuple[float, float, float]] | None = None,
+    responses_per_prompt: int = 4,
+    score_noise: float = 0.1,
     n_rl_prompts: int = 4000,
     n_eval_prompts: int = 256,
     n_eval_pair_prompts: int = 1000,
@@ -100,12 +103,14 @@ def make_task_data(
         sft_error_rate: per-token random slip probability of the SFT teacher.
         sft_dedup_rate: probability that the SFT teacher leaves out a repeated digit (its
             systematic flaw; above 0.5 even greedy SFT inherits it, leaving RL headroom).
-        n_trajectory_prompts: prompts with two behaviour-policy responses each (scored rows
-            and, where the two differ in gold score, a preference pair).
-        behaviour_policies: name → (slip rate, systematic flaw rate) of each behaviour policy.
-        label_noise_temperature: Bradley–Terry label noise of training pairs: the better
-            response is labelled chosen with probability σ(Δgold / temperature); None for
-            noise-free labels.
+        n_trajectory_prompts: prompts with ``responses_per_prompt`` responses of one behaviour
+            policy each (scored rows; consecutive responses whose gold scores differ make a
+            preference pair).
+        behaviour_policies: name → (slip rate, dedup rate, stutter rate) of each behaviour
+            policy (see ``SortingTask.noisy_response``).
+        responses_per_prompt: responses per trajectory prompt.
+        score_noise: standard deviation of the annotator's noise added to the gold score of
+            every trajectory (pairs inherit it: a pair is labelled by the noisy scores).
         n_rl_prompts: prompts for policy optimisation.
         n_eval_prompts: held-out prompts for evaluating policies.
         n_eval_pair_prompts: held-out prompts for evaluation pairs (noise-free labels).
@@ -116,9 +121,11 @@ def make_task_data(
     """
     behaviour = dict(behaviour_policies or DEFAULT_BEHAVIOUR)
     for name, rates in behaviour.items():
-        if len(rates) != 2 or not all(0.0 <= r <= 1.0 for r in rates):
-            raise ValueError(f"behaviour_policies[{name!r}] = {rates} must be two rates in "
-                             "[0, 1]: (slip rate, systematic flaw rate)")
+        if len(rates) != 3 or not all(0.0 <= r <= 1.0 for r in rates):
+            raise ValueError(f"behaviour_policies[{name!r}] = {rates} must be three rates in "
+                             "[0, 1]: (slip rate, dedup rate, stutter rate)")
+    if responses_per_prompt < 2:
+        raise ValueError(f"responses_per_prompt={responses_per_prompt} must be >= 2")
     t = get_task(task, min_digits=min_digits, max_digits=max_digits)
     rng = random.Random(seed)
     root = Path(out)
@@ -132,27 +139,26 @@ def make_task_data(
     eval_prompts = _unique_prompts(t, n_eval_prompts, rng, seen)
     eval_pair_prompts = _unique_prompts(t, n_eval_pair_prompts, rng, seen)
 
-    sft = [{"prompt": p, "response": t.noisy_response(p, sft_error_rate, rng, sft_dedup_rate)} for p in sft_prompts]
+    sft = [{"prompt": p, "response": t.noisy_response(p, sft_error_rate, rng, sft_dedup_rate)}
+           for p in sft_prompts]
 
     names = sorted(behaviour)
     trajectories, pairs = [], []
     for p in traj_prompts:
         policy = rng.choice(names)
-        a = t.noisy_response(p, *behaviour[policy][:1], rng, behaviour[policy][1])
-        b = t.noisy_response(p, *behaviour[policy][:1], rng, behaviour[policy][1])
-        sa, sb = t.gold_score(p, a), t.gold_score(p, b)
-        trajectories += [
-            {"prompt": p, "response": a, "score": sa, "policy": policy},
-            {"prompt": p, "response": b, "score": sb, "policy": policy},
-        ]
-        if sa == sb:
-            continue
-        (hi, s_hi), (lo, s_lo) = ((a, sa), (b, sb)) if sa > sb else ((b, sb), (a, sa))
-        if label_noise_temperature is not None:
-            p_right = 1.0 / (1.0 + math.exp(-(s_hi - s_lo) / label_noise_temperature))
-            if rng.random() >= p_right:
-                hi, lo = lo, hi
-        pairs.append({"prompt": p, "chosen": hi, "rejected": lo, "policy": policy})
+        responses = [t.noisy_response(p, *behaviour[policy][:1], rng, *behaviour[policy][1:])
+                     for _ in range(responses_per_prompt)]
+        golds = [t.gold_score(p, r) for r in responses]
+        scores = [round(g + rng.gauss(0.0, score_noise), 4) if score_noise else g for g in golds]
+        trajectories += [{"prompt": p, "response": r, "score": s, "gold": g, "policy": policy}
+                         for r, s, g in zip(responses, scores, golds)]
+        for i in range(len(responses)):
+            for j in range(i + 1, len(responses)):
+                if responses[i] == responses[j] or scores[i] == scores[j]:
+                    continue
+                hi, lo = (i, j) if scores[i] > scores[j] else (j, i)
+                pairs.append({"prompt": p, "chosen": responses[hi], "rejected": responses[lo],
+                              "policy": policy})
 
     eval_pairs = []
     for p in eval_pair_prompts:
@@ -189,7 +195,8 @@ def make_task_data(
             "sft_dedup_rate": sft_dedup_rate,
             "n_trajectory_prompts": n_trajectory_prompts,
             "behaviour_policies": behaviour,
-            "label_noise_temperature": label_noise_temperature,
+            "responses_per_prompt": responses_per_prompt,
+            "score_noise": score_noise,
             "n_rl_prompts": n_rl_prompts,
             "n_eval_prompts": n_eval_prompts,
             "n_eval_pair_prompts": n_eval_pair_prompts,

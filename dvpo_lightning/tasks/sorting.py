@@ -58,16 +58,16 @@ class SortingTask:
         return (k + int(exact)) / (len(target) + 1)
 
     def noisy_response(self, prompt: str, error_rate: float, rng: random.Random,
-                       dedup_rate: float = 0.0) -> str:
-        """The answer of a teacher with two flaws.
+                       dedup_rate: float = 0.0, stutter_rate: float = 0.0) -> str:
+        """The answer of a teacher with systematic flaws and random slips.
 
-        - a systematic one: each repeated copy of a digit is left out with probability
-          ``dedup_rate`` (above 0.5 the teacher's *most likely* answer is wrong, so even greedy
-          decoding of a model that imitates it is wrong: headroom that only RL can recover);
-        - random slips, each with probability ``error_rate`` per written digit: half of them
-          replace the digit by another one, a quarter insert an extra random digit after it, a
-          quarter leave it out (so responses of every length appear, and a value or reward
-          model sees what too long and too short look like).
+        - ``dedup_rate``: each repeated copy of a digit is left out with this probability
+          (above 0.5 the teacher's *most likely* answer is wrong, so even greedy decoding of a
+          model that imitates it is wrong: headroom that only RL can recover);
+        - ``stutter_rate``: each digit is written twice with this probability (the opposite
+          flaw: too long instead of too short, so length alone does not tell good from bad);
+        - ``error_rate``: random slips per written digit, in equal parts replacing it by
+          another digit, inserting an extra random digit after it, or leaving it out.
         """
         ref = self.reference(prompt)
         out = []
@@ -76,10 +76,12 @@ class SortingTask:
                 continue
             if rng.random() < error_rate:
                 kind = rng.random()
-                if kind < 0.5:
+                if kind < 1 / 3:
                     out.append(rng.choice(DIGITS.replace(ch, "")))
-                elif kind < 0.75:
+                elif kind < 2 / 3:
                     out += [ch, rng.choice(DIGITS)]
                 continue
             out.append(ch)
+            if rng.random() < stutter_rate:
+                out.append(ch)
         return "".join(out)
