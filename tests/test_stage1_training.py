@@ -46,11 +46,13 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def head_file(src: str, dst, n: int) -> str:
-    """The first ``n`` rows of ``src`` written to ``dst``: a training set small enough that
-    ``STEPS`` steps visit each row many times, so the loss on it must go down."""
+def head_file(src: str, dst, n: int, spread: bool = False) -> str:
+    """``n`` rows of ``src`` written to ``dst``: a training set small enough that ``STEPS``
+    steps visit each row many times, so the loss on it must go down. The first ``n`` rows, or
+    with ``spread`` every k-th row (so every behaviour policy appears, for τ-conditioning)."""
     with open(src) as f:
-        rows = [line for line in f if line.strip()][:n]
+        rows = [line for line in f if line.strip()]
+    rows = rows[:: max(1, len(rows) // n)][:n] if spread else rows[:n]
     dst.write_text("".join(rows))
     return str(dst)
 
@@ -233,7 +235,7 @@ def test_gvm_trains_reports_and_exports(case, task_data, sft_model_dir, tmp_path
                                         capsys):
     target, train_file, kind, tau, frozen_embeddings = GVM_CASES[case]
     L.seed_everything(0, verbose=False)
-    train = head_file(os.path.join(task_data, train_file), tmp_path / "train.jsonl", 32)
+    train = head_file(os.path.join(task_data, train_file), tmp_path / "train.jsonl", 32, tau)
     dm = ValueDataModule(train_path=train,
                          val_path=os.path.join(task_data, "eval_pairs.jsonl"),
                          tokenizer=sft_model_dir, train_kind=kind, chosen_return=1.0,
