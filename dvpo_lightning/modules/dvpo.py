@@ -354,11 +354,14 @@ class DVPOModule(L.LightningModule):
         return out
 
     def _clip_and_step(self, opt) -> Tensor:
-        params = [p for p in self.trained.parameters() if p.grad is not None]
-        if self.hparams.max_grad_norm is not None and params:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.hparams.max_grad_norm)
-        else:
-            norm = torch.zeros(())
+        """Clip (Lightning's way: correct under AMP, a no-op under DeepSpeed, which clips
+        itself) and step; returns the gradient norm before clipping, for the log."""
+        grads = [p.grad for p in self.trained.parameters() if p.grad is not None]
+        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                if grads else torch.zeros(()))
+        if self.hparams.max_grad_norm is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm,
+                                gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm.detach()
