@@ -44,7 +44,8 @@ def _run(out: Path, devices: int, kind: str, task_data: str, art: Path) -> list[
         [sys.executable, str(WORKER), str(out), str(devices), kind, task_data,
          str(art / "policy"), str(art / "gvm"), str(art / "rm")],
         env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, "\n".join(l for l in proc.stderr.splitlines() if "rank0" not in l)[-6000:]
+    rank1_log = "\n".join(x for x in proc.stderr.splitlines() if "rank0" not in x)
+    assert proc.returncode == 0, rank1_log[-6000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(devices)]
 
 

@@ -30,15 +30,6 @@ MAX_NEW_TOKENS = 8
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on busy cores: more than one intra-op thread is many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def artifacts(tokenizer_dir, tmp_path_factory) -> SimpleNamespace:
     """Tiny stand-ins for the stage-1 outputs: a policy, a reward model and a GVM directory.

@@ -25,15 +25,6 @@ from dvpo_lightning.rollout.scoring import policy_logps, response_values, sequen
 EOS = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on busy cores: more than one intra-op thread is many times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok(tokenizer_dir):
     return load_tokenizer(tokenizer_dir)

@@ -37,7 +37,8 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def collate_prompt_response(prompts: list[list[int]], responses: list[list[int]],
                             pad_id: int) -> dict[str, Tensor]:
-    """The shared layout: ``prompt_ids/prompt_mask (B, P)``, ``response_ids/response_mask (B, T)``."""
+    """The shared layout: ``prompt_ids/prompt_mask (B, P)``, ``response_ids/response_mask
+    (B, T)``."""
     prompt_ids, prompt_mask = pad_left(prompts, pad_id)
     response_ids, response_mask = pad_right(responses, pad_id)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
