@@ -13,6 +13,7 @@ from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.tokenize import encode_prompt
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.tasks import get_task
 
 
@@ -30,15 +31,11 @@ def evaluate_policy(model, tokenizer, task_name: str, prompts: list[str],
         chunk = prompts[i:i + batch_size]
         ids, mask = pad_left([encode_prompt(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
         resp, rmask = gen.generate(model, ids.to(device), mask.to(device), cfg)
-        for p, r, m in zip(chunk, resp.tolist(), rmask.tolist()):
-            toks = [t for t, keep in zip(r, m) if keep]
-            finished = bool(toks) and toks[-1] == tokenizer.eos_token_id
-            text = tokenizer.decode(toks, skip_special_tokens=True)
-            score = task.gold_score(p, text, finished)
-            gold.append(score)
-            exact.append(float(score == 1.0))
-            eos.append(float(finished))
-            length.append(float(len(toks)))
+        scores = gold_scores(task, tokenizer, chunk, resp, rmask)
+        gold += scores
+        exact += [float(s == 1.0) for s in scores]
+        eos += (resp == tokenizer.eos_token_id).any(1).float().tolist()
+        length += rmask.sum(1).float().tolist()
     if was_training:
         model.train()
     n = len(gold)

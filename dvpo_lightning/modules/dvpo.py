@@ -13,21 +13,21 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from dvpo_lightning.distributed import all_reduce_sum, global_whiten, loss_counts
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
-from dvpo_lightning.estimators.normalize import advantage_stats, whiten_advantages
 from dvpo_lightning.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
-from dvpo_lightning.masked import masked_mean, masked_moments
+from dvpo_lightning.masked import masked_mean
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
 from dvpo_lightning.models.value_model import ValueModel, freeze
 from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.rollout.scoring import policy_logps, response_values, sequence_scores
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 from dvpo_lightning.tasks import get_task
@@ -228,34 +228,8 @@ class DVPOModule(L.LightningModule):
         return exp, info
 
     def _gold(self, prompts: list, response_ids: Tensor, response_mask: Tensor) -> Tensor:
-        out = []
-        for p, r, m in zip(prompts, response_ids.tolist(), response_mask.tolist()):
-            toks = [t for t, keep in zip(r, m) if keep]
-            finished = bool(toks) and toks[-1] == self.tokenizer.eos_token_id
-            out.append(self.task.gold_score(p, self.tokenizer.decode(
-                toks, skip_special_tokens=True), finished))
-        return torch.tensor(out, device=response_ids.device)
-
-    def _all_reduce_sum(self, x: Tensor) -> Tensor:
-        if dist.is_available() and dist.is_initialized() and self.trainer.world_size > 1:
-            x = x.clone()
-            dist.all_reduce(x)
-        return x
-
-    def _global_whiten(self, adv: Tensor, mask: Tensor) -> Tensor:
-        """Whiten with the mean and variance of the valid tokens of *all* processes."""
-        moments = torch.stack([m.to(torch.float64) for m in masked_moments(adv, mask)])
-        moments = self._all_reduce_sum(moments)
-        return whiten_advantages(adv, mask, stats=advantage_stats(tuple(moments)))
-
-    def _loss_counts(self, mask: Tensor) -> tuple[float, float]:
-        """Token and sequence counts of this mini-batch over all processes, divided by the
-        number of processes: DDP averages gradients, so ``Σ_rank S_rank / (N / W)`` averaged
-        over ``W`` ranks is the single-process loss ``Σ S / N`` of the whole mini-batch."""
-        counts = torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64,
-                              device=mask.device)
-        counts = self._all_reduce_sum(counts) / max(self.trainer.world_size, 1)
-        return float(counts[0]), float(counts[1])
+        return torch.tensor(gold_scores(self.task, self.tokenizer, prompts, response_ids,
+                                        response_mask), device=response_ids.device)
 
     # ------------------------------------------------------------------ update
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -264,7 +238,7 @@ class DVPOModule(L.LightningModule):
         self.estimator.check(exp)
         advantages, returns = self.estimator(exp)
         if self.hparams.whiten_advantages:
-            advantages = self._global_whiten(advantages, exp.response_mask)
+            advantages = global_whiten(advantages, exp.response_mask)
         t_update = time.perf_counter()
         stats = self.ppo_update(exp, advantages, returns)
         mask = exp.response_mask
@@ -319,13 +293,13 @@ class DVPOModule(L.LightningModule):
                 sub = exp.index(idx)
                 adv, ret, mask = advantages[idx], returns[idx], sub.response_mask
                 seq = (sub.prompt_ids, sub.prompt_mask, sub.response_ids, mask)
-                n_tok, n_seq = self._loss_counts(mask)
+                n_tok, n_seq = loss_counts(mask)
                 logp, entropy = policy_logps(self.policy, *seq, with_entropy=True)
                 pg_loss, st = ppo_clip_loss(logp, sub.logp_old, adv, mask, hp.clip_eps,
                                             hp.clip_eps_high, hp.loss_aggregation, n_tok, n_seq)
                 explode = torch.tensor(float(st["ratio_mean"] > hp.ratio_skip_threshold),
                                        device=mask.device)
-                if float(self._all_reduce_sum(explode)) > 0:  # every rank skips together
+                if float(all_reduce_sum(explode)) > 0:  # every rank skips together
                     skipped += 1
                     continue
                 loss = pg_loss
