@@ -3,6 +3,10 @@
     python -m dvpo_lightning fit --config configs/sft.yaml [--model.lr=3e-4 ...]
     python -m dvpo_lightning data --config configs/data.yaml [--out data/sorting ...]
     python -m dvpo_lightning pipeline --config configs/pipeline.yaml [--force true]
+    python -m dvpo_lightning sweep configs/sweeps/kl.yaml [--out runs/sweeps/kl ...]
+
+Every ``fit`` logs to W&B through :class:`~dvpo_lightning.loggers.AutoWandbLogger` (offline by
+itself without an API key); ``--trainer.logger=false`` turns it off.
 """
 
 from __future__ import annotations
@@ -12,16 +16,29 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from dvpo_lightning.loggers import AutoWandbLogger, LogConfigCallback
+
+DEFAULT_LOGGER = {"class_path": "dvpo_lightning.loggers.AutoWandbLogger"}
+
 
 class DVPOCLI(LightningCLI):
     """LightningCLI with model and data chosen by ``class_path``.
 
     The tokenizer is named once, in ``data``; the module receives the same path (a link, so
-    the policy and its data can never disagree on the vocabulary).
+    the policy and its data can never disagree on the vocabulary). The default logger is
+    :class:`AutoWandbLogger` (configs need not name it); its run directory goes under
+    ``trainer.default_root_dir`` unless ``save_dir`` is set.
     """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:
+            if isinstance(logger, AutoWandbLogger):
+                logger.use_save_dir(trainer.default_root_dir)
+        return trainer
 
 
 def _quiet_libraries() -> None:
@@ -57,7 +74,13 @@ def _pipeline(args: list[str]) -> None:
     pipeline_main(args)
 
 
-EXTRA_COMMANDS = {"data": data_main, "pipeline": _pipeline}
+def _sweep(args: list[str]) -> None:
+    from dvpo_lightning.sweep import sweep_main
+
+    sweep_main(args)
+
+
+EXTRA_COMMANDS = {"data": data_main, "pipeline": _pipeline, "sweep": _sweep}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
@@ -67,6 +90,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        trainer_defaults={"logger": DEFAULT_LOGGER},
+        save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from dvpo_lightning.distributed import all_reduce_sum, global_whiten, loss_counts
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
 from dvpo_lightning.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from dvpo_lightning.loggers import log_table
 from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
 from dvpo_lightning.masked import masked_mean
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
@@ -419,6 +420,10 @@ class DVPOModule(L.LightningModule):
                    "global_step": int(self.global_step),
                    "reference_eval": self._ref_eval, "final_eval": self.history[-1]
                    if self.history else None, "history": self.history}
+        if self.history:
+            columns = list(self.history[-1])
+            log_table(self.trainer, "eval/history", columns,
+                      [[h.get(c) for c in columns] for h in self.history])
         out.mkdir(parents=True, exist_ok=True)
         (out / self.hparams.summary_file).write_text(json.dumps(summary, indent=2, default=str))
         if summary["final_eval"]:

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from dvpo_lightning.data.collate import join, response_slice
+from dvpo_lightning.loggers import log_table
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
 from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.value_model import ValueModel
@@ -84,6 +85,8 @@ class ValueHeadModule(L.LightningModule):
                                           self.last_val_pairs)
             print("\n" + table + "\n", flush=True)
             log_dir.mkdir(parents=True, exist_ok=True)
+            log_table(self.trainer, "eval/pair_accuracy", ["aggregation", "accuracy"],
+                      [[k, v] for k, v in self.last_accuracy.items()])
             (log_dir / "pair_accuracy.json").write_text(json.dumps(
                 {"model": self.kind, "pairs": self.last_val_pairs,
                  "accuracy": self.last_accuracy, "global_step": self.global_step}, indent=2))
