@@ -313,3 +313,26 @@ def test_gradient_clipping_is_applied(artifacts, task_data, tmp_path):
         assert float(cli.trainer.callback_metrics["train/grad_norm"]) > 1e-6
     assert sizes["null"] > 1e-5
     assert sizes["1e-12"] < sizes["null"] * 1e-2, sizes
+
+
+def test_grad_accum_steps_once_per_accumulated_group(artifacts, task_data, tmp_path):
+    """2 mini-batches accumulated into one optimizer step: one update per PPO epoch."""
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.grad_accum=2",
+                      "--trainer.max_steps=-1", "--trainer.max_epochs=1",
+                      "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+                      ppo_epochs=2, n_minibatches=2)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 3 * 2  # 3 RL steps × 2 epochs × (2 mini-batches / 2)
+
+
+def test_exploding_ratio_skips_every_minibatch(artifacts, task_data, tmp_path):
+    """A threshold below 1 marks every mini-batch as exploding: nothing is stepped."""
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
+                      "--model.init_args.ratio_skip_threshold=0.5", "--trainer.max_steps=-1",
+                      "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+                      "--trainer.limit_val_batches=0", ppo_epochs=2, n_minibatches=2)
+    before = {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0
+    assert float(cli.trainer.callback_metrics["train/skipped_minibatches"]) == 4
+    assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -79,10 +78,6 @@ class ValueModel(nn.Module):
             {"kind": self.kind, "hidden_size": self.head.in_features}, indent=2))
 
 
-def has_value_head(path: str | Path) -> bool:
-    return (Path(path) / HEAD_WEIGHTS).exists()
-
-
 def freeze(module: nn.Module) -> nn.Module:
     """Eval mode and ``requires_grad=False`` on every parameter; returns ``module``."""
     module.eval()
@@ -90,7 +85,3 @@ def freeze(module: nn.Module) -> nn.Module:
         p.requires_grad_(False)
     return module
 
-
-@torch.no_grad()
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -317,13 +317,16 @@ class DVPOModule(L.LightningModule):
                     acc.setdefault("train/value_loss", []).append(v_loss.detach())
                 self.manual_backward(loss / hp.grad_accum)
                 step_in_accum += 1
-                if step_in_accum == hp.grad_accum or i == n_mb - 1:
+                if step_in_accum == hp.grad_accum:
                     acc.setdefault("train/grad_norm", []).append(self._clip_and_step(opt))
                     step_in_accum = 0
                 acc.setdefault("train/policy_loss", []).append(pg_loss.detach())
                 acc.setdefault("train/entropy", []).append(masked_mean(entropy.detach(), mask))
                 for k in ("approx_kl", "clipfrac"):
                     acc.setdefault(f"train/{k}", []).append(st[k])
+            if step_in_accum:  # an epoch's last, partial accumulation (or one cut by a skip)
+                acc.setdefault("train/grad_norm", []).append(self._clip_and_step(opt))
+                step_in_accum = 0
         out = {k: torch.stack([x.float() for x in v]).mean() for k, v in acc.items()}
         out["train/skipped_minibatches"] = torch.tensor(float(skipped))
         return out
