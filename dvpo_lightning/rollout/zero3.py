@@ -10,8 +10,9 @@ from torch import nn
 def gathered_for_generation(module: nn.Module):
     """Context in which ``module``'s parameters are whole on every rank.
 
-    Under DeepSpeed ZeRO-3 each rank holds a shard; ``generate`` needs the full weights, so
-    they are gathered once for the whole generation instead of per forward call.
+    Under DeepSpeed ZeRO-3 each rank holds a shard and DeepSpeed's hooks all-gather every
+    layer's weights at every forward call — at every decode step of ``generate``. Gathering
+    once for the whole generation trades that traffic for one full copy of the weights.
     """
     params = list(module.parameters())
     if params and hasattr(params[0], "ds_id"):
