@@ -8,8 +8,8 @@ integer index (DeepSpeed reads ``device_rank`` from it).
 from __future__ import annotations
 
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
