@@ -108,3 +108,29 @@ def sft_model_dir(task_data, tokenizer_dir, tmp_path_factory) -> str:
                          batch_size=16, max_length=32)
     build_trainer(root, max_steps=8).fit(module, data)
     return str(root / "model")
+
+
+@pytest.fixture(scope="session")
+def artifacts(tokenizer_dir, tmp_path_factory):
+    """Tiny stand-ins for the stage-1 outputs: a policy, a reward model and a GVM directory.
+
+    The policy is a random ``test-llama``; the reward model and the GVM are its backbone with a
+    random value head (no training needed: RL steps only read them). Read-only for tests.
+    """
+    from types import SimpleNamespace
+
+    from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
+
+    root = tmp_path_factory.mktemp("rl_artifacts")
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    policy = root / "policy"
+    load_causal_lm("test-llama", tok).save_pretrained(str(policy))
+    tok.save_pretrained(str(policy))
+    out = {"policy": str(policy)}
+    for name, kind in (("reward_model", "reward"), ("gvm", "gvm")):
+        vm = ValueModel.from_pretrained(str(policy), tok, kind=kind, zero_init_head=False)
+        vm.save_pretrained(root / name)
+        tok.save_pretrained(str(root / name))
+        out[name] = str(root / name)
+    return SimpleNamespace(**out)

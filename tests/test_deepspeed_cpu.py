@@ -17,32 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
+from dvpo_lightning.models import load_causal_lm, load_tokenizer
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
 
-@pytest.fixture(scope="module")
-def artifacts(tokenizer_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds_artifacts")
-    tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    load_causal_lm("test-llama", tok).save_pretrained(str(root / "policy"))
-    tok.save_pretrained(str(root / "policy"))
-    gvm = ValueModel.from_pretrained(str(root / "policy"), tok, zero_init_head=False)
-    gvm.save_pretrained(root / "gvm")
-    tok.save_pretrained(str(root / "gvm"))
-    return root
-
-
-def _run(tmp_path: Path, strategy: str, task_data: str, art: Path) -> dict:
+def _run(tmp_path: Path, strategy: str, task_data: str, art) -> dict:
     out = tmp_path / strategy
     out.mkdir()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache" / "torch_extensions"))}
     proc = subprocess.run([sys.executable, str(WORKER), str(out), strategy, task_data,
-                           str(art / "policy"), str(art / "gvm")],
+                           art.policy, art.gvm],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return torch.load(out / "result.pt")
@@ -58,7 +45,7 @@ def test_zero_matches_plain_strategy(stage, plain, tmp_path, task_data, artifact
     zero = _run(tmp_path, stage, task_data, artifacts)
     assert plain["steps"] == zero["steps"] == 1
     assert zero["partitioned"] == (stage == "3")
-    policy = load_causal_lm(str(artifacts / "policy"), load_tokenizer(str(artifacts / "policy")))
+    policy = load_causal_lm(artifacts.policy, load_tokenizer(artifacts.policy))
     start = policy.state_dict()
     moved = [k for k in plain["state"] if not torch.equal(plain["state"][k],
                                                           start[k.removeprefix("policy.")])]

@@ -17,32 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
-
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-@pytest.fixture(scope="module")
-def artifacts(tokenizer_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp_artifacts")
-    tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    load_causal_lm("test-llama", tok).save_pretrained(str(root / "policy"))
-    tok.save_pretrained(str(root / "policy"))
-    for name, kind in (("gvm", "gvm"), ("rm", "reward")):
-        vm = ValueModel.from_pretrained(str(root / "policy"), tok, kind=kind,
-                                        zero_init_head=False)
-        vm.save_pretrained(root / name)
-        tok.save_pretrained(str(root / name))
-    return root
-
-
-def _run(out: Path, devices: int, kind: str, task_data: str, art: Path) -> list[dict]:
+def _run(out: Path, devices: int, kind: str, task_data: str, art) -> list[dict]:
     out.mkdir(parents=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(out), str(devices), kind, task_data,
-         str(art / "policy"), str(art / "gvm"), str(art / "rm")],
+         art.policy, art.gvm, art.reward_model],
         env=env, capture_output=True, text=True, timeout=300)
     rank1_log = "\n".join(x for x in proc.stderr.splitlines() if "rank0" not in x)
     assert proc.returncode == 0, rank1_log[-6000:]

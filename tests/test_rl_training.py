@@ -22,34 +22,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dvpo_lightning.cli import cli_main
 from dvpo_lightning.estimators import GVM
-from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
+from dvpo_lightning.models import ValueModel, load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MAX_NEW_TOKENS = 8
 # cli_main(args=...) under pytest: sys.argv holds pytest's own arguments, which it ignores
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-
-
-@pytest.fixture(scope="module")
-def artifacts(tokenizer_dir, tmp_path_factory) -> SimpleNamespace:
-    """Tiny stand-ins for the stage-1 outputs: a policy, a reward model and a GVM directory.
-
-    The policy is a random ``test-llama``; the reward model and the GVM are its backbone with a
-    random value head (no training needed: the RL step only has to read them).
-    """
-    root = tmp_path_factory.mktemp("rl_artifacts")
-    tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    policy = root / "policy"
-    load_causal_lm("test-llama", tok).save_pretrained(str(policy))
-    tok.save_pretrained(str(policy))
-    out = {"policy": str(policy)}
-    for name, kind in (("reward_model", "reward"), ("gvm", "gvm")):
-        vm = ValueModel.from_pretrained(str(policy), tok, kind=kind, zero_init_head=False)
-        vm.save_pretrained(root / name)
-        tok.save_pretrained(str(root / name))
-        out[name] = str(root / name)
-    return SimpleNamespace(**out)
 
 
 def _config(name: str) -> dict:

@@ -17,32 +17,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 from wandb_offline import read_offline_run
 
 from dvpo_lightning.cli import cli_main, main
-from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
 from dvpo_lightning.sweep import agent_args
 from dvpo_lightning.sweep_spec import SweepConfigError, expand_trials, validate_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-
-
-@pytest.fixture(scope="module")
-def artifacts(tokenizer_dir, tmp_path_factory) -> SimpleNamespace:
-    """A random ``test-llama`` policy and a GVM with a random head (as in test_rl_training)."""
-    root = tmp_path_factory.mktemp("sweep_artifacts")
-    tok = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    load_causal_lm("test-llama", tok).save_pretrained(str(root / "policy"))
-    tok.save_pretrained(str(root / "policy"))
-    gvm = ValueModel.from_pretrained(str(root / "policy"), tok, kind="gvm", zero_init_head=False)
-    gvm.save_pretrained(root / "gvm")
-    tok.save_pretrained(str(root / "gvm"))
-    return SimpleNamespace(policy=str(root / "policy"), gvm=str(root / "gvm"))
 
 
 def tiny_overrides(art: SimpleNamespace, task_data: str, root: Path) -> list[str]:
