@@ -4,6 +4,7 @@
     python -m dvpo_lightning data --config configs/data.yaml [--out data/sorting ...]
     python -m dvpo_lightning pipeline --config configs/pipeline.yaml [--force true]
     python -m dvpo_lightning sweep configs/sweeps/kl.yaml [--out runs/sweeps/kl ...]
+    python -m dvpo_lightning explain --gvm runs/sorting/gvm/model --prompt P --responses A B
 
 Every ``fit`` logs to W&B through :class:`~dvpo_lightning.loggers.AutoWandbLogger` (offline by
 itself without an API key); ``--trainer.logger=false`` turns it off.
@@ -80,7 +81,14 @@ def _sweep(args: list[str]) -> None:
     sweep_main(args)
 
 
-EXTRA_COMMANDS = {"data": data_main, "pipeline": _pipeline, "sweep": _sweep}
+def _explain(args: list[str]) -> None:
+    from dvpo_lightning.explain import explain_main
+
+    explain_main(args)
+
+
+EXTRA_COMMANDS = {"data": data_main, "pipeline": _pipeline, "sweep": _sweep,
+                  "explain": _explain}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:

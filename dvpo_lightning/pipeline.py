@@ -1,18 +1,21 @@
-"""``python -m dvpo_lightning pipeline``: chain the stages of the embedded task.
+"""``python -m dvpo_lightning pipeline``: the whole study on one config.
 
-Each stage is an ordinary ``fit`` run with its own config, so any stage can be run or changed
-alone. A stage whose artifact exists and was made from the same config text (and the same
-upstream artifacts) is reused; ``--force`` recomputes everything.
+data → stage-1 stages (SFT, reward model, GVM) → every RL method × every seed from the same
+SFT policy → the report (tables, plots, token-value pictures). Each stage is an ordinary
+``fit`` run with its own config, so any stage can be run or changed alone. A stage whose
+artifact exists and was made from the same config text, arguments and upstream artifacts is
+reused; ``--force true`` recomputes everything.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -25,15 +28,32 @@ class Stage:
     """One pipeline stage.
 
     Args:
-        name: short name printed in the progress line.
+        name: short name printed in the progress line (``dvpo/seed0`` for a method run).
         config: the stage's LightningCLI config.
         artifact: the directory the stage writes (its ``export_dir``).
         args: extra command-line overrides.
+        env: extra environment variables (W&B run name and group).
     """
 
     name: str
     config: str
     artifact: str
+    args: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Method:
+    """One RL method of the comparison, run once per seed.
+
+    Args:
+        name: the method's name in tables and plots.
+        config: its LightningCLI config (``configs/dvpo.yaml`` …).
+        args: extra command-line overrides for every seed.
+    """
+
+    name: str
+    config: str
     args: list[str] | None = None
 
 
@@ -48,15 +68,79 @@ def _stage_hash(stage: Stage, upstream: str) -> str:
     return _digest(Path(stage.config).read_text(), json.dumps(stage.args or []), upstream)
 
 
+def method_stages(methods: list[Method], seeds: list[int], runs_dir: str,
+                  common_args: list[str], group: str) -> list[Stage]:
+    """One stage per (method, seed): its own run directory ``<runs_dir>/<name>/seed<s>``,
+    artifact ``…/model`` and seed; W&B runs named ``<name>-seed<s>`` in one group."""
+    out = []
+    for m in methods:
+        for s in seeds:
+            root = f"{runs_dir}/{m.name}/seed{s}"
+            out.append(Stage(
+                name=f"{m.name}/seed{s}", config=m.config, artifact=f"{root}/model",
+                args=[f"--seed_everything={s}", f"--trainer.default_root_dir={root}",
+                      f"--model.init_args.export_dir={root}/model", *common_args,
+                      *(m.args or [])],
+                env={"WANDB_NAME": f"{m.name}-seed{s}", "WANDB_RUN_GROUP": group,
+                     "WANDB_JOB_TYPE": "rl"}))
+    return out
+
+
+def _run_fit(stage: Stage, in_process: bool) -> None:
+    args = ["fit", "--config", stage.config, *(stage.args or [])]
+    if not in_process:
+        subprocess.run([sys.executable, "-m", "dvpo_lightning", *args], check=True,
+                       env={**os.environ, **stage.env})
+        return
+    from dvpo_lightning.cli import cli_main
+
+    saved = {k: os.environ.get(k) for k in stage.env}
+    os.environ.update(stage.env)
+    try:
+        cli_main(args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_or_reuse(stage: Stage, h: str, force: bool, in_process: bool,
+                  report: dict[str, dict]) -> None:
+    stamp = Path(stage.artifact) / STAMP
+    fresh = stamp.exists() and json.loads(stamp.read_text()).get("hash") == h
+    if fresh and not force:
+        report[stage.name] = {"status": "reused", "seconds": 0.0}
+        print(f"[pipeline] {stage.name}: reusing {stage.artifact}", flush=True)
+        return
+    print(f"[pipeline] {stage.name}: fit --config {stage.config} {' '.join(stage.args or [])}",
+          flush=True)
+    t0 = time.time()
+    _run_fit(stage, in_process)
+    if not Path(stage.artifact).exists():
+        raise RuntimeError(f"stage {stage.name!r} finished but wrote no {stage.artifact}; "
+                           "its config's export_dir must match the pipeline's artifact")
+    stamp.write_text(json.dumps({"hash": h, "config": stage.config, "args": stage.args}))
+    report[stage.name] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
+    print(f"[pipeline] {stage.name}: done in {report[stage.name]['seconds']} s", flush=True)
+
+
 def run_pipeline(config: str = "configs/pipeline.yaml", force: bool = False,
-                 only: list[str] | None = None) -> dict:
-    """Run (or reuse) the data step and every stage of ``config`` in order.
+                 only: list[str] | None = None, in_process: bool = False,
+                 skip_report: bool = False) -> dict:
+    """Run (or reuse) the data step, the stages, every method × seed, then the report.
 
     Args:
-        config: pipeline YAML with ``data`` (the data config) and ``stages`` (a list of
-            ``{name, config, artifact, args}``).
+        config: pipeline YAML: ``data`` (the data config), ``stages`` (a list of ``{name,
+            config, artifact, args}``), ``methods`` (``{name, config, args}``), ``seeds``,
+            ``runs_dir`` (method runs go to ``<runs_dir>/<method>/seed<s>``), ``common_args``
+            (overrides for every method run), ``report`` (arguments of
+            :func:`~dvpo_lightning.report.build.build_report`; null skips it).
         force: recompute every stage even when its artifact matches.
-        only: run just these stage names (the others must already exist).
+        only: run just these stage or method names (the others must already exist).
+        in_process: run the stages in this process instead of one subprocess each (tests).
+        skip_report: do not build the report.
 
     Returns:
         ``{stage name: {"status": "ran" | "reused", "seconds": float}}``.
@@ -72,37 +156,46 @@ def run_pipeline(config: str = "configs/pipeline.yaml", force: bool = False,
         t0 = time.time()
         if force or not stamp.exists() or json.loads(stamp.read_text())["hash"] != h:
             print(f"[pipeline] data: generating {data_out}", flush=True)
-            subprocess.run([sys.executable, "-m", "dvpo_lightning", "data", "--config",
-                            data_cfg], check=True)
+            if in_process:
+                from dvpo_lightning.cli import data_main
+
+                data_main(["--config", data_cfg])
+            else:
+                subprocess.run([sys.executable, "-m", "dvpo_lightning", "data", "--config",
+                                data_cfg], check=True)
             stamp.write_text(json.dumps({"hash": h}))
             report["data"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
         else:
             report["data"] = {"status": "reused", "seconds": 0.0}
             print(f"[pipeline] data: reusing {data_out}", flush=True)
         upstream = h
-    for raw in spec["stages"]:
+
+    def selected(name: str) -> bool:
+        return not only or name in only or name.split("/")[0] in only
+
+    for raw in spec.get("stages", []):
         stage = Stage(**raw)
         h = _stage_hash(stage, upstream)
-        upstream = _digest(upstream, h)
-        if only and stage.name not in only:
-            continue
-        stamp = Path(stage.artifact) / STAMP
-        fresh = stamp.exists() and json.loads(stamp.read_text()).get("hash") == h
+        upstream = _digest(upstream, h)  # a later stage depends on every earlier one
+        if selected(stage.name):
+            _run_or_reuse(stage, h, force, in_process, report)
+    methods = [Method(**m) for m in spec.get("methods", [])]
+    runs_dir = spec.get("runs_dir", "runs")
+    group = spec.get("group") or Path(config).stem
+    for stage in method_stages(methods, spec.get("seeds", [0]), runs_dir,
+                               spec.get("common_args", []), group):
+        if selected(stage.name):  # methods depend on the stage-1 chain, not on each other
+            _run_or_reuse(stage, _stage_hash(stage, upstream), force, in_process, report)
+    if spec.get("report") and not skip_report:
+        from dvpo_lightning.report.build import build_report
+
         t0 = time.time()
-        if fresh and not force:
-            report[stage.name] = {"status": "reused", "seconds": 0.0}
-            print(f"[pipeline] {stage.name}: reusing {stage.artifact}", flush=True)
-            continue
-        print(f"[pipeline] {stage.name}: fit --config {stage.config}", flush=True)
-        cmd = [sys.executable, "-m", "dvpo_lightning", "fit", "--config", stage.config,
-               *(stage.args or [])]
-        subprocess.run(cmd, check=True)
-        if not Path(stage.artifact).exists():
-            raise RuntimeError(f"stage {stage.name!r} finished but wrote no {stage.artifact}; "
-                               "its config's export_dir must match the pipeline's artifact")
-        stamp.write_text(json.dumps({"hash": h, "config": stage.config}))
-        report[stage.name] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
-        print(f"[pipeline] {stage.name}: done in {report[stage.name]['seconds']} s", flush=True)
+        runs = {m.name: {s: f"{runs_dir}/{m.name}/seed{s}/model" for s in spec.get("seeds", [0])}
+                for m in methods}
+        paths = build_report(runs=runs, **{"group": group, **spec["report"]})
+        report["report"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
+        print(f"[pipeline] report: {len(paths)} files in {spec['report'].get('out')}",
+              flush=True)
     return report
 
 

@@ -228,3 +228,10 @@ def test_pipeline_config_is_consistent(path):
         assert export is not None and os.path.normpath(export) == os.path.normpath(
             stage["artifact"]), (f"stage {stage['name']}: {stage['config']} exports to "
                                  f"{export!r}, the pipeline expects {stage['artifact']!r}")
+    for method in spec.get("methods", []):  # the pipeline sets each run's export_dir itself
+        cfg = REPO / method["config"]
+        assert cfg.exists() and classify(cfg) == "cli", method
+        assert load(cfg)["model"]["class_path"].endswith("DVPOModule"), method
+    for key in ("gvm", "reward_model"):
+        if spec.get("report", {}).get(key):
+            assert spec["report"][key] in [s["artifact"] for s in spec["stages"]], key

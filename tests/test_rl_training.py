@@ -187,7 +187,13 @@ def test_config_trains_two_rl_steps(name, artifacts, task_data, tmp_path):
 
     summary = json.loads((tmp_path / "rl_summary.json").read_text())
     assert summary["estimator"] == estimator and summary["global_step"] == max_steps
-    assert len(summary["history"]) == 1
+    # the SFT reference as RL step 0, then one evaluation after the second RL step
+    assert [h["rl_step"] for h in summary["history"]] == [0, 2]
+    assert summary["history"][0]["eval/kl_to_ref"] == 0.0
+    assert summary["rl_steps"] == 2 and summary["cost"]["rl_steps"] == 2
+    assert summary["cost"]["gen_tokens_per_step"] > 0 and summary["cost"]["step_s"] > 0
+    assert summary["cost"]["params_trained_m"] * (2 if estimator == "ppo" else 1) \
+        <= summary["cost"]["params_loaded_m"]
     assert math.isfinite(summary["final_eval"]["eval/gold_reward"])
     assert summary["reference_eval"] is not None
 

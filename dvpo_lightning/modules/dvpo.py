@@ -8,6 +8,7 @@ declares it needs (:class:`~dvpo_lightning.estimators.Need`), never by its name.
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -146,6 +147,8 @@ class DVPOModule(L.LightningModule):
                        else FixedKLController(kl_coef))
         self.task = get_task(task) if task else None
         self.history: list[dict] = []
+        self.rl_step = 0  # rollout batches trained on (a checkpointed counter)
+        self.cost_log: list[dict[str, float]] = []  # per RL step: seconds, generated tokens
         self._ref_eval: dict[str, float] | None = None
 
     def _check_args(self, needs: frozenset[Need]) -> None:
@@ -242,6 +245,7 @@ class DVPOModule(L.LightningModule):
             advantages = global_whiten(advantages, exp.response_mask)
         t_update = time.perf_counter()
         stats = self.ppo_update(exp, advantages, returns)
+        self.rl_step += 1
         mask = exp.response_mask
         seq_kl = (info["kl"] * mask).sum(1)
         self.kl_ctl.update(float(seq_kl.mean()), exp.batch_size)
@@ -275,7 +279,14 @@ class DVPOModule(L.LightningModule):
             logs["perf/peak_mem_gb"] = torch.tensor(torch.cuda.max_memory_allocated() / 2**30)
         self.log_dict({k: v.float() if isinstance(v, Tensor) else v for k, v in logs.items()},
                       batch_size=bs, prog_bar=False)
-        self.log("rl_step", float(batch_idx + 1), prog_bar=True, batch_size=bs)
+        self.log("rl_step", float(self.rl_step), prog_bar=True, batch_size=bs)
+        self.cost_log.append({
+            "step_s": float(logs["perf/step_s"]),
+            **{f"{k}_s": v for k, v in info["timing"].items()},
+            "update_s": float(logs["timing/update_s"]), "gen_tokens": float(mask.sum()),
+            **({"gold": float(info["gold"].mean())} if "gold" in info else {}),
+            "kl": float(seq_kl.mean()),
+            **({"score": float(exp.scores.mean())} if exp.scores is not None else {})})
 
     def ppo_update(self, exp: Experience, advantages: Tensor, returns: Tensor) -> dict:
         """K epochs of clipped policy-gradient (and critic) updates over mini-batches."""
@@ -386,8 +397,13 @@ class DVPOModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         cat = {k: torch.cat([r[k] for r in self._val_rows]) for k in self._val_rows[0]}
         if self._ref_rows and self._ref_eval is None and not self.trainer.sanity_checking:
-            self._ref_gold = torch.cat([r["gold_reward"] for r in self._ref_rows])
-            self._ref_eval = {"gold_reward": float(self._ref_gold.mean())}
+            ref = {k: torch.cat([r[k] for r in self._ref_rows]) for k in self._ref_rows[0]}
+            self._ref_gold = ref["gold_reward"]
+            self._ref_eval = {k: float(v.float().mean()) for k, v in ref.items()}
+            # The policy at RL step 0 is the reference itself: the curves' first point.
+            self.history.insert(0, {"step": 0, "rl_step": 0,
+                                    **{f"eval/{k}": v for k, v in self._ref_eval.items()},
+                                    "eval/win_rate_vs_ref": 0.5})
         metrics = {f"eval/{k}": v.float().mean() for k, v in cat.items()}
         if "gold_reward" in cat and self._ref_eval is not None:
             ref = self._ref_gold.to(cat["gold_reward"].device)
@@ -396,7 +412,7 @@ class DVPOModule(L.LightningModule):
         for k, v in metrics.items():
             self.log(k, v, prog_bar=k == "eval/gold_reward")
         if not self.trainer.sanity_checking:
-            self.history.append({"step": int(self.global_step),
+            self.history.append({"step": int(self.global_step), "rl_step": self.rl_step,
                                  **{k: float(v) for k, v in metrics.items()}})
 
     # ------------------------------------------------------------------ state and export
@@ -405,6 +421,9 @@ class DVPOModule(L.LightningModule):
                                     if not k.startswith("frozen.")}
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
         checkpoint["eval_history"] = self.history
+        checkpoint["rl_state"] = {"rl_step": self.rl_step, "cost_log": self.cost_log,
+                                  "ref_eval": self._ref_eval,
+                                  "ref_gold": getattr(self, "_ref_gold", None)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for k, v in self.frozen.state_dict().items():
@@ -412,6 +431,12 @@ class DVPOModule(L.LightningModule):
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.history = checkpoint.get("eval_history", [])
+        state = checkpoint.get("rl_state", {})
+        self.rl_step = state.get("rl_step", 0)
+        self.cost_log = state.get("cost_log", [])
+        self._ref_eval = state.get("ref_eval")
+        if state.get("ref_gold") is not None:
+            self._ref_gold = state["ref_gold"]
 
     def on_fit_end(self) -> None:
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective: all ranks
@@ -420,7 +445,9 @@ class DVPOModule(L.LightningModule):
         summary = {"estimator": type(self.estimator).__name__,
                    "estimator_args": {k: v for k, v in vars(self.estimator).items()
                                       if not k.startswith("_")},
-                   "global_step": int(self.global_step),
+                   "global_step": int(self.global_step), "rl_steps": self.rl_step,
+                   "kl_coef": self.hparams.kl_coef, "cost": self.cost_summary(),
+                   "train_curve": self.cost_log,
                    "reference_eval": self._ref_eval, "final_eval": self.history[-1]
                    if self.history else None, "history": self.history}
         if self.history:
@@ -431,13 +458,44 @@ class DVPOModule(L.LightningModule):
         (out / self.hparams.summary_file).write_text(json.dumps(summary, indent=2, default=str))
         if summary["final_eval"]:
             rank_zero_info("final held-out evaluation: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in summary["final_eval"].items() if k != "step")
+                f"{k} {v:.4f}" for k, v in summary["final_eval"].items()
+                if k not in ("step", "rl_step"))
                 + (f" (reference gold {self._ref_eval['gold_reward']:.4f})"
                    if self._ref_eval else ""))
         if self.hparams.export_dir:
             def write(d):
                 self.policy.save_pretrained(str(d))
                 self.tokenizer.save_pretrained(str(d))
+                if "critic" in self.trained:  # judged against the GVM after training
+                    self.trained["critic"].save_pretrained(Path(d) / "critic")
+                    self.tokenizer.save_pretrained(str(Path(d) / "critic"))
 
             export_atomic(self.hparams.export_dir, write,
                           {"kind": "policy", "stage": "rl", "summary": summary})
+
+    def cost_summary(self) -> dict[str, float]:
+        """What an RL step cost on this process (the Table-7 analog's inputs).
+
+        Step times are means over every step but the first (it pays one-time warm-up);
+        memory is the CUDA peak when on a GPU, else the process's peak resident set size
+        (which includes the Python runtime and libraries, so compare differences, not
+        absolute values). Parameter counts are in millions.
+        """
+        log = self.cost_log[1:] or self.cost_log
+
+        def mean(key: str) -> float:
+            return sum(r[key] for r in log) / len(log) if log else 0.0
+
+        def count(mods: list[nn.Module]) -> float:
+            return sum(p.numel() for m in mods for p in m.parameters()) / 1e6
+
+        out = {"rl_steps": len(self.cost_log), "step_s": mean("step_s"),
+               "generate_s": mean("generate_s"), "score_s": mean("score_s"),
+               "update_s": mean("update_s"), "gen_tokens_per_step": mean("gen_tokens"),
+               "gen_tokens_total": sum(r["gen_tokens"] for r in self.cost_log),
+               "params_loaded_m": count([self.trained, self.frozen]),
+               "params_trained_m": count([self.trained]),
+               "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if torch.cuda.is_available():
+            out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return out

@@ -1,0 +1,1 @@
+"""Study reports: tables, plots and token-value pictures."""

@@ -1,0 +1,111 @@
+"""The study's figures (matplotlib, Agg, PNG): learning curves per method (Figure 4 analog),
+held-out reward against KL, and the per-step training curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dvpo_lightning.report.runs import Run, by_method  # noqa: E402
+
+EVAL_PANELS = [("eval/gold_reward", "held-out gold reward"), ("eval/kl_to_ref", "KL to reference"),
+               ("eval/win_rate_vs_ref", "win rate vs SFT")]
+
+
+def _stack(rs: list[Run], key: str, rows: str = "history") -> tuple[np.ndarray, np.ndarray]:
+    """``(steps (S,), values (n_seeds, S))`` over the steps every seed has."""
+    per_seed = [{h["rl_step"]: h[key] for h in r.history} if rows == "history" else
+                {i + 1: row[key] for i, row in enumerate(r.summary["train_curve"]) if key in row}
+                for r in rs]
+    steps = sorted(set.intersection(*(set(p) for p in per_seed)))
+    return np.array(steps), np.array([[p[s] for s in steps] for p in per_seed])
+
+
+def _band(ax, steps, values, label, color) -> None:
+    mean = values.mean(0)
+    ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3, label=label,
+            color=color)
+    if values.shape[0] > 1:
+        std = values.std(0, ddof=1)
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=color)
+
+
+def _colors(methods: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def plot_learning_curves(runs: list[Run], out: str | Path) -> Path:
+    """Held-out gold reward, KL and win rate against RL steps, mean ± std band over seeds."""
+    groups = by_method(runs)
+    colors = _colors(list(groups))
+    fig, axes = plt.subplots(1, len(EVAL_PANELS), figsize=(5 * len(EVAL_PANELS), 4))
+    for ax, (key, label) in zip(axes, EVAL_PANELS):
+        for method, rs in groups.items():
+            steps, values = _stack(rs, key)
+            _band(ax, steps, values, method, colors[method])
+        ax.set_xlabel("RL step (policy updates on one rollout batch)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    n = max(len(rs) for rs in groups.values())
+    fig.suptitle(f"Held-out evaluation during RL (mean ± std over {n} seed(s))")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_train_curves(runs: list[Run], out: str | Path, window: int = 5) -> Path:
+    """Rollout gold reward and KL at every RL step (moving average of ``window`` steps)."""
+    groups = by_method(runs)
+    colors = _colors(list(groups))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, label) in zip(axes, [("gold", "rollout gold reward"),
+                                       ("kl", "rollout KL to reference")]):
+        for method, rs in groups.items():
+            steps, values = _stack(rs, key, rows="train")
+            if steps.size == 0:
+                continue
+            k = min(window, len(steps))
+            kernel = np.ones(k) / k
+            smooth = np.array([np.convolve(v, kernel, mode="valid") for v in values])
+            _band(ax, steps[k - 1:], smooth, method, colors[method])
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(f"{label} (moving average, {window} steps)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_reward_vs_kl(runs: list[Run], out: str | Path) -> Path:
+    """Held-out gold reward against KL to the reference: each method's mean path through its
+    evaluations (line) and each seed's final point (dots)."""
+    groups = by_method(runs)
+    colors = _colors(list(groups))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, rs in groups.items():
+        _, kl = _stack(rs, "eval/kl_to_ref")
+        _, gold = _stack(rs, "eval/gold_reward")
+        ax.plot(kl.mean(0), gold.mean(0), color=colors[method], alpha=0.6, label=method)
+        ax.scatter([r.final["eval/kl_to_ref"] for r in rs],
+                   [r.final["eval/gold_reward"] for r in rs], color=colors[method], s=25)
+    ax.set_xlabel("KL to reference (nats per response)")
+    ax.set_ylabel("held-out gold reward")
+    ax.set_title("Reward against KL (line: mean path over training; dots: final, per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

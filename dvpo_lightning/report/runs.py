@@ -1,0 +1,94 @@
+"""The RL runs of a study, read back from their artifacts (``dvpo_artifact.json``).
+
+Every number in the report comes from these summaries, which ``DVPOModule`` writes at the end
+of ``fit``: the evaluation history (held-out gold reward, win rate, KL, length per eval
+step), the per-step training curve and the cost of a step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dvpo_lightning.modules.export import ARTIFACT_FILE
+
+
+@dataclass
+class Run:
+    """One RL run: ``method`` at ``seed``, its artifact directory and its summary."""
+
+    method: str
+    seed: int
+    artifact: str
+    summary: dict
+
+    @property
+    def history(self) -> list[dict]:
+        """Held-out evaluations in RL-step order, the SFT reference as step 0."""
+        return sorted(self.summary.get("history") or [], key=lambda h: h["rl_step"])
+
+    @property
+    def final(self) -> dict:
+        return self.summary["final_eval"]
+
+
+def load_runs(runs: dict[str, dict[int, str]]) -> list[Run]:
+    """``{method: {seed: artifact dir}}`` → runs, in method then seed order.
+
+    Raises a ``FileNotFoundError`` naming the run and the command that makes it when an
+    artifact or its summary is missing, and a ``ValueError`` when a run has no evaluation.
+    """
+    out = []
+    for method, seeds in runs.items():
+        for seed, artifact in seeds.items():
+            meta = Path(artifact) / ARTIFACT_FILE
+            if not meta.exists():
+                raise FileNotFoundError(
+                    f"run {method} seed {seed}: {meta} does not exist; make it with "
+                    f"`python -m dvpo_lightning pipeline --only {method}`")
+            summary = json.loads(meta.read_text()).get("summary")
+            if not summary or not summary.get("final_eval") or not summary.get("history"):
+                raise ValueError(
+                    f"run {method} seed {seed}: {meta} has no held-out evaluation; the RL "
+                    "config needs a validation set (data.eval_path) and "
+                    "trainer.val_check_interval")
+            out.append(Run(method, int(seed), str(artifact), summary))
+    return out
+
+
+def mean_std(values: list[float]) -> dict:
+    """``{"mean", "std", "n", "values"}``; ``std`` is the sample standard deviation (0 for
+    one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n, "values": list(values)}
+
+
+def by_method(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by method, in first-seen order."""
+    out: dict[str, list[Run]] = {}
+    for r in runs:
+        out.setdefault(r.method, []).append(r)
+    return out
+
+
+def convergence_step(history: list[dict], fraction: float = 0.95,
+                     metric: str = "eval/gold_reward", of_gain: bool = False) -> int | None:
+    """The first RL step whose held-out ``metric`` reaches ``fraction`` of the run's best.
+
+    ``of_gain=False``: the first step with ``g ≥ fraction · max g`` (the paper's "95 % of its
+    best reward"). ``of_gain=True``: of the best gain over step 0,
+    ``g − g_0 ≥ fraction · (max g − g_0)``; None when the run never beats step 0.
+    """
+    g = [h[metric] for h in history]
+    best = max(g)
+    if of_gain:
+        if best <= g[0]:
+            return None
+        target = g[0] + fraction * (best - g[0])
+    else:
+        target = fraction * best
+    return next(h["rl_step"] for h, v in zip(history, g) if v >= target)

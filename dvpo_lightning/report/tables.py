@@ -1,0 +1,137 @@
+"""The paper's tables for one study, as plain data (JSON) and markdown, mean ± std over seeds.
+
+- :func:`quality_table` — Table 1 analog: held-out gold reward, win rate against the SFT
+  policy under the gold judge, KL to the reference, response length.
+- :func:`value_model_table` — Tables 3/4 analog: held-out pair accuracy of the GVM, the
+  scalar RM (both trained once, on the same data) and the PPO critic at the end of PPO.
+- :func:`cost_table` — Table 7 analog: seconds per RL step, generated tokens and peak memory
+  per method, all measured in the same study, with ratios to a baseline method.
+- :func:`convergence_table` — the RL step at which each method reaches 95 % of its best
+  held-out gold reward (Figure 4's reading).
+
+Each table is ``{"title", "columns": [[key, label], …], "rows": {name: {key: cell}}}``; a cell
+is a :func:`~dvpo_lightning.report.runs.mean_std` dict (or None when it does not apply).
+"""
+
+from __future__ import annotations
+
+from dvpo_lightning.report.runs import Run, by_method, convergence_step, mean_std
+
+QUALITY_COLUMNS = [("gold_reward", "gold reward ↑"), ("win_rate_vs_sft", "win rate vs SFT ↑"),
+                   ("kl_to_ref", "KL to ref"), ("response_len", "length")]
+
+
+def quality_table(runs: list[Run]) -> dict:
+    """Final held-out evaluation per method; the first row is the SFT policy (the reference
+    evaluated at each run's first validation, so one value per run)."""
+    ref = [r.history[0] for r in runs]
+    rows = {"SFT (reference)": {
+        "gold_reward": mean_std([h["eval/gold_reward"] for h in ref]),
+        "win_rate_vs_sft": None, "kl_to_ref": mean_std([h["eval/kl_to_ref"] for h in ref]),
+        "response_len": mean_std([h["eval/response_len"] for h in ref])}}
+    for method, rs in by_method(runs).items():
+        rows[method] = {
+            "gold_reward": mean_std([r.final["eval/gold_reward"] for r in rs]),
+            "win_rate_vs_sft": mean_std([r.final["eval/win_rate_vs_ref"] for r in rs]),
+            "kl_to_ref": mean_std([r.final["eval/kl_to_ref"] for r in rs]),
+            "response_len": mean_std([r.final["eval/response_len"] for r in rs])}
+    return {"title": "Held-out quality at the end of RL (Table 1 analog)",
+            "columns": QUALITY_COLUMNS, "rows": rows}
+
+
+def value_model_table(gvm: dict | None, reward_model: dict | None,
+                      critics: list[dict]) -> dict:
+    """Pair accuracy (``final`` value and token ``mean``) of each value model.
+
+    Args:
+        gvm: :func:`~dvpo_lightning.report.value_accuracy.pair_accuracy` of the GVM.
+        reward_model: the same for the scalar reward model.
+        critics: the same for each PPO run's critic at the end of training (one per seed).
+    """
+    def row(accs: list[dict]) -> dict:
+        return {"final": mean_std([a["accuracy"]["final"] for a in accs]),
+                "mean": mean_std([a["accuracy"]["mean"] for a in accs]),
+                "pairs": accs[0]["pairs"]}
+
+    rows = {}
+    if gvm:
+        rows["GVM"] = row([gvm])
+    if reward_model:
+        rows["ScalarRM"] = row([reward_model])
+    if critics:
+        rows["PPO critic (A/C)"] = row(critics)
+    return {"title": "Held-out pair accuracy of the value models (Tables 3/4 analog)",
+            "columns": [("final", "acc. (final value) ↑"), ("mean", "acc. (token mean) ↑")],
+            "rows": rows}
+
+
+def cost_table(runs: list[Run], baseline: str | None = "ppo") -> dict:
+    """Cost of an RL step per method, and its ratio to ``baseline`` (same study, same
+    machine). Memory is the CUDA peak on a GPU, else the process's peak RSS."""
+    groups = by_method(runs)
+    mem_key = ("peak_mem_gb" if all("peak_mem_gb" in r.summary["cost"] for r in runs)
+               else "peak_rss_gb")
+    rows = {}
+    for method, rs in groups.items():
+        c = [r.summary["cost"] for r in rs]
+        rows[method] = {k: mean_std([x[k] for x in c]) for k in
+                        ("step_s", "generate_s", "score_s", "update_s", "gen_tokens_per_step",
+                         mem_key, "params_loaded_m", "params_trained_m")}
+    if baseline in rows:
+        b = rows[baseline]
+        for row in rows.values():
+            for key, ratio in (("step_s", "time_ratio"), (mem_key, "mem_ratio")):
+                row[ratio] = mean_std([row[key]["mean"] / b[key]["mean"]])
+    mem_label = "peak GPU mem (GB)" if mem_key == "peak_mem_gb" else "peak RSS (GB)"
+    columns = [("step_s", "s / RL step"), ("generate_s", "generate s"),
+               ("score_s", "score s"), ("update_s", "update s"),
+               ("gen_tokens_per_step", "gen. tokens / step"), (mem_key, mem_label),
+               ("params_loaded_m", "params loaded (M)"),
+               ("params_trained_m", "params trained (M)")]
+    if baseline in rows:
+        columns += [("time_ratio", f"time ÷ {baseline}"), ("mem_ratio", f"mem ÷ {baseline}")]
+    return {"title": "Cost per RL step, same study and machine (Table 7 analog)",
+            "columns": columns, "rows": rows}
+
+
+def convergence_table(runs: list[Run], fraction: float = 0.95) -> dict:
+    """Per method: best held-out gold reward, and the first RL step reaching ``fraction`` of
+    it (of the reward, and of the gain over the SFT policy; runs that never beat it are left
+    out of the second)."""
+    rows = {}
+    for method, rs in by_method(runs).items():
+        gains = [convergence_step(r.history, fraction, of_gain=True) for r in rs]
+        gains = [g for g in gains if g is not None]
+        rows[method] = {
+            "best_gold": mean_std([max(h["eval/gold_reward"] for h in r.history) for r in rs]),
+            "step_best": mean_std([float(convergence_step(r.history, fraction)) for r in rs]),
+            "step_gain": mean_std([float(g) for g in gains]) if gains else None,
+            "rl_steps": mean_std([float(r.summary["rl_steps"]) for r in rs])}
+    pct = f"{fraction:.0%}"
+    return {"title": f"Convergence: first RL step at {pct} of the best held-out gold reward",
+            "columns": [("best_gold", "best gold reward"), ("step_best", f"step to {pct} of best"),
+                        ("step_gain", f"step to {pct} of best gain over SFT"),
+                        ("rl_steps", "RL steps")],
+            "rows": rows}
+
+
+def format_cell(cell: dict | None, digits: int = 3) -> str:
+    """``mean ± std`` (just the mean for one value); ``—`` for None."""
+    if cell is None:
+        return "—"
+    if cell["n"] == 1:
+        return f"{cell['mean']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+
+
+def to_markdown(table: dict, note: str = "") -> str:
+    """A markdown section: ``### title``, the table, then ``note``."""
+    cols = table["columns"]
+    lines = [f"### {table['title']}", "", "| | " + " | ".join(label for _, label in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, row in table["rows"].items():
+        lines.append(f"| {name} | " + " | ".join(format_cell(row.get(k)) for k, _ in cols)
+                     + " |")
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
