@@ -225,6 +225,9 @@ def test_pipeline_config_is_consistent(path):
         cfg = REPO / stage["config"]
         assert cfg.exists() and classify(cfg) == "cli", stage
         export = load(cfg)["model"]["init_args"].get("export_dir")
+        for arg in stage.get("args") or []:  # an override wins, as on the command line
+            if arg.startswith("--model.init_args.export_dir="):
+                export = arg.split("=", 1)[1]
         assert export is not None and os.path.normpath(export) == os.path.normpath(
             stage["artifact"]), (f"stage {stage['name']}: {stage['config']} exports to "
                                  f"{export!r}, the pipeline expects {stage['artifact']!r}")
@@ -235,3 +238,25 @@ def test_pipeline_config_is_consistent(path):
     for key in ("gvm", "reward_model"):
         if spec.get("report", {}).get(key):
             assert spec["report"][key] in [s["artifact"] for s in spec["stages"]], key
+
+
+def _pipeline_commands():
+    for param in configs_of("pipeline"):
+        path = param.values[0]
+        spec = load(path)
+        for stage in spec["stages"]:
+            yield pytest.param(stage["config"], stage.get("args") or [],
+                               id=f"{path.name}:{stage['name']}")
+        for m in spec.get("methods", []):
+            yield pytest.param(m["config"], [*spec.get("common_args", []), *(m.get("args") or [])],
+                               id=f"{path.name}:{m['name']}")
+
+
+@pytest.mark.parametrize("config,args", list(_pipeline_commands()))
+def test_pipeline_overrides_parse(config, args, capsys):
+    """Every command a pipeline runs names only valid keys (parsed, not run: some need a GPU)."""
+    from dvpo_lightning.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(REPO / config), *args, "--print_config"])
+    assert e.value.code in (0, None), capsys.readouterr().err[-2000:]
