@@ -17,6 +17,7 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
+from dvpo_lightning.checkpointing import make_resumable
 from dvpo_lightning.loggers import AutoWandbLogger, LogConfigCallback
 
 DEFAULT_LOGGER = {"class_path": "dvpo_lightning.loggers.AutoWandbLogger"}
@@ -28,7 +29,9 @@ class DVPOCLI(LightningCLI):
     The tokenizer is named once, in ``data``; the module receives the same path (a link, so
     the policy and its data can never disagree on the vocabulary). The default logger is
     :class:`AutoWandbLogger` (configs need not name it); its run directory goes under
-    ``trainer.default_root_dir`` unless ``save_dir`` is set.
+    ``trainer.default_root_dir`` unless ``save_dir`` is set. Checkpoints are atomic, kept in
+    ``<default_root_dir>/checkpoints`` with ``last.ckpt``, and SIGTERM saves one
+    (:func:`~dvpo_lightning.checkpointing.make_resumable`).
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -39,6 +42,7 @@ class DVPOCLI(LightningCLI):
         for logger in trainer.loggers:
             if isinstance(logger, AutoWandbLogger):
                 logger.use_save_dir(trainer.default_root_dir)
+        make_resumable(trainer)
         return trainer
 
 

@@ -14,11 +14,18 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from dvpo_lightning.checkpointing import (
+    check_same_models,
+    fingerprint,
+    rng_states,
+    set_rng_states,
+)
 from dvpo_lightning.distributed import all_reduce_sum, global_whiten, loss_counts
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
+from dvpo_lightning.guards import KLBoundError, NonFiniteError, nonfinite_message, nonfinite_names
 from dvpo_lightning.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from dvpo_lightning.loggers import log_table
 from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
@@ -79,6 +86,10 @@ class DVPOModule(L.LightningModule):
         export_dir: where to write the trained policy at the end of ``fit``.
         eval_greedy: evaluate held-out prompts with greedy decoding (else sampling).
         summary_file: JSON summary written into the run directory at the end of ``fit``.
+        on_nonfinite: a NaN / inf in the rollout, advantages, loss or gradient: ``stop`` the
+            run (nothing is saved after it) or ``skip`` the step (logged).
+        max_kl: bound on the rollout's mean KL to the reference per response (None: none).
+        on_kl_exceeded: past ``max_kl``: ``stop`` the run or ``warn`` (logged either way).
     """
 
     def __init__(
@@ -118,6 +129,9 @@ class DVPOModule(L.LightningModule):
         export_dir: str | None = None,
         eval_greedy: bool = False,
         summary_file: str = "rl_summary.json",
+        on_nonfinite: str = "stop",
+        max_kl: float | None = None,
+        on_kl_exceeded: str = "stop",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator"])
@@ -149,6 +163,13 @@ class DVPOModule(L.LightningModule):
         self.history: list[dict] = []
         self.rl_step = 0  # rollout batches trained on (a checkpointed counter)
         self.cost_log: list[dict[str, float]] = []  # per RL step: seconds, generated tokens
+        self.guard_skips = 0
+        self._rng_to_restore: dict | None = None
+        # what a resumed run must load again: role → {path, sha256 of the weights}
+        self.frozen_identity = {"reference": fingerprint(reference or policy),
+                                "gvm": fingerprint(value_model) if "gvm" in frozen else None,
+                                "reward_model": fingerprint(reward_model)
+                                if "reward_model" in frozen else None}
         self._ref_eval: dict[str, float] | None = None
 
     def _check_args(self, needs: frozenset[Need]) -> None:
@@ -163,6 +184,10 @@ class DVPOModule(L.LightningModule):
             raise ValueError(f"model.kl_estimator={hp.kl_estimator!r} is not one of k1, k2, k3")
         if hp.ppo_epochs < 1 or hp.grad_accum < 1:
             raise ValueError("model.ppo_epochs and model.grad_accum must be >= 1")
+        for key, allowed in (("on_nonfinite", ("stop", "skip")),
+                             ("on_kl_exceeded", ("stop", "warn"))):
+            if hp[key] not in allowed:
+                raise ValueError(f"model.{key}={hp[key]!r} is not one of {', '.join(allowed)}")
 
     @property
     def policy(self) -> nn.Module:
@@ -239,15 +264,27 @@ class DVPOModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> None:
         t_start = time.perf_counter()
         exp, info = self.make_experience(batch)
+        mask = exp.response_mask
+        values_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
+        if self._guard("the rollout", {
+                "scores": exp.scores, "baseline_scores": exp.baseline_scores,
+                "values": exp.values, "logp_old": exp.logp_old, "logp_ref": exp.logp_ref,
+                "kl": info["kl"]}, {"values": values_mask, "logp_old": mask, "logp_ref": mask,
+                                    "kl": mask}):
+            return self._skip_step()
+        seq_kl = (info["kl"] * mask).sum(1)
+        self._check_kl(float(all_reduce_sum(seq_kl.sum()) / all_reduce_sum(
+            torch.tensor(float(exp.batch_size), device=mask.device))))
         self.estimator.check(exp)
         advantages, returns = self.estimator(exp)
         if self.hparams.whiten_advantages:
             advantages = global_whiten(advantages, exp.response_mask)
+        if self._guard("the advantage estimate", {"advantages": advantages, "returns": returns},
+                       {"advantages": mask, "returns": mask}):
+            return self._skip_step()
         t_update = time.perf_counter()
         stats = self.ppo_update(exp, advantages, returns)
         self.rl_step += 1
-        mask = exp.response_mask
-        seq_kl = (info["kl"] * mask).sum(1)
         self.kl_ctl.update(float(seq_kl.mean()), exp.batch_size)
         bs = exp.batch_size
         logs = {
@@ -264,6 +301,7 @@ class DVPOModule(L.LightningModule):
             "timing/update_s": torch.tensor(time.perf_counter() - t_update),
             "perf/step_s": torch.tensor(time.perf_counter() - t_start),
             "perf/gen_tokens_per_s": mask.sum() / max(info["timing"]["generate"], 1e-9),
+            "guard/skipped_steps": torch.tensor(float(self.guard_skips)),
             **stats,
         }
         if exp.scores is not None:
@@ -326,6 +364,9 @@ class DVPOModule(L.LightningModule):
                                                 hp.value_clip, hp.loss_aggregation, n_tok, n_seq)
                     loss = loss + hp.vf_coef * v_loss
                     acc.setdefault("train/value_loss", []).append(v_loss.detach())
+                if self._guard("the PPO update", {"loss": loss.detach()}):
+                    skipped += 1
+                    continue
                 self.manual_backward(loss / hp.grad_accum)
                 step_in_accum += 1
                 if step_in_accum == hp.grad_accum:
@@ -344,16 +385,55 @@ class DVPOModule(L.LightningModule):
 
     def _clip_and_step(self, opt) -> Tensor:
         """Clip (Lightning's way: correct under AMP, a no-op under DeepSpeed, which clips
-        itself) and step; returns the gradient norm before clipping, for the log."""
+        itself) and step; returns the gradient norm before clipping, for the log. A
+        non-finite gradient stops the run or, with ``on_nonfinite=skip``, drops the step."""
         grads = [p.grad for p in self.trained.parameters() if p.grad is not None]
         norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                 if grads else torch.zeros(()))
+        if self._guard("the PPO update", {"grad_norm": norm}):
+            opt.zero_grad(set_to_none=True)
+            return torch.zeros(())
         if self.hparams.max_grad_norm is not None:
             self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm,
                                 gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
         return norm.detach()
+
+    def _guard(self, where: str, tensors: dict[str, Tensor | None],
+               masks: dict[str, Tensor] | None = None) -> bool:
+        """True when a tensor is non-finite on any process and the step is to be skipped;
+        raises :class:`NonFiniteError` when the run is to stop (``on_nonfinite=stop``)."""
+        names = nonfinite_names(tensors, masks)
+        device = next(self.trained.parameters()).device
+        if float(all_reduce_sum(torch.tensor(float(bool(names)), device=device))) == 0:
+            return False
+        names = names or ["a tensor on another process"]
+        if self.hparams.on_nonfinite == "stop":
+            raise NonFiniteError(nonfinite_message(
+                names, where, self.rl_step + 1,
+                "stopping before anything is saved: the last checkpoint is the last good one"))
+        rank_zero_warn(nonfinite_message(names, where, self.rl_step + 1, "skipping it"))
+        self.guard_skips += 1
+        return True
+
+    def _skip_step(self) -> None:
+        """Count a skipped rollout as consumed (its prompts are not replayed) and log it."""
+        self.rl_step += 1
+        self.log("guard/skipped_steps", float(self.guard_skips), batch_size=1)
+
+    def _check_kl(self, kl: float) -> None:
+        """Compare the rollout's mean KL per response with ``max_kl`` (stop or warn)."""
+        bound = self.hparams.max_kl
+        if bound is None or kl <= bound:
+            return
+        msg = (f"the rollout's KL to the reference, {kl:.4f} nats per response at RL step "
+               f"{self.rl_step + 1}, exceeds model.max_kl={bound}: the policy is drifting from "
+               "the reference. Raise model.kl_coef, lower model.lr, or raise model.max_kl")
+        self.log("guard/kl_exceeded", 1.0, batch_size=1)
+        if self.hparams.on_kl_exceeded == "stop":
+            raise KLBoundError(msg + "; the last checkpoint is the last good one.")
+        rank_zero_warn(msg + " (on_kl_exceeded=warn: going on).")
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -423,7 +503,11 @@ class DVPOModule(L.LightningModule):
         checkpoint["eval_history"] = self.history
         checkpoint["rl_state"] = {"rl_step": self.rl_step, "cost_log": self.cost_log,
                                   "ref_eval": self._ref_eval,
-                                  "ref_gold": getattr(self, "_ref_gold", None)}
+                                  "ref_gold": getattr(self, "_ref_gold", None),
+                                  "guard_skips": self.guard_skips,
+                                  "frozen_identity": self.frozen_identity,
+                                  # Lightning does not save the global RNGs; sampling needs them
+                                  "rng": rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for k, v in self.frozen.state_dict().items():
@@ -432,11 +516,21 @@ class DVPOModule(L.LightningModule):
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.history = checkpoint.get("eval_history", [])
         state = checkpoint.get("rl_state", {})
+        check_same_models(state.get("frozen_identity", {}), self.frozen_identity)
+        self.guard_skips = state.get("guard_skips", 0)
+        self._rng_to_restore = state.get("rng")
         self.rl_step = state.get("rl_step", 0)
         self.cost_log = state.get("cost_log", [])
         self._ref_eval = state.get("ref_eval")
         if state.get("ref_gold") is not None:
             self._ref_gold = state["ref_gold"]
+
+    def on_train_start(self) -> None:
+        # Restored here, not in on_load_checkpoint: nothing may draw from the RNGs between
+        # this point and the next rollout, in the resumed run as in the uninterrupted one.
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     def on_fit_end(self) -> None:
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective: all ranks

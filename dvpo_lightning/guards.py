@@ -1,0 +1,71 @@
+"""Numerical guards of the RL update: find non-finite tensors and say what likely caused them.
+
+The module checks the rollout (rewards, values, log-probs), the advantages, every mini-batch
+loss and the gradient norm; on a hit it stops the run (the default) or skips the step, with a
+message naming the RL step, the tensor and the likely cause. Stopping raises before anything
+is saved, so the last checkpoint on disk stays the last good one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CAUSES = {
+    "scores": "the reward model's scores: check its weights and its precision (fp16 "
+              "overflow), or that its tokenizer matches the policy's",
+    "baseline_scores": "the reward model's scores of the greedy baseline (see scores)",
+    "values": "the value model's outputs (GVM or critic): check its weights and precision; "
+              "a critic can diverge with a high learning rate (lower critic_lr)",
+    "logp_old": "the policy's logits overflowed: lower the learning rate, train in bf16 or "
+                "fp32 instead of fp16, or check the starting checkpoint",
+    "logp_ref": "the reference policy's logits overflowed: check the reference checkpoint "
+                "and its precision",
+    "kl": "the KL estimate: the policy and reference log-probs diverged (see logp_old)",
+    "advantages": "non-finite rewards or values upstream, or whitening a batch whose "
+                  "advantages are all equal",
+    "returns": "non-finite rewards or values upstream",
+    "loss": "the probability ratio exp(log π − log π_old) overflowed or the policy's logits "
+            "are non-finite: lower the learning rate or clip_eps, or set max_grad_norm",
+    "grad_norm": "exploding gradients: lower the learning rate, set model.max_grad_norm, or "
+                 "train in bf16/fp32 instead of fp16",
+}
+
+
+class NonFiniteError(FloatingPointError):
+    """A guarded tensor held NaN or ±inf (the message names it, the step and the cause)."""
+
+
+class KLBoundError(RuntimeError):
+    """The policy's KL to the reference exceeded ``model.max_kl``."""
+
+
+def nonfinite_names(tensors: dict[str, Tensor | None],
+                    masks: dict[str, Tensor] | None = None) -> list[str]:
+    """Names of the tensors with a NaN or ±inf where their mask (if any) is True.
+
+    Args:
+        tensors: ``{name: tensor or None}``; None entries are skipped.
+        masks: ``{name: bool tensor of the same shape}``: positions outside are padding and
+            are not checked.
+    """
+    bad = []
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        finite = torch.isfinite(t)
+        if masks and name in masks:
+            finite = finite | ~masks[name].bool()
+        if not bool(finite.all()):
+            bad.append(name)
+    return bad
+
+
+def nonfinite_message(names: list[str], where: str, rl_step: int, action: str) -> str:
+    """The guard's message: what, where, when, the likely cause of each, and what happens."""
+    lines = [f"non-finite values (NaN or inf) in {', '.join(names)} during {where} at RL step "
+             f"{rl_step}; {action}."]
+    lines += [f"  {n}: likely {CAUSES.get(n, 'an upstream non-finite value')}" for n in names]
+    lines.append("  Set model.init_args.on_nonfinite=skip to skip such steps instead of "
+                 "stopping (each skip is logged as guard/skipped_steps).")
+    return "\n".join(lines)
