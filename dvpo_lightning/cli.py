@@ -18,6 +18,7 @@ import sys
 from lightning.pytorch.cli import LightningCLI
 
 from dvpo_lightning.checkpointing import make_resumable
+from dvpo_lightning.checks import KeySuggestingParser, check_trainer_config
 from dvpo_lightning.loggers import AutoWandbLogger, LogConfigCallback
 
 DEFAULT_LOGGER = {"class_path": "dvpo_lightning.loggers.AutoWandbLogger"}
@@ -36,6 +37,12 @@ class DVPOCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a strategy / precision / accelerator this machine cannot run, before any
+        model is loaded."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_trainer_config(config["trainer"])
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -102,6 +109,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
+        parser_class=KeySuggestingParser,
         trainer_defaults={"logger": DEFAULT_LOGGER},
         save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},

@@ -247,7 +247,7 @@ def test_missing_field_lists_present_and_expected(tmp_path):
     rows = [scored(), {"prompt": "a", "reply": "b", "score": 1}]
     path = write_jsonl(tmp_path / "s.jsonl", rows, blank_after=(0,))
     err = raises([f"{path}, row 1 (line 3): field 'response' is missing",
-                  "this row has: prompt, score, reply",
+                  "this row has: prompt, reply, score",
                   "expects: prompt, response, score"], load_examples, path, "scored")
     assert err.field == "response"
 
@@ -256,8 +256,8 @@ def test_missing_field_lists_present_and_expected(tmp_path):
     "row, field, problem",
     [
         (scored(score="high"), "score", "must be a number, found str ('high')"),
-        # datasets 5.2 would decode this string to 4.5 (mixed-type column): caught when reading
-        (scored(score="4.5"), "score", "is the string '4.5'"),
+        # read as written (datasets 5.2 would decode it to 4.5; see test_mixed_types_...)
+        (scored(score="4.5"), "score", "must be a number, found str ('4.5')"),
         (scored(score=True), "score", "must be a number, found bool"),
         (scored(score=math.nan), "score", "must be finite"),
         (scored(response=" \n"), "response", "is empty or whitespace only"),
@@ -318,6 +318,16 @@ def test_messages_sft_errors():
            [{"prompt": "p", "response": "r", "completion": "c"}], "mem")
     assert re.search(r"row 0: field 'response' is missing", str(pytest.raises(
         DataFormatError, parse_rows, "sft", [{"prompt": "p"}], "mem").value))
+
+
+def test_values_are_read_as_written(tmp_path):
+    """datasets 5.2 rounds every float of a JSON file with a mixed-type field to 10 digits and
+    decodes strings that spell JSON; load_examples reads JSON itself, read_rows refuses."""
+    rows = [scored(score=0.38611822569657406, rating=5), scored(rating="N/A")]
+    path = write_jsonl(tmp_path / "s.jsonl", rows)
+    assert load_examples(path, "scored")[0]["score"] == 0.38611822569657406
+    quoted = write_jsonl(tmp_path / "q.jsonl", [scored(score=0), scored(score="4.5")])
+    raises([f"{quoted}, row 1 (line 2): field 'score' is the string '4.5'"], read_rows, quoted)
 
 
 def test_mixed_types_in_unused_fields_are_allowed(tmp_path):

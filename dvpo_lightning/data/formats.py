@@ -45,7 +45,7 @@ from typing import Any
 from datasets import Dataset
 
 from dvpo_lightning.data.errors import DataFormatError
-from dvpo_lightning.data.readers import read_rows_with_lines
+from dvpo_lightning.data.readers import read_records
 
 ROLES = ("system", "user", "assistant")
 _ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -85,6 +85,12 @@ class _Row:
         if not value.strip():
             raise self.error(field, "is empty or whitespace only",
                              "fill it in or remove the row")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone "\ud800" escape: no tokenizer can encode it
+            raise self.error(field, f"holds an unpaired surrogate ({value[e.start]!r} at "
+                             f"character {e.start}), which is not Unicode text",
+                             "fix the text's \\uXXXX escapes, or remove the row") from e
         return value
 
     def optional_str(self, field: str, value: Any = _MISSING) -> str | None:
@@ -117,7 +123,7 @@ class _Row:
                                  f"{_type_name(m)}", 'write {"role": ..., "content": ...}')
             if m.get("role") not in ROLES:
                 raise self.error(f"{field}[{j}].role", f"must be one of {', '.join(ROLES)}, "
-                                 f"found {m.get('role')!r}", "rename the role (e.g. human → "
+                                 f"found {_short(m.get('role'))}", "rename the role (e.g. human → "
                                  "user, gpt → assistant)")
             out.append({"role": m["role"], "content": self.text(f"{field}[{j}].content",
                                                                 m.get("content"))})
@@ -136,6 +142,11 @@ class _Row:
         raise self.error(field, f"must be a string or a list of messages, found "
                          f"{_type_name(value)}", 'write "..." or [{"role": "user", "content": '
                          '"..."}]')
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _type_name(value: Any) -> str:
@@ -381,14 +392,16 @@ def parse_rows(
     data = rows.to_list() if isinstance(rows, Dataset) else list(rows)
     if not data:
         raise DataFormatError(source, "has no rows (empty file)", "add at least one row")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataFormatError(source, f"must be an object, found {_type_name(row)}",
+                                  "make every row a dict", row=i, line=lines[i] if lines else None)
     if fmt == "auto":
         fmt = detect_format(kind, data[0])
     parse, expected = PARSERS[kind][fmt]
     out = []
     for i, row in enumerate(data):
         r = _Row(row, source, i, lines[i] if lines else None, fmt, expected)
-        if not isinstance(row, dict):
-            raise r.error(None, f"is a {_type_name(row)}, not an object", "make every row a dict")
         parsed = parse(r)
         row_id = row.get("id")
         if row_id is not None:
@@ -441,8 +454,8 @@ def load_examples(
         DataFormatError: for an unreadable file or any invalid row (file, row, line, field).
     """
     _check_kind_format(kind, format, str(path))  # fail before reading a large file
-    ds, lines = read_rows_with_lines(path, split)
-    return parse_rows(kind, ds, str(path), format, lines=lines)
+    rows, lines = read_records(path, split)
+    return parse_rows(kind, rows, str(path), format, lines=lines)
 
 
 def pairs_to_scored(

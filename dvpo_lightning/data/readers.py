@@ -12,6 +12,10 @@ JSON is checked with the ``json`` module before ``datasets`` sees it, so a malfo
 reported with its line number instead of as an Arrow error. Everything is loaded with
 ``keep_in_memory=True``; the JSON/Parquet builders cache in the ``datasets`` default cache,
 never beside the user's data.
+
+:func:`read_records` (what ``load_examples`` uses) returns plain dicts with the values as
+written, bypassing ``datasets`` for JSON and Parquet (see its docstring for what ``datasets``
+5.2 would change).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 from datasets.packaged_modules.json.json import JsonConfig
 
@@ -52,12 +58,7 @@ def read_rows_with_lines(
     The line numbers are ``None`` where rows do not map to lines (JSON arrays, Parquet,
     ``save_to_disk`` directories).
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataFormatError(
-            path, "no such file or directory", "check the path (relative paths are resolved "
-            f"from the working directory, {Path.cwd()})"
-        )
+    path = _check_path(path)
     if path.is_dir():
         return _read_saved(path, split), None
     _check_single_split(path, split)
@@ -65,15 +66,64 @@ def read_rows_with_lines(
     if suffix == ".parquet":
         return _load(path, "parquet"), None
     if suffix == ".jsonl":
-        lines, has_blank = _scan_json_lines(path)
+        _, lines, has_blank = _scan_json_lines(path, check_types=True)
         return _load_json_lines(path, has_blank), lines
-    if suffix == ".json":
-        lines, has_blank = _scan_json(path)
-        return (_load_json_lines(path, has_blank) if lines else _load(path, "json")), lines
-    raise DataFormatError(
-        path, f"unsupported file type '{path.suffix}'",
-        f"use one of: {', '.join(SUPPORTED)} (convert other formats with pandas or datasets)",
-    )
+    _, lines, has_blank = _scan_json(path, check_types=True)
+    return (_load_json_lines(path, has_blank) if lines else _load(path, "json")), lines
+
+
+def read_records(path: str | Path, split: str | None = None) -> tuple[list[dict], list[int] | None]:
+    """The rows of a data file as Python dicts, with the values written in it, plus the
+    1-based line number of each row for JSON lines files (else None).
+
+    JSON is parsed by the ``json`` module alone. ``datasets`` 5.2 changes values in a JSON file
+    whose fields mix types anywhere (even in unused columns): it re-reads the whole file with
+    ujson, which rounds every float to 10 significant digits, and it decodes strings that spell
+    JSON (``"4.5"`` becomes ``4.5``). Parquet files are typed and read by pyarrow;
+    ``save_to_disk`` directories by ``datasets``.
+
+    Raises:
+        DataFormatError: as :func:`read_rows`.
+    """
+    path = _check_path(path)
+    if path.is_dir():
+        return _read_saved(path, split).to_list(), None
+    _check_single_split(path, split)
+    if path.suffix.lower() == ".parquet":
+        return _read_parquet(path), None
+    values, lines, _ = (_scan_json_lines(path) if path.suffix.lower() == ".jsonl"
+                        else _scan_json(path))
+    return values, lines
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    """The rows of a Parquet file, read by pyarrow (``datasets`` fails on some valid files,
+    e.g. one with no rows)."""
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataFormatError(path, f"could not be read as Parquet ({type(e).__name__}: {e})",
+                              "check that the file is a complete Parquet file (re-export it)"
+                              ) from e
+    if not rows:
+        raise _empty(path)
+    return rows
+
+
+def _check_path(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(
+            path, "no such file or directory", "check the path (relative paths are resolved "
+            f"from the working directory, {Path.cwd()})"
+        )
+    if not path.is_dir() and path.suffix.lower() not in (".jsonl", ".json", ".parquet"):
+        raise DataFormatError(
+            path, f"unsupported file type '{path.suffix}'",
+            f"use one of: {', '.join(SUPPORTED)} (convert other formats with pandas or "
+            "datasets)",
+        )
+    return path
 
 
 def _check_single_split(path: Path, split: str | None) -> None:
@@ -121,13 +171,19 @@ def _load_json_lines(path: Path, has_blank: bool) -> Dataset:
             raise DataFormatError(path, e.problem, e.fix) from e
 
 
-def _scan_json_lines(path: Path) -> tuple[list[int], bool]:
-    """Check every line is a JSON object; return the line number of each row and whether
-    any empty lines were skipped."""
+def _scan_json_lines(path: Path, check_types: bool = False) -> tuple[list[dict], list[int], bool]:
+    """Check every line is a JSON object; return the rows, the line number of each row and
+    whether any empty lines were skipped. ``check_types``: refuse what ``datasets`` would
+    change (see :class:`_MixedTypes`)."""
+    values: list[dict] = []
     lines: list[int] = []
     has_blank = False
     types = _MixedTypes()
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise _unreadable(path, e) from e
+    with f:
         for n, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
@@ -139,6 +195,8 @@ def _scan_json_lines(path: Path) -> tuple[list[int], bool]:
                 continue
             try:
                 value = json.loads(text)
+            except RecursionError as e:
+                raise _too_deep(path, line=n) from e
             except json.JSONDecodeError as e:
                 raise DataFormatError(
                     path, f"not valid JSON ({e.msg} at column {e.colno})"
@@ -152,15 +210,18 @@ def _scan_json_lines(path: Path) -> tuple[list[int], bool]:
                     'write one object per line, e.g. {"prompt": "...", "response": "..."}',
                     line=n,
                 )
-            types.add(value, len(lines), n)
+            if check_types:
+                types.add(value, len(lines), n)
+            values.append(value)
             lines.append(n)
     if not lines:
         raise _empty(path)
     types.check(path)
-    return lines, has_blank
+    return values, lines, has_blank
 
 
-def _scan_json(path: Path) -> tuple[list[int] | None, bool]:
+def _scan_json(path: Path, check_types: bool = False
+               ) -> tuple[list[dict], list[int] | None, bool]:
     """Check a ``.json`` file: a JSON array of objects (returns no line numbers) or JSON lines
     (returns them, as :func:`_scan_json_lines`)."""
     try:
@@ -168,22 +229,30 @@ def _scan_json(path: Path) -> tuple[list[int] | None, bool]:
     except UnicodeDecodeError as e:
         raise DataFormatError(path, f"is not UTF-8 text ({e})",
                               "re-save the file with UTF-8 encoding") from e
+    except OSError as e:
+        raise _unreadable(path, e) from e
     if not text.lstrip().startswith("["):
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
-            return _scan_json_lines(path)  # JSON lines (or a malformed line, reported there)
+        except (json.JSONDecodeError, RecursionError):
+            # JSON lines (or a malformed line, reported there)
+            return _scan_json_lines(path, check_types)
         if isinstance(whole, dict) and text.strip().count("\n") > 0:
+            keys = ", ".join(map(str, whole))[:200] or "none"
             raise DataFormatError(
-                path, f"holds one JSON object (keys: {', '.join(map(str, whole)) or 'none'}), "
+                path, f"holds one JSON object (keys: {keys}), "
                 "not an array of rows",
                 "put the rows in a top-level JSON array, e.g. `jq '.data' in.json > out.json`, "
                 "or write them as JSON lines",
             )
-        return _scan_json_lines(path)
+        return _scan_json_lines(path, check_types)
     try:
         rows = json.loads(text)
+    except RecursionError as e:
+        raise _too_deep(path) from e
     except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON lines whose first line is an array
+            return _scan_json_lines(path, check_types)
         raise DataFormatError(path, f"not valid JSON ({e.msg} at column {e.colno})",
                               "fix the JSON syntax at that position", line=e.lineno) from e
     if not rows:
@@ -193,9 +262,10 @@ def _scan_json(path: Path) -> tuple[list[int] | None, bool]:
         if not isinstance(value, dict):
             raise DataFormatError(path, f"is a JSON {_json_type(value)}, not an object",
                                   "make every element of the top-level array an object", row=i)
-        types.add(value, i, None)
+        if check_types:
+            types.add(value, i, None)
     types.check(path)
-    return None, False
+    return rows, None, False
 
 
 _CHECKED_FIELDS = frozenset(
@@ -284,6 +354,18 @@ def _read_saved(path: Path, split: str | None) -> Dataset:
     if len(ds) == 0:
         raise _empty(path)
     return ds
+
+
+def _unreadable(path: Path, e: OSError) -> DataFormatError:
+    return DataFormatError(path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
+                           "check that you may read it (permissions, ownership) and that its "
+                           "drive is mounted")
+
+
+def _too_deep(path: Path, line: int | None = None) -> DataFormatError:
+    return DataFormatError(path, "nests JSON arrays or objects too deeply to parse",
+                           "flatten the structure (rows need at most a list of messages)",
+                           line=line)
 
 
 def _empty(path: Path) -> DataFormatError:

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from dvpo_lightning.data.base import ListDataset, TokenizedDataModule
 from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.data.formats import load_examples
-from dvpo_lightning.data.tokenize import encode_prompt
+from dvpo_lightning.data.tokenize import check_prompt_ids, encode_prompt
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -36,8 +36,10 @@ class EpochShuffleSampler(DistributedSampler):
         self.num_replicas, self.rank = world_size, rank
         global_batch = batch_size * world_size
         if n < global_batch:
-            raise ValueError(f"{n} prompts are fewer than one global batch ({batch_size} per "
-                             f"process × {world_size} processes); lower data.batch_size")
+            raise ValueError(f"one RL step takes data.batch_size × processes = {batch_size} × "
+                             f"{world_size} = {global_batch} prompts, but the prompt file has "
+                             f"only {n}. Fix: lower data.batch_size to at most "
+                             f"{max(1, n // world_size)}, or add prompts")
         self.epoch_length = (n - n % global_batch) // world_size  # indices per process
         self.epoch, self.position = 0, 0
 
@@ -68,6 +70,37 @@ class EpochShuffleSampler(DistributedSampler):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def check_rollout_batch(batch_size: int, group_size: int, estimator_group_size: int,
+                        mini_batch_size: int | None = None) -> None:
+    """Raise unless the prompt batch, the groups and the mini-batches fit together.
+
+    One RL step samples ``group_size`` responses for each of ``batch_size`` prompts, so the
+    rollout batch is ``batch_size · group_size`` responses in whole groups. The estimator
+    must expect groups of that size, and PPO mini-batches must split the rollout batch evenly.
+
+    Args:
+        batch_size: ``data.batch_size`` (prompts per step and process).
+        group_size: ``data.group_size`` (responses per prompt).
+        estimator_group_size: the advantage estimator's ``group_size``.
+        mini_batch_size: ``model.mini_batch_size`` (responses); None is the whole batch.
+    """
+    for name, value in (("data.batch_size", batch_size), ("data.group_size", group_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}. Fix: set {name} to a "
+                             "positive integer")
+    if group_size != estimator_group_size:
+        raise ValueError(f"data.group_size ({group_size}) must equal the estimator's group_size "
+                         f"({estimator_group_size}): each prompt's responses form one group. "
+                         f"Fix: set --data.init_args.group_size={estimator_group_size}")
+    rollout = batch_size * group_size
+    if mini_batch_size is not None and (mini_batch_size < 1 or rollout % mini_batch_size):
+        fits = [d for d in range(1, rollout + 1) if rollout % d == 0]
+        raise ValueError(f"the rollout batch ({rollout} responses = data.batch_size {batch_size} "
+                         f"× group_size {group_size}) must be a multiple of "
+                         f"model.mini_batch_size ({mini_batch_size}). Fix: set "
+                         f"model.mini_batch_size to one of {fits}, or change data.batch_size")
 
 
 class RolloutDataModule(TokenizedDataModule):
@@ -108,6 +141,7 @@ class RolloutDataModule(TokenizedDataModule):
         out = []
         for i, r in enumerate(rows):
             ids = encode_prompt(self.tokenizer, r["prompt"], self.chat_template)
+            check_prompt_ids(ids, path, i)
             report.total += 1
             if len(ids) > self.max_length:
                 report.truncated += 1
@@ -118,13 +152,24 @@ class RolloutDataModule(TokenizedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
+        trainer = getattr(self, "trainer", None)
+        self._check_module(getattr(trainer, "lightning_module", None) if trainer else None)
         self.train_set = ListDataset(self._encode(self.train_path))
         self.val_set = ListDataset(self._encode(self.eval_path, self.max_eval_prompts))
-        trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         self.sampler = EpochShuffleSampler(len(self.train_set), self.seed, self.shuffle,
                                            self.batch_size, world, rank)
         self.log_reports()
+
+    def _check_module(self, module) -> None:
+        """Check the batch against the RL module's estimator before reading any prompts
+        (the module's own ``setup`` runs after this one)."""
+        estimator = getattr(module, "estimator", None)
+        if estimator is None:
+            return
+        hparams = getattr(module, "hparams", {})
+        check_rollout_batch(self.batch_size, self.group_size,
+                            getattr(estimator, "group_size", 1), hparams.get("mini_batch_size"))
 
     def collate(self, items: list[tuple[list[int], object]], group_size: int) -> dict:
         """``group_size`` copies of each prompt, adjacent, with ``group_ids``."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
+from dvpo_lightning.data.errors import DataFormatError
+
 LENGTH_POLICIES = ("truncate", "drop", "error")
 
 
@@ -59,13 +61,25 @@ class LengthReport:
                 f"(length_policy={self.policy!r})")
 
 
+def check_prompt_ids(prompt_ids: list[int], source: str, row: int) -> None:
+    """Raise unless the prompt has a token: the shared layout reads ``u_0`` and the first
+    response token's logits at the last prompt token (a text the tokenizer normalises away,
+    e.g. only zero-width characters, would leave a padding token there)."""
+    if not prompt_ids:
+        raise DataFormatError(source, "encodes to no tokens with this tokenizer",
+                              "remove the row, or give it a prompt with visible text",
+                              row=row, field="prompt")
+
+
 def fit_length(prompt_ids: list[int], response_ids: list[int], max_length: int, policy: str,
                report: LengthReport, row: int) -> tuple[list[int], list[int]] | None:
     """Apply the length policy to one ``prompt + response``; None means the row is dropped.
 
     ``truncate`` keeps the prompt and cuts the response's tail (the last kept token is then not
     EOS); a prompt longer than the limit on its own keeps its last tokens and one response token.
+    An empty prompt raises (:func:`check_prompt_ids`).
     """
+    check_prompt_ids(prompt_ids, report.source, row)
     report.total += 1
     if len(prompt_ids) + len(response_ids) <= max_length:
         return prompt_ids, response_ids
@@ -88,4 +102,5 @@ def fit_length(prompt_ids: list[int], response_ids: list[int], max_length: int, 
 
 def check_length_policy(policy: str) -> None:
     if policy not in LENGTH_POLICIES:
-        raise ValueError(f"length_policy={policy!r} is not one of {LENGTH_POLICIES}")
+        raise ValueError(f"length_policy={policy!r} is not one of {LENGTH_POLICIES}. Fix: set "
+                         "data.length_policy to one of those")

@@ -23,6 +23,7 @@ from dvpo_lightning.checkpointing import (
     rng_states,
     set_rng_states,
 )
+from dvpo_lightning.data.rollout import check_rollout_batch
 from dvpo_lightning.distributed import all_reduce_sum, global_whiten, loss_counts
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
 from dvpo_lightning.guards import KLBoundError, NonFiniteError, nonfinite_message, nonfinite_names
@@ -30,6 +31,7 @@ from dvpo_lightning.kl import AdaptiveKLController, FixedKLController, kl_estima
 from dvpo_lightning.loggers import log_table
 from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
 from dvpo_lightning.masked import masked_mean
+from dvpo_lightning.models.compat import check_compatible, check_fits_context
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
 from dvpo_lightning.models.value_model import ValueModel, freeze
 from dvpo_lightning.modules.export import export_atomic
@@ -140,6 +142,14 @@ class DVPOModule(L.LightningModule):
         needs = estimator.needs
         self._check_args(needs)
         self.tokenizer = load_tokenizer(tokenizer or policy)
+        for role, path in (  # vocabularies must agree; checked on files, before any weights
+                ("policy", policy), ("reference", reference),
+                ("gvm", value_model if Need.GVM_VALUES in needs else None),
+                ("reward_model", reward_model if Need.SCORES in needs
+                 or Need.GREEDY_BASELINE in needs else None),
+                ("critic", critic_init if Need.CRITIC_VALUES in needs else None)):
+            if path:
+                check_compatible(self.tokenizer, path, role)
         self.sampling = SamplingConfig(max_new_tokens, temperature or 1.0, top_p, top_k,
                                        greedy=temperature == 0)
         self.generator = HFGenerator(self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
@@ -200,17 +210,12 @@ class DVPOModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        g = getattr(dm, "group_size", 1)
-        if g != self.estimator.group_size:
-            raise ValueError(
-                f"data.group_size ({g}) must equal the estimator's group_size "
-                f"({self.estimator.group_size}); set --data.init_args.group_size="
-                f"{self.estimator.group_size}")
-        b = getattr(dm, "batch_size", 1) * g
-        mb = self.hparams.mini_batch_size or b
-        if b % mb:
-            raise ValueError(f"the rollout batch ({b} responses = data.batch_size × group_size)"
-                             f" must be a multiple of model.mini_batch_size ({mb})")
+        check_rollout_batch(getattr(dm, "batch_size", 1), getattr(dm, "group_size", 1),
+                            self.estimator.group_size, self.hparams.mini_batch_size)
+        longest = getattr(dm, "max_length", 0) + self.hparams.max_new_tokens
+        for part in (*self.trained.values(), *self.frozen.values()):
+            check_fits_context(longest, getattr(part, "backbone", part).config,
+                               "data.max_prompt_length + model.max_new_tokens")
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()

@@ -8,6 +8,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from dvpo_lightning.data.collate import join
+from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, position_ids_from_mask
 from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw, warmup_cosine
@@ -46,6 +47,11 @@ class SFTModule(L.LightningModule):
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer or backbone)
         self.model = load_causal_lm(backbone, self.tokenizer, dtype)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "max_length"):
+            check_fits_context(dm.max_length, self.model.config, "data.max_length")
 
     def forward(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Mean response-token NLL and the number of response tokens."""

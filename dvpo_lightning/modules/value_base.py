@@ -13,6 +13,7 @@ from torch import Tensor
 from dvpo_lightning.data.collate import join, response_slice
 from dvpo_lightning.loggers import log_table
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
+from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.value_model import ValueModel
 from dvpo_lightning.modules.export import export_atomic
@@ -43,6 +44,11 @@ class ValueHeadModule(L.LightningModule):
         self.val_acc = PairAccuracy()
         self.last_accuracy: dict[str, float] = {}
         self.last_val_pairs = 0
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "max_length"):
+            check_fits_context(dm.max_length, self.model.backbone.config, "data.max_length")
 
     def response_values(self, batch: dict) -> Tensor:
         """``u_0 … u_T``: ``(B, T + 1)`` head outputs from the last prompt token on."""

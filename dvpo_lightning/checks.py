@@ -1,0 +1,230 @@
+"""Checks on a run's settings that can fail before any model is loaded.
+
+- :func:`check_strategy`: a DeepSpeed stage and a precision the hardware can run. Pure: the
+  hardware facts are arguments, so every case is testable on CPU.
+- :func:`suggest_key`, :func:`add_key_suggestions` and :class:`KeySuggestingParser`: an
+  unknown config key gets "did you mean ...?" with the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+ZERO_STAGES = (0, 1, 2, 3)
+CPU_TEST_STRATEGY = "cpu_deepspeed"  # tests/cpu_deepspeed.py: DeepSpeed over gloo, tests only
+_HALF = ("16-mixed", "bf16-mixed", "16-true", "bf16-true")
+_PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true",
+                      "half": "16-true", "double": "64-true"}
+
+
+# --- strategy and precision vs hardware ----------------------------------------------------
+
+
+def _deepspeed_stage(strategy: Any) -> tuple[bool, Any, bool]:
+    """(is DeepSpeed, its ZeRO stage or None if unknown, is the CPU test strategy)."""
+    if isinstance(strategy, str):
+        name = strategy.lower()
+        if not name.startswith("deepspeed"):
+            return False, None, name == CPU_TEST_STRATEGY
+        m = re.match(r"deepspeed_stage_(\d+)", name)
+        return True, int(m.group(1)) if m else 2, False  # Lightning's "deepspeed" is stage 2
+    if isinstance(strategy, Mapping):  # {class_path, init_args} from a config
+        cls = str(strategy.get("class_path", ""))
+        args = strategy.get("init_args") or {}
+        if "DeepSpeed" not in cls.rsplit(".", 1)[-1]:
+            return False, None, False
+        return True, args.get("stage", 2), cls.endswith("CPUDeepSpeedStrategy")
+    cfg = getattr(strategy, "config", None)
+    if type(strategy).__name__.endswith("DeepSpeedStrategy") and isinstance(cfg, Mapping):
+        zero = cfg.get("zero_optimization") or {}
+        return (True, zero.get("stage", 0),
+                getattr(strategy, "strategy_name", "") == CPU_TEST_STRATEGY)
+    return False, None, getattr(strategy, "strategy_name", "") == CPU_TEST_STRATEGY
+
+
+def normalize_precision(precision: str | int | None) -> str:
+    """Lightning's precision flag in its long form: ``16`` → ``"16-mixed"``, None →
+    ``"32-true"``."""
+    if precision is None:
+        return "32-true"
+    text = str(precision)
+    return _PRECISION_ALIASES.get(text, text)
+
+
+def check_strategy(strategy: Any, precision: str | int | None, accelerator: str | None,
+                   cuda_available: bool, bf16_supported: bool) -> None:
+    """Refuse a strategy / precision / accelerator the hardware cannot run, before loading.
+
+    Args:
+        strategy: ``trainer.strategy``: a name (``"auto"``, ``"ddp"``,
+            ``"deepspeed_stage_3"``), a ``{class_path, init_args}`` mapping, or a strategy
+            object.
+        precision: ``trainer.precision`` (``"bf16-mixed"``, ``16``, ``"32-true"``, None).
+        accelerator: ``trainer.accelerator`` (``"cpu"``, ``"gpu"``, ``"cuda"``, ``"auto"``,
+            None).
+        cuda_available: ``torch.cuda.is_available()``.
+        bf16_supported: ``torch.cuda.is_bf16_supported()`` (False without CUDA).
+
+    Raises:
+        ValueError: naming the rule, the values and the fix. Lightning itself would either
+            fail later (after the models are loaded) or silently change the precision
+            (``16-mixed`` becomes ``bf16-mixed`` on CPU).
+    """
+    prec = normalize_precision(precision)
+    acc = (accelerator or "auto").lower()
+    on_gpu = acc in ("gpu", "cuda") or (acc == "auto" and cuda_available)
+    if acc in ("gpu", "cuda") and not cuda_available:
+        raise ValueError(f"trainer.accelerator={accelerator!r} needs a CUDA GPU, and none is "
+                         "visible (torch.cuda.is_available() is False). Fix: set "
+                         "trainer.accelerator=cpu, or run where a GPU is visible "
+                         "(check CUDA_VISIBLE_DEVICES)")
+    is_ds, stage, cpu_test = _deepspeed_stage(strategy)
+    if is_ds and stage not in ZERO_STAGES:
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} does not exist; the stages are "
+                         f"{', '.join(map(str, ZERO_STAGES))}. Fix: use strategy "
+                         "deepspeed_stage_1, deepspeed_stage_2 or deepspeed_stage_3")
+    if cpu_test:
+        if prec != "32-true":
+            raise ValueError(f"the CPU DeepSpeed test strategy runs only precision 32-true, got "
+                             f"trainer.precision={precision!r}. Fix: set trainer.precision=32-true")
+        return
+    if is_ds and not on_gpu:
+        raise ValueError(f"DeepSpeed (ZeRO stage {stage}) needs a CUDA GPU, but the run is on CPU "
+                         f"(trainer.accelerator={accelerator!r}, CUDA available: "
+                         f"{cuda_available}). Fix: set trainer.strategy=auto (or ddp) on CPU, or "
+                         "run on GPUs")
+    if prec not in ("32-true", "64-true", *_HALF):
+        return  # e.g. transformer-engine: Lightning checks those itself
+    if on_gpu and prec.startswith("bf16") and not bf16_supported:
+        raise ValueError(f"trainer.precision={precision!r} needs a GPU with bfloat16 support "
+                         "(Ampere or newer), and this one has none. Fix: set "
+                         "trainer.precision=16-mixed (or 32-true)")
+    if not on_gpu and prec in ("16-mixed", "16-true"):
+        raise ValueError(f"trainer.precision={precision!r} (float16) does not run on CPU; "
+                         "Lightning would silently switch to bf16-mixed. Fix: set "
+                         "trainer.precision=bf16-mixed or 32-true on CPU")
+
+
+def check_trainer_config(trainer: Any) -> None:
+    """:func:`check_strategy` on a parsed ``trainer`` config section (a mapping or a
+    jsonargparse ``Namespace``), with this machine's hardware facts: what the CLI calls before
+    it instantiates anything."""
+    import torch
+
+    if hasattr(trainer, "as_dict"):
+        trainer = trainer.as_dict()
+    cuda = torch.cuda.is_available()
+    check_strategy(trainer.get("strategy", "auto"), trainer.get("precision"),
+                   trainer.get("accelerator", "auto"), cuda,
+                   cuda and torch.cuda.is_bf16_supported())
+
+
+# --- unknown config keys -------------------------------------------------------------------
+
+
+def suggest_key(bad: str, valid: Iterable[str]) -> str | None:
+    """The valid key closest to ``bad`` (difflib), or None when none is close.
+
+    Dotted keys are compared under the same parent first (``trainer.max_stepz`` →
+    ``trainer.max_steps``, not ``data.max_length``); ``-`` and ``_`` are treated alike.
+    """
+    valid = list(dict.fromkeys(valid))
+    norm = {v.replace("-", "_").lower(): v for v in valid}
+    key = bad.replace("-", "_").lower()
+    if key in norm:
+        return norm[key]
+    if "." in key:
+        parent, leaf = key.rsplit(".", 1)
+        siblings = {k.rsplit(".", 1)[1]: v for k, v in norm.items()
+                    if "." in k and k.rsplit(".", 1)[0] == parent}
+        hit = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+        if hit:
+            return siblings[hit[0]]
+    hit = difflib.get_close_matches(key, list(norm), n=1, cutoff=0.6)
+    return norm[hit[0]] if hit else None
+
+
+def init_arg_names(class_path: str) -> list[str]:
+    """The keyword arguments of ``class_path``'s ``__init__`` ([] if it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    return [p.name for p in params if p.name != "self"
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def parser_keys(parser: Any) -> list[str]:
+    """Every option a (jsonargparse) parser accepts, without the leading dashes."""
+    keys = []
+    for action in getattr(parser, "_actions", []):
+        keys += [s.lstrip("-") for s in action.option_strings if s.startswith("--")]
+    return keys
+
+
+_HINT = "did you mean"
+_CLASS_OPTION = re.compile(r"class_path '(?P<cls>[\w.]+)'|Option '(?P<opt>[^']+)' is not "
+                           r"accepted(?! before)")
+_PARSER_OPTION = [
+    re.compile(r"unrecognized arguments: (?P<args>.+)"),
+    re.compile(r"Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"Subcommand '[^']+' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"Option '(?P<key>[^']+)' is not accepted before subcommand"),
+]
+
+
+def _hint(bad: str, valid: list[str], where: str) -> str:
+    best = suggest_key(bad, valid)
+    if best is not None:
+        return f"unknown key '{bad}' {where}: {_HINT} '{best}'?"
+    shown = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
+    return f"unknown key '{bad}' {where}; the valid keys are: {shown}"
+
+
+def add_key_suggestions(message: str, parser: Any = None) -> str:
+    """``message`` (a jsonargparse error) plus one "did you mean" line per unknown key.
+
+    Handles the three shapes jsonargparse 4 prints: ``Option 'k' is not accepted`` under
+    ``class_path 'pkg.Class'`` (valid keys: ``Class.__init__``'s arguments),
+    ``unrecognized arguments: --a.b 1`` and ``... does not accept option 'a.b'`` (valid keys:
+    ``parser``'s options). A message that already has hints is returned unchanged.
+    """
+    if _HINT in message or "the valid keys are" in message:
+        return message
+    hints: list[str] = []
+    cls = None
+    for m in _CLASS_OPTION.finditer(message):
+        if m.group("cls"):
+            cls = m.group("cls")
+        elif cls is not None:
+            names = init_arg_names(cls)
+            if names:
+                hints.append(_hint(m.group("opt"), names, f"for {cls.rsplit('.', 1)[-1]}"))
+    valid = parser_keys(parser) if parser is not None else []
+    if valid:
+        for pattern in _PARSER_OPTION:
+            for m in pattern.finditer(message):
+                bads = ([a.split("=", 1)[0].lstrip("-") for a in m.group("args").split()
+                         if a.startswith("--")] if "args" in pattern.groupindex
+                        else [".".join(m.group(g) for g in ("group", "key")
+                                      if g in pattern.groupindex)])
+                hints += [_hint(b, valid, "in the config") for b in bads]
+    hints = list(dict.fromkeys(hints))
+    return "\n".join([message, *hints]) if hints else message
+
+
+class KeySuggestingParser(LightningArgumentParser):
+    """LightningCLI's parser, with "did you mean ...?" added to unknown-key errors."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        return super().error(add_key_suggestions(message, parser), ex)
