@@ -89,7 +89,9 @@ def make_resumable(trainer) -> None:
       brought its own checkpoint IO (DeepSpeed writes its own directories);
     - ``ModelCheckpoint`` without a ``dirpath`` writes to ``<default_root_dir>/checkpoints``
       (not under a logger's per-run version, which a new run would not find) and keeps
-      ``last.ckpt``, so ``--ckpt_path last`` resumes;
+      ``last.ckpt``, so ``--ckpt_path last`` resumes; with an integer ``val_check_interval``
+      it saves after every validation (Lightning would save only at the epoch's end when the
+      interval is 1);
     - SIGTERM writes ``last.ckpt`` before the run stops (:class:`SaveOnSigterm`).
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -105,6 +107,11 @@ def make_resumable(trainer) -> None:
                 cb.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
             if cb.save_last is None:
                 cb.save_last = True
+            # Lightning reads an integer val_check_interval of 1 (validate after every batch)
+            # as "once per epoch" and would then save only at the epoch's end
+            if (cb._save_on_train_epoch_end is None and isinstance(trainer.val_check_interval, int)
+                    and trainer.limit_val_batches != 0):
+                cb._save_on_train_epoch_end = False
     if trainer.checkpoint_callback is not None and not any(
             isinstance(cb, SaveOnSigterm) for cb in trainer.callbacks):
         trainer.callbacks.append(SaveOnSigterm())

@@ -17,6 +17,9 @@ CAUSES = {
     "baseline_scores": "the reward model's scores of the greedy baseline (see scores)",
     "values": "the value model's outputs (GVM or critic): check its weights and precision; "
               "a critic can diverge with a high learning rate (lower critic_lr)",
+    "logits": "the policy's logits are NaN / inf, so no token can be sampled: lower the "
+              "learning rate, train in bf16 or fp32 instead of fp16, or check the starting "
+              "checkpoint",
     "logp_old": "the policy's logits overflowed: lower the learning rate, train in bf16 or "
                 "fp32 instead of fp16, or check the starting checkpoint",
     "logp_ref": "the reference policy's logits overflowed: check the reference checkpoint "

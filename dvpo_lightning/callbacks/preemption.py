@@ -11,7 +11,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class SaveOnSigterm(L.Callback):
-    """On SIGTERM, finish the current step, write ``last.ckpt``, then let Lightning stop.
+    """On SIGTERM, finish the current step (and its validation, if one is due), write
+    ``last.ckpt``, then let Lightning stop.
 
     Lightning's signal handler marks the trainer (``trainer.received_sigterm``) and raises at
     the end of the step in progress; this callback writes the checkpoint just before that,
@@ -33,10 +34,19 @@ class SaveOnSigterm(L.Callback):
                 return Path(cb.dirpath) / self.filename
         return Path(trainer.default_root_dir) / "checkpoints" / self.filename
 
+    def _save(self, trainer: L.Trainer) -> None:
+        path = self._path(trainer)
+        trainer.save_checkpoint(str(path))  # collective under DeepSpeed / FSDP
+        self.saved = str(path)
+        rank_zero_info(f"SIGTERM: checkpoint of step {trainer.global_step} written to "
+                       f"{path}; resume with --ckpt_path last")
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.received_sigterm and self.saved is None:
-            path = self._path(trainer)
-            trainer.save_checkpoint(str(path))  # collective under DeepSpeed / FSDP
-            self.saved = str(path)
-            rank_zero_info(f"SIGTERM: checkpoint of step {trainer.global_step} written to "
-                           f"{path}; resume with --ckpt_path last")
+            self._save(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        # A validation due at this step runs after on_train_batch_end and before Lightning
+        # stops: save again so the checkpoint holds its results (and the RNG after it).
+        if trainer.received_sigterm and not trainer.sanity_checking:
+            self._save(trainer)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from dvpo_lightning.data.sampler import EpochShuffleSampler
 from dvpo_lightning.data.tokenize import LengthReport, check_length_policy
 from dvpo_lightning.models.loading import load_tokenizer
 
@@ -38,7 +39,7 @@ class TokenizedDataModule(L.LightningDataModule):
         length_policy: what to do with longer rows: ``truncate``, ``drop`` or ``error``.
         chat_template: apply the tokenizer's chat template to prompts when it has one.
         num_workers: DataLoader workers.
-        seed: seed of the shuffling order (the Trainer's sampler) and of any data sampling.
+        seed: seed of the training order (``EpochShuffleSampler``) and of any data sampling.
     """
 
     def __init__(self, tokenizer: str, batch_size: int = 32, val_batch_size: int | None = None,
@@ -60,6 +61,8 @@ class TokenizedDataModule(L.LightningDataModule):
         self.length_reports: list[LengthReport] = []
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.train_sampler: EpochShuffleSampler | None = None
+        self._sampler_state: dict | None = None  # restored before the sampler exists
 
     @property
     def tokenizer(self):
@@ -78,5 +81,27 @@ class TokenizedDataModule(L.LightningDataModule):
                 log.warning("%s (first rows: %s)", r.summary(), r.examples)
 
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, collate: Callable) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.num_workers, drop_last=False)
+        """Training (``shuffle``): a resumable :class:`EpochShuffleSampler` — whole batches,
+        its epoch and position in the checkpoint. Evaluation: every row, in order."""
+        if not shuffle:
+            return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                              num_workers=self.num_workers, drop_last=False)
+        if self.train_sampler is None:
+            trainer = getattr(self, "trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+            self.train_sampler = EpochShuffleSampler(len(ds), self.seed, True, batch_size,
+                                                     world, rank)
+            if self._sampler_state is not None:
+                self.train_sampler.load_state_dict(self._sampler_state)
+        return DataLoader(ds, batch_size=batch_size, sampler=self.train_sampler,
+                          collate_fn=collate, num_workers=self.num_workers, drop_last=True)
+
+    def state_dict(self) -> dict:
+        """The training order's position (what a resumed run continues from)."""
+        return {"sampler": self.train_sampler.state_dict()} if self.train_sampler else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "sampler" in state:
+            self._sampler_state = state["sampler"]
+            if self.train_sampler is not None:
+                self.train_sampler.load_state_dict(state["sampler"])

@@ -268,7 +268,13 @@ class DVPOModule(L.LightningModule):
     # ------------------------------------------------------------------ update
     def training_step(self, batch: dict, batch_idx: int) -> None:
         t_start = time.perf_counter()
-        exp, info = self.make_experience(batch)
+        try:
+            exp, info = self.make_experience(batch)
+        except RuntimeError as e:  # sampling from NaN / inf logits fails inside generate
+            if "probability tensor contains" not in str(e):
+                raise
+            self._guard("generation", {"logits": torch.tensor(float("nan"))})
+            return self._skip_step()
         mask = exp.response_mask
         values_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
         if self._guard("the rollout", {
