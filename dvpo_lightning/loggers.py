@@ -153,3 +153,24 @@ def log_table(trainer: Trainer, key: str, columns: list[str], rows: list[list]) 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_table(key=key, columns=columns, data=rows)
+
+
+def has_wandb(trainer: Trainer) -> bool:
+    """Whether any of the trainer's loggers is a W&B logger."""
+    return any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+
+
+def log_files(trainer: Trainer, files: dict[str, str | Path]) -> None:
+    """Log pictures to every W&B logger: ``.png`` as images, ``.html`` as HTML panels."""
+    import wandb
+
+    payload = {}
+    for key, path in files.items():
+        path = Path(path)
+        if path.suffix == ".png":
+            payload[key] = wandb.Image(str(path))
+        elif path.suffix == ".html":
+            payload[key] = wandb.Html(path.read_text())
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and payload:
+            logger.experiment.log(payload)

@@ -137,8 +137,10 @@ def run_pipeline(config: str = "configs/pipeline.yaml", force: bool = False,
             ``runs_dir`` (method runs go to ``<runs_dir>/<method>/seed<s>``), ``common_args``
             (overrides for every method run), ``report`` (arguments of
             :func:`~dvpo_lightning.report.build.build_report`; null skips it).
-        force: recompute every stage even when its artifact matches.
-        only: run just these stage or method names (the others must already exist).
+        force: recompute every stage even when its artifact matches (with ``only``: the
+            stages named there).
+        only: run just these stage or method names (the others must already exist); ``data``
+            names the data step.
         in_process: run the stages in this process instead of one subprocess each (tests).
         skip_report: do not build the report.
 
@@ -154,7 +156,8 @@ def run_pipeline(config: str = "configs/pipeline.yaml", force: bool = False,
         stamp = Path(data_out) / STAMP
         h = _digest(Path(data_cfg).read_text())
         t0 = time.time()
-        if force or not stamp.exists() or json.loads(stamp.read_text())["hash"] != h:
+        forced = force and (not only or "data" in only)  # --only limits --force too
+        if forced or not stamp.exists() or json.loads(stamp.read_text())["hash"] != h:
             print(f"[pipeline] data: generating {data_out}", flush=True)
             if in_process:
                 from dvpo_lightning.cli import data_main

@@ -1,9 +1,9 @@
 """W&B sweep files: validation, trial expansion (grid, random) and the agent's argument list.
 
 The same YAML drives ``wandb sweep`` + ``wandb agent`` and the local runner
-(``dvpo_lightning/sweep.py``). The checks follow W&B's sweep schema
-(``wandb/sweeps``: ``sweeps/config/schema.json``) for what the local runner supports; that
-package is not a dependency (it pins ``numpy<2`` and pulls scipy and scikit-learn).
+(``dvpo_lightning/sweep.py``). Hand-written checks give tailored messages for what the
+local runner supports; then the file is checked against W&B's own schema
+(``sweeps/config/schema.json``, see :mod:`dvpo_lightning.sweep_schema`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from dvpo_lightning.sweep_schema import schema_violations
 
 TOP_LEVEL_KEYS = {"apiVersion", "kind", "controller", "description", "program", "job",
                   "image_uri", "entity", "project", "method", "command", "name", "run_cap",
@@ -174,6 +176,12 @@ def validate_sweep(spec: Any, source: str = "sweep") -> None:
                                    f"the local runner; supported: {list(MACROS)}")
         if "program" in macros and not spec.get("program"):
             raise SweepConfigError(f"{source}: command uses ${{program}} but program is not set")
+    violations = schema_violations(spec)
+    if violations:
+        raise SweepConfigError(
+            f"{source}: does not follow W&B's sweep schema (sweeps/config/schema.json): "
+            + "; ".join(violations) + ". Fix the key(s) named (W&B's sweep configuration "
+            "reference: https://docs.wandb.ai/guides/sweeps/sweep-config-keys)")
 
 
 def agent_args(parameters: dict[str, Any]) -> list[str]:

@@ -9,3 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+# W&B's sweep schema (sweeps/config/schema.json): the package pins numpy<2 and pulls scipy and
+# scikit-learn, which nothing here needs; only its schema file is read (sweep_schema.py).
+.venv/bin/python -m pip install -q --no-deps "sweeps==0.3.0"

@@ -212,6 +212,25 @@ def test_sweeps_the_runner_cannot_expand(edit, named):
         expand_trials(spec)
 
 
+def test_wandb_schema_is_installed_and_checks_what_the_runner_does_not():
+    """W&B's published schema (``sweeps`` package, installed by setup.sh without its numpy<2
+    pin) catches what the hand-written checks leave alone, naming the key."""
+    from dvpo_lightning.sweep_schema import schema_violations, wandb_schema_path
+
+    assert wandb_schema_path() is not None, "scripts/setup.sh installs sweeps --no-deps"
+    for f in SWEEPS:
+        assert schema_violations(yaml.safe_load(f.read_text())) == [], f
+    bad = {**VALID, "early_terminate": {"type": "hyperbandd", "min_iter": 3}}
+    with pytest.raises(SweepConfigError) as err:
+        validate_sweep(bad, source="bad.yaml")
+    msg = str(err.value)
+    assert "bad.yaml: does not follow W&B's sweep schema" in msg and "early_terminate" in msg
+    bad = {**VALID, "parameters": {"model.init_args.kl_coef": {"values": [0.1]},
+                                   "1bad name": {"value": 1}}}
+    with pytest.raises(SweepConfigError, match="parameters"):
+        validate_sweep(bad, source="bad.yaml")
+
+
 def test_invalid_sweep_file_is_a_cli_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_edit("metric/goal", "up")))

@@ -131,3 +131,28 @@ def test_pair_accuracy_table_reaches_the_wandb_run(task_data, tokenizer_dir, tmp
     assert len(rows) == 1 and rows[0]["eval/pair_accuracy/_type"] == "table-file"
     assert rows[0]["eval/pair_accuracy/nrows"] == len(module.last_accuracy) == 8
     assert rows[0]["eval/pair_accuracy/ncols"] == 2
+    # and the token-value picture of the first held-out pairs (PNG and HTML)
+    types = {k: v for r in read_offline_run(run_dir)["history"] for k, v in r.items()
+             if k.endswith("/_type")}
+    assert types["eval/token_values/_type"] == "image-file"
+    assert types["eval/token_values_html/_type"] == "html-file"
+
+
+def test_rl_learning_curves_reach_the_wandb_run(artifacts, task_data, tmp_path):
+    """An RL fit logs its evaluation history as a table and its learning curves as a picture."""
+    from test_rl_training import make_cli
+
+    logger = '{"class_path": "dvpo_lightning.loggers.AutoWandbLogger", "init_args": ' \
+             '{"offline": true}}'
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, f"--trainer.logger={logger}",
+                      rl_steps=2)
+    try:
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    types = {k: v for r in read_offline_run(run_dir)["history"] for k, v in r.items()
+             if k.endswith("/_type")}
+    assert types["eval/learning_curves/_type"] == "image-file"
+    assert types["eval/history/_type"] == "table-file"

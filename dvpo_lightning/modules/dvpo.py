@@ -28,7 +28,7 @@ from dvpo_lightning.distributed import all_reduce_sum, global_whiten, loss_count
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
 from dvpo_lightning.guards import KLBoundError, NonFiniteError, nonfinite_message, nonfinite_names
 from dvpo_lightning.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from dvpo_lightning.loggers import log_table
+from dvpo_lightning.loggers import has_wandb, log_files, log_table
 from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
 from dvpo_lightning.masked import masked_mean
 from dvpo_lightning.models.compat import check_compatible, check_fits_context
@@ -559,6 +559,13 @@ class DVPOModule(L.LightningModule):
             columns = list(self.history[-1])
             log_table(self.trainer, "eval/history", columns,
                       [[h.get(c) for c in columns] for h in self.history])
+            if has_wandb(self.trainer):  # this run's learning curves as a picture
+                from dvpo_lightning.report.plots import plot_learning_curves
+                from dvpo_lightning.report.runs import Run
+
+                png = plot_learning_curves([Run(summary["estimator"], 0, "", summary)],
+                                           out / "learning_curves.png")
+                log_files(self.trainer, {"eval/learning_curves": png})
         out.mkdir(parents=True, exist_ok=True)
         (out / self.hparams.summary_file).write_text(json.dumps(summary, indent=2, default=str))
         if summary["final_eval"]:

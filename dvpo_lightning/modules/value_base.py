@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from dvpo_lightning.data.collate import join, response_slice
-from dvpo_lightning.loggers import log_table
+from dvpo_lightning.loggers import has_wandb, log_files, log_table
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
 from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_tokenizer
@@ -72,6 +72,23 @@ class ValueHeadModule(L.LightningModule):
         for k, v in acc.items():
             self.log(f"val/pair_acc/{k}", v, prog_bar=k == self.main_aggregation)
 
+    def _log_token_values(self, log_dir: Path, n_pairs: int = 4) -> None:
+        """The token-value picture of the first held-out pairs (Figure 3 analog) to W&B."""
+        from dvpo_lightning.explain import file_examples
+        from dvpo_lightning.report import token_values as tv
+
+        val_path = getattr(self.trainer.datamodule, "val_path", None)
+        if not val_path or getattr(self.trainer.strategy, "zero_stage_3", False):
+            return  # (ZeRO-3 weights are partitioned outside the engine's forward)
+        examples = tv.token_values(self.model, self.tokenizer, file_examples(val_path, n_pairs),
+                                   getattr(self.trainer.datamodule, "chat_template", True))
+        out = log_dir / "token_values"
+        out.mkdir(parents=True, exist_ok=True)
+        log_files(self.trainer, {
+            "eval/token_values": tv.render_png(examples, out / "token_values.png"),
+            "eval/token_values_html": tv.render_html(examples, out / "token_values.html",
+                                                     title=f"{self.table_title}: token values")})
+
     @property
     def main_aggregation(self) -> str:
         return "final"
@@ -96,6 +113,8 @@ class ValueHeadModule(L.LightningModule):
             (log_dir / "pair_accuracy.json").write_text(json.dumps(
                 {"model": self.kind, "pairs": self.last_val_pairs,
                  "accuracy": self.last_accuracy, "global_step": self.global_step}, indent=2))
+            if has_wandb(self.trainer):
+                self._log_token_values(log_dir)
         if self.hparams.export_dir:
             def write(d):
                 self.model.save_pretrained(d)

@@ -127,7 +127,8 @@ def _log_to_wandb(out_dir: Path, files: list[Path], result: dict, group: str | N
             payload[f"report/{f.stem}_html"] = wandb.Html(f.read_text())
     for key, table in result.items():
         cols = [label for _, label in table["columns"]]
-        rows = [[name, *[tables.format_cell(row.get(k)) for k, _ in table["columns"]]]
+        rows = [[name, *[tables.format_cell(row.get(k), tables.DIGITS.get(k, 3))
+                         for k, _ in table["columns"]]]
                 for name, row in table["rows"].items()]
         payload[f"report/table_{key}"] = wandb.Table(columns=["", *cols], data=rows)
     run.log(payload)

@@ -96,7 +96,8 @@ def plot_reward_vs_kl(runs: list[Run], out: str | Path) -> Path:
                    [r.final["eval/gold_reward"] for r in rs], color=colors[method], s=25)
     ax.set_xlabel("KL to reference (nats per response)")
     ax.set_ylabel("held-out gold reward")
-    ax.set_title("Reward against KL (line: mean path over training; dots: final, per seed)")
+    ax.set_title("Held-out reward against KL\n(line: mean path over training; dots: each "
+                 "seed's end)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -11,12 +11,16 @@
 
 Each table is ``{"title", "columns": [[key, label], …], "rows": {name: {key: cell}}}``; a cell
 is a :func:`~dvpo_lightning.report.runs.mean_std` dict (or None when it does not apply).
+``DIGITS`` says how many decimals a column is printed with (3 unless listed).
 """
 
 from __future__ import annotations
 
 from dvpo_lightning.report.runs import Run, by_method, convergence_step, mean_std
 
+DIGITS = {"response_len": 2, "gen_tokens_per_step": 1, "params_loaded_m": 3,
+          "params_trained_m": 3, "time_ratio": 2, "mem_ratio": 2, "step_best": 1,
+          "step_gain": 1, "rl_steps": 0, "peak_rss_gb": 3, "peak_mem_gb": 2}
 QUALITY_COLUMNS = [("gold_reward", "gold reward ↑"), ("win_rate_vs_sft", "win rate vs SFT ↑"),
                    ("kl_to_ref", "KL to ref"), ("response_len", "length")]
 
@@ -130,8 +134,8 @@ def to_markdown(table: dict, note: str = "") -> str:
     lines = [f"### {table['title']}", "", "| | " + " | ".join(label for _, label in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, row in table["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(format_cell(row.get(k)) for k, _ in cols)
-                     + " |")
+        lines.append(f"| {name} | " + " | ".join(format_cell(row.get(k), DIGITS.get(k, 3))
+                                                 for k, _ in cols) + " |")
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
