@@ -126,17 +126,29 @@ def _run_or_reuse(stage: Stage, h: str, force: bool, in_process: bool,
     print(f"[pipeline] {stage.name}: done in {report[stage.name]['seconds']} s", flush=True)
 
 
-def run_pipeline(config: str = "configs/pipeline.yaml", force: bool = False,
+def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
+                 methods: list[dict] | None = None, seeds: list[int] | None = None,
+                 runs_dir: str = "runs", common_args: list[str] | None = None,
+                 report: dict | None = None, group: str = "pipeline", force: bool = False,
                  only: list[str] | None = None, in_process: bool = False,
                  skip_report: bool = False) -> dict:
     """Run (or reuse) the data step, the stages, every method × seed, then the report.
 
+    A pipeline file (``--config configs/pipeline.yaml``) holds these arguments; any of them
+    can be overridden on the command line (``--seeds '[0]'``, ``--only '[dvpo]'``).
+
     Args:
-        config: pipeline YAML: ``data`` (the data config), ``stages`` (a list of ``{name,
-            config, artifact, args}``), ``methods`` (``{name, config, args}``), ``seeds``,
-            ``runs_dir`` (method runs go to ``<runs_dir>/<method>/seed<s>``), ``common_args``
-            (overrides for every method run), ``report`` (arguments of
-            :func:`~dvpo_lightning.report.build.build_report`; null skips it).
+        data: the data config (``python -m dvpo_lightning data --config …``); None: no data step.
+        stages: the stage-1 stages in order, each ``{name, config, artifact, args}``; a stage
+            depends on every earlier one.
+        methods: the RL methods, each ``{name, config, args}``, run once per seed from the
+            stage-1 artifacts (not depending on each other).
+        seeds: the seeds of every method (default ``[0]``).
+        runs_dir: method runs go to ``<runs_dir>/<method>/seed<s>``.
+        common_args: command-line overrides for every method run.
+        report: arguments of :func:`~dvpo_lightning.report.build.build_report` (``out``,
+            ``gvm``, ``reward_model``, ``eval_pairs`` …); None: no report.
+        group: the W&B group of the method runs and the report.
         force: recompute every stage even when its artifact matches (with ``only``: the
             stages named there).
         only: run just these stage or method names (the others must already exist); ``data``
@@ -147,14 +159,13 @@ def run_pipeline(config: str = "configs/pipeline.yaml", force: bool = False,
     Returns:
         ``{stage name: {"status": "ran" | "reused", "seconds": float}}``.
     """
-    spec = yaml.safe_load(Path(config).read_text())
-    report: dict[str, dict] = {}
+    seeds = seeds if seeds is not None else [0]
+    done: dict[str, dict] = {}
     upstream = ""
-    data_cfg = spec.get("data")
-    if data_cfg:
-        data_out = yaml.safe_load(Path(data_cfg).read_text())["out"]
+    if data:
+        data_out = yaml.safe_load(Path(data).read_text())["out"]
         stamp = Path(data_out) / STAMP
-        h = _digest(Path(data_cfg).read_text())
+        h = _digest(Path(data).read_text())
         t0 = time.time()
         forced = force and (not only or "data" in only)  # --only limits --force too
         if forced or not stamp.exists() or json.loads(stamp.read_text())["hash"] != h:
@@ -162,47 +173,50 @@ def run_pipeline(config: str = "configs/pipeline.yaml", force: bool = False,
             if in_process:
                 from dvpo_lightning.cli import data_main
 
-                data_main(["--config", data_cfg])
+                data_main(["--config", data])
             else:
                 subprocess.run([sys.executable, "-m", "dvpo_lightning", "data", "--config",
-                                data_cfg], check=True)
+                                data], check=True)
             stamp.write_text(json.dumps({"hash": h}))
-            report["data"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
+            done["data"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
         else:
-            report["data"] = {"status": "reused", "seconds": 0.0}
+            done["data"] = {"status": "reused", "seconds": 0.0}
             print(f"[pipeline] data: reusing {data_out}", flush=True)
         upstream = h
 
     def selected(name: str) -> bool:
         return not only or name in only or name.split("/")[0] in only
 
-    for raw in spec.get("stages", []):
+    for raw in stages or []:
         stage = Stage(**raw)
         h = _stage_hash(stage, upstream)
         upstream = _digest(upstream, h)  # a later stage depends on every earlier one
         if selected(stage.name):
-            _run_or_reuse(stage, h, force, in_process, report)
-    methods = [Method(**m) for m in spec.get("methods", [])]
-    runs_dir = spec.get("runs_dir", "runs")
-    group = spec.get("group") or Path(config).stem
-    for stage in method_stages(methods, spec.get("seeds", [0]), runs_dir,
-                               spec.get("common_args", []), group):
+            _run_or_reuse(stage, h, force, in_process, done)
+    rl = [Method(**m) for m in methods or []]
+    for stage in method_stages(rl, seeds, runs_dir, common_args or [], group):
         if selected(stage.name):  # methods depend on the stage-1 chain, not on each other
-            _run_or_reuse(stage, _stage_hash(stage, upstream), force, in_process, report)
-    if spec.get("report") and not skip_report:
+            _run_or_reuse(stage, _stage_hash(stage, upstream), force, in_process, done)
+    if report and not skip_report:
         from dvpo_lightning.report.build import build_report
 
         t0 = time.time()
-        runs = {m.name: {s: f"{runs_dir}/{m.name}/seed{s}/model" for s in spec.get("seeds", [0])}
-                for m in methods}
-        paths = build_report(runs=runs, **{"group": group, **spec["report"]})
-        report["report"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
-        print(f"[pipeline] report: {len(paths)} files in {spec['report'].get('out')}",
-              flush=True)
-    return report
+        runs = {m.name: {s: f"{runs_dir}/{m.name}/seed{s}/model" for s in seeds} for m in rl}
+        paths = build_report(runs=runs, **{"group": group, **report})
+        done["report"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
+        print(f"[pipeline] report: {len(paths)} files in {report.get('out')}", flush=True)
+    return done
+
+
+def run_pipeline_file(path: str, **overrides) -> dict:
+    """:func:`run_pipeline` with the arguments of a pipeline YAML (``overrides`` win); the W&B
+    group defaults to the file's name."""
+    spec = {"group": Path(path).stem, **yaml.safe_load(Path(path).read_text()), **overrides}
+    return run_pipeline(**spec)
 
 
 def pipeline_main(args: list[str]) -> None:
+    """``--config FILE`` loads a pipeline file as the arguments of :func:`run_pipeline`."""
     from jsonargparse import CLI
 
     report = CLI(run_pipeline, args=args, as_positional=False)

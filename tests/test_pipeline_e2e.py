@@ -11,8 +11,9 @@ import yaml
 from conftest import TASK_DATA_ARGS
 from wandb_offline import read_offline_run
 
+from dvpo_lightning.cli import main
 from dvpo_lightning.modules.export import ARTIFACT_FILE
-from dvpo_lightning.pipeline import run_pipeline
+from dvpo_lightning.pipeline import run_pipeline_file
 from dvpo_lightning.report.tables import format_cell
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def study(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     path = write_study(root)
-    first = run_pipeline(str(path), in_process=True)
+    first = run_pipeline_file(str(path), in_process=True)
     yield root, path, first
     mp.undo()
 
@@ -146,7 +147,13 @@ def test_report_is_logged_to_wandb(study):
         assert types[f"report/table_{name}"] == "table-file", name
 
 
-def test_second_run_reuses_every_stage(study):
-    root, path, _ = study
-    again = run_pipeline(str(path), in_process=True, skip_report=True)
-    assert {k: v["status"] for k, v in again.items()} == {k: "reused" for k in again}
+def test_second_run_through_the_cli_reuses_every_stage(study, capsys):
+    """``pipeline --config FILE`` (the file's keys are the pipeline's arguments) reruns
+    nothing whose config and inputs did not change."""
+    _, path, first = study
+    main(["pipeline", "--config", str(path), "--in_process", "true", "--skip_report", "true"])
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    for name in first:
+        if name != "report":
+            assert f"{name} reused" in summary, summary
+    assert "ran" not in summary

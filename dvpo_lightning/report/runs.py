@@ -47,7 +47,7 @@ def load_runs(runs: dict[str, dict[int, str]]) -> list[Run]:
             if not meta.exists():
                 raise FileNotFoundError(
                     f"run {method} seed {seed}: {meta} does not exist; make it with "
-                    f"`python -m dvpo_lightning pipeline --only {method}`")
+                    f"`python -m dvpo_lightning pipeline --config <file> --only '[{method}]'`")
             summary = json.loads(meta.read_text()).get("summary")
             if not summary or not summary.get("final_eval") or not summary.get("history"):
                 raise ValueError(
