@@ -60,6 +60,8 @@ class DVPOModule(L.LightningModule):
         task: embedded task whose gold scorer is logged for rollouts and evaluations (None
             for data without a gold judge).
         max_new_tokens: longest response.
+        min_new_tokens: shortest response: EOS is suppressed before it (cost benchmarks set it
+            to ``max_new_tokens`` to force every response's length).
         temperature: sampling temperature of rollouts; 0 means greedy decoding.
         top_p: nucleus sampling mass (1.0 disables it).
         top_k: top-k sampling (0 disables it).
@@ -105,6 +107,7 @@ class DVPOModule(L.LightningModule):
         critic_init: str | None = None,
         task: str | None = None,
         max_new_tokens: int = 16,
+        min_new_tokens: int = 0,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -151,7 +154,7 @@ class DVPOModule(L.LightningModule):
             if path:
                 check_compatible(self.tokenizer, path, role)
         self.sampling = SamplingConfig(max_new_tokens, temperature or 1.0, top_p, top_k,
-                                       greedy=temperature == 0)
+                                       greedy=temperature == 0, min_new_tokens=min_new_tokens)
         self.generator = HFGenerator(self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
 
         trained = nn.ModuleDict({"policy": load_causal_lm(policy, self.tokenizer)})
@@ -233,7 +236,8 @@ class DVPOModule(L.LightningModule):
             if Need.GREEDY_BASELINE in needs:
                 baseline_ids, baseline_mask = self.generator.generate(
                     self.policy, prompt_ids, prompt_mask,
-                    SamplingConfig(self.sampling.max_new_tokens, greedy=True))
+                    SamplingConfig(self.sampling.max_new_tokens, greedy=True,
+                                   min_new_tokens=self.sampling.min_new_tokens))
         timing["generate"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         seq = (prompt_ids, prompt_mask, response_ids, response_mask)

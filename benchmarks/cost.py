@@ -1,0 +1,242 @@
+"""Cost of an RL step per method (the paper's Table 7), measured side by side in one run.
+
+    python -m benchmarks.cost --mode cpu [--out benchmarks/results/cost_cpu]
+    python -m benchmarks.cost --mode gpu --shape smollm2-135m [--prompts 64 --group 4 ...]
+
+Every method runs through the same path users run — ``DVPOModule`` + ``RolloutDataModule`` +
+a Lightning ``Trainer`` — on the same rollout batch: ``prompts × group`` responses per RL step
+(GRPO and RLOO: ``prompts`` prompts × ``group`` samples; DVPO, PPO, ReMax: ``prompts × group``
+distinct prompts), every response forced to ``length`` tokens (EOS suppressed), the same
+precision. Models have random weights of a real shape (weights do not change cost). Each
+method runs in its own child process, so its peak memory is its own (GPU:
+``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS); the parent writes
+``cost.json`` and ``cost.md`` with each method's ratios to PPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("dvpo", "ppo", "grpo", "remax", "rloo")
+GROUP_METHODS = {"grpo", "rloo"}
+# Llama-family shapes with random weights: the tiny one for CPU smoke runs, two real ones.
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, intermediate_size=256, vocab_size=512),
+    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152),
+    "qwen2.5-0.5b-like": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                              num_key_value_heads=2, intermediate_size=4864, vocab_size=151936),
+}
+FIELDS = ("step_s", "generate_s", "score_s", "update_s", "gen_tokens_per_step",
+          "gen_tokens_per_s", "train_tokens_per_s", "peak_mem_gb", "params_loaded_m",
+          "params_trained_m")
+
+
+def make_tokenizer(vocab_size: int, out: Path):
+    """A word-level tokenizer of ``vocab_size`` tokens (``t0 … tN``, specials first)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"t{i}" for i in
+                                                    range(vocab_size - len(specials))])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                   bos_token="<bos>", unk_token="<unk>")
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def make_artifacts(root: Path, shape: str, n_prompts: int, prompt_len: int, seed: int = 0):
+    """Random-weight policy, reward model and GVM of ``shape``; a prompt file."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from dvpo_lightning.models.value_model import ValueModel
+
+    cfg = dict(SHAPES[shape])
+    tok = make_tokenizer(cfg.pop("vocab_size"), root / "tokenizer")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         bos_token_id=tok.bos_token_id, tie_word_embeddings=True, **cfg)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(root / "policy"))
+    tok.save_pretrained(str(root / "policy"))
+    for name, kind in (("reward_model", "reward"), ("gvm", "gvm")):
+        vm = ValueModel.from_pretrained(str(root / "policy"), tok, kind=kind,
+                                        zero_init_head=False)
+        vm.save_pretrained(root / name)
+        tok.save_pretrained(str(root / name))
+    rng = random.Random(seed)
+    with open(root / "prompts.jsonl", "w") as f:
+        for _ in range(n_prompts):
+            words = " ".join(f"t{rng.randrange(len(tok) - 4)}" for _ in range(prompt_len))
+            f.write(json.dumps({"prompt": words}) + "\n")
+
+
+def run_method(args) -> dict:
+    """One method's RL steps in this process; returns its cost record."""
+    import resource
+
+    import torch
+
+    from dvpo_lightning.cli import cli_main
+
+    root = Path(args.workdir)
+    group = args.group if args.method in GROUP_METHODS else 1
+    batch = args.prompts if args.method in GROUP_METHODS else args.prompts * args.group
+    n_resp = args.prompts * args.group
+    cfg = Path(__file__).resolve().parents[1] / "configs" / f"{args.method}.yaml"
+    overrides = [
+        "--config", str(cfg), f"--model.init_args.policy={root / 'policy'}",
+        f"--data.init_args.train_path={root / 'prompts.jsonl'}",
+        f"--data.init_args.eval_path={root / 'prompts.jsonl'}",
+        f"--data.init_args.tokenizer={root / 'tokenizer'}", f"--data.init_args.batch_size={batch}",
+        "--data.init_args.chat_template=false", "--model.init_args.task=null",
+        f"--model.init_args.max_new_tokens={args.length}",
+        f"--model.init_args.min_new_tokens={args.length}",
+        f"--model.init_args.mini_batch_size={n_resp // args.minibatches}",
+        "--model.init_args.ppo_epochs=1", "--model.init_args.export_dir=null",
+        f"--trainer.max_steps={args.rl_steps * args.minibatches}",
+        "--trainer.limit_val_batches=0", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root / 'run'}",
+        f"--trainer.precision={args.precision}",
+        f"--trainer.accelerator={'gpu' if args.mode == 'gpu' else 'cpu'}", "--trainer.devices=1",
+    ]
+    if args.method in ("dvpo",):
+        overrides.append(f"--model.init_args.value_model={root / 'gvm'}")
+    else:
+        overrides.append(f"--model.init_args.reward_model={root / 'reward_model'}")
+    if args.method in GROUP_METHODS:
+        overrides.append(f"--data.init_args.group_size={group}")
+        overrides.append(f"--model.init_args.estimator.init_args.group_size={group}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    cli = cli_main(overrides, run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    c = cli.model.cost_summary()
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    tokens = c["gen_tokens_per_step"]
+    return {"method": args.method, "responses_per_step": n_resp, "group": group,
+            "length": args.length, "rl_steps": c["rl_steps"], "step_s": c["step_s"],
+            "generate_s": c["generate_s"], "score_s": c["score_s"], "update_s": c["update_s"],
+            "gen_tokens_per_step": tokens,
+            "gen_tokens_per_s": tokens / max(c["generate_s"], 1e-9),
+            "train_tokens_per_s": tokens / max(c["update_s"], 1e-9),  # response tokens, 1 epoch
+            "peak_mem_gb": peak, "memory_kind": "cuda_max_allocated"
+            if torch.cuda.is_available() else "peak_rss",
+            "params_loaded_m": c["params_loaded_m"], "params_trained_m": c["params_trained_m"]}
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    """The cost table with ratios to PPO."""
+    by = {r["method"]: r for r in records}
+    base = by.get("ppo")
+    lines = [f"# Cost per RL step — {meta['device']}, shape {meta['shape']}, "
+             f"{meta['responses_per_step']} responses × {meta['length']} tokens, "
+             f"{meta['precision']}", "",
+             "| method | s / step | generate s | score s | update s | gen tok/s | train tok/s | "
+             f"peak mem (GB, {records[0]['memory_kind']}) | params loaded (M) | "
+             "params trained (M) | time ÷ PPO | mem ÷ PPO |",
+             "|---|" + "---|" * 11]
+    for r in records:
+        t = f"{r['step_s'] / base['step_s']:.2f}" if base else "—"
+        m = f"{r['peak_mem_gb'] / base['peak_mem_gb']:.2f}" if base else "—"
+        lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['generate_s']:.3f} | "
+                     f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['gen_tokens_per_s']:.0f} | "
+                     f"{r['train_tokens_per_s']:.0f} | {r['peak_mem_gb']:.3f} | "
+                     f"{r['params_loaded_m']:.1f} | {r['params_trained_m']:.1f} | {t} | {m} |")
+    lines += ["", f"Step times exclude the first step (warm-up); {meta['rl_steps']} RL steps "
+              "per method, each method in its own process, one after another."]
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="model shape (default: tiny on cpu, smollm2-135m on gpu)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--prompts", type=int, default=None, help="prompts per step (cpu 4, gpu 64)")
+    p.add_argument("--group", type=int, default=4, help="responses per prompt")
+    p.add_argument("--length", type=int, default=None, help="forced response length "
+                   "(cpu 16, gpu 256)")
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--rl_steps", type=int, default=4)
+    p.add_argument("--minibatches", type=int, default=1, help="PPO mini-batches per step")
+    p.add_argument("--precision", default=None, help="cpu 32-true, gpu bf16-mixed")
+    p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    gpu = a.mode == "gpu"
+    a.shape = a.shape or ("smollm2-135m" if gpu else "tiny")
+    a.prompts = a.prompts or (64 if gpu else 4)
+    a.length = a.length or (256 if gpu else 16)
+    a.precision = a.precision or ("bf16-mixed" if gpu else "32-true")
+    a.out = a.out or f"benchmarks/results/cost_{a.mode}"
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if args.method:  # child
+        rec = run_method(args)
+        Path(args.workdir, f"{args.method}.json").write_text(json.dumps(rec))
+        return rec
+    if args.mode == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("benchmarks.cost --mode gpu needs a CUDA GPU; use --mode cpu here")
+    t0 = time.time()
+    records = []
+    with tempfile.TemporaryDirectory(prefix="dvpo-cost-") as tmp:
+        root = Path(tmp)
+        n_prompts = max(args.prompts * args.group * (args.rl_steps + 1), 8)
+        make_artifacts(root, args.shape, n_prompts, args.prompt_len)
+        child = [a for a in (argv if argv is not None else sys.argv[1:])]
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        for m in args.methods:
+            subprocess.run([sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
+                            "--workdir", str(root)], check=True, env=env)
+            records.append(json.loads((root / f"{m}.json").read_text()))
+            print(f"[cost] {m}: {records[-1]['step_s']:.3f} s / RL step", flush=True)
+    device = "CPU " + (platform.processor() or platform.machine())
+    if args.mode == "gpu":
+        import torch
+
+        device = torch.cuda.get_device_name(0)
+    meta = {"device": device, "shape": args.shape, "precision": args.precision,
+            "responses_per_step": args.prompts * args.group, "length": args.length,
+            "rl_steps": args.rl_steps, "seconds": round(time.time() - t0, 1),
+            "date": time.strftime("%Y-%m-%d")}
+    base = next((r for r in records if r["method"] == "ppo"), None)
+    for r in records:
+        if base:
+            r["time_ratio_to_ppo"] = r["step_s"] / base["step_s"]
+            r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / base["peak_mem_gb"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps({"meta": meta, "methods": records}, indent=2))
+    (out / "cost.md").write_text(markdown(records, meta))
+    print(markdown(records, meta))
+    return {"meta": meta, "methods": records}
+
+
+if __name__ == "__main__":
+    main()
