@@ -1,6 +1,7 @@
 """One DVPO update with or without DeepSpeed ZeRO on CPU; used by ``test_deepspeed_cpu.py``.
 
-    python tests/deepspeed_worker.py OUT STRATEGY TASK_DATA POLICY GVM      # STRATEGY: plain|2|3
+    python tests/deepspeed_worker.py OUT STRATEGY TASK_DATA POLICY GVM [DEVICES]
+    # STRATEGY: plain|2|3; DEVICES processes (Lightning launches the others) share the batch
 
 Greedy rollouts (``temperature=0``) make the experience identical across strategies; the
 trained weights after one optimizer step (gathered under ZeRO-3) go to ``OUT``.
@@ -27,16 +28,17 @@ warnings.filterwarnings("ignore")
 
 def main() -> None:
     out, strategy, data, policy, gvm = sys.argv[1:6]
+    devices = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     torch.set_num_threads(1)
     L.seed_everything(0)
     model = DVPOModule(policy=policy, estimator=GVM(), value_model=gvm, temperature=0.0,
-                       ppo_epochs=1, mini_batch_size=4, max_new_tokens=6, lr=1e-3,
+                       ppo_epochs=1, mini_batch_size=4 // devices, max_new_tokens=6, lr=1e-3,
                        max_grad_norm=None)
     dm = RolloutDataModule(f"{data}/rl_prompts.jsonl", f"{data}/eval_prompts.jsonl",
-                           f"{data}/tokenizer", batch_size=4)
+                           f"{data}/tokenizer", batch_size=4 // devices)  # 4 prompts in all
     strat = ("auto" if strategy == "plain"
              else CPUDeepSpeedStrategy(stage=int(strategy), process_group_backend="gloo"))
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strat, max_steps=1,
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strat, max_steps=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, default_root_dir=out)
     trainer.fit(model, datamodule=dm)
@@ -49,8 +51,9 @@ def main() -> None:
             state = {k: v.detach().clone() for k, v in model.trained.state_dict().items()}
     else:
         state = {k: v.detach().clone() for k, v in model.trained.state_dict().items()}
-    torch.save({"state": state, "partitioned": partitioned, "steps": trainer.global_step},
-               Path(out) / "result.pt")
+    if trainer.global_rank == 0:
+        torch.save({"state": state, "partitioned": partitioned, "steps": trainer.global_step,
+                    "world_size": trainer.world_size}, Path(out) / "result.pt")
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ from dvpo_lightning.models import load_causal_lm, load_tokenizer
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
 
-def _run(tmp_path: Path, strategy: str, task_data: str, art) -> dict:
-    out = tmp_path / strategy
+def _run(tmp_path: Path, strategy: str, task_data: str, art, devices: int = 1) -> dict:
+    out = tmp_path / f"{strategy}-{devices}"
     out.mkdir()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache" / "torch_extensions"))}
     proc = subprocess.run([sys.executable, str(WORKER), str(out), strategy, task_data,
-                           art.policy, art.gvm],
+                           art.policy, art.gvm, str(devices)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return torch.load(out / "result.pt")
@@ -50,5 +50,18 @@ def test_zero_matches_plain_strategy(stage, plain, tmp_path, task_data, artifact
     moved = [k for k in plain["state"] if not torch.equal(plain["state"][k],
                                                           start[k.removeprefix("policy.")])]
     assert len(moved) == len(start), "the plain run must change every policy tensor"
+    for k, v in plain["state"].items():
+        torch.testing.assert_close(zero["state"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_two_process_zero_matches_one_plain_process(stage, plain, tmp_path, task_data,
+                                                   artifacts):
+    """Two ranks of 2 prompts each under ZeRO (gloo) make the same update as one plain process
+    on the 4 prompts: the loss is normalised by the global token count, so DeepSpeed's
+    gradient average equals the single-process gradient."""
+    zero = _run(tmp_path, stage, task_data, artifacts, devices=2)
+    assert zero["steps"] == 1 and zero["partitioned"] == (stage == "3")
+    assert zero["world_size"] == 2 and plain["world_size"] == 1
     for k, v in plain["state"].items():
         torch.testing.assert_close(zero["state"][k], v, rtol=1e-4, atol=1e-6, msg=k)
