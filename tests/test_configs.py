@@ -69,6 +69,8 @@ def classify(path: Path) -> str | None:
         return None
     if "model" in doc:
         return "cli"
+    if set(doc) == {"trainer"} and "strategy" in doc["trainer"]:
+        return "strategy"  # an add-on: a second --config after a stage's
     if "sweeps" in path.parts or {"method", "parameters"} <= set(doc):
         return "sweep"
     if "stages" in doc:
@@ -260,3 +262,39 @@ def test_pipeline_overrides_parse(config, args, capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(REPO / config), *args, "--print_config"])
     assert e.value.code in (0, None), capsys.readouterr().err[-2000:]
+
+
+
+@pytest.mark.parametrize("path", configs_of("strategy"))
+def test_strategy_configs_add_to_every_stage(path, capsys):
+    """Each ``configs/deepspeed/*.yaml`` merges with every stage config into a valid command
+    (parsed only: they need a GPU)."""
+    from dvpo_lightning.cli import main
+
+    for stage in ("sft", "gvm", "dvpo", "ppo"):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", "--config", str(CONFIG_DIR / f"{stage}.yaml"), "--config", str(path),
+                  "--print_config"])
+        assert e.value.code in (0, None), capsys.readouterr().err[-2000:]
+        out = capsys.readouterr().out  # (DeepSpeed's import logs a "[date] [WARNING]" line)
+        printed = yaml.safe_load("\n".join(x for x in out.splitlines() if not x.startswith("[")))
+        strategy = printed["trainer"]["strategy"]
+        assert strategy["class_path"].endswith("DeepSpeedStrategy"), stage
+        assert strategy["init_args"]["stage"] == load(path)["trainer"]["strategy"][
+            "init_args"]["stage"]
+        assert printed["model"]["class_path"] == load(CONFIG_DIR / f"{stage}.yaml")["model"][
+            "class_path"]
+
+
+@pytest.mark.parametrize("path", configs_of("strategy"))
+def test_strategy_configs_are_refused_without_a_gpu(path):
+    """On a machine without CUDA the CLI refuses before loading any model, naming the fix."""
+    import torch
+
+    from dvpo_lightning.cli import cli_main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        cli_main(["--config", str(CONFIG_DIR / "dvpo.yaml"), "--config", str(path),
+                  "--model.init_args.policy=does-not-exist"], run=False)

@@ -320,3 +320,15 @@ def test_exploding_ratio_skips_every_minibatch(artifacts, task_data, tmp_path):
     assert cli.trainer.global_step == 0
     assert float(cli.trainer.callback_metrics["train/skipped_minibatches"]) == 4
     assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
+
+
+def test_frozen_models_in_half_precision(artifacts, task_data, tmp_path):
+    """``frozen_dtype=bfloat16`` keeps the reference and GVM in bf16 (half their memory) while
+    the policy trains in fp32; the run's numbers stay finite."""
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
+                      "--model.init_args.frozen_dtype=bfloat16", rl_steps=1)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    for name, part in cli.model.frozen.items():
+        assert {p.dtype for p in part.parameters()} == {torch.bfloat16}, name
+    assert {p.dtype for p in cli.model.trained.parameters()} == {torch.float32}
+    assert all(math.isfinite(float(v)) for v in cli.trainer.logged_metrics.values())

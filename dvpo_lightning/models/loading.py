@@ -33,7 +33,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def _resolve_dtype(dtype: str | None) -> torch.dtype | None:
+def resolve_dtype(dtype: str | None) -> torch.dtype | None:
+    """``"float32" | "bfloat16" | "float16"`` → the torch dtype; None or ``"auto"`` → None."""
     if dtype in (None, "auto"):
         return None
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,7 +60,7 @@ def load_causal_lm(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
                           tokenizer.bos_token_id, tokenizer.eos_token_id)
         return AutoModelForCausalLM.from_config(cfg)
     _check_path(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_resolve_dtype(dtype))
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
 
 
 def load_backbone(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
@@ -71,7 +72,7 @@ def load_backbone(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
         return AutoModel.from_config(cfg)
     _check_path(name_or_path)
     config = AutoConfig.from_pretrained(name_or_path)
-    return AutoModel.from_pretrained(name_or_path, config=config, dtype=_resolve_dtype(dtype))
+    return AutoModel.from_pretrained(name_or_path, config=config, dtype=resolve_dtype(dtype))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

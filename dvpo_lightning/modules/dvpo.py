@@ -32,7 +32,7 @@ from dvpo_lightning.loggers import has_wandb, log_files, log_table
 from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
 from dvpo_lightning.masked import masked_mean
 from dvpo_lightning.models.compat import check_compatible, check_fits_context
-from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
+from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from dvpo_lightning.models.value_model import ValueModel, freeze
 from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw
@@ -55,6 +55,8 @@ class DVPOModule(L.LightningModule):
         reference: the frozen reference policy for the KL; defaults to ``policy``.
         value_model: the frozen Global Value Model directory (estimators needing GVM values).
         reward_model: the frozen scalar reward model directory (estimators needing scores).
+        frozen_dtype: dtype of the frozen reference, GVM and RM (``bfloat16``, ``float16``;
+            None keeps the loaded dtype): half precision halves their memory on a GPU.
         critic_init: initial weights of the PPO critic (estimators that train one); defaults
             to ``reward_model`` (as in the paper's PPO), else the policy.
         task: embedded task whose gold scorer is logged for rollouts and evaluations (None
@@ -105,6 +107,7 @@ class DVPOModule(L.LightningModule):
         value_model: str | None = None,
         reward_model: str | None = None,
         critic_init: str | None = None,
+        frozen_dtype: str | None = None,
         task: str | None = None,
         max_new_tokens: int = 16,
         min_new_tokens: int = 0,
@@ -169,6 +172,8 @@ class DVPOModule(L.LightningModule):
         if Need.SCORES in needs or Need.GREEDY_BASELINE in needs:
             frozen["reward_model"] = freeze(ValueModel.from_pretrained(reward_model,
                                                                        self.tokenizer))
+        if frozen_dtype:
+            frozen.to(resolve_dtype(frozen_dtype))
         self.frozen = frozen
         self.kl_ctl = (AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl
                        else FixedKLController(kl_coef))
