@@ -336,6 +336,7 @@ def render_png(examples: list[ExampleValues], out_path: str | Path, color_by: st
     from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.figure import Figure  # no pyplot: Agg, and no global backend switch
     from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     vmax = color_scale(examples, color_by)
     widths = {id(r): [_box_width(t) for t in r.tokens[:max_tokens]]
@@ -392,6 +393,8 @@ def render_png(examples: list[ExampleValues], out_path: str | Path, color_by: st
     bar.set_label(f"colour = ${'u_t - u_{t-1}' if color_by == 'delta' else 'u_t'}$ "
                   "(red negative, green positive)", fontsize=8)
     bar.ax.tick_params(labelsize=7)
+    bar.locator = MaxNLocator(nbins=5, symmetric=True)  # narrow pictures: no crowded labels
+    bar.update_ticks()
     out = Path(out_path)
     fig.savefig(out, dpi=dpi)
     return out
