@@ -7,6 +7,7 @@ declares it needs (:class:`~dvpo_lightning.estimators.Need`), never by its name.
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import time
@@ -183,11 +184,6 @@ class DVPOModule(L.LightningModule):
         self.cost_log: list[dict[str, float]] = []  # per RL step: seconds, generated tokens
         self.guard_skips = 0
         self._rng_to_restore: dict | None = None
-        # what a resumed run must load again: role → {path, sha256 of the weights}
-        self.frozen_identity = {"reference": fingerprint(reference or policy),
-                                "gvm": fingerprint(value_model) if "gvm" in frozen else None,
-                                "reward_model": fingerprint(reward_model)
-                                if "reward_model" in frozen else None}
         self._ref_eval: dict[str, float] | None = None
 
     def _check_args(self, needs: frozenset[Need]) -> None:
@@ -206,6 +202,16 @@ class DVPOModule(L.LightningModule):
                              ("on_kl_exceeded", ("stop", "warn"))):
             if hp[key] not in allowed:
                 raise ValueError(f"model.{key}={hp[key]!r} is not one of {', '.join(allowed)}")
+
+    @functools.cached_property
+    def frozen_identity(self) -> dict[str, dict | None]:
+        """What a resumed run must load again: role → ``{path, sha256 of the weights}``.
+        Hashed at the first checkpoint save or load, not at start-up (large weights)."""
+        hp = self.hparams
+        return {"reference": fingerprint(hp.reference or hp.policy),
+                "gvm": fingerprint(hp.value_model) if "gvm" in self.frozen else None,
+                "reward_model": fingerprint(hp.reward_model)
+                if "reward_model" in self.frozen else None}
 
     @property
     def policy(self) -> nn.Module:
@@ -367,11 +373,6 @@ class DVPOModule(L.LightningModule):
                 logp, entropy = policy_logps(self.policy, *seq, with_entropy=True)
                 pg_loss, st = ppo_clip_loss(logp, sub.logp_old, adv, mask, hp.clip_eps,
                                             hp.clip_eps_high, hp.loss_aggregation, n_tok, n_seq)
-                explode = torch.tensor(float(st["ratio_mean"] > hp.ratio_skip_threshold),
-                                       device=mask.device)
-                if float(all_reduce_sum(explode)) > 0:  # every rank skips together
-                    skipped += 1
-                    continue
                 loss = pg_loss
                 if not hp.kl_in_reward:
                     kl_tok = kl_estimate(logp, sub.logp_ref, hp.kl_estimator, mask)
@@ -384,7 +385,14 @@ class DVPOModule(L.LightningModule):
                                                 hp.value_clip, hp.loss_aggregation, n_tok, n_seq)
                     loss = loss + hp.vf_coef * v_loss
                     acc.setdefault("train/value_loss", []).append(v_loss.detach())
-                if self._guard("the PPO update", {"loss": loss.detach()}):
+                # one all-reduce decides both skips, so every rank skips together
+                bad_loss = nonfinite_names({"loss": loss.detach()})
+                explode, nonfinite = all_reduce_sum(torch.tensor(
+                    [float(st["ratio_mean"] > hp.ratio_skip_threshold), float(bool(bad_loss))],
+                    device=mask.device)).tolist()
+                if nonfinite:
+                    self._on_nonfinite(bad_loss, "the PPO update")
+                if nonfinite or explode:
                     skipped += 1
                     continue
                 self.manual_backward(loss / hp.grad_accum)
@@ -410,7 +418,8 @@ class DVPOModule(L.LightningModule):
         grads = [p.grad for p in self.trained.parameters() if p.grad is not None]
         norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                 if grads else torch.zeros(()))
-        if self._guard("the PPO update", {"grad_norm": norm}):
+        # local check: after DDP's all-reduce every rank holds the same gradient
+        if self._guard("the PPO update", {"grad_norm": norm}, reduce=False):
             opt.zero_grad(set_to_none=True)
             return torch.zeros(())
         if self.hparams.max_grad_norm is not None:
@@ -421,13 +430,18 @@ class DVPOModule(L.LightningModule):
         return norm.detach()
 
     def _guard(self, where: str, tensors: dict[str, Tensor | None],
-               masks: dict[str, Tensor] | None = None) -> bool:
-        """True when a tensor is non-finite on any process and the step is to be skipped;
-        raises :class:`NonFiniteError` when the run is to stop (``on_nonfinite=stop``)."""
+               masks: dict[str, Tensor] | None = None, reduce: bool = True) -> bool:
+        """True when a tensor is non-finite (on any process, with ``reduce``) and the step is
+        to be skipped; raises :class:`NonFiniteError` when the run is to stop."""
         names = nonfinite_names(tensors, masks)
-        device = next(self.trained.parameters()).device
-        if float(all_reduce_sum(torch.tensor(float(bool(names)), device=device))) == 0:
-            return False
+        bad = bool(names)
+        if reduce:
+            device = next(self.trained.parameters()).device
+            bad = float(all_reduce_sum(torch.tensor(float(bad), device=device))) > 0
+        return bad and self._on_nonfinite(names, where)
+
+    def _on_nonfinite(self, names: list[str], where: str) -> bool:
+        """Stop (``on_nonfinite=stop``: raise) or count and warn, returning True (skip)."""
         names = names or ["a tensor on another process"]
         if self.hparams.on_nonfinite == "stop":
             raise NonFiniteError(nonfinite_message(
