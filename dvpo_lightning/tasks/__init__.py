@@ -1,9 +1,10 @@
 """Embedded tasks: prompt generators, gold scorers and the tokenizer builder."""
 
 from dvpo_lightning.tasks.base import Task
+from dvpo_lightning.tasks.instruct import InstructTask
 from dvpo_lightning.tasks.sorting import SortingTask
 
-TASKS: dict[str, type] = {"sorting": SortingTask}
+TASKS: dict[str, type] = {"sorting": SortingTask, "instruct": InstructTask}
 
 
 def get_task(name: str, **kwargs) -> Task:
@@ -13,4 +14,4 @@ def get_task(name: str, **kwargs) -> Task:
     return TASKS[name](**kwargs)
 
 
-__all__ = ["TASKS", "SortingTask", "Task", "get_task"]
+__all__ = ["TASKS", "InstructTask", "SortingTask", "Task", "get_task"]
