@@ -1,0 +1,278 @@
+"""Time per decode step of rollout generation: HF ``generate`` vs ``StaticCacheGenerator``.
+
+    python -m benchmarks.decode --shape test                      # CPU smoke run (seconds)
+    python -m benchmarks.decode --shape smollm2-135m --batch_sizes 64 256 \\
+        --prompt_len 128 --new_tokens 256 --out benchmarks/results/decode_smollm2
+
+For one model shape (random weights: cost does not depend on them) and each batch size, both
+paths generate ``new_tokens`` sampled tokens per row with the length forced
+(``min_new_tokens = max_new_tokens``: EOS suppressed) after a warm-up (which, on CUDA, compiles
+the static path's decode step into CUDA graphs):
+
+- ``hf``: :class:`~dvpo_lightning.rollout.generation.HFGenerator` (eager ``generate``, dynamic
+  cache);
+- ``static``: :class:`~dvpo_lightning.rollout.fast_generation.StaticCacheGenerator` (compiled
+  on CUDA, eager on a CPU).
+
+Time per decode step = (median time of the full generation − median time of a one-token
+generation, i.e. the prefill and its first sample) ÷ (``new_tokens`` − 1). The bandwidth floor
+of a step is the bytes a step must read — every weight once (tied embeddings counted once) plus
+the KV cache at the mean context length, ``prompt_len + new_tokens / 2`` — divided by the
+device's measured copy bandwidth (a large device-to-device tensor copy; on a CPU a memcpy;
+read + write bytes ÷ time). "Fraction of the floor" = floor ÷ measured step time (1.0 would be
+bandwidth-bound perfection). Writes ``decode.json`` and ``decode.md`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+PAD, BOS, EOS = 0, 1, 2
+SHAPES = {
+    # test-llama's shape (dvpo_lightning/models/tiny.py) with a small vocabulary: CPU smoke runs.
+    "test": dict(family="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, intermediate_size=64, vocab_size=64),
+    "smollm2-135m": dict(family="llama", hidden_size=576, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                         vocab_size=49152),
+    "qwen2.5-0.5b": dict(family="qwen2", hidden_size=896, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                         vocab_size=151936),
+}
+PATHS = ("hf", "static")
+# Every record has these, all positive numbers.
+FIELDS = ("batch_size", "step_ms", "total_s", "prefill_s", "tokens_per_s", "floor_ms",
+          "fraction_of_floor", "weight_bytes", "kv_bytes_per_step", "bandwidth_gb_s")
+
+
+def build_model(shape: str, device, dtype):
+    """A random-weight causal LM of ``shape`` (tied embeddings) on ``device`` in ``dtype``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    spec = dict(SHAPES[shape])
+    family = spec.pop("family")
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family]
+    config = config_cls(max_position_embeddings=4096, tie_word_embeddings=True,
+                        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, **spec)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every distinct parameter (a tied embedding/LM head counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_step(config, batch: int, context: float, element_size: int) -> float:
+    """K and V bytes read by one decode step at ``context`` cached tokens per row."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+    return batch * context * per_token * element_size
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device, n_bytes: int, repeats: int = 5) -> float:
+    """Bytes per second moved (read + write) by a large tensor copy on ``device``."""
+    import torch
+
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    del src, dst
+    return 2 * n_bytes / statistics.median(times)
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(args) -> dict:
+    import torch
+
+    from dvpo_lightning.rollout.fast_generation import StaticCacheGenerator
+    from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+
+    device = torch.device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.dtype]
+    model = build_model(args.shape, device, dtype)
+    config = model.config
+    w_bytes = weight_bytes(model)
+    bandwidth = copy_bandwidth(device, args.copy_mib * 2**20)
+    compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
+    generators = {"hf": HFGenerator(EOS, PAD),
+                  "static": StaticCacheGenerator(EOS, PAD, compile=compile_flag)}
+    full = SamplingConfig(args.new_tokens, min_new_tokens=args.new_tokens)
+    one = SamplingConfig(1, min_new_tokens=1)
+    records = []
+    for batch in args.batch_sizes:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(3, config.vocab_size, (batch, args.prompt_len), generator=g)
+        ids = ids.to(device)
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        context = args.prompt_len + args.new_tokens / 2
+        kv = kv_bytes_per_step(config, batch, context, torch.finfo(dtype).bits // 8)
+        floor_s = (w_bytes + kv) / bandwidth
+        by_path = {}
+        for path in args.paths:
+            gen = generators[path]
+
+            def run(cfg, gen=gen):
+                resp, rmask = gen.generate(model, ids, mask, cfg)
+                assert resp.shape == (batch, cfg.max_new_tokens) and bool(rmask.all())
+
+            for _ in range(args.warmup):
+                run(full)
+                run(one)
+            graphs_before = _unique_graphs()
+            total = timed(lambda: run(full), device, args.repeats)
+            prefill = timed(lambda: run(one), device, args.repeats)
+            step = max(total - prefill, 1e-9) / max(args.new_tokens - 1, 1)
+            rec = {"batch_size": batch, "path": path, "step_ms": step * 1e3, "total_s": total,
+                   "prefill_s": prefill, "tokens_per_s": batch * args.new_tokens / total,
+                   "floor_ms": floor_s * 1e3, "fraction_of_floor": floor_s / step,
+                   "weight_bytes": w_bytes, "kv_bytes_per_step": kv,
+                   "bandwidth_gb_s": bandwidth / 1e9,
+                   "graphs_compiled_while_timed": _unique_graphs() - graphs_before}
+            if path == "static":
+                rec["compiled"] = any(s.compiled for s in gen._states.values())
+            by_path[path] = rec
+            records.append(rec)
+            print(f"[decode] batch {batch} {path}: {rec['step_ms']:.3f} ms / step, floor "
+                  f"{rec['floor_ms']:.3f} ms ({rec['fraction_of_floor']:.1%})", flush=True)
+        if "hf" in by_path and "static" in by_path:
+            by_path["static"]["speedup_vs_hf"] = by_path["hf"]["step_ms"] / by_path["static"][
+                "step_ms"]
+    return {"records": records, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def _unique_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (recompilations included)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = [f"# Decode step — {meta['device']}, shape {meta['shape']}, {meta['dtype']}, "
+             f"prompt {meta['prompt_len']} + {meta['new_tokens']} forced tokens", "",
+             "| batch | path | ms / step | tokens / s | floor ms / step | floor ÷ step | "
+             "speed-up vs hf |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        speedup = f"{r['speedup_vs_hf']:.2f}" if "speedup_vs_hf" in r else "—"
+        lines.append(f"| {r['batch_size']} | {r['path']} | {r['step_ms']:.3f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['floor_ms']:.3f} | "
+                     f"{r['fraction_of_floor']:.3f} | {speedup} |")
+    lines += ["", f"Step = (full generation − one-token generation) ÷ (new tokens − 1), medians "
+              f"of {meta['repeats']} runs after {meta['warmup']} warm-up run(s). Floor = "
+              "(weight bytes + KV bytes at the mean context) ÷ measured copy bandwidth "
+              f"({meta['bandwidth_gb_s']:.0f} GB/s, read + write). Static path compiled: "
+              f"{meta['static_compiled']}."]
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="test")
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=None,
+                   help="default: 2 4 for the test shape, 64 256 otherwise")
+    p.add_argument("--prompt_len", type=int, default=None, help="default: test 8, else 128")
+    p.add_argument("--new_tokens", type=int, default=None, help="default: test 8, else 256")
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="the static path's decode step (auto: compiled on cuda only)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--copy_mib", type=int, default=None,
+                   help="size of the bandwidth copy (default: 1024 on cuda, 256 on cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="output directory")
+    a = p.parse_args(argv)
+    import torch
+
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = a.device.startswith("cuda")
+    test = a.shape == "test"
+    a.batch_sizes = a.batch_sizes or ([2, 4] if test else [64, 256])
+    a.prompt_len = a.prompt_len or (8 if test else 128)
+    a.new_tokens = a.new_tokens or (8 if test else 256)
+    a.dtype = a.dtype or ("bfloat16" if cuda else "float32")
+    a.copy_mib = a.copy_mib or (1024 if cuda else 256)
+    a.out = a.out or f"benchmarks/results/decode_{a.shape}_{'gpu' if cuda else 'cpu'}"
+    if a.new_tokens < 2:
+        p.error("--new_tokens must be at least 2 (a step time needs a decode step)")
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.decode --device cuda needs a CUDA GPU")
+    t0 = time.time()
+    result = measure(args)
+    records = result["records"]
+    device = ("CPU " + (platform.processor() or platform.machine())
+              if not args.device.startswith("cuda") else torch.cuda.get_device_name(0))
+    static = [r for r in records if r["path"] == "static"]
+    meta = {"device": device, "shape": args.shape, "dtype": args.dtype,
+            "params_m": result["params_m"], "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "batch_sizes": args.batch_sizes,
+            "warmup": args.warmup, "repeats": args.repeats,
+            "bandwidth_gb_s": records[0]["bandwidth_gb_s"] if records else 0.0,
+            "static_compiled": bool(static and static[0].get("compiled")),
+            "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
+            "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, "records": records}
+    (out / "decode.json").write_text(json.dumps(doc, indent=2))
+    (out / "decode.md").write_text(markdown(records, meta))
+    print(markdown(records, meta))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
