@@ -11,6 +11,11 @@ precision. Models have random weights of a real shape (weights do not change cos
 method runs in its own child process, so its peak memory is its own (GPU:
 ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS); the parent writes
 ``cost.json`` and ``cost.md`` with each method's ratios to PPO.
+
+With ``--trl on`` (``auto``, the default: when ``import trl`` works) TRL's ``GRPOTrainer`` runs
+too, in a child process of its own, on the same artifacts, prompts, batch, forced length, KL and
+precision (``benchmarks/trl_grpo.py``); ``cost.json`` then has a ``trl`` record and, per method,
+``throughput_ratio_to_trl``: generated tokens per second of RL-step wall time, ours ÷ TRL's.
 """
 
 from __future__ import annotations
@@ -142,8 +147,12 @@ def run_method(args) -> dict:
             "params_loaded_m": c["params_loaded_m"], "params_trained_m": c["params_trained_m"]}
 
 
-def markdown(records: list[dict], meta: dict) -> str:
-    """The cost table with ratios to PPO."""
+def _fmt(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
+    """The cost table with ratios to PPO (and, with a TRL record, its row and ratios to it)."""
     by = {r["method"]: r for r in records}
     base = by.get("ppo")
     lines = [f"# Cost per RL step — {meta['device']}, shape {meta['shape']}, "
@@ -151,18 +160,46 @@ def markdown(records: list[dict], meta: dict) -> str:
              f"{meta['precision']}", "",
              "| method | s / step | generate s | score s | update s | gen tok/s | train tok/s | "
              f"peak mem (GB, {records[0]['memory_kind']}) | params loaded (M) | "
-             "params trained (M) | time ÷ PPO | mem ÷ PPO |",
-             "|---|" + "---|" * 11]
-    for r in records:
+             "params trained (M) | time ÷ PPO | mem ÷ PPO |"
+             + (" throughput ÷ TRL |" if trl else ""),
+             "|---|" + "---|" * (12 if trl else 11)]
+    rows = [(r["method"], r) for r in records]
+    if trl:
+        rows.append((f"TRL GRPOTrainer {trl['trl_version']}", trl))
+    for name, r in rows:
         t = f"{r['step_s'] / base['step_s']:.2f}" if base else "—"
         m = f"{r['peak_mem_gb'] / base['peak_mem_gb']:.2f}" if base else "—"
-        lines.append(f"| {r['method']} | {r['step_s']:.3f} | {r['generate_s']:.3f} | "
-                     f"{r['score_s']:.3f} | {r['update_s']:.3f} | {r['gen_tokens_per_s']:.0f} | "
-                     f"{r['train_tokens_per_s']:.0f} | {r['peak_mem_gb']:.3f} | "
-                     f"{r['params_loaded_m']:.1f} | {r['params_trained_m']:.1f} | {t} | {m} |")
+        line = (f"| {name} | {r['step_s']:.3f} | {_fmt(r['generate_s'], '.3f')} | "
+                f"{_fmt(r['score_s'], '.3f')} | {r['update_s']:.3f} | "
+                f"{_fmt(r['gen_tokens_per_s'], '.0f')} | "
+                f"{r['train_tokens_per_s']:.0f} | {r['peak_mem_gb']:.3f} | "
+                f"{r['params_loaded_m']:.1f} | {r['params_trained_m']:.1f} | {t} | {m} |")
+        if trl:
+            line += f" {r['e2e_tokens_per_s'] / trl['e2e_tokens_per_s']:.2f} |"
+        lines.append(line)
     lines += ["", f"Step times exclude the first step (warm-up); {meta['rl_steps']} RL steps "
               "per method, each method in its own process, one after another."]
+    if trl:
+        lines += ["", "Throughput ÷ TRL: generated tokens per second of RL-step wall time "
+                  "(tokens per step ÷ s / step), ours ÷ TRL GRPOTrainer's, on the same policy, "
+                  "prompts, batch and forced length with KL on. TRL scores with a constant "
+                  "reward function (no reward model) and, with one optimizer step per "
+                  "generation batch, skips the old-log-prob forward: see `notes` in cost.json "
+                  "and benchmarks/README.md."]
     return "\n".join(lines) + "\n"
+
+
+def trl_version(mode: str) -> str | None:
+    """``trl.__version__`` when the TRL comparison runs (``--trl``), else None."""
+    if mode == "off":
+        return None
+    try:
+        import trl
+    except ImportError as e:
+        if mode == "on":
+            raise SystemExit(f"--trl on needs TRL (pip install trl): {e}") from e
+        return None
+    return trl.__version__
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -180,6 +217,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatches", type=int, default=1, help="PPO mini-batches per step")
     p.add_argument("--precision", default=None, help="cpu 32-true, gpu bf16-mixed")
     p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--trl", choices=("auto", "on", "off"), default="auto",
+                   help="also run TRL's GRPOTrainer under the same protocol (auto: when trl "
+                   "imports)")
     p.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -195,7 +235,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     if args.method:  # child
-        rec = run_method(args)
+        if args.method == "trl":
+            from benchmarks.trl_grpo import run_trl
+
+            rec = run_trl(args)
+        else:
+            rec = run_method(args)
         Path(args.workdir, f"{args.method}.json").write_text(json.dumps(rec))
         return rec
     if args.mode == "gpu":
@@ -203,8 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks.cost --mode gpu needs a CUDA GPU; use --mode cpu here")
+    version = trl_version(args.trl)
     t0 = time.time()
     records = []
+    trl = None
     with tempfile.TemporaryDirectory(prefix="dvpo-cost-") as tmp:
         root = Path(tmp)
         n_prompts = max(args.prompts * args.group * (args.rl_steps + 1), 8)
@@ -216,6 +263,15 @@ def main(argv: list[str] | None = None) -> dict:
                             "--workdir", str(root)], check=True, env=env)
             records.append(json.loads((root / f"{m}.json").read_text()))
             print(f"[cost] {m}: {records[-1]['step_s']:.3f} s / RL step", flush=True)
+        if version:
+            from benchmarks.trl_grpo import prepare
+
+            prepare(root, args, Path(__file__).resolve().parents[1] / "configs" / "grpo.yaml")
+            subprocess.run([sys.executable, "-m", "benchmarks.cost", *child, "--method", "trl",
+                            "--workdir", str(root)], check=True, env=env)
+            trl = json.loads((root / "trl.json").read_text())
+            print(f"[cost] TRL GRPOTrainer {version}: {trl['step_s']:.3f} s / RL step",
+                  flush=True)
     device = "CPU " + (platform.processor() or platform.machine())
     if args.mode == "gpu":
         import torch
@@ -224,18 +280,26 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"device": device, "shape": args.shape, "precision": args.precision,
             "responses_per_step": args.prompts * args.group, "length": args.length,
             "rl_steps": args.rl_steps, "seconds": round(time.time() - t0, 1),
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "trl_version": version}
     base = next((r for r in records if r["method"] == "ppo"), None)
-    for r in records:
+    for r in records + ([trl] if trl else []):
+        # end to end: generated tokens per second of RL-step wall time
+        r["e2e_tokens_per_s"] = r["gen_tokens_per_step"] / max(r["step_s"], 1e-9)
         if base:
             r["time_ratio_to_ppo"] = r["step_s"] / base["step_s"]
             r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / base["peak_mem_gb"]
+    if trl:
+        for r in records:
+            r["throughput_ratio_to_trl"] = r["e2e_tokens_per_s"] / trl["e2e_tokens_per_s"]
+            if r["gen_tokens_per_s"] and trl["gen_tokens_per_s"]:  # generation alone
+                r["gen_throughput_ratio_to_trl"] = r["gen_tokens_per_s"] / trl["gen_tokens_per_s"]
+    doc = {"meta": meta, "methods": records, **({"trl": trl} if trl else {})}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cost.json").write_text(json.dumps({"meta": meta, "methods": records}, indent=2))
-    (out / "cost.md").write_text(markdown(records, meta))
-    print(markdown(records, meta))
-    return {"meta": meta, "methods": records}
+    (out / "cost.json").write_text(json.dumps(doc, indent=2))
+    (out / "cost.md").write_text(markdown(records, meta, trl))
+    print(markdown(records, meta, trl))
+    return doc
 
 
 if __name__ == "__main__":

