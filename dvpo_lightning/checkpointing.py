@@ -51,7 +51,9 @@ def fingerprint(name_or_path: str | None) -> dict[str, str] | None:
     order); a built-in tiny model name is its own fingerprint. None for None."""
     if name_or_path is None:
         return None
-    p = Path(name_or_path)
+    from dvpo_lightning.models.named import resolve_model
+
+    p = Path(resolve_model(name_or_path))
     if not p.exists():
         return {"path": str(name_or_path), "sha256": f"name:{name_or_path}"}
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*")

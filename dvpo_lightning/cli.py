@@ -5,6 +5,7 @@
     python -m dvpo_lightning pipeline --config configs/pipeline.yaml [--force true]
     python -m dvpo_lightning sweep configs/sweeps/kl.yaml [--out runs/sweeps/kl ...]
     python -m dvpo_lightning explain --gvm runs/sorting/gvm/model --prompt P --responses A B
+    python -m dvpo_lightning convert --gguf smollm2-135m-instruct --out models/smollm2
 
 Every ``fit`` logs to W&B through :class:`~dvpo_lightning.loggers.AutoWandbLogger` (offline by
 itself without an API key); ``--trainer.logger=false`` turns it off.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -69,15 +71,41 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _data_task(args: list[str]) -> str:
+    """The ``task`` a ``data`` command asks for: ``--task`` wins over the config file's key."""
+    task = "sorting"
+    for i, a in enumerate(args):
+        if a == "--config" and i + 1 < len(args):
+            import yaml
+
+            task = (yaml.safe_load(Path(args[i + 1]).read_text()) or {}).get("task", task)
+    for i, a in enumerate(args):
+        if a.startswith("--task="):
+            task = a.split("=", 1)[1]
+        elif a == "--task" and i + 1 < len(args):
+            task = args[i + 1]
+    return task
+
+
 def data_main(args: list[str]) -> None:
-    """``python -m dvpo_lightning data``: generate every split of an embedded task."""
+    """``python -m dvpo_lightning data``: generate every split of an embedded task (the
+    instruction task samples its responses from a model: ``make_instruct_data``)."""
     from jsonargparse import CLI
 
-    from dvpo_lightning.tasks.make_data import make_task_data
+    if _data_task(args) == "instruct":
+        from dvpo_lightning.tasks.make_instruct_data import make_instruct_data as make
+    else:
+        from dvpo_lightning.tasks.make_data import make_task_data as make
 
-    manifest = CLI(make_task_data, args=args, as_positional=False)
+    manifest = CLI(make, args=args, as_positional=False)
     counts = ", ".join(f"{k} {v}" for k, v in manifest["counts"].items())
     print(f"task data written: {counts}; mean gold {manifest['mean_gold']}")
+
+
+def _convert(args: list[str]) -> None:
+    from dvpo_lightning.models.named import convert_main
+
+    convert_main(args)
 
 
 def _pipeline(args: list[str]) -> None:
@@ -99,7 +127,7 @@ def _explain(args: list[str]) -> None:
 
 
 EXTRA_COMMANDS = {"data": data_main, "pipeline": _pipeline, "sweep": _sweep,
-                  "explain": _explain}
+                  "explain": _explain, "convert": _convert}
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:

@@ -21,6 +21,9 @@ os.environ.update({
     "HF_DATASETS_CACHE": os.path.join(_SESSION_TMP, "hf_datasets"),
     "TOKENIZERS_PARALLELISM": "false",
 })
+# Converted GGUF models (smollm2-135m-instruct): per session unless the caller points it at a
+# persistent cache (the conversion takes ~25 s).
+os.environ.setdefault("DVPO_LIGHTNING_CACHE", os.path.join(_SESSION_TMP, "dvpo_cache"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from dvpo_lightning.models.loading import load_tokenizer
+from dvpo_lightning.models.named import resolve_model
 from dvpo_lightning.models.tiny import is_tiny, tiny_config
 
 _RETRAIN = ("point {setting} at a {label} trained from the policy's backbone and tokenizer "
@@ -44,6 +45,7 @@ def model_config(model: PretrainedConfig | str | Path) -> PretrainedConfig:
     name = str(model)
     if is_tiny(name):
         return tiny_config(name, 1, None, None, None)
+    name = resolve_model(name)
     if not os.path.isdir(name) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"model directory {name!r} does not exist (and HF_HUB_OFFLINE=1 "
                                 "forbids a download). Fix: check the path, or train the stage "
@@ -140,6 +142,7 @@ def check_compatible(policy: str | Path | PreTrainedTokenizerBase, other: str | 
             f"than the run's tokenizer ({len(tok)} tokens, {src}): token ids >= {vocab_size} "
             f"would index past it. Fix: {fix}"
         )
+    other = resolve_model(other)
     if not any((Path(other) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json",
                                                      "vocab.json", "tokenizer.model")):
         return  # a bare model directory: only the size can be checked

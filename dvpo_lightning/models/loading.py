@@ -1,4 +1,5 @@
-"""Load causal LMs, backbones and tokenizers from a local directory or a tiny config name."""
+"""Load causal LMs, backbones and tokenizers: a local directory, a GGUF file, a named model
+(:mod:`dvpo_lightning.models.named`), a tiny config name, or a hub id where a network exists."""
 
 from __future__ import annotations
 
@@ -15,12 +16,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dvpo_lightning.models.lora import LoraOptions, apply_lora
+from dvpo_lightning.models.named import resolve_model
 from dvpo_lightning.models.tiny import is_tiny, tiny_config
+
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in ``path``, with a pad token (EOS when it had none)."""
-    path = str(path)
+    """The tokenizer saved in ``path`` (or of a named model / GGUF file), with a pad token (EOS
+    when it had none)."""
+    path = resolve_model(path)
     if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(
             f"tokenizer path {path!r} does not exist and HF_HUB_OFFLINE=1 forbids a download; "
@@ -46,33 +52,70 @@ def resolve_dtype(dtype: str | None) -> torch.dtype | None:
 def _check_path(name_or_path: str) -> None:
     if not os.path.exists(name_or_path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(
-            f"model {name_or_path!r} is neither a local directory nor a tiny config name, and "
-            "HF_HUB_OFFLINE=1 forbids a download; train the stage that writes it first, or use "
-            "one of the tiny configs (tiny-llama, small-llama, test-llama)"
+            f"model {name_or_path!r} is neither a local directory, a .gguf file, a named model "
+            "nor a tiny config name, and HF_HUB_OFFLINE=1 forbids a download; train the stage "
+            "that writes it first, or use a named model (smollm2-135m-instruct) or a tiny "
+            "config (tiny-llama, small-llama, test-llama)"
         )
 
 
-def load_causal_lm(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
-                   dtype: str | None = None) -> PreTrainedModel:
-    """A causal LM: a tiny config name builds random weights; a path loads ``from_pretrained``."""
+def _check_attn(attn_implementation: str | None) -> None:
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not one of "
+                         f"{ATTN_IMPLEMENTATIONS}; fix the model's `attn_implementation` key "
+                         "(None lets transformers choose)")
+
+
+def _finish(model: PreTrainedModel, gradient_checkpointing: bool,
+            lora: LoraOptions | None) -> PreTrainedModel:
+    if gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and without use_cache juggling
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return apply_lora(model, lora) if lora is not None else model
+
+
+def _load(auto_cls, name_or_path: str, tokenizer: PreTrainedTokenizerBase, dtype: str | None,
+          attn_implementation: str | None) -> PreTrainedModel:
+    _check_attn(attn_implementation)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if is_tiny(name_or_path):
         cfg = tiny_config(name_or_path, len(tokenizer), tokenizer.pad_token_id,
                           tokenizer.bos_token_id, tokenizer.eos_token_id)
-        return AutoModelForCausalLM.from_config(cfg)
-    _check_path(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+        return auto_cls.from_config(cfg, **extra)
+    path = resolve_model(name_or_path)
+    _check_path(path)
+    config = AutoConfig.from_pretrained(path)
+    return auto_cls.from_pretrained(path, config=config, dtype=resolve_dtype(dtype), **extra)
+
+
+def load_causal_lm(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
+                   dtype: str | None = None, attn_implementation: str | None = None,
+                   gradient_checkpointing: bool = False,
+                   lora: LoraOptions | None = None) -> PreTrainedModel:
+    """A causal LM: a tiny config name builds random weights; anything else loads
+    ``from_pretrained`` (see the module docstring).
+
+    Args:
+        name_or_path: directory, ``.gguf`` file, named model, tiny config name or hub id.
+        tokenizer: the run's tokenizer (sizes a tiny model's vocabulary).
+        dtype: ``float32``, ``bfloat16``, ``float16``, or None / ``auto`` (as saved).
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2`` …; None: the default.
+        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        lora: wrap with fresh LoRA adapters (only they train); None trains every weight.
+    """
+    model = _load(AutoModelForCausalLM, name_or_path, tokenizer, dtype, attn_implementation)
+    return _finish(model, gradient_checkpointing, lora)
 
 
 def load_backbone(name_or_path: str, tokenizer: PreTrainedTokenizerBase,
-                  dtype: str | None = None) -> PreTrainedModel:
-    """A transformer without its LM head (what a value or score head reads)."""
-    if is_tiny(name_or_path):
-        cfg = tiny_config(name_or_path, len(tokenizer), tokenizer.pad_token_id,
-                          tokenizer.bos_token_id, tokenizer.eos_token_id)
-        return AutoModel.from_config(cfg)
-    _check_path(name_or_path)
-    config = AutoConfig.from_pretrained(name_or_path)
-    return AutoModel.from_pretrained(name_or_path, config=config, dtype=resolve_dtype(dtype))
+                  dtype: str | None = None, attn_implementation: str | None = None,
+                  gradient_checkpointing: bool = False,
+                  lora: LoraOptions | None = None) -> PreTrainedModel:
+    """A transformer without its LM head (what a value or score head reads); a causal-LM
+    checkpoint loads its body. Arguments as :func:`load_causal_lm`."""
+    model = _load(AutoModel, name_or_path, tokenizer, dtype, attn_implementation)
+    return _finish(model, gradient_checkpointing, lora)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dvpo_lightning.models.loading import load_backbone, position_ids_from_mask
+from dvpo_lightning.models.lora import LoraOptions, merged_copy
+from dvpo_lightning.models.named import resolve_model
 
 HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_CONFIG = "value_head.json"
@@ -58,20 +60,28 @@ class ValueModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, tokenizer: PreTrainedTokenizerBase,
                         kind: str = "gvm", zero_init_head: bool = True,
-                        dtype: str | None = None) -> ValueModel:
-        """Backbone from ``name_or_path``; the head too when the directory has one, else fresh."""
-        model = cls(load_backbone(name_or_path, tokenizer, dtype), kind, zero_init_head)
-        head_file = Path(name_or_path) / HEAD_WEIGHTS
+                        dtype: str | None = None, attn_implementation: str | None = None,
+                        gradient_checkpointing: bool = False,
+                        lora: LoraOptions | None = None) -> ValueModel:
+        """Backbone from ``name_or_path`` (any causal LM or backbone checkpoint: a fresh head
+        goes on its body); the head too when the directory has one. ``lora`` wraps the
+        backbone with adapters (the head always trains fully); other arguments as
+        :func:`~dvpo_lightning.models.loading.load_causal_lm`."""
+        backbone = load_backbone(name_or_path, tokenizer, dtype, attn_implementation,
+                                 gradient_checkpointing, lora)
+        model = cls(backbone, kind, zero_init_head)
+        root = Path(resolve_model(name_or_path))
+        head_file = root / HEAD_WEIGHTS
         if head_file.exists():
             model.head.load_state_dict(load_file(str(head_file)))
-            meta = json.loads((Path(name_or_path) / HEAD_CONFIG).read_text())
+            meta = json.loads((root / HEAD_CONFIG).read_text())
             model.kind = meta.get("kind", kind)
         return model
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(str(out))
+        merged_copy(self.backbone).save_pretrained(str(out))  # adapters merged: a plain model
         save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
                   str(out / HEAD_WEIGHTS))
         (out / HEAD_CONFIG).write_text(json.dumps(

@@ -34,11 +34,12 @@ from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
 from dvpo_lightning.masked import masked_mean
 from dvpo_lightning.models.compat import check_compatible, check_fits_context
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from dvpo_lightning.models.lora import LoraOptions, adapters_disabled, merged_copy, save_adapter
 from dvpo_lightning.models.value_model import ValueModel, freeze
 from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw
 from dvpo_lightning.rollout.experience import Experience
-from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+from dvpo_lightning.rollout.generation import SamplingConfig, make_generator
 from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.rollout.scoring import policy_logps, response_values, sequence_scores
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
@@ -53,15 +54,27 @@ class DVPOModule(L.LightningModule):
         estimator: the advantage estimator (``class_path``): ``GVM`` (DVPO), ``GAE`` (PPO),
             ``GRPO``, ``ReMax`` or ``RLOO``.
         tokenizer: tokenizer directory; defaults to the policy's.
-        reference: the frozen reference policy for the KL; defaults to ``policy``.
+        reference: the frozen reference policy for the KL; defaults to ``policy`` (with
+            ``lora``: the policy itself with its adapters switched off, no second copy).
         value_model: the frozen Global Value Model directory (estimators needing GVM values).
         reward_model: the frozen scalar reward model directory (estimators needing scores).
+        lora: train LoRA adapters on the policy instead of every weight; the export merges
+            them (and writes the adapter alone to ``<export_dir>/adapter``).
+        critic_lora: LoRA adapters for the PPO critic's backbone (its head trains fully).
+        attn_implementation: attention kernel of every model loaded (``eager``, ``sdpa``,
+            ``flash_attention_2``); None lets transformers choose.
+        gradient_checkpointing: recompute the trained models' activations in the backward
+            pass (less memory, ~30 % more update time).
         frozen_dtype: dtype of the frozen reference, GVM and RM (``bfloat16``, ``float16``;
             None keeps the loaded dtype): half precision halves their memory on a GPU.
         critic_init: initial weights of the PPO critic (estimators that train one); defaults
             to ``reward_model`` (as in the paper's PPO), else the policy.
         task: embedded task whose gold scorer is logged for rollouts and evaluations (None
             for data without a gold judge).
+        generation: rollout generation engine: ``hf`` (``model.generate``), ``static`` (a
+            static KV cache and, on CUDA, the decode step compiled into CUDA graphs:
+            :mod:`~dvpo_lightning.rollout.fast_generation`), or ``auto`` (static on CUDA, hf
+            elsewhere); static falls back to hf where it cannot run (ZeRO-3 partitions).
         max_new_tokens: longest response.
         min_new_tokens: shortest response: EOS is suppressed before it (cost benchmarks set it
             to ``max_new_tokens`` to force every response's length).
@@ -108,8 +121,13 @@ class DVPOModule(L.LightningModule):
         value_model: str | None = None,
         reward_model: str | None = None,
         critic_init: str | None = None,
+        lora: LoraOptions | None = None,
+        critic_lora: LoraOptions | None = None,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
         frozen_dtype: str | None = None,
         task: str | None = None,
+        generation: str = "hf",
         max_new_tokens: int = 16,
         min_new_tokens: int = 0,
         temperature: float = 1.0,
@@ -159,20 +177,31 @@ class DVPOModule(L.LightningModule):
                 check_compatible(self.tokenizer, path, role)
         self.sampling = SamplingConfig(max_new_tokens, temperature or 1.0, top_p, top_k,
                                        greedy=temperature == 0, min_new_tokens=min_new_tokens)
-        self.generator = HFGenerator(self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+        self.generator = make_generator(generation, self.tokenizer.eos_token_id,
+                                        self.tokenizer.pad_token_id)
 
-        trained = nn.ModuleDict({"policy": load_causal_lm(policy, self.tokenizer)})
+        attn = attn_implementation
+        trained = nn.ModuleDict({"policy": load_causal_lm(
+            policy, self.tokenizer, attn_implementation=attn,
+            gradient_checkpointing=gradient_checkpointing, lora=lora)})
         if Need.CRITIC_VALUES in needs:
             trained["critic"] = ValueModel.from_pretrained(
-                critic_init or reward_model or policy, self.tokenizer, kind="critic")
+                critic_init or reward_model or policy, self.tokenizer, kind="critic",
+                attn_implementation=attn, gradient_checkpointing=gradient_checkpointing,
+                lora=critic_lora)
         self.trained = trained
-        frozen = nn.ModuleDict({"reference": freeze(load_causal_lm(reference or policy,
-                                                                   self.tokenizer))})
+        # With LoRA and no separate reference, the reference is the policy without adapters.
+        self.shared_reference = lora is not None and reference is None
+        frozen = nn.ModuleDict()
+        if not self.shared_reference:
+            frozen["reference"] = freeze(load_causal_lm(reference or policy, self.tokenizer,
+                                                        attn_implementation=attn))
         if Need.GVM_VALUES in needs:
-            frozen["gvm"] = freeze(ValueModel.from_pretrained(value_model, self.tokenizer))
+            frozen["gvm"] = freeze(ValueModel.from_pretrained(value_model, self.tokenizer,
+                                                              attn_implementation=attn))
         if Need.SCORES in needs or Need.GREEDY_BASELINE in needs:
-            frozen["reward_model"] = freeze(ValueModel.from_pretrained(reward_model,
-                                                                       self.tokenizer))
+            frozen["reward_model"] = freeze(ValueModel.from_pretrained(
+                reward_model, self.tokenizer, attn_implementation=attn))
         if frozen_dtype:
             frozen.to(resolve_dtype(frozen_dtype))
         self.frozen = frozen
@@ -217,6 +246,13 @@ class DVPOModule(L.LightningModule):
     def policy(self) -> nn.Module:
         return self.trained["policy"]
 
+    def reference_logps(self, *seq: Tensor) -> Tensor:
+        """``log π_ref`` of the responses in ``seq`` (see :func:`policy_logps`)."""
+        if self.shared_reference:
+            with adapters_disabled(self.policy):
+                return policy_logps(self.policy, *seq)[0]
+        return policy_logps(self.frozen["reference"], *seq)[0]
+
     @property
     def model(self) -> nn.Module:
         """The trained policy (what evaluation callbacks generate with)."""
@@ -253,7 +289,7 @@ class DVPOModule(L.LightningModule):
         t1 = time.perf_counter()
         seq = (prompt_ids, prompt_mask, response_ids, response_mask)
         logp_old, _ = policy_logps(self.policy, *seq)
-        logp_ref, _ = policy_logps(self.frozen["reference"], *seq)
+        logp_ref = self.reference_logps(*seq)
         kl = kl_estimate(logp_old, logp_ref, self.hparams.kl_estimator, response_mask)
         kl_penalty = kl * self.kl_ctl.coef if self.hparams.kl_in_reward else torch.zeros_like(kl)
         values = scores = baseline = None
@@ -471,9 +507,12 @@ class DVPOModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = [{"params": list(self.trained["policy"].parameters()), "lr": hp.lr}]
+        def trainable(m: nn.Module) -> list:
+            return [p for p in m.parameters() if p.requires_grad]  # (LoRA: the adapters)
+
+        groups = [{"params": trainable(self.trained["policy"]), "lr": hp.lr}]
         if "critic" in self.trained:
-            groups.append({"params": list(self.trained["critic"].parameters()),
+            groups.append({"params": trainable(self.trained["critic"]),
                            "lr": hp.critic_lr or hp.lr})
         return adamw(groups, hp.lr, hp.weight_decay)
 
@@ -487,7 +526,7 @@ class DVPOModule(L.LightningModule):
         resp, rmask = self.generator.generate(model, ids, pmask, cfg)
         seq = (ids, pmask, resp, rmask)
         logp, _ = policy_logps(model, *seq)
-        logp_ref, _ = policy_logps(self.frozen["reference"], *seq)
+        logp_ref = self.reference_logps(*seq)
         out = {"kl_to_ref": (kl_estimate(logp, logp_ref, "k1", rmask) * rmask).sum(1),
                "response_len": rmask.sum(1).float()}
         if "reward_model" in self.frozen:
@@ -505,7 +544,11 @@ class DVPOModule(L.LightningModule):
         with gathered_for_generation(self.policy):
             self._val_rows.append(self._evaluate_batch(self.policy, batch))
         if self._ref_eval is None and self.task is not None:
-            self._ref_rows.append(self._evaluate_batch(self.frozen["reference"], batch))
+            if self.shared_reference:
+                with adapters_disabled(self.policy), gathered_for_generation(self.policy):
+                    self._ref_rows.append(self._evaluate_batch(self.policy, batch))
+            else:
+                self._ref_rows.append(self._evaluate_batch(self.frozen["reference"], batch))
         self.policy.train()
 
     def on_validation_epoch_end(self) -> None:
@@ -599,7 +642,8 @@ class DVPOModule(L.LightningModule):
                    if self._ref_eval else ""))
         if self.hparams.export_dir:
             def write(d):
-                self.policy.save_pretrained(str(d))
+                merged_copy(self.policy).save_pretrained(str(d))
+                save_adapter(self.policy, str(Path(d) / "adapter"))
                 self.tokenizer.save_pretrained(str(d))
                 if "critic" in self.trained:  # judged against the GVM after training
                     self.trained["critic"].save_pretrained(Path(d) / "critic")
@@ -621,15 +665,16 @@ class DVPOModule(L.LightningModule):
         def mean(key: str) -> float:
             return sum(r[key] for r in log) / len(log) if log else 0.0
 
-        def count(mods: list[nn.Module]) -> float:
-            return sum(p.numel() for m in mods for p in m.parameters()) / 1e6
+        def count(mods: list[nn.Module], trainable: bool = False) -> float:
+            return sum(p.numel() for m in mods for p in m.parameters()
+                       if p.requires_grad or not trainable) / 1e6
 
         out = {"rl_steps": len(self.cost_log), "step_s": mean("step_s"),
                "generate_s": mean("generate_s"), "score_s": mean("score_s"),
                "update_s": mean("update_s"), "gen_tokens_per_step": mean("gen_tokens"),
                "gen_tokens_total": sum(r["gen_tokens"] for r in self.cost_log),
                "params_loaded_m": count([self.trained, self.frozen]),
-               "params_trained_m": count([self.trained]),
+               "params_trained_m": count([self.trained], trainable=True),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         if torch.cuda.is_available():
             out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from dvpo_lightning.losses import value_regression_loss
+from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.modules.value_base import ValueHeadModule
 from dvpo_lightning.returns import gvm_value_targets
 
@@ -33,6 +34,11 @@ class GVMModule(ValueHeadModule):
         export_dir: where to write the GVM (backbone + value head) at the end of ``fit``.
         zero_init_head: start the value head at zero (authors' code).
         dtype: dtype to load ``backbone`` in.
+        attn_implementation: attention kernel (``eager``, ``sdpa``, ``flash_attention_2``);
+            None lets transformers choose.
+        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        lora: train LoRA adapters on the backbone (and the head fully) instead of every weight;
+            the export merges them.
     """
 
     kind = "gvm"
@@ -43,9 +49,11 @@ class GVMModule(ValueHeadModule):
                  positions: str = "all", lr: float = 3e-4, weight_decay: float = 0.0,
                  warmup_steps: int = 50, min_lr_ratio: float = 0.1,
                  export_dir: str | None = None, zero_init_head: bool = True,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, attn_implementation: str | None = None,
+                 gradient_checkpointing: bool = False, lora: LoraOptions | None = None) -> None:
         super().__init__(backbone, tokenizer, lr, weight_decay, warmup_steps, min_lr_ratio,
-                         export_dir, zero_init_head, dtype)
+                         export_dir, zero_init_head, dtype, attn_implementation,
+                         gradient_checkpointing, lora)
         self.save_hyperparameters()
         if target not in ("td0", "td_lambda", "mc"):
             raise ValueError(f"model.target={target!r} is not one of ('td0', 'td_lambda', 'mc')")

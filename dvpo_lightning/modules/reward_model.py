@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from dvpo_lightning.losses import bradley_terry_loss
+from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.modules.value_base import ValueHeadModule
 from dvpo_lightning.rollout.scoring import final_scores
 
@@ -26,6 +27,11 @@ class RewardModelModule(ValueHeadModule):
         export_dir: where to write the reward model (backbone + head) at the end of ``fit``.
         zero_init_head: start the score head at zero.
         dtype: dtype to load ``backbone`` in.
+        attn_implementation: attention kernel (``eager``, ``sdpa``, ``flash_attention_2``);
+            None lets transformers choose.
+        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        lora: train LoRA adapters on the backbone (and the head fully) instead of every weight;
+            the export merges them.
     """
 
     kind = "reward"
@@ -35,9 +41,11 @@ class RewardModelModule(ValueHeadModule):
                  lr: float = 3e-4, weight_decay: float = 0.0, warmup_steps: int = 50,
                  min_lr_ratio: float = 0.1, margin: float | None = None,
                  export_dir: str | None = None, zero_init_head: bool = True,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, attn_implementation: str | None = None,
+                 gradient_checkpointing: bool = False, lora: LoraOptions | None = None) -> None:
         super().__init__(backbone, tokenizer, lr, weight_decay, warmup_steps, min_lr_ratio,
-                         export_dir, zero_init_head, dtype)
+                         export_dir, zero_init_head, dtype, attn_implementation,
+                         gradient_checkpointing, lora)
         self.save_hyperparameters()
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor
 from dvpo_lightning.data.collate import join
 from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, position_ids_from_mask
+from dvpo_lightning.models.lora import LoraOptions, merged_copy, save_adapter
 from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw, warmup_cosine
 
@@ -37,16 +38,23 @@ class SFTModule(L.LightningModule):
         export_dir: where to write the trained policy (``save_pretrained`` + tokenizer) at the
             end of ``fit``; None writes nothing.
         dtype: dtype to load ``backbone`` in (``auto``, ``float32``, ``bfloat16``).
+        attn_implementation: attention kernel (``eager``, ``sdpa``, ``flash_attention_2``);
+            None lets transformers choose.
+        gradient_checkpointing: recompute activations in the backward pass (less memory).
+        lora: train LoRA adapters instead of every weight; the export merges them (and
+            writes the adapter alone to ``<export_dir>/adapter``).
     """
 
     def __init__(self, backbone: str = "tiny-llama", tokenizer: str | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
                  min_lr_ratio: float = 0.1, export_dir: str | None = None,
-                 dtype: str | None = None) -> None:
+                 dtype: str | None = None, attn_implementation: str | None = None,
+                 gradient_checkpointing: bool = False, lora: LoraOptions | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer or backbone)
-        self.model = load_causal_lm(backbone, self.tokenizer, dtype)
+        self.model = load_causal_lm(backbone, self.tokenizer, dtype, attn_implementation,
+                                    gradient_checkpointing, lora)
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
@@ -74,7 +82,8 @@ class SFTModule(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=int(n))
 
     def configure_optimizers(self):
-        opt = adamw(self.model.parameters(), self.hparams.lr, self.hparams.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: adapters
+        opt = adamw(trainable, self.hparams.lr, self.hparams.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         sched = warmup_cosine(opt, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -82,7 +91,8 @@ class SFTModule(L.LightningModule):
     def on_train_end(self) -> None:
         if self.hparams.export_dir and self.trainer.is_global_zero:
             def write(d):
-                self.model.save_pretrained(str(d))
+                merged_copy(self.model).save_pretrained(str(d))
+                save_adapter(self.model, str(d / "adapter"))
                 self.tokenizer.save_pretrained(str(d))
 
             out = export_atomic(self.hparams.export_dir, write,

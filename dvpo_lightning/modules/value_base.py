@@ -15,6 +15,7 @@ from dvpo_lightning.loggers import has_wandb, log_files, log_table
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
 from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_tokenizer
+from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.models.value_model import ValueModel
 from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw, warmup_cosine
@@ -36,11 +37,14 @@ class ValueHeadModule(L.LightningModule):
 
     def __init__(self, backbone: str, tokenizer: str | None, lr: float, weight_decay: float,
                  warmup_steps: int, min_lr_ratio: float, export_dir: str | None,
-                 zero_init_head: bool, dtype: str | None) -> None:
+                 zero_init_head: bool, dtype: str | None,
+                 attn_implementation: str | None = None, gradient_checkpointing: bool = False,
+                 lora: LoraOptions | None = None) -> None:
         super().__init__()
         self.tokenizer = load_tokenizer(tokenizer or backbone)
         self.model = ValueModel.from_pretrained(backbone, self.tokenizer, self.kind,
-                                                zero_init_head, dtype)
+                                                zero_init_head, dtype, attn_implementation,
+                                                gradient_checkpointing, lora)
         self.val_acc = PairAccuracy()
         self.last_accuracy: dict[str, float] = {}
         self.last_val_pairs = 0
@@ -94,7 +98,8 @@ class ValueHeadModule(L.LightningModule):
         return "final"
 
     def configure_optimizers(self):
-        opt = adamw(self.model.parameters(), self.hparams.lr, self.hparams.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: adapters
+        opt = adamw(trainable, self.hparams.lr, self.hparams.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         sched = warmup_cosine(opt, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
