@@ -120,6 +120,7 @@ def run_method(args) -> dict:
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root / 'run'}",
         f"--trainer.precision={args.precision}",
         f"--trainer.accelerator={'gpu' if args.mode == 'gpu' else 'cpu'}", "--trainer.devices=1",
+        f"--model.init_args.generation={args.generation}",
     ]
     if args.method in ("dvpo",):
         overrides.append(f"--model.init_args.value_model={root / 'gvm'}")
@@ -217,6 +218,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatches", type=int, default=1, help="PPO mini-batches per step")
     p.add_argument("--precision", default=None, help="cpu 32-true, gpu bf16-mixed")
     p.add_argument("--out", default=None, help="output directory")
+    p.add_argument("--generation", choices=("hf", "static", "auto"), default="hf",
+                   help="our methods' rollout engine (DVPOModule's generation); TRL always "
+                        "uses HF generate")
     p.add_argument("--trl", choices=("auto", "on", "off"), default="auto",
                    help="also run TRL's GRPOTrainer under the same protocol (auto: when trl "
                    "imports)")
@@ -279,7 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
         device = torch.cuda.get_device_name(0)
     meta = {"device": device, "shape": args.shape, "precision": args.precision,
             "responses_per_step": args.prompts * args.group, "length": args.length,
-            "rl_steps": args.rl_steps, "seconds": round(time.time() - t0, 1),
+            "rl_steps": args.rl_steps, "generation": args.generation,
+            "seconds": round(time.time() - t0, 1),
             "date": time.strftime("%Y-%m-%d"), "trl_version": version}
     base = next((r for r in records if r["method"] == "ppo"), None)
     for r in records + ([trl] if trl else []):

@@ -42,6 +42,7 @@ import yaml
 from dvpo_lightning.cli import cli_main, data_main
 from dvpo_lightning.data.base import TokenizedDataModule
 from dvpo_lightning.tasks.make_data import make_task_data
+from dvpo_lightning.tasks.make_instruct_data import make_instruct_data
 
 REPO = Path(__file__).resolve().parents[1]
 # cli_main(args=...) run under pytest: LightningCLI warns that sys.argv holds pytest's args
@@ -57,6 +58,10 @@ OVERRIDES: dict[str, list[str]] = {
     "dvpo_lightning.modules.SFTModule": ["--model.init_args.backbone=test-llama"],
 }
 DATA_ARGS = set(inspect.signature(make_task_data).parameters)
+INSTRUCT_ARGS = set(inspect.signature(make_instruct_data).parameters)
+# The instruction setting's configs load SmolLM2-135M-Instruct and its sampled data: they run
+# for real, every one, in tests/test_instruct_pipeline.py (the smoke pipeline).
+REAL_MODEL_DIR = CONFIG_DIR / "instruct"
 
 
 def load(path: Path):
@@ -75,7 +80,8 @@ def classify(path: Path) -> str | None:
         return "sweep"
     if "stages" in doc:
         return "pipeline"
-    if doc and set(doc) <= DATA_ARGS:
+    if doc and (set(doc) <= DATA_ARGS or doc.get("task") == "instruct"
+                and set(doc) <= INSTRUCT_ARGS):
         return "data"
     return None
 
@@ -152,6 +158,8 @@ def resolve(class_path: str):
 
 @pytest.mark.parametrize("path", configs_of("cli"))
 def test_lightning_config_parses_and_instantiates(path, task_data, artifacts, tmp_path, capsys):
+    if REAL_MODEL_DIR in path.parents:
+        pytest.skip("a real-model config: instantiated and run by tests/test_instruct_pipeline.py")
     doc = load(path)
     class_path = doc["model"]["class_path"]
     args = ["--config", str(path), *fixture_overrides(doc, task_data, artifacts, tmp_path),
@@ -205,6 +213,9 @@ SMALL_COUNTS = dict(n_sft=12, n_trajectory_prompts=10, n_rl_prompts=4, n_eval_pr
 @pytest.mark.parametrize("path", configs_of("data"))
 def test_data_config_parses_and_generates(path, tmp_path, capsys):
     doc = load(path)
+    if doc.get("task") == "instruct":  # samples from a real model: run by the smoke pipeline
+        assert set(doc) <= INSTRUCT_ARGS, sorted(set(doc) - INSTRUCT_ARGS)
+        return
     out = tmp_path / "data"
     args = ["--config", str(path), "--out", str(out)]
     for k, v in SMALL_COUNTS.items():

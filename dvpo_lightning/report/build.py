@@ -33,7 +33,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                  gvm: str | None = None, reward_model: str | None = None,
                  eval_pairs: str | None = None, critic_method: str | None = "ppo",
                  baseline: str | None = "ppo", examples: int = 4, color_by: str = "delta",
-                 wandb: bool = True, group: str | None = None) -> list[Path]:
+                 wandb: bool = True, group: str | None = None,
+                 reference: str = "SFT") -> list[Path]:
     """Write the tables, plots and pictures of a study; returns the files written.
 
     Args:
@@ -48,6 +49,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
         color_by: colour tokens by ``delta`` (u_t − u_{t−1}) or ``value`` (u_t).
         wandb: also log everything to a W&B run (job type ``report``).
         group: the W&B run group (the pipeline passes its name).
+        reference: what the runs started from, in labels (``SFT``; ``instruct model``).
     """
     t0 = time.time()
     out_dir = Path(out)
@@ -62,18 +64,18 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
         critic_dirs = [Path(r.artifact) / "critic" for r in loaded if r.method == critic_method]
         accs["critics"] = [pair_accuracy(str(d), eval_pairs) for d in critic_dirs if d.exists()]
     result = {
-        "quality": tables.quality_table(loaded),
+        "quality": tables.quality_table(loaded, reference),
         "value_models": tables.value_model_table(accs.get("gvm"), accs.get("reward_model"),
                                                  accs.get("critics", [])),
         "cost": tables.cost_table(loaded, baseline),
-        "convergence": tables.convergence_table(loaded),
+        "convergence": tables.convergence_table(loaded, reference=reference),
     }
     seeds = sorted({r.seed for r in loaded})
     machine = _machine()
     notes = {
         "quality": f"Mean ± sample std over seeds {seeds}; held-out prompts, the gold scorer "
                    "judges. Win rate: fraction of prompts where the policy's response beats the "
-                   "SFT policy's (ties count ½).",
+                   f"{reference} policy's (ties count ½).",
         "value_models": "GVM and ScalarRM are trained once on the same data; the critic row "
                         f"is each {critic_method} run's critic at its last step. "
                         f"{accs['gvm']['pairs'] if accs.get('gvm') else '?'} held-out pairs."
@@ -93,7 +95,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
            for r in loaded]
     written[1].write_text(json.dumps({"tables": result, "notes": notes, "machine": machine,
                                       "value_model_accuracy": accs, "runs": raw}, indent=2))
-    written += [plots.plot_learning_curves(loaded, out_dir / "learning_curves.png"),
+    written += [plots.plot_learning_curves(loaded, out_dir / "learning_curves.png", reference),
                 plots.plot_train_curves(loaded, out_dir / "train_curves.png"),
                 plots.plot_reward_vs_kl(loaded, out_dir / "reward_vs_kl.png")]
     if gvm and eval_pairs and examples > 0:

@@ -40,8 +40,9 @@ def _colors(methods: list[str]) -> dict[str, tuple]:
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
-def plot_learning_curves(runs: list[Run], out: str | Path) -> Path:
-    """Held-out gold reward, KL and win rate against RL steps, mean ± std band over seeds."""
+def plot_learning_curves(runs: list[Run], out: str | Path, reference: str = "SFT") -> Path:
+    """Held-out gold reward, KL and win rate (against ``reference``, the starting policy)
+    against RL steps, mean ± std band over seeds."""
     groups = by_method(runs)
     colors = _colors(list(groups))
     fig, axes = plt.subplots(1, len(EVAL_PANELS), figsize=(5 * len(EVAL_PANELS), 4))
@@ -50,7 +51,7 @@ def plot_learning_curves(runs: list[Run], out: str | Path) -> Path:
             steps, values = _stack(rs, key)
             _band(ax, steps, values, method, colors[method])
         ax.set_xlabel("RL step (policy updates on one rollout batch)")
-        ax.set_ylabel(label)
+        ax.set_ylabel(label.replace("SFT", reference))
         ax.grid(alpha=0.3)
     axes[0].legend()
     n = max(len(rs) for rs in groups.values())

@@ -25,11 +25,12 @@ QUALITY_COLUMNS = [("gold_reward", "gold reward ↑"), ("win_rate_vs_sft", "win 
                    ("kl_to_ref", "KL to ref"), ("response_len", "length")]
 
 
-def quality_table(runs: list[Run]) -> dict:
-    """Final held-out evaluation per method; the first row is the SFT policy (the reference
-    evaluated at each run's first validation, so one value per run)."""
+def quality_table(runs: list[Run], reference: str = "SFT") -> dict:
+    """Final held-out evaluation per method; the first row is the starting policy, called
+    ``reference`` (the SFT policy, or the instruct model: evaluated at each run's first
+    validation, so one value per run). Only the labels change with ``reference``."""
     ref = [r.history[0] for r in runs]
-    rows = {"SFT (reference)": {
+    rows = {f"{reference} (reference)": {
         "gold_reward": mean_std([h["eval/gold_reward"] for h in ref]),
         "win_rate_vs_sft": None, "kl_to_ref": mean_std([h["eval/kl_to_ref"] for h in ref]),
         "response_len": mean_std([h["eval/response_len"] for h in ref])}}
@@ -39,8 +40,9 @@ def quality_table(runs: list[Run]) -> dict:
             "win_rate_vs_sft": mean_std([r.final["eval/win_rate_vs_ref"] for r in rs]),
             "kl_to_ref": mean_std([r.final["eval/kl_to_ref"] for r in rs]),
             "response_len": mean_std([r.final["eval/response_len"] for r in rs])}
+    columns = [(k, label.replace("SFT", reference)) for k, label in QUALITY_COLUMNS]
     return {"title": "Held-out quality at the end of RL (Table 1 analog)",
-            "columns": QUALITY_COLUMNS, "rows": rows}
+            "columns": columns, "rows": rows}
 
 
 def value_model_table(gvm: dict | None, reward_model: dict | None,
@@ -98,7 +100,7 @@ def cost_table(runs: list[Run], baseline: str | None = "ppo") -> dict:
             "columns": columns, "rows": rows}
 
 
-def convergence_table(runs: list[Run], fraction: float = 0.95) -> dict:
+def convergence_table(runs: list[Run], fraction: float = 0.95, reference: str = "SFT") -> dict:
     """Per method: best held-out gold reward, and the first RL step reaching ``fraction`` of
     it (of the reward, and of the gain over the SFT policy; runs that never beat it are left
     out of the second)."""
@@ -114,7 +116,7 @@ def convergence_table(runs: list[Run], fraction: float = 0.95) -> dict:
     pct = f"{fraction:.0%}"
     return {"title": f"Convergence: first RL step at {pct} of the best held-out gold reward",
             "columns": [("best_gold", "best gold reward"), ("step_best", f"step to {pct} of best"),
-                        ("step_gain", f"step to {pct} of best gain over SFT"),
+                        ("step_gain", f"step to {pct} of best gain over {reference}"),
                         ("rl_steps", "RL steps")],
             "rows": rows}
 
