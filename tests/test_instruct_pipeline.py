@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,8 @@ def test_instruct_smoke_pipeline_runs_end_to_end(tmp_path, monkeypatch):
         assert summary["rl_steps"] == 2, m
         ref, final = summary["reference_eval"], summary["final_eval"]
         assert 0.0 <= ref["gold_reward"] <= 1.0 and ref["kl_to_ref"] == 0.0, m
-        assert 0.0 <= final["eval/gold_reward"] <= 1.0 and final["eval/kl_to_ref"] >= 0, m
+        # (k1 KL on 4 prompts' own samples: unbiased, but a small sample can be below 0)
+        assert 0.0 <= final["eval/gold_reward"] <= 1.0 and math.isfinite(final["eval/kl_to_ref"])
         assert 0.0 <= final["eval/win_rate_vs_ref"] <= 1.0, m
         assert summary["cost"]["step_s"] > 0
         # LoRA: the adapter and the merged policy, which moved away from the instruct model

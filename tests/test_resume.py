@@ -78,12 +78,21 @@ def assert_same(out) -> None:
     assert kl_res == kl_full
 
 
-@pytest.mark.parametrize("name", ["dvpo", "ppo", "grpo", "remax", "rloo"])
-def test_rl_resume_is_exact(name, tmp_path, artifacts, task_data):
+LORA = ["--model.init_args.lora.r=4", "--model.init_args.lr=1e-2"]
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("dvpo", []), ("ppo", []), ("grpo", []), ("remax", []), ("rloo", []),
+    # LoRA policy (reference = adapters off) and LoRA critic
+    ("dvpo", LORA), ("ppo", [*LORA, "--model.init_args.critic_lora.r=4"])],
+    ids=["dvpo", "ppo", "grpo", "remax", "rloo", "dvpo-lora", "ppo-lora"])
+def test_rl_resume_is_exact(name, extra, tmp_path, artifacts, task_data):
     out = run_three_ways(name, tmp_path, artifacts, task_data, 4, 2,
-                         "--model.init_args.adaptive_kl=true")
+                         "--model.init_args.adaptive_kl=true", *extra)
     assert_same(out)
     assert len(out["full"][1][1]) == 4  # four rollout rows, two before and two after
+    if extra:
+        assert any("lora_" in k for k in out["full"][0])
 
 
 def test_rl_resume_at_an_epoch_boundary(tmp_path, artifacts, task_data):
