@@ -7,6 +7,7 @@ declares it needs (:class:`~dvpo_lightning.estimators.Need`), never by its name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import resource
@@ -65,6 +66,10 @@ class DVPOModule(L.LightningModule):
             ``flash_attention_2``); None lets transformers choose.
         gradient_checkpointing: recompute the trained models' activations in the backward
             pass (less memory, ~30 % more update time).
+        offload_frozen: keep the frozen reference, GVM and RM in CPU memory and move them to
+            the accelerator only for the scoring phase of a rollout and for evaluation (frees
+            their memory during generation and the update; costs a host-device copy per
+            step). Not with DeepSpeed ZeRO-3, whose partitioned weights cannot move.
         frozen_dtype: dtype of the frozen reference, GVM and RM (``bfloat16``, ``float16``;
             None keeps the loaded dtype): half precision halves their memory on a GPU.
         critic_init: initial weights of the PPO critic (estimators that train one); defaults
@@ -125,6 +130,7 @@ class DVPOModule(L.LightningModule):
         critic_lora: LoraOptions | None = None,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        offload_frozen: bool = False,
         frozen_dtype: str | None = None,
         task: str | None = None,
         generation: str = "hf",
@@ -262,10 +268,34 @@ class DVPOModule(L.LightningModule):
         dm = self.trainer.datamodule
         check_rollout_batch(getattr(dm, "batch_size", 1), getattr(dm, "group_size", 1),
                             self.estimator.group_size, self.hparams.mini_batch_size)
+        if self.hparams.offload_frozen and getattr(self.trainer.strategy, "zero_stage_3", False):
+            raise ValueError("model.offload_frozen=true cannot move ZeRO-3 partitioned weights "
+                             "between devices. Fix: set it to false and use "
+                             "configs/deepspeed/zero3_offload.yaml (DeepSpeed's own offload)")
         longest = getattr(dm, "max_length", 0) + self.hparams.max_new_tokens
         for part in (*self.trained.values(), *self.frozen.values()):
             check_fits_context(longest, getattr(part, "backbone", part).config,
                                "data.max_prompt_length + model.max_new_tokens")
+
+    @contextlib.contextmanager
+    def frozen_on_device(self):
+        """The frozen models on the compute device inside the block; with ``offload_frozen``
+        they go back to CPU memory after it (a no-op on CPU or without offloading)."""
+        offload = self.hparams.offload_frozen and self.device.type != "cpu"
+        if offload:
+            self.frozen.to(self.device)
+        try:
+            yield
+        finally:
+            if offload:
+                self.frozen.to("cpu")
+
+    def _offload_frozen_now(self) -> None:
+        if self.hparams.offload_frozen and self.device.type != "cpu":
+            self.frozen.to("cpu")  # Lightning moved the whole module to the device at set-up
+
+    def on_validation_start(self) -> None:
+        self._offload_frozen_now()
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -287,6 +317,15 @@ class DVPOModule(L.LightningModule):
                                    min_new_tokens=self.sampling.min_new_tokens))
         timing["generate"] = time.perf_counter() - t0
         t1 = time.perf_counter()
+        with self.frozen_on_device():
+            return self._score_rollout(batch, response_ids, response_mask, baseline_ids,
+                                       baseline_mask, timing, t1)
+
+    def _score_rollout(self, batch: dict, response_ids: Tensor, response_mask: Tensor,
+                       baseline_ids: Tensor | None, baseline_mask: Tensor | None,
+                       timing: dict, t1: float) -> tuple[Experience, dict]:
+        needs = self.estimator.needs
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         seq = (prompt_ids, prompt_mask, response_ids, response_mask)
         logp_old, _ = policy_logps(self.policy, *seq)
         logp_ref = self.reference_logps(*seq)
@@ -540,6 +579,10 @@ class DVPOModule(L.LightningModule):
         self._ref_rows: list[dict[str, Tensor]] = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        with self.frozen_on_device():
+            self._validation_step(batch)
+
+    def _validation_step(self, batch: dict) -> None:
         self.policy.eval()
         with gathered_for_generation(self.policy):
             self._val_rows.append(self._evaluate_batch(self.policy, batch))
@@ -603,6 +646,7 @@ class DVPOModule(L.LightningModule):
             self._ref_gold = state["ref_gold"]
 
     def on_train_start(self) -> None:
+        self._offload_frozen_now()
         # Restored here, not in on_load_checkpoint: nothing may draw from the RNGs between
         # this point and the next rollout, in the resumed run as in the uninterrupted one.
         if self._rng_to_restore is not None:
