@@ -72,7 +72,7 @@ def classify(path: Path) -> str | None:
     doc = load(path)
     if not isinstance(doc, dict):
         return None
-    if "model" in doc:
+    if isinstance(doc.get("model"), dict):  # (an instruct data config names a model path)
         return "cli"
     if set(doc) == {"trainer"} and "strategy" in doc["trainer"]:
         return "strategy"  # an add-on: a second --config after a stage's
