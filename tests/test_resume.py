@@ -91,8 +91,11 @@ def test_rl_resume_is_exact(name, extra, tmp_path, artifacts, task_data):
                          "--model.init_args.adaptive_kl=true", *extra)
     assert_same(out)
     assert len(out["full"][1][1]) == 4  # four rollout rows, two before and two after
-    if extra:
+    if extra:  # LoRA: the checkpoint holds the adapters, not the base weights it reloads
         assert any("lora_" in k for k in out["full"][0])
+        saved = torch.load(tmp_path / "half/checkpoints/last.ckpt", weights_only=True)
+        keys = [k for k in saved["state_dict"] if k.startswith("trained.policy.")]
+        assert keys and [k for k in keys if "lora_" not in k and "rotary" not in k] == []
 
 
 def test_rl_resume_at_an_epoch_boundary(tmp_path, artifacts, task_data):

@@ -616,9 +616,20 @@ class DVPOModule(L.LightningModule):
                                  **{k: float(v) for k, v in metrics.items()}})
 
     # ------------------------------------------------------------------ state and export
+    def _loaded_weights(self) -> dict[str, Tensor]:
+        """State-dict entries a checkpoint need not hold: the frozen models and, with LoRA,
+        the trained parts' frozen base weights — all reloaded from their directories (whose
+        hashes a resume checks)."""
+        out = {f"frozen.{k}": v for k, v in self.frozen.state_dict().items()}
+        base = {n for n, p in self.trained.named_parameters(remove_duplicate=False)
+                if not p.requires_grad}  # (tied weights under every name)
+        out.update({f"trained.{k}": v for k, v in self.trained.state_dict().items() if k in base})
+        return out
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        skip = self._loaded_weights()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith("frozen.")}
+                                    if k not in skip and not k.startswith("frozen.")}
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
         checkpoint["eval_history"] = self.history
         checkpoint["rl_state"] = {"rl_step": self.rl_step, "cost_log": self.cost_log,
@@ -630,8 +641,8 @@ class DVPOModule(L.LightningModule):
                                   "rng": rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for k, v in self.frozen.state_dict().items():
-            checkpoint["state_dict"][f"frozen.{k}"] = v
+        for k, v in self._loaded_weights().items():
+            checkpoint["state_dict"].setdefault(k, v)
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.history = checkpoint.get("eval_history", [])
