@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,6 @@ from conftest import requires_smollm2
 from transformers import AutoModelForCausalLM
 
 from dvpo_lightning.models.named import resolve_model
-from dvpo_lightning.pipeline import run_pipeline_file
 from dvpo_lightning.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +36,16 @@ pytestmark = [
 def test_instruct_smoke_pipeline_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs")
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    report = run_pipeline_file(str(REPO / "configs/instruct/pipeline_smoke.yaml"),
-                               in_process=True)
-    assert all(v["status"] == "ran" for v in report.values()), report
+    # The README's command, in a process of its own (its W&B service must not outlive it in
+    # the test session); its stages in that one process to save start-up time.
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvpo_lightning", "pipeline", "--config",
+         "configs/instruct/pipeline_smoke.yaml", "--in_process", "true"],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("[pipeline] data ")]
+    assert summary and summary[-1].count(" ran (") == 8, summary  # data, 2 stages, 4 runs, report
 
     # the data: judged samples of the real model, disjoint prompt splits, pairs by score
     data = tmp_path / "data/instruct_smoke"

@@ -59,7 +59,7 @@ def test_gold_score_repeated_digits():
 
 def test_get_task_lists_known_tasks():
     assert isinstance(get_task("sorting", min_digits=2, max_digits=3), SortingTask)
-    with pytest.raises(ValueError, match=r"unknown task 'nope'.*\['sorting'\]"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'.*\['instruct', 'sorting'\]"):
         get_task("nope")
     with pytest.raises(ValueError, match="min_digits <= max_digits"):
         SortingTask(min_digits=5, max_digits=3)
