@@ -385,14 +385,10 @@ class LetterCase(Constraint):
 
 
 @dataclass(frozen=True)
-class JsonFormat(Constraint):
-    """``"Format your whole answer as a JSON object."``: the response, stripped, parses with
-    ``json.loads`` to an object (a dict; an array, string or number fails). One Markdown fence
-    around it is allowed: ``"```json\\n{...}\\n```"`` or ``"```\\n{...}\\n```"`` (the ``json``
-    tag in any case); text before or after the object or fence fails."""
+class _FixedText(Constraint):
+    """A constraint without parameters: its rendered line is the class's ``TEXT``."""
 
-    kind: ClassVar[str] = "json"
-    PATTERN: ClassVar[re.Pattern] = re.compile(r"Format your whole answer as a JSON object\.")
+    TEXT: ClassVar[str] = ""
 
     @classmethod
     def sample(cls, rng, topic, others=()):
@@ -400,11 +396,24 @@ class JsonFormat(Constraint):
         return cls()
 
     def render(self) -> str:
-        return "Format your whole answer as a JSON object."
+        return self.TEXT
 
     @classmethod
     def _from_match(cls, m):
         return cls()
+
+
+@dataclass(frozen=True)
+class JsonFormat(_FixedText):
+    """``"Format your whole answer as a JSON object."``: the response, stripped, parses with
+    ``json.loads`` to an object (a dict; an array, string or number fails). One Markdown fence
+    around it is allowed: ``"```json\\n{...}\\n```"`` or ``"```\\n{...}\\n```"`` (the ``json``
+    tag in any case); text before or after the object or fence fails."""
+
+    kind: ClassVar[str] = "json"
+    TEXT: ClassVar[str] = "Format your whole answer as a JSON object."
+    PATTERN: ClassVar[re.Pattern] = re.compile(re.escape(TEXT))
+
 
     def _check(self, response):
         text = response.strip()
@@ -420,27 +429,16 @@ class JsonFormat(Constraint):
 
 
 @dataclass(frozen=True)
-class TitleLine(Constraint):
+class TitleLine(_FixedText):
     """``"Start with a title line in double angular brackets, like <<title>>."``: the first
     line of the response (leading blank lines and spaces skipped, trailing spaces ignored) is
     exactly ``<<title>>``, the title holding a letter or digit and no ``<``, ``>``. Text after
     the ``>>`` on the same line, or a title on a later line, fails."""
 
     kind: ClassVar[str] = "title"
-    PATTERN: ClassVar[re.Pattern] = re.compile(
-        r"Start with a title line in double angular brackets, like <<title>>\.")
+    TEXT: ClassVar[str] = "Start with a title line in double angular brackets, like <<title>>."
+    PATTERN: ClassVar[re.Pattern] = re.compile(re.escape(TEXT))
 
-    @classmethod
-    def sample(cls, rng, topic, others=()):
-        """The only instance (no parameters)."""
-        return cls()
-
-    def render(self) -> str:
-        return "Start with a title line in double angular brackets, like <<title>>."
-
-    @classmethod
-    def _from_match(cls, m):
-        return cls()
 
     def _check(self, response):
         first = response.lstrip().split("\n", 1)[0].rstrip()
