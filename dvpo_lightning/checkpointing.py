@@ -147,3 +147,27 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def reloaded_weights(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """``{prefix + name: tensor}`` of the state-dict entries of ``module`` that are frozen
+    parameters (``requires_grad=False``: a LoRA model's base weights). A checkpoint need not
+    hold them: they are loaded again from the model directory, whose hash a resume checks."""
+    frozen = {n for n, p in module.named_parameters(remove_duplicate=False)  # tied: every name
+              if not p.requires_grad}
+    return {prefix + k: v for k, v in module.state_dict().items() if k in frozen}
+
+
+def drop_reloaded(checkpoint: dict, reloaded: dict[str, torch.Tensor]) -> None:
+    """Remove ``reloaded``'s keys from ``checkpoint["state_dict"]`` (on save)."""
+    if "state_dict" in checkpoint:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k not in reloaded}
+
+
+def restore_reloaded(checkpoint: dict, reloaded: dict[str, torch.Tensor]) -> None:
+    """Put the current values of ``reloaded`` back into ``checkpoint["state_dict"]`` (on load),
+    so a strict load finds every key."""
+    if "state_dict" in checkpoint:
+        for k, v in reloaded.items():
+            checkpoint["state_dict"].setdefault(k, v)

@@ -152,8 +152,10 @@ def _stage1(kind, root, task_data, tokenizer_dir, sft_model_dir, max_steps, stop
         data = SFTDataModule(train_path=f"{task_data}/sft.jsonl", tokenizer=tokenizer_dir,
                              batch_size=64, max_length=32)
     else:
+        from dvpo_lightning.models.lora import LoraOptions
+
         module = GVMModule(backbone=sft_model_dir, tokenizer=tokenizer_dir, lr=1e-3,
-                           warmup_steps=2)
+                           warmup_steps=2, lora=LoraOptions(r=4) if kind == "gvm-lora" else None)
         data = ValueDataModule(train_path=f"{task_data}/trajectories.jsonl", train_kind="scored",
                                val_path=f"{task_data}/eval_pairs.jsonl",
                                tokenizer=tokenizer_dir, batch_size=64, max_length=32)
@@ -164,7 +166,7 @@ def _stage1(kind, root, task_data, tokenizer_dir, sft_model_dir, max_steps, stop
     return module, data, trainer
 
 
-@pytest.mark.parametrize("kind", ["sft", "gvm"])
+@pytest.mark.parametrize("kind", ["sft", "gvm", "gvm-lora"])
 def test_stage1_resume_is_exact(kind, tmp_path, task_data, tokenizer_dir, sft_model_dir):
     """400 SFT rows in batches of 64 (6 per epoch): 12 steps cross an epoch; stop at 6 (the
     epoch's end for SFT) and resume."""
@@ -180,3 +182,8 @@ def test_stage1_resume_is_exact(kind, tmp_path, task_data, tokenizer_dir, sft_mo
     a, b = full[0].model.state_dict(), resumed[0].model.state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{kind}: {k} differs after resume"
+    if kind == "gvm-lora":  # the checkpoint holds the adapters and the head only
+        saved = torch.load(tmp_path / "half/checkpoints/last.ckpt", weights_only=True)
+        assert any("lora_" in k for k in saved["state_dict"])
+        assert [k for k in saved["state_dict"] if "lora_" not in k and "rotary" not in k
+                and not k.startswith("model.head.")] == []

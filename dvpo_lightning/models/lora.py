@@ -15,6 +15,7 @@ import contextlib
 import copy
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 
@@ -42,6 +43,11 @@ class LoraOptions:
             raise ValueError(
                 f"LoRA options r={self.r}, alpha={self.alpha}, dropout={self.dropout}: need "
                 "r >= 1, alpha > 0 and 0 <= dropout < 1; fix the `lora` config")
+
+
+# Modules keep their LoraOptions in their hyper-parameters, which Lightning saves in every
+# checkpoint: let `torch.load(weights_only=True)` (what resume uses) rebuild them.
+torch.serialization.add_safe_globals([LoraOptions])
 
 
 def apply_lora(model: nn.Module, options: LoraOptions) -> nn.Module:

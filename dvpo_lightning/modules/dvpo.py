@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from dvpo_lightning.checkpointing import (
     check_same_models,
     fingerprint,
+    reloaded_weights,
     rng_states,
     set_rng_states,
 )
@@ -621,9 +622,7 @@ class DVPOModule(L.LightningModule):
         the trained parts' frozen base weights — all reloaded from their directories (whose
         hashes a resume checks)."""
         out = {f"frozen.{k}": v for k, v in self.frozen.state_dict().items()}
-        base = {n for n, p in self.trained.named_parameters(remove_duplicate=False)
-                if not p.requires_grad}  # (tied weights under every name)
-        out.update({f"trained.{k}": v for k, v in self.trained.state_dict().items() if k in base})
+        out.update(reloaded_weights(self.trained, "trained."))
         return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -7,6 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from dvpo_lightning.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
 from dvpo_lightning.data.collate import join
 from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, position_ids_from_mask
@@ -80,6 +81,14 @@ class SFTModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, n = self(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=int(n))
+
+    # LoRA: checkpoints hold the adapters (and the head), not the base weights reloaded from
+    # `backbone` at start-up
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop_reloaded(checkpoint, reloaded_weights(self.model, "model."))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_reloaded(checkpoint, reloaded_weights(self.model, "model."))
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: adapters
