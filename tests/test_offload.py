@@ -25,12 +25,12 @@ def test_frozen_models_are_offloaded_between_phases(artifacts, task_data, tmp_pa
     probe = WhereIsFrozen()
     cli.trainer.callbacks.append(probe)
     scored_on = []
-    orig = cli.model._score_rollout
+    orig = cli.model.reference_logps  # runs in the scoring phase and in evaluation
 
     def spy(*a, **k):
         scored_on.extend({p.device.type for p in cli.model.frozen.parameters()})
         return orig(*a, **k)
 
-    cli.model._score_rollout = spy
+    cli.model.reference_logps = spy
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert set(scored_on) == {"cuda"} and set(probe.seen) == {"cpu"}

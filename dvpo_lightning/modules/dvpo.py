@@ -295,7 +295,11 @@ class DVPOModule(L.LightningModule):
         if self.hparams.offload_frozen and self.device.type != "cpu":
             self.frozen.to("cpu")  # Lightning moved the whole module to the device at set-up
 
-    def on_validation_start(self) -> None:
+    def on_validation_start(self) -> None:  # the whole evaluation uses them: move once
+        if self.hparams.offload_frozen and self.device.type != "cpu":
+            self.frozen.to(self.device)
+
+    def on_validation_end(self) -> None:
         self._offload_frozen_now()
 
     # ------------------------------------------------------------------ rollout
@@ -318,30 +322,22 @@ class DVPOModule(L.LightningModule):
                                    min_new_tokens=self.sampling.min_new_tokens))
         timing["generate"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        with self.frozen_on_device():
-            return self._score_rollout(batch, response_ids, response_mask, baseline_ids,
-                                       baseline_mask, timing, t1)
-
-    def _score_rollout(self, batch: dict, response_ids: Tensor, response_mask: Tensor,
-                       baseline_ids: Tensor | None, baseline_mask: Tensor | None,
-                       timing: dict, t1: float) -> tuple[Experience, dict]:
-        needs = self.estimator.needs
-        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         seq = (prompt_ids, prompt_mask, response_ids, response_mask)
-        logp_old, _ = policy_logps(self.policy, *seq)
-        logp_ref = self.reference_logps(*seq)
+        with self.frozen_on_device():
+            logp_old, _ = policy_logps(self.policy, *seq)
+            logp_ref = self.reference_logps(*seq)
+            values = scores = baseline = None
+            if Need.GVM_VALUES in needs:
+                values = response_values(self.frozen["gvm"], *seq)
+            if Need.CRITIC_VALUES in needs:
+                values = response_values(self.trained["critic"], *seq)
+            if Need.SCORES in needs:
+                scores = sequence_scores(self.frozen["reward_model"], *seq)
+            if Need.GREEDY_BASELINE in needs:
+                baseline = sequence_scores(self.frozen["reward_model"], prompt_ids,
+                                           prompt_mask, baseline_ids, baseline_mask)
         kl = kl_estimate(logp_old, logp_ref, self.hparams.kl_estimator, response_mask)
         kl_penalty = kl * self.kl_ctl.coef if self.hparams.kl_in_reward else torch.zeros_like(kl)
-        values = scores = baseline = None
-        if Need.GVM_VALUES in needs:
-            values = response_values(self.frozen["gvm"], *seq)
-        if Need.CRITIC_VALUES in needs:
-            values = response_values(self.trained["critic"], *seq)
-        if Need.SCORES in needs:
-            scores = sequence_scores(self.frozen["reward_model"], *seq)
-        if Need.GREEDY_BASELINE in needs:
-            baseline = sequence_scores(self.frozen["reward_model"], prompt_ids, prompt_mask,
-                                       baseline_ids, baseline_mask)
         self.policy.train()
         timing["score"] = time.perf_counter() - t1
         exp = Experience(prompt_ids, prompt_mask, response_ids, response_mask, logp_old,
@@ -558,7 +554,10 @@ class DVPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def _evaluate_batch(self, model: nn.Module, batch: dict) -> dict[str, Tensor]:
+    def _evaluate_batch(self, model: nn.Module, batch: dict,
+                        is_reference: bool = False) -> dict[str, Tensor]:
+        """Held-out metrics of ``model``'s responses; ``is_reference``: ``model`` is the
+        reference itself, so its log-probs are the reference's (no second pass)."""
         cfg = SamplingConfig(self.sampling.max_new_tokens, self.sampling.temperature,
                              self.sampling.top_p, self.sampling.top_k,
                              greedy=self.hparams.eval_greedy or self.sampling.greedy)
@@ -566,7 +565,7 @@ class DVPOModule(L.LightningModule):
         resp, rmask = self.generator.generate(model, ids, pmask, cfg)
         seq = (ids, pmask, resp, rmask)
         logp, _ = policy_logps(model, *seq)
-        logp_ref = self.reference_logps(*seq)
+        logp_ref = logp if is_reference else self.reference_logps(*seq)
         out = {"kl_to_ref": (kl_estimate(logp, logp_ref, "k1", rmask) * rmask).sum(1),
                "response_len": rmask.sum(1).float()}
         if "reward_model" in self.frozen:
@@ -580,19 +579,16 @@ class DVPOModule(L.LightningModule):
         self._ref_rows: list[dict[str, Tensor]] = []
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        with self.frozen_on_device():
-            self._validation_step(batch)
-
-    def _validation_step(self, batch: dict) -> None:
         self.policy.eval()
         with gathered_for_generation(self.policy):
             self._val_rows.append(self._evaluate_batch(self.policy, batch))
         if self._ref_eval is None and self.task is not None:
             if self.shared_reference:
                 with adapters_disabled(self.policy), gathered_for_generation(self.policy):
-                    self._ref_rows.append(self._evaluate_batch(self.policy, batch))
+                    self._ref_rows.append(self._evaluate_batch(self.policy, batch, True))
             else:
-                self._ref_rows.append(self._evaluate_batch(self.frozen["reference"], batch))
+                self._ref_rows.append(self._evaluate_batch(self.frozen["reference"], batch,
+                                                           True))
         self.policy.train()
 
     def on_validation_epoch_end(self) -> None:
