@@ -278,11 +278,15 @@ class DVPOModule(L.LightningModule):
             check_fits_context(longest, getattr(part, "backbone", part).config,
                                "data.max_prompt_length + model.max_new_tokens")
 
+    @property
+    def _offloading(self) -> bool:
+        return bool(self.hparams.offload_frozen) and self.device.type != "cpu"
+
     @contextlib.contextmanager
     def frozen_on_device(self):
         """The frozen models on the compute device inside the block; with ``offload_frozen``
         they go back to CPU memory after it (a no-op on CPU or without offloading)."""
-        offload = self.hparams.offload_frozen and self.device.type != "cpu"
+        offload = self._offloading
         if offload:
             self.frozen.to(self.device)
         try:
@@ -292,11 +296,11 @@ class DVPOModule(L.LightningModule):
                 self.frozen.to("cpu")
 
     def _offload_frozen_now(self) -> None:
-        if self.hparams.offload_frozen and self.device.type != "cpu":
+        if self._offloading:
             self.frozen.to("cpu")  # Lightning moved the whole module to the device at set-up
 
     def on_validation_start(self) -> None:  # the whole evaluation uses them: move once
-        if self.hparams.offload_frozen and self.device.type != "cpu":
+        if self._offloading:
             self.frozen.to(self.device)
 
     def on_validation_end(self) -> None:
