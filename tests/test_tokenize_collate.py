@@ -21,9 +21,10 @@ from dvpo_lightning.data.tokenize import (
     fit_length,
 )
 from dvpo_lightning.data.value import ValueDataModule
-from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer, position_ids_from_mask
-from dvpo_lightning.modules.sft import response_token_logps
+from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
+from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.tasks.tokenizer import build_char_tokenizer
+from dvpo_lightning.token_logps import token_logps
 
 PAD = 0
 PROMPTS = [[11, 12, 13], [21], [31, 32, 33, 34, 35]]
@@ -73,12 +74,12 @@ def test_values_slice_is_u0_to_uT():
         assert u[i, 1:1 + len(resp)].tolist() == [float(t) for t in resp]
 
 
-def test_response_token_logps_matches_loop():
+def test_response_token_logps_match_loop():
     g = torch.Generator().manual_seed(0)
     b = collate_prompt_response(PROMPTS, RESPONSES, PAD)
     V = 40
     logits = torch.randn(3, P + T, V, generator=g)
-    got = response_token_logps(logits, b["response_ids"], P)
+    got, _ = token_logps(logits, b["response_ids"], offset=P - 1)
     assert got.shape == (3, T) and got.dtype == torch.float32
     for i, resp in enumerate(RESPONSES):
         for t, y in enumerate(resp):  # y_{t+1} is predicted by the logits at column P-1+t
@@ -99,11 +100,9 @@ def test_batched_policy_logps_match_unpadded_rows(tokenizer_dir):
     model = load_causal_lm("test-llama", tok).eval()
     prompts, responses = _unpadded_rows(tok)
     b = collate_prompt_response(prompts, responses, tok.pad_token_id)
-    ids, mask = join(b)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask.long(),
-                       position_ids=position_ids_from_mask(mask)).logits
-        batched = response_token_logps(logits, b["response_ids"], b["prompt_ids"].shape[1])
+        batched, _ = policy_logps(model, b["prompt_ids"], b["prompt_mask"], b["response_ids"],
+                                  b["response_mask"])
         for i, (p, r) in enumerate(zip(prompts, responses)):
             row = torch.tensor([p + r])
             lp = model(input_ids=row).logits[0].log_softmax(-1)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -122,3 +123,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, L) long`` positions counting real tokens only, so left padding does not shift them."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def forward_accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether the ``forward`` of ``model`` (of the model under a peft wrapper) names ``name``."""
+    try:
+        return name in inspect.signature(unwrapped(model).forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -43,7 +43,12 @@ from dvpo_lightning.modules.optim import adamw
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.generation import SamplingConfig, make_generator
 from dvpo_lightning.rollout.gold import gold_scores
-from dvpo_lightning.rollout.scoring import policy_logps, response_values, sequence_scores
+from dvpo_lightning.rollout.scoring import (
+    by_rows,
+    policy_logps,
+    response_values,
+    sequence_scores,
+)
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 from dvpo_lightning.tasks import get_task
 
@@ -97,6 +102,10 @@ class DVPOModule(L.LightningModule):
         ppo_epochs: passes over each rollout batch (K).
         mini_batch_size: responses per mini-batch (per process); None = the whole batch.
         grad_accum: mini-batches accumulated per optimizer step.
+        score_batch_size: rows per forward pass when scoring a rollout or an evaluation batch
+            (policy and reference log-probs, GVM / critic values, RM scores); None: the whole
+            batch in one pass. Generation always runs on the whole batch; this bounds the
+            scoring passes' activation memory (large vocabularies, long responses).
         clip_eps: PPO clip ε (lower side; and upper unless ``clip_eps_high``).
         clip_eps_high: upper clip ε (asymmetric clipping); None = ``clip_eps``.
         value_clip: clip range of the critic's value loss (PPO).
@@ -149,6 +158,7 @@ class DVPOModule(L.LightningModule):
         ppo_epochs: int = 4,
         mini_batch_size: int | None = None,
         grad_accum: int = 1,
+        score_batch_size: int | None = None,
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
         value_clip: float = 0.2,
@@ -234,6 +244,9 @@ class DVPOModule(L.LightningModule):
             raise ValueError(f"model.kl_estimator={hp.kl_estimator!r} is not one of k1, k2, k3")
         if hp.ppo_epochs < 1 or hp.grad_accum < 1:
             raise ValueError("model.ppo_epochs and model.grad_accum must be >= 1")
+        if hp.score_batch_size is not None and hp.score_batch_size < 1:
+            raise ValueError(f"model.score_batch_size={hp.score_batch_size} must be >= 1, or "
+                             "null to score a whole batch in one pass")
         for key, allowed in (("on_nonfinite", ("stop", "skip")),
                              ("on_kl_exceeded", ("stop", "warn"))):
             if hp[key] not in allowed:
@@ -252,6 +265,11 @@ class DVPOModule(L.LightningModule):
     @property
     def policy(self) -> nn.Module:
         return self.trained["policy"]
+
+    @staticmethod
+    def _logps(model: nn.Module):
+        """``seq ↦ log π(y | x)`` of ``model`` (the log-probs alone, for :func:`by_rows`)."""
+        return lambda *seq: policy_logps(model, *seq)[0]
 
     def reference_logps(self, *seq: Tensor) -> Tensor:
         """``log π_ref`` of the responses in ``seq`` (see :func:`policy_logps`)."""
@@ -327,19 +345,24 @@ class DVPOModule(L.LightningModule):
         timing["generate"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         seq = (prompt_ids, prompt_mask, response_ids, response_mask)
+        rows = self.hparams.score_batch_size
         with self.frozen_on_device():
-            logp_old, _ = policy_logps(self.policy, *seq)
-            logp_ref = self.reference_logps(*seq)
+            logp_old = by_rows(self._logps(self.policy), rows, *seq)
+            logp_ref = by_rows(self.reference_logps, rows, *seq)
             values = scores = baseline = None
             if Need.GVM_VALUES in needs:
-                values = response_values(self.frozen["gvm"], *seq)
+                values = by_rows(functools.partial(response_values, self.frozen["gvm"]),
+                                 rows, *seq)
             if Need.CRITIC_VALUES in needs:
-                values = response_values(self.trained["critic"], *seq)
-            if Need.SCORES in needs:
-                scores = sequence_scores(self.frozen["reward_model"], *seq)
-            if Need.GREEDY_BASELINE in needs:
-                baseline = sequence_scores(self.frozen["reward_model"], prompt_ids,
-                                           prompt_mask, baseline_ids, baseline_mask)
+                values = by_rows(functools.partial(response_values, self.trained["critic"]),
+                                 rows, *seq)
+            if Need.SCORES in needs or Need.GREEDY_BASELINE in needs:
+                rm_score = functools.partial(sequence_scores, self.frozen["reward_model"])
+                if Need.SCORES in needs:
+                    scores = by_rows(rm_score, rows, *seq)
+                if Need.GREEDY_BASELINE in needs:
+                    baseline = by_rows(rm_score, rows, prompt_ids, prompt_mask, baseline_ids,
+                                       baseline_mask)
         kl = kl_estimate(logp_old, logp_ref, self.hparams.kl_estimator, response_mask)
         kl_penalty = kl * self.kl_ctl.coef if self.hparams.kl_in_reward else torch.zeros_like(kl)
         self.policy.train()
@@ -568,12 +591,14 @@ class DVPOModule(L.LightningModule):
         ids, pmask = batch["prompt_ids"], batch["prompt_mask"]
         resp, rmask = self.generator.generate(model, ids, pmask, cfg)
         seq = (ids, pmask, resp, rmask)
-        logp, _ = policy_logps(model, *seq)
-        logp_ref = logp if is_reference else self.reference_logps(*seq)
+        rows = self.hparams.score_batch_size
+        logp = by_rows(self._logps(model), rows, *seq)
+        logp_ref = logp if is_reference else by_rows(self.reference_logps, rows, *seq)
         out = {"kl_to_ref": (kl_estimate(logp, logp_ref, "k1", rmask) * rmask).sum(1),
                "response_len": rmask.sum(1).float()}
         if "reward_model" in self.frozen:
-            out["rm_score"] = sequence_scores(self.frozen["reward_model"], *seq)
+            out["rm_score"] = by_rows(functools.partial(
+                sequence_scores, self.frozen["reward_model"]), rows, *seq)
         if self.task is not None:
             out["gold_reward"] = self._gold(batch["prompts"], resp, rmask)
         return out

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from dvpo_lightning.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
-from dvpo_lightning.data.collate import join
 from dvpo_lightning.models.compat import check_fits_context
-from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, position_ids_from_mask
+from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions, merged_copy, save_adapter
 from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw, warmup_cosine
-
-
-def response_token_logps(logits: Tensor, response_ids: Tensor, prompt_width: int) -> Tensor:
-    """``log π(y_t | s_t)`` for ``t = 1..T`` from full-sequence ``logits (B, P+T, V)``.
-
-    The logits at column ``P - 1 + (t - 1)`` predict ``y_t`` (ALGORITHM.md alignment).
-    Returns ``(B, T) float32``.
-    """
-    logits = logits[:, prompt_width - 1:-1].float()
-    return torch.gather(logits.log_softmax(-1), 2, response_ids[..., None]).squeeze(-1)
+from dvpo_lightning.rollout.scoring import policy_logps
 
 
 class SFTModule(L.LightningModule):
@@ -64,13 +53,11 @@ class SFTModule(L.LightningModule):
 
     def forward(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Mean response-token NLL and the number of response tokens."""
-        ids, mask = join(batch)
-        logits = self.model(input_ids=ids, attention_mask=mask.long(),
-                            position_ids=position_ids_from_mask(mask), use_cache=False).logits
-        logp = response_token_logps(logits, batch["response_ids"], batch["prompt_ids"].shape[1])
         rmask = batch["response_mask"]
+        logp, _ = policy_logps(self.model, batch["prompt_ids"], batch["prompt_mask"],
+                               batch["response_ids"], rmask)
         n = rmask.sum()
-        return -(logp * rmask).sum() / n.clamp(min=1), n
+        return -logp.sum() / n.clamp(min=1), n
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, n = self(batch)

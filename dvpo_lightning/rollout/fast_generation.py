@@ -53,7 +53,6 @@ Limits:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
 from collections import OrderedDict
@@ -63,7 +62,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dvpo_lightning.models.loading import position_ids_from_mask
+from dvpo_lightning.models.loading import forward_accepts, position_ids_from_mask, unwrapped
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig, mask_after_eos
 
 _LOG = logging.getLogger(__name__)
@@ -83,20 +82,6 @@ _UNSUPPORTED_GENERATION_FIELDS: dict[str, Any] = {
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (the model itself otherwise)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
 
 
 def _forward_last_logits(model: nn.Module, input_ids: Tensor, position_ids: Tensor,
@@ -242,7 +227,7 @@ class StaticCacheGenerator:
         peft_config = getattr(model, "active_peft_config", None)
         if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
             return "it has a prompt-learning peft adapter (virtual tokens change the cache layout)"
-        base = _base_model(model)
+        base = unwrapped(model)
         config = getattr(base, "config", None)
         if config is None or not hasattr(base, "generation_config"):
             return f"{type(base).__name__} is not a transformers generative model"
@@ -276,9 +261,8 @@ class StaticCacheGenerator:
         if state is not None and state.model_ref() is model:
             return state
         state = _ModelState(model_ref=weakref.ref(model))
-        base = _base_model(model)
         state.extra_kwargs = tuple(name for name in ("cache_position", "logits_to_keep")
-                                   if _accepts(base.forward, name))
+                                   if forward_accepts(model, name))
         use_compile = self.compile is True or (self.compile == "auto" and device.type == "cuda")
         if use_compile:
             state.step = torch.compile(_forward_last_logits, **self.compile_options)
@@ -303,7 +287,7 @@ class StaticCacheGenerator:
             return shape
         while len(state.shapes) >= self.max_cached:
             state.shapes.popitem(last=False)
-        config = _base_model(model).config
+        config = unwrapped(model).config
         shape = _ShapeState(
             cache=StaticCache(config=config, max_cache_len=length),
             input_ids=torch.zeros((batch, 1), dtype=torch.long, device=device),

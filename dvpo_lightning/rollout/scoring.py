@@ -7,11 +7,13 @@ values ``(B, T + 1)`` = ``u_0 … u_T``, scores ``(B,)`` at the last response to
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from dvpo_lightning.losses import entropy_from_logits
-from dvpo_lightning.models.loading import position_ids_from_mask
+from dvpo_lightning.models.loading import forward_accepts, position_ids_from_mask
+from dvpo_lightning.token_logps import token_logps
 
 
 def _join(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
@@ -22,18 +24,21 @@ def _join(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
 def policy_logps(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  response_ids: Tensor, response_mask: Tensor,
                  with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """``log π(y_t | s_t)`` ``(B, T)`` (and the per-token entropy when asked), float32.
+    """``log π(y_t | s_t)`` ``(B, T)`` (and the per-token entropy, without gradient, when
+    asked), float32, zero where ``response_mask`` is.
 
-    Logits at column ``P − 1 + (t − 1)`` predict ``y_t``; only those ``T`` columns are turned
-    into log-probs, so the full-vocabulary softmax is never built for the prompt.
+    Logits at column ``P − 1 + (t − 1)`` predict ``y_t``. A model whose ``forward`` takes
+    ``logits_to_keep`` (transformers' causal LMs) computes its output head over the last
+    ``T + 1`` columns only, not over the prompt; the log-softmax runs in float32 chunks
+    (:func:`~dvpo_lightning.token_logps.token_logps`), never over the whole batch at once.
     """
     ids, mask = _join(prompt_ids, prompt_mask, response_ids, response_mask)
+    t = response_ids.shape[1]
+    keep = {"logits_to_keep": t + 1} if forward_accepts(policy, "logits_to_keep") else {}
     out = policy(input_ids=ids, attention_mask=mask.long(),
-                 position_ids=position_ids_from_mask(mask), use_cache=False)
-    p = prompt_ids.shape[1]
-    logits = out.logits[:, p - 1:-1].float()
-    logp = torch.gather(logits.log_softmax(-1), 2, response_ids[..., None]).squeeze(-1)
-    entropy = entropy_from_logits(logits) if with_entropy else None
+                 position_ids=position_ids_from_mask(mask), use_cache=False, **keep)
+    offset = out.logits.shape[1] - t - 1  # 0 with logits_to_keep, P - 1 without
+    logp, entropy = token_logps(out.logits, response_ids, offset, with_entropy=with_entropy)
     return logp * response_mask, entropy
 
 
@@ -55,3 +60,17 @@ def sequence_scores(reward_model: nn.Module, prompt_ids: Tensor, prompt_mask: Te
     """The reward model's score ``r(x, y)`` ``(B,)`` at the last response token."""
     values = response_values(reward_model, prompt_ids, prompt_mask, response_ids, response_mask)
     return final_scores(values, response_mask)
+
+
+def by_rows(fn: Callable[..., Tensor], rows: int | None, *tensors: Tensor) -> Tensor:
+    """``fn(*tensors)`` computed ``rows`` rows at a time and concatenated along dim 0.
+
+    A forward pass's activation memory grows with its rows; scoring a whole rollout batch in
+    slices keeps it bounded while generation still runs on the whole batch. Each row's
+    result does not depend on the other rows, so only the memory changes. ``rows`` None (or
+    at least the batch) is one call.
+    """
+    n = tensors[0].shape[0]
+    if rows is None or rows >= n:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[i:i + rows] for t in tensors)) for i in range(0, n, rows)])
