@@ -122,6 +122,10 @@ def run_method(args) -> dict:
         f"--trainer.accelerator={'gpu' if args.mode == 'gpu' else 'cpu'}", "--trainer.devices=1",
         f"--model.init_args.generation={args.generation}",
     ]
+    if args.gradient_checkpointing:
+        overrides.append("--model.init_args.gradient_checkpointing=true")
+    if args.score_batch_size:
+        overrides.append(f"--model.init_args.score_batch_size={args.score_batch_size}")
     if args.method in ("dvpo",):
         overrides.append(f"--model.init_args.value_model={root / 'gvm'}")
     else:
@@ -221,6 +225,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--generation", choices=("hf", "static", "auto"), default="hf",
                    help="our methods' rollout engine (DVPOModule's generation); TRL always "
                         "uses HF generate")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (ours and TRL's)")
+    p.add_argument("--score_batch_size", type=int, default=None,
+                   help="rows per scoring forward pass (DVPOModule's score_batch_size; "
+                        "default: the whole rollout batch)")
     p.add_argument("--trl", choices=("auto", "on", "off"), default="auto",
                    help="also run TRL's GRPOTrainer under the same protocol (auto: when trl "
                    "imports)")
@@ -284,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"device": device, "shape": args.shape, "precision": args.precision,
             "responses_per_step": args.prompts * args.group, "length": args.length,
             "rl_steps": args.rl_steps, "generation": args.generation,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "score_batch_size": args.score_batch_size,
             "seconds": round(time.time() - t0, 1),
             "date": time.strftime("%Y-%m-%d"), "trl_version": version}
     base = next((r for r in records if r["method"] == "ppo"), None)

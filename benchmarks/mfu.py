@@ -4,13 +4,15 @@
     python -m benchmarks.mfu --shape tiny --batch 4 --seq 32 --out /tmp/mfu         # CPU smoke
 
 One step is what ``DVPOModule`` runs per mini-batch: the policy's forward over prompt +
-response (``rollout.scoring.policy_logps``, log-probs of the response tokens only), the PPO-clip
-loss (``losses.ppo_clip_loss``, token mean), backward, gradient clipping and an AdamW step, in
-bf16 autocast on a GPU. Model FLOPs per step = 6 · N · tokens + the attention term
-12 · layers · hidden · seq² · batch / 2 (causal), N the parameters without the input embedding
-(the tied output head counts once, as a matmul); MFU = model FLOPs per second ÷ the device's
-dense matmul ceiling, measured here by timing a large matmul in the same dtype (so MFU is
-against what this device reaches, not its datasheet). Writes ``mfu.json`` and ``mfu.md``.
+response (``rollout.scoring.policy_logps``: the output head over the response columns only,
+log-probs in float32 chunks), the PPO-clip loss (``losses.ppo_clip_loss``, token mean),
+backward, gradient clipping and an AdamW step, in bf16 autocast on a GPU. Model FLOPs per
+step = 6 · N · tokens + 6 · hidden · vocab · head positions + the attention term
+12 · layers · hidden · seq² · batch / 2 (causal), N the body's parameters without the
+embedding, the (tied) output head counted on the positions it runs over (the response's
+T + 1 per row); MFU = model FLOPs per second ÷ the device's dense matmul ceiling, measured
+here by timing a large matmul in the same dtype (so MFU is against what this device
+reaches, not its datasheet). Writes ``mfu.json`` and ``mfu.md``.
 """
 
 from __future__ import annotations
@@ -24,14 +26,20 @@ from pathlib import Path
 from benchmarks.cost import SHAPES
 
 
-def model_flops(config, batch: int, seq: int) -> float:
-    """Forward + backward FLOPs of one step: ``6·N·tokens + 6·layers·hidden·seq²·batch``."""
+def model_flops(config, batch: int, seq: int, head_positions: int | None = None) -> float:
+    """Forward + backward FLOPs of one step: ``6·N_body·batch·seq + 6·hidden·vocab·batch·
+    head_positions + 6·layers·hidden·seq²·batch``.
+
+    ``head_positions``: the positions per row the output head runs over (``seq`` when None;
+    ``policy_logps`` asks for the response's ``T + 1`` only, so the prompt's head FLOPs are
+    neither done nor counted).
+    """
     h, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     per_layer = h * (h + 2 * kv) + h * h + 3 * h * config.intermediate_size  # qkv, o, mlp
-    n = layers * per_layer + h * v  # + the output head (tied to the embedding)
+    head = h * v * (seq if head_positions is None else head_positions)  # tied to the embedding
     attention = 12 * layers * h * seq * seq * batch / 2  # QK^T and AV, fwd+bwd, causal half
-    return 6 * n * batch * seq + attention
+    return 6 * batch * (layers * per_layer * seq + head) + attention
 
 
 def matmul_ceiling(device, dtype, size: int, repeats: int = 10) -> float:
@@ -63,6 +71,7 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from dvpo_lightning.losses import ppo_clip_loss
+    from dvpo_lightning.models.loading import forward_accepts
     from dvpo_lightning.rollout.scoring import policy_logps
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -102,12 +111,14 @@ def run(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    flops = model_flops(config, args.batch, args.seq)
+    head_positions = args.seq - p + 1 if forward_accepts(model, "logits_to_keep") else args.seq
+    flops = model_flops(config, args.batch, args.seq, head_positions)
     ceiling = matmul_ceiling(device, torch.bfloat16 if half else torch.float32,
                              args.matmul_size or (8192 if half else 1024))
     out = {"shape": args.shape, "device": torch.cuda.get_device_name(0) if half else "cpu",
            "dtype": "bf16-autocast" if half else "float32", "batch": args.batch, "seq": args.seq,
            "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn or "default",
+           "head_positions": head_positions,
            "params_m": sum(q.numel() for q in model.parameters()) / 1e6,
            "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
            "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,

@@ -101,6 +101,9 @@ def prepare(root: Path, args, config: Path) -> None:
     if not s["temperature"]:
         raise SystemExit(f"{config}: greedy rollouts (temperature 0) have no TRL equivalent; "
                          "GRPOTrainer always samples")
+    # what the command line set for our runs (cost.py passes them to every method)
+    s["generation"] = getattr(args, "generation", s["generation"])
+    s["gradient_checkpointing"] |= bool(getattr(args, "gradient_checkpointing", False))
     s["prompts"] = ordered_prompts(root / "prompts.jsonl", args.prompts, s["data_seed"],
                                    s["data_shuffle"], args.prompts * args.rl_steps)
     (root / SETTINGS_FILE).write_text(json.dumps(s))

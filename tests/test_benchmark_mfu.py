@@ -19,6 +19,9 @@ def test_model_flops_by_hand():
     n = 4 * 61440 + 64 * 512
     attention = 12 * 4 * 64 * 10 * 10 * 2 / 2
     assert model_flops(cfg, batch=2, seq=10) == 6 * n * 2 * 10 + attention
+    # the head over 4 of the 10 positions: 6 of them lose 6 · 64 · 512 FLOPs per row
+    assert model_flops(cfg, batch=2, seq=10, head_positions=4) == (
+        6 * n * 2 * 10 + attention - 6 * 64 * 512 * 2 * 6)
 
 
 def test_cpu_smoke_run_writes_every_field(tmp_path):
@@ -29,4 +32,5 @@ def test_cpu_smoke_run_writes_every_field(tmp_path):
     for k in ("step_s", "tokens_per_s", "achieved_tflops", "matmul_ceiling_tflops", "mfu"):
         assert r[k] > 0, k
     assert r["tokens_per_s"] == 2 * 16 / r["step_s"]
+    assert r["head_positions"] == 16 - 16 // 3 + 1  # the response's T + 1 columns
     assert "| MFU |" in (out / "mfu.md").read_text()
