@@ -4,7 +4,8 @@ data → stage-1 stages (SFT, reward model, GVM) → every RL method × every se
 SFT policy → the report (tables, plots, token-value pictures). Each stage is an ordinary
 ``fit`` run with its own config, so any stage can be run or changed alone. A stage whose
 artifact exists and was made from the same config text, arguments and upstream artifacts is
-reused; ``--force true`` recomputes everything.
+reused; a stage that was interrupted (crash, kill, preemption) resumes from its ``last.ckpt``
+on the next run; ``--force true`` recomputes everything.
 """
 
 from __future__ import annotations
@@ -86,8 +87,45 @@ def method_stages(methods: list[Method], seeds: list[int], runs_dir: str,
     return out
 
 
-def _run_fit(stage: Stage, in_process: bool) -> None:
+def _checkpoint(stage: Stage) -> Path:
+    """``<default_root_dir>/checkpoints/last.ckpt`` of the stage's run (where the CLI's
+    checkpoint defaults put it): the last ``--trainer.default_root_dir`` override, else the
+    config's, else the working directory."""
+    root = (yaml.safe_load(Path(stage.config).read_text()) or {}).get("trainer", {}).get(
+        "default_root_dir") or "."
+    for arg in stage.args or []:
+        if arg.startswith("--trainer.default_root_dir="):
+            root = arg.split("=", 1)[1]
+    return Path(root) / "checkpoints" / "last.ckpt"
+
+
+def _resumable(stage: Stage, h: str) -> Path | None:
+    """The checkpoint an interrupted run of this very stage left, or None.
+
+    A run that starts writes ``<artifact>.started.json`` (the stage hash and the start time)
+    and removes it when it finishes. A rerun resumes from ``last.ckpt`` only when that marker
+    has the same hash and the checkpoint was written after the marker's start: never from a
+    checkpoint of another config, nor from one older than the interrupted attempt.
+    """
+    marker = _started_marker(stage)
+    ckpt = _checkpoint(stage)
+    if not (marker.exists() and ckpt.exists()):
+        return None
+    info = json.loads(marker.read_text())
+    if info.get("hash") != h or ckpt.stat().st_mtime < info.get("started", float("inf")):
+        return None
+    return ckpt
+
+
+def _started_marker(stage: Stage) -> Path:
+    art = Path(stage.artifact)
+    return art.parent / f"{art.name}.started.json"
+
+
+def _run_fit(stage: Stage, in_process: bool, ckpt: Path | None = None) -> None:
     args = ["fit", "--config", stage.config, *(stage.args or [])]
+    if ckpt is not None:
+        args.append(f"--ckpt_path={ckpt}")
     if not in_process:
         subprocess.run([sys.executable, "-m", "dvpo_lightning", *args], check=True,
                        env={**os.environ, **stage.env})
@@ -117,12 +155,21 @@ def _run_or_reuse(stage: Stage, h: str, force: bool, in_process: bool,
     print(f"[pipeline] {stage.name}: fit --config {stage.config} {' '.join(stage.args or [])}",
           flush=True)
     t0 = time.time()
-    _run_fit(stage, in_process)
+    ckpt = None if force else _resumable(stage, h)
+    marker = _started_marker(stage)
+    if ckpt is not None:
+        print(f"[pipeline] {stage.name}: resuming the interrupted run from {ckpt}", flush=True)
+    else:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"hash": h, "started": time.time()}))
+    _run_fit(stage, in_process, ckpt)
     if not Path(stage.artifact).exists():
         raise RuntimeError(f"stage {stage.name!r} finished but wrote no {stage.artifact}; "
                            "its config's export_dir must match the pipeline's artifact")
     stamp.write_text(json.dumps({"hash": h, "config": stage.config, "args": stage.args}))
-    report[stage.name] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
+    marker.unlink(missing_ok=True)
+    report[stage.name] = {"status": "resumed" if ckpt else "ran",
+                          "seconds": round(time.time() - t0, 1)}
     print(f"[pipeline] {stage.name}: done in {report[stage.name]['seconds']} s", flush=True)
 
 
@@ -157,7 +204,7 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
         skip_report: do not build the report.
 
     Returns:
-        ``{stage name: {"status": "ran" | "reused", "seconds": float}}``.
+        ``{stage name: {"status": "ran" | "resumed" | "reused", "seconds": float}}``.
     """
     seeds = seeds if seeds is not None else [0]
     done: dict[str, dict] = {}
