@@ -105,7 +105,10 @@ def run_method(args) -> dict:
     n_resp = args.prompts * args.group
     cfg = Path(__file__).resolve().parents[1] / "configs" / f"{args.method}.yaml"
     overrides = [
-        "--config", str(cfg), f"--model.init_args.policy={root / 'policy'}",
+        "--config", str(cfg),
+        *(["--config", str(cfg.parent / "deepspeed" / f"{args.deepspeed}.yaml")]
+          if args.deepspeed else []),
+        f"--model.init_args.policy={root / 'policy'}",
         f"--data.init_args.train_path={root / 'prompts.jsonl'}",
         f"--data.init_args.eval_path={root / 'prompts.jsonl'}",
         f"--data.init_args.tokenizer={root / 'tokenizer'}", f"--data.init_args.batch_size={batch}",
@@ -230,6 +233,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score_batch_size", type=int, default=None,
                    help="rows per scoring forward pass (DVPOModule's score_batch_size; "
                         "default: the whole rollout batch)")
+    p.add_argument("--deepspeed", choices=("zero1", "zero2", "zero3", "zero3_offload"),
+                   default=None, help="run our methods under configs/deepspeed/<this>.yaml "
+                   "(GPU; TRL is then not run: it would not use the same strategy)")
     p.add_argument("--trl", choices=("auto", "on", "off"), default="auto",
                    help="also run TRL's GRPOTrainer under the same protocol (auto: when trl "
                    "imports)")
@@ -261,6 +267,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks.cost --mode gpu needs a CUDA GPU; use --mode cpu here")
+    if args.deepspeed:
+        if args.mode != "gpu":
+            raise SystemExit("benchmarks.cost --deepspeed runs Lightning's DeepSpeed strategy on "
+                             "a GPU: add --mode gpu (on CPU the tests use a test-only strategy)")
+        if args.trl == "on":
+            raise SystemExit("benchmarks.cost: --trl on and --deepspeed do not go together (TRL "
+                             "would run without DeepSpeed); drop one")
+        args.trl = "off"
     version = trl_version(args.trl)
     t0 = time.time()
     records = []
@@ -294,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
             "responses_per_step": args.prompts * args.group, "length": args.length,
             "rl_steps": args.rl_steps, "generation": args.generation,
             "gradient_checkpointing": args.gradient_checkpointing,
-            "score_batch_size": args.score_batch_size,
+            "score_batch_size": args.score_batch_size, "deepspeed": args.deepspeed,
             "seconds": round(time.time() - t0, 1),
             "date": time.strftime("%Y-%m-%d"), "trl_version": version}
     base = next((r for r in records if r["method"] == "ppo"), None)

@@ -745,7 +745,8 @@ class DVPOModule(L.LightningModule):
             return sum(r[key] for r in log) / len(log) if log else 0.0
 
         def count(mods: list[nn.Module], trainable: bool = False) -> float:
-            return sum(p.numel() for m in mods for p in m.parameters()
+            # a ZeRO-3 partitioned parameter is empty here; ds_numel is its full size
+            return sum(getattr(p, "ds_numel", p.numel()) for m in mods for p in m.parameters()
                        if p.requires_grad or not trainable) / 1e6
 
         out = {"rl_steps": len(self.cost_log), "step_s": mean("step_s"),

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 5, in parts that each fit one device call (< 10 min), for a
+# session lent a GPU machine (see ../shared/gpu/README.md). On this machine first:
+#     python3 ../shared/gpu/fetch-wheels.py          # ./.whl (git-ignored)
+# then, one device call per part, carrying .whl:
+#     bash benchmarks/gpu_session.sh checks   # GPU tests, decode step, MFU, log-prob memory
+#     bash benchmarks/gpu_session.sh cost     # Table 7 on the SmolLM2 shape, ours and TRL
+#     bash benchmarks/gpu_session.sh zero     # DVPO and PPO under DeepSpeed ZeRO-2 and ZeRO-3
+# Each part writes $OUT/<part>.log (every command, its exit code and seconds) and
+# $OUT/<part>.tgz (the benchmarks' JSON and markdown). A failing command does not stop the
+# part; each has its own time limit, so what finished comes back.
+set -u
+part=${1:?usage: bash benchmarks/gpu_session.sh checks|cost|zero}
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+res=/tmp/gpu_results/$part
+mkdir -p "$res"
+log=$OUT/$part.log
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD TORCH_CUDA_ARCH_LIST=9.0 TORCH_EXTENSIONS_DIR=/tmp/torch_ext \
+    MAX_JOBS=16 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1 \
+    HF_HOME=/tmp/hf DVPO_LIGHTNING_CACHE=/tmp/dvpo_cache
+
+step() {  # step SECONDS COMMAND...: run it under a time limit, log its exit code and time
+    local limit=$1; shift
+    echo "=== $(date +%T) $*" >>"$log"
+    local t0=$SECONDS
+    timeout "$limit" "$@" >>"$log" 2>&1
+    echo "=== rc=$? after $((SECONDS - t0)) s" >>"$log"
+}
+
+{ nvidia-smi -L; python3 -c "import torch, transformers, lightning, deepspeed, trl; \
+print(torch.__version__, transformers.__version__, lightning.__version__, \
+deepspeed.__version__, trl.__version__)"; } >>"$log" 2>&1
+
+case $part in
+checks)
+    step 240 python3 -m pytest -q -rs tests/test_fast_generation_cuda.py tests/test_offload.py \
+        tests/test_token_logps.py
+    step 200 python3 -m benchmarks.decode --shape smollm2-135m --batch_sizes 64 256 \
+        --out "$res/decode"
+    step 90 python3 -m benchmarks.mfu --shape qwen2.5-0.5b-like --batch 32 --seq 384 \
+        --out "$res/mfu"
+    step 60 python3 -m benchmarks.logps_memory --batch 32 --length 257 --vocab 151936 \
+        --hidden 896 --out "$res/logps_memory"
+    ;;
+cost)
+    step 560 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 64 --group 4 \
+        --length 256 --rl_steps 3 --generation static --trl on --out "$res/cost"
+    ;;
+zero)
+    for z in zero2 zero3; do
+        step 270 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 16 \
+            --group 4 --length 128 --rl_steps 3 --methods dvpo ppo --deepspeed "$z" \
+            --out "$res/cost_$z"
+    done
+    ;;
+*)
+    echo "unknown part $part (checks | cost | zero)" >&2
+    exit 2
+    ;;
+esac
+tar czf "$OUT/$part.tgz" -C "$res" .
+tail -40 "$log"
