@@ -48,7 +48,8 @@ checks)
     ;;
 cost)
     step 560 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 64 --group 4 \
-        --length 256 --rl_steps 3 --generation static --trl on --out "$res/cost"
+        --length 256 --rl_steps 3 --generation static --gradient_checkpointing --trl on \
+        --out "$res/cost"
     ;;
 zero)
     for z in zero2 zero3; do

@@ -6,9 +6,11 @@
 One forward + backward from hidden states through an output head ``(hidden, vocab)`` to the
 log-probs of ``length − 1`` targets, the logits in bf16 (as under autocast). ``plain`` is
 ``logits[:, :-1].float().log_softmax(-1).gather(...)``; ``chunked`` is
-``dvpo_lightning.token_logps.token_logps``. Each runs in its own process; the figure is the
-peak above the state before the head (GPU: ``torch.cuda.max_memory_allocated``; CPU: peak RSS,
-which includes allocator slack). Writes ``logps_memory.json`` and ``logps_memory.md``.
+``dvpo_lightning.token_logps.token_logps`` on those logits; ``fused`` is ``head_token_logps``
+(the head inside the chunks: the whole logits never exist). Each runs in its own process;
+the figure is the peak above the state before the head (GPU: ``torch.cuda.max_memory_allocated``;
+CPU: peak RSS, which includes allocator slack). Writes ``logps_memory.json`` and
+``logps_memory.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("plain", "chunked")
+MODES = ("plain", "chunked", "fused")
 
 
 def measure(mode: str, batch: int, length: int, vocab: int, hidden: int, device: str) -> dict:
@@ -29,12 +31,12 @@ def measure(mode: str, batch: int, length: int, vocab: int, hidden: int, device:
 
     import torch
 
-    from dvpo_lightning.token_logps import token_logps
+    from dvpo_lightning.token_logps import head_token_logps, token_logps
 
     torch.manual_seed(0)
     dev = torch.device(device)
     h = torch.randn(batch, length, hidden, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    head = torch.randn(hidden, vocab, device=dev, dtype=torch.bfloat16) / hidden**0.5
+    weight = torch.randn(vocab, hidden, device=dev, dtype=torch.bfloat16) / hidden**0.5
     targets = torch.randint(0, vocab, (batch, length - 1), device=dev)
     gpu = dev.type == "cuda"
     if gpu:
@@ -44,11 +46,14 @@ def measure(mode: str, batch: int, length: int, vocab: int, hidden: int, device:
     else:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
-    logits = h @ head
-    if mode == "plain":
-        logp = logits[:, :-1].float().log_softmax(-1).gather(2, targets[..., None]).squeeze(-1)
+    if mode == "fused":
+        logp, _ = head_token_logps(h, weight, targets)
     else:
-        logp, _ = token_logps(logits, targets)
+        logits = h @ weight.T
+        if mode == "plain":
+            logp = logits[:, :-1].float().log_softmax(-1).gather(2, targets[..., None]).squeeze(-1)
+        else:
+            logp, _ = token_logps(logits, targets)
     logp.sum().backward()
     if gpu:
         torch.cuda.synchronize()
@@ -86,8 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
                                       text=True).stdout.strip().splitlines()[-1]) for m in MODES]
     result = {"batch": a.batch, "length": a.length, "vocab": a.vocab, "device": a.device,
               "date": time.strftime("%Y-%m-%d"), "rows": rows,
-              "chunked_over_plain": (rows[1]["peak_extra_gb"] / rows[0]["peak_extra_gb"]
-                                     if rows[0]["peak_extra_gb"] > 0 else None)}
+              **{f"{r['mode']}_over_plain": (r["peak_extra_gb"] / rows[0]["peak_extra_gb"]
+                                             if rows[0]["peak_extra_gb"] > 0 else None)
+                 for r in rows[1:]}}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "logps_memory.json").write_text(json.dumps(result, indent=2))
@@ -95,8 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
              "", "| mode | peak extra (GB) | logits (GB) | s |", "|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['peak_extra_gb']:.3f} | {r['logits_gb']:.3f} | "
               f"{r['seconds']:.3f} |" for r in rows]
-    ratio = result["chunked_over_plain"]
-    lines += ["", f"chunked ÷ plain: {'n/a' if ratio is None else f'{ratio:.2f}'}"]
+    lines.append("")
+    for r in rows[1:]:
+        ratio = result[f"{r['mode']}_over_plain"]
+        lines.append(f"{r['mode']} ÷ plain: {'n/a' if ratio is None else f'{ratio:.2f}'}")
     (out / "logps_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

@@ -5,14 +5,15 @@
 
 One step is what ``DVPOModule`` runs per mini-batch: the policy's forward over prompt +
 response (``rollout.scoring.policy_logps``: the output head over the response columns only,
-log-probs in float32 chunks), the PPO-clip loss (``losses.ppo_clip_loss``, token mean),
-backward, gradient clipping and an AdamW step, in bf16 autocast on a GPU. Model FLOPs per
-step = 6 · N · tokens + 6 · hidden · vocab · head positions + the attention term
-12 · layers · hidden · seq² · batch / 2 (causal), N the body's parameters without the
-embedding, the (tied) output head counted on the positions it runs over (the response's
-T + 1 per row); MFU = model FLOPs per second ÷ the device's dense matmul ceiling, measured
-here by timing a large matmul in the same dtype (so MFU is against what this device
-reaches, not its datasheet). Writes ``mfu.json`` and ``mfu.md``.
+inside float32 chunks unless ``--fused_head off``), the PPO-clip loss
+(``losses.ppo_clip_loss``, token mean), backward, gradient clipping and an AdamW step, in
+bf16 autocast on a GPU. Model FLOPs per step = 6 · N · tokens + 6 · hidden · vocab · head
+positions + the attention term 12 · layers · hidden · seq² · batch / 2 (causal), N the
+body's parameters without the embedding, the (tied) output head counted on the positions it
+runs over (the response's T per row, T + 1 unfused; the fused head's recomputation in the
+backward is not counted, as activation checkpointing's is not); MFU = model FLOPs per second
+÷ the device's dense matmul ceiling, measured here by timing a large matmul in the same dtype
+(so MFU is against what this device reaches, not its datasheet). Writes ``mfu.json`` and ``mfu.md``.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def run(args) -> dict:
 
     from dvpo_lightning.losses import ppo_clip_loss
     from dvpo_lightning.models.loading import forward_accepts
-    from dvpo_lightning.rollout.scoring import policy_logps
+    from dvpo_lightning.rollout.scoring import fused_head_parts, policy_logps
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     half = device.type == "cuda"
@@ -95,7 +96,8 @@ def run(args) -> dict:
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
-            logp, _ = policy_logps(model, prompt, pmask, response, rmask)
+            logp, _ = policy_logps(model, prompt, pmask, response, rmask,
+                                   fused_head=args.fused_head == "on")
             loss = ppo_clip_loss(logp, logp.detach() + 0.01, adv, rmask)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -111,14 +113,16 @@ def run(args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
-    head_positions = args.seq - p + 1 if forward_accepts(model, "logits_to_keep") else args.seq
+    fused = args.fused_head == "on" and fused_head_parts(model) is not None
+    head_positions = (args.seq - p if fused else args.seq - p + 1
+                      if forward_accepts(model, "logits_to_keep") else args.seq)
     flops = model_flops(config, args.batch, args.seq, head_positions)
     ceiling = matmul_ceiling(device, torch.bfloat16 if half else torch.float32,
                              args.matmul_size or (8192 if half else 1024))
     out = {"shape": args.shape, "device": torch.cuda.get_device_name(0) if half else "cpu",
            "dtype": "bf16-autocast" if half else "float32", "batch": args.batch, "seq": args.seq,
            "gradient_checkpointing": args.gradient_checkpointing, "attn": args.attn or "default",
-           "head_positions": head_positions,
+           "head_positions": head_positions, "fused_head": fused,
            "params_m": sum(q.numel() for q in model.parameters()) / 1e6,
            "step_s": step_s, "tokens_per_s": args.batch * args.seq / step_s,
            "model_tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_s / 1e12,
@@ -147,6 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq", type=int, default=384)
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--attn", default=None, help="eager | sdpa | flash_attention_2 (default: HF's)")
+    p.add_argument("--fused_head", choices=("on", "off"), default="on",
+                   help="log-probs with the head inside the chunks (DVPOModule's fused_head)")
     p.add_argument("--device", default=None)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)

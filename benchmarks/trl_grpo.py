@@ -243,9 +243,9 @@ def run_trl(args) -> dict:
         "current ones); ours always runs it in the score phase" if mb == 1 else
         "old log-probs: with several optimizer steps per generation batch TRL runs the policy "
         "forward for the behaviour log-probs, as ours does",
-        "log-probs: TRL patches a fused LM head that computes log-probs and entropy of the "
-        "completion tokens only, in chunks; ours builds the full-vocabulary logits of the whole "
-        "sequence and keeps the response columns",
+        "log-probs: both compute the completion tokens' log-probs only, with the LM head inside "
+        "chunks (TRL: its patched fused head; ours: token_logps.head_token_logps, float32 "
+        "chunks of ~1024 tokens, the head recomputed in the backward)",
         f"loss: our loss_aggregation={s['loss_aggregation']} → TRL "
         f"loss_type={LOSS_TYPES[s['loss_aggregation']]} (same normaliser); k3 KL in the loss "
         "with use_bias_correction_kl=False (as ours); clip, advantages' group scaling, "

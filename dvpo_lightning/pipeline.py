@@ -87,34 +87,36 @@ def method_stages(methods: list[Method], seeds: list[int], runs_dir: str,
     return out
 
 
-def _checkpoint(stage: Stage) -> Path:
-    """``<default_root_dir>/checkpoints/last.ckpt`` of the stage's run (where the CLI's
-    checkpoint defaults put it): the last ``--trainer.default_root_dir`` override, else the
-    config's, else the working directory."""
+def _checkpoint_dir(stage: Stage) -> Path:
+    """``<default_root_dir>/checkpoints`` of the stage's run (where the CLI's checkpoint
+    defaults put them): the last ``--trainer.default_root_dir`` override, else the config's,
+    else the working directory."""
     root = (yaml.safe_load(Path(stage.config).read_text()) or {}).get("trainer", {}).get(
         "default_root_dir") or "."
     for arg in stage.args or []:
         if arg.startswith("--trainer.default_root_dir="):
             root = arg.split("=", 1)[1]
-    return Path(root) / "checkpoints" / "last.ckpt"
+    return Path(root) / "checkpoints"
 
 
 def _resumable(stage: Stage, h: str) -> Path | None:
     """The checkpoint an interrupted run of this very stage left, or None.
 
     A run that starts writes ``<artifact>.started.json`` (the stage hash and the start time)
-    and removes it when it finishes. A rerun resumes from ``last.ckpt`` only when that marker
-    has the same hash and the checkpoint was written after the marker's start: never from a
-    checkpoint of another config, nor from one older than the interrupted attempt.
+    and removes it when it finishes. A rerun resumes from the newest ``last*.ckpt`` (Lightning
+    writes ``last-v1.ckpt`` beside an older ``last.ckpt``) only when that marker has the same
+    hash and the checkpoint was written after the marker's start: never from a checkpoint of
+    another config, nor from one older than the interrupted attempt.
     """
     marker = _started_marker(stage)
-    ckpt = _checkpoint(stage)
-    if not (marker.exists() and ckpt.exists()):
+    if not marker.exists():
         return None
     info = json.loads(marker.read_text())
-    if info.get("hash") != h or ckpt.stat().st_mtime < info.get("started", float("inf")):
+    if info.get("hash") != h:
         return None
-    return ckpt
+    started = info.get("started", float("inf"))
+    fresh = [c for c in _checkpoint_dir(stage).glob("last*.ckpt") if c.stat().st_mtime >= started]
+    return max(fresh, key=lambda c: c.stat().st_mtime) if fresh else None
 
 
 def _started_marker(stage: Stage) -> Path:

@@ -29,6 +29,26 @@ def _row_chunks(rows: int, width: int, chunk_tokens: int):
         yield slice(start, min(start + step, rows))
 
 
+def _normaliser(z: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """``lse (…)`` and the entropy (or None) of a float chunk ``z (…, V)``, which it
+    overwrites (one buffer: ``z − max z``, then its exponential)."""
+    m = z.amax(-1, keepdim=True)
+    w = z.sub_(m)  # w = z − max z ≤ 0
+    e = torch.exp(w) if with_entropy else w.exp_()
+    total = e.sum(-1)  # Σ exp(z − m) ≥ 1
+    lse = m.squeeze(-1) + total.log()
+    if not with_entropy:
+        return lse, None
+    return lse, total.log() - e.mul_(w).sum(-1) / total  # H = log Σe − Σ e·w / Σe
+
+
+def _dlogp_dz(z: Tensor, lse: Tensor, g: Tensor, targets: Tensor) -> Tensor:
+    """``g · (1[v = y] − p_v)`` for a float chunk ``z (r, T, V)`` (overwritten and returned),
+    its ``lse (r, T)``, upstream gradient ``g (r, T)`` and targets ``(r, T)``."""
+    dz = z.sub_(lse[..., None]).exp_().mul_(-g[..., None])  # −g·p
+    return dz.scatter_add_(2, targets[..., None], g[..., None])  # + g·1[v = y]
+
+
 class _TokenLogps(torch.autograd.Function):
     """One float32 buffer per chunk, updated in place (plus one more for the entropy)."""
 
@@ -41,14 +61,9 @@ class _TokenLogps(torch.autograd.Function):
         lse = torch.empty(b, t, dtype=acc, device=logits.device)
         entropy = torch.empty_like(lse) if with_entropy else lse.new_empty(0)
         for rows in _row_chunks(b, t, chunk_tokens):
-            w = logits[rows, cols].to(acc, copy=True)
-            m = w.amax(-1, keepdim=True)
-            w.sub_(m)  # w = z − max z ≤ 0
-            e = torch.exp(w) if with_entropy else w.exp_()
-            total = e.sum(-1)  # Σ exp(z − m) ≥ 1
-            lse[rows] = m.squeeze(-1) + total.log()
-            if with_entropy:  # H = log Σe − Σ e·w / Σe
-                entropy[rows] = total.log() - e.mul_(w).sum(-1) / total
+            lse[rows], ent = _normaliser(logits[rows, cols].to(acc, copy=True), with_entropy)
+            if with_entropy:
+                entropy[rows] = ent
         picked = logits[:, cols].gather(2, targets[..., None]).squeeze(-1).to(acc)
         ctx.save_for_backward(logits, targets, lse)
         ctx.offset, ctx.chunk_tokens = offset, chunk_tokens
@@ -63,11 +78,90 @@ class _TokenLogps(torch.autograd.Function):
         grad = torch.zeros_like(logits)  # columns outside [offset, offset + T) get none
         g = grad_logp.to(lse.dtype)
         for rows in _row_chunks(b, t, ctx.chunk_tokens):
-            dz = logits[rows, cols].to(lse.dtype, copy=True)
-            dz.sub_(lse[rows, :, None]).exp_().mul_(-g[rows, :, None])  # −g·p
-            dz.scatter_add_(2, targets[rows, :, None], g[rows, :, None])  # + g·1[v = y]
-            grad[rows, cols] = dz
+            z = logits[rows, cols].to(lse.dtype, copy=True)
+            grad[rows, cols] = _dlogp_dz(z, lse[rows], g[rows], targets[rows])
         return grad, None, None, None, None
+
+
+class _HeadTokenLogps(torch.autograd.Function):
+    """The output head inside the chunks: logits exist one chunk at a time, forward and
+    backward (where each chunk's are recomputed)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, offset: int,
+                chunk_tokens: int, with_entropy: bool, compute_dtype: torch.dtype):
+        b, t = targets.shape
+        cols = slice(offset, offset + t)
+        acc = torch.promote_types(compute_dtype, torch.float32)
+        w = weight.to(compute_dtype)
+        lse = torch.empty(b, t, dtype=acc, device=hidden.device)
+        picked = torch.empty_like(lse)
+        entropy = torch.empty_like(lse) if with_entropy else lse.new_empty(0)
+        for rows in _row_chunks(b, t, chunk_tokens):
+            z = (hidden[rows, cols].to(compute_dtype) @ w.T).to(acc)
+            picked[rows] = z.gather(2, targets[rows, :, None]).squeeze(-1)
+            lse[rows], ent = _normaliser(z, with_entropy)
+            if with_entropy:
+                entropy[rows] = ent
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.offset, ctx.chunk_tokens, ctx.compute_dtype = offset, chunk_tokens, compute_dtype
+        ctx.mark_non_differentiable(entropy)
+        return picked - lse, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor, _grad_entropy: Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        b, t = targets.shape
+        cols = slice(ctx.offset, ctx.offset + t)
+        cdt = ctx.compute_dtype
+        w = weight.to(cdt)
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = (torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device)
+                  if ctx.needs_input_grad[1] else None)
+        g = grad_logp.to(lse.dtype)
+        for rows in _row_chunks(b, t, ctx.chunk_tokens):
+            h = hidden[rows, cols].to(cdt)
+            dz = _dlogp_dz((h @ w.T).to(lse.dtype), lse[rows], g[rows], targets[rows]).to(cdt)
+            if grad_h is not None:
+                grad_h[rows, cols] = dz @ w
+            if grad_w is not None:
+                grad_w += (dz.flatten(0, 1).T @ h.flatten(0, 1)).to(grad_w.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def head_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, offset: int = 0,
+                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                     with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """:func:`token_logps` of ``logits = hidden @ weightᵀ`` without ever holding the whole
+    logits: each chunk's are computed, reduced and dropped, and recomputed in the backward.
+
+    Args:
+        hidden: ``(B, L, H)`` final hidden states (after the last norm).
+        weight: ``(V, H)`` the output head's weight (no bias).
+        targets, offset, chunk_tokens, with_entropy: as :func:`token_logps`.
+
+    Under autocast the head runs in the autocast dtype (as ``nn.Linear`` would) and the
+    weight's gradient is accumulated in float32 over the chunks.
+
+    Returns:
+        As :func:`token_logps`; gradients flow to ``hidden`` and ``weight``.
+    """
+    _check_width(hidden, targets, offset)
+    device = hidden.device.type
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else torch.promote_types(hidden.dtype, weight.dtype))
+    with torch.autocast(device, enabled=False):
+        logp, entropy = _HeadTokenLogps.apply(hidden, weight, targets, offset, chunk_tokens,
+                                              with_entropy, dtype)
+    return logp, (entropy if with_entropy else None)
+
+
+def _check_width(logits: Tensor, targets: Tensor, offset: int) -> None:
+    if targets.shape[1] > logits.shape[1] - offset:
+        raise ValueError(f"token_logps: {targets.shape[1]} targets from column {offset} do not "
+                         f"fit in {logits.shape[1]} logit columns")
 
 
 def token_logps(logits: Tensor, targets: Tensor, offset: int = 0,
@@ -89,8 +183,6 @@ def token_logps(logits: Tensor, targets: Tensor, offset: int = 0,
         ``logits[:, offset:offset+T].float().log_softmax(-1).gather(2, targets[..., None])``
         and :func:`~dvpo_lightning.losses.entropy_from_logits` of the same columns.
     """
-    if targets.shape[1] > logits.shape[1] - offset:
-        raise ValueError(f"token_logps: {targets.shape[1]} targets from column {offset} do not "
-                         f"fit in {logits.shape[1]} logit columns")
+    _check_width(logits, targets, offset)
     logp, entropy = _TokenLogps.apply(logits, targets, offset, chunk_tokens, with_entropy)
     return logp, (entropy if with_entropy else None)

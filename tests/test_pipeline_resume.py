@@ -93,3 +93,18 @@ def test_force_starts_an_interrupted_stage_afresh(workdir, monkeypatch):
     seen = _record_steps(monkeypatch, crash_at=None)
     assert run_pipeline(stages=[_stage()], in_process=True, force=True)["sft"]["status"] == "ran"
     assert seen[0] == 0
+
+
+def test_resumes_from_lightnings_versioned_last_checkpoint(workdir, monkeypatch):
+    """A ``last.ckpt`` older than the attempt (another run's) makes Lightning write
+    ``last-v1.ckpt``; the rerun resumes from that one, not from the stale file."""
+    CKPT.parent.mkdir(parents=True)
+    CKPT.write_bytes(b"not a checkpoint of this run")
+    os.utime(CKPT, (1, 1))
+    _record_steps(monkeypatch, crash_at=3)
+    with pytest.raises(Crash):
+        run_pipeline(stages=[_stage()], in_process=True)
+    assert (CKPT.parent / "last-v1.ckpt").exists()
+    seen = _record_steps(monkeypatch, crash_at=None)
+    assert run_pipeline(stages=[_stage()], in_process=True)["sft"]["status"] == "resumed"
+    assert seen == [2, 3, 4, 5]

@@ -106,6 +106,10 @@ class DVPOModule(L.LightningModule):
             (policy and reference log-probs, GVM / critic values, RM scores); None: the whole
             batch in one pass. Generation always runs on the whole batch; this bounds the
             scoring passes' activation memory (large vocabularies, long responses).
+        fused_head: compute log-probs with the output head inside float32 row chunks, so the
+            ``(B, T, V)`` logits never exist at once (Llama / Mistral / Qwen2 / Qwen3 outside
+            ZeRO-3; others fall back to ``logits_to_keep``): less memory, one more head
+            matmul in the backward. See :func:`~dvpo_lightning.rollout.scoring.policy_logps`.
         clip_eps: PPO clip ε (lower side; and upper unless ``clip_eps_high``).
         clip_eps_high: upper clip ε (asymmetric clipping); None = ``clip_eps``.
         value_clip: clip range of the critic's value loss (PPO).
@@ -159,6 +163,7 @@ class DVPOModule(L.LightningModule):
         mini_batch_size: int | None = None,
         grad_accum: int = 1,
         score_batch_size: int | None = None,
+        fused_head: bool = True,
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
         value_clip: float = 0.2,
@@ -266,17 +271,17 @@ class DVPOModule(L.LightningModule):
     def policy(self) -> nn.Module:
         return self.trained["policy"]
 
-    @staticmethod
-    def _logps(model: nn.Module):
+    def _logps(self, model: nn.Module):
         """``seq ↦ log π(y | x)`` of ``model`` (the log-probs alone, for :func:`by_rows`)."""
-        return lambda *seq: policy_logps(model, *seq)[0]
+        fused = self.hparams.fused_head
+        return lambda *seq: policy_logps(model, *seq, fused_head=fused)[0]
 
     def reference_logps(self, *seq: Tensor) -> Tensor:
         """``log π_ref`` of the responses in ``seq`` (see :func:`policy_logps`)."""
         if self.shared_reference:
             with adapters_disabled(self.policy):
-                return policy_logps(self.policy, *seq)[0]
-        return policy_logps(self.frozen["reference"], *seq)[0]
+                return self._logps(self.policy)(*seq)
+        return self._logps(self.frozen["reference"])(*seq)
 
     @property
     def model(self) -> nn.Module:
@@ -469,7 +474,8 @@ class DVPOModule(L.LightningModule):
                 adv, ret, mask = advantages[idx], returns[idx], sub.response_mask
                 seq = (sub.prompt_ids, sub.prompt_mask, sub.response_ids, mask)
                 n_tok, n_seq = loss_counts(mask)
-                logp, entropy = policy_logps(self.policy, *seq, with_entropy=True)
+                logp, entropy = policy_logps(self.policy, *seq, with_entropy=True,
+                                             fused_head=hp.fused_head)
                 pg_loss, st = ppo_clip_loss(logp, sub.logp_old, adv, mask, hp.clip_eps,
                                             hp.clip_eps_high, hp.loss_aggregation, n_tok, n_seq)
                 loss = pg_loss

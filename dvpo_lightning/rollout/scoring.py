@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from dvpo_lightning.models.loading import forward_accepts, position_ids_from_mask
-from dvpo_lightning.token_logps import token_logps
+from dvpo_lightning.models.loading import forward_accepts, position_ids_from_mask, unwrapped
+from dvpo_lightning.token_logps import head_token_logps, token_logps
 
 
 def _join(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
@@ -22,24 +22,60 @@ def _join(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
 
 
 def policy_logps(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                 response_ids: Tensor, response_mask: Tensor,
-                 with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                 response_ids: Tensor, response_mask: Tensor, with_entropy: bool = False,
+                 fused_head: bool = True) -> tuple[Tensor, Tensor | None]:
     """``log π(y_t | s_t)`` ``(B, T)`` (and the per-token entropy, without gradient, when
     asked), float32, zero where ``response_mask`` is.
 
-    Logits at column ``P − 1 + (t − 1)`` predict ``y_t``. A model whose ``forward`` takes
-    ``logits_to_keep`` (transformers' causal LMs) computes its output head over the last
-    ``T + 1`` columns only, not over the prompt; the log-softmax runs in float32 chunks
-    (:func:`~dvpo_lightning.token_logps.token_logps`), never over the whole batch at once.
+    Logits at column ``P − 1 + (t − 1)`` predict ``y_t``. Only the response's columns get
+    log-probs, computed in float32 row chunks (:mod:`dvpo_lightning.token_logps`):
+
+    - ``fused_head`` and a model whose logits are exactly ``body(x) @ headᵀ`` (Llama, Mistral,
+      Qwen2, Qwen3; not under ZeRO-3 nor with an adapted head, see :func:`fused_head_parts`):
+      the head runs inside the chunks, so the ``(B, T, V)`` logits never exist at once
+      (recomputed chunk by chunk in the backward);
+    - otherwise a model whose ``forward`` takes ``logits_to_keep`` runs its head over the last
+      ``T + 1`` columns only; any other model over every column.
     """
     ids, mask = _join(prompt_ids, prompt_mask, response_ids, response_mask)
     t = response_ids.shape[1]
+    inputs = {"input_ids": ids, "attention_mask": mask.long(),
+              "position_ids": position_ids_from_mask(mask), "use_cache": False}
+    parts = fused_head_parts(policy) if fused_head else None
+    if parts is not None:
+        body, weight = parts
+        hidden = body(**inputs).last_hidden_state
+        logp, entropy = head_token_logps(hidden, weight, response_ids, prompt_ids.shape[1] - 1,
+                                         with_entropy=with_entropy)
+        return logp * response_mask, entropy
     keep = {"logits_to_keep": t + 1} if forward_accepts(policy, "logits_to_keep") else {}
-    out = policy(input_ids=ids, attention_mask=mask.long(),
-                 position_ids=position_ids_from_mask(mask), use_cache=False, **keep)
+    out = policy(**inputs, **keep)
     offset = out.logits.shape[1] - t - 1  # 0 with logits_to_keep, P - 1 without
     logp, entropy = token_logps(out.logits, response_ids, offset, with_entropy=with_entropy)
     return logp * response_mask, entropy
+
+
+FUSED_HEAD_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                      "Qwen3ForCausalLM")
+"""Causal LMs whose ``forward`` is ``lm_head(model(…).last_hidden_state)``, nothing more (no
+logit scaling or soft-capping), so the head can be applied outside it."""
+
+
+def fused_head_parts(policy: nn.Module) -> tuple[nn.Module, Tensor] | None:
+    """``(body, head weight)`` when ``policy``'s logits are exactly
+    ``body(…).last_hidden_state @ weightᵀ``, else None: a class outside
+    :data:`FUSED_HEAD_CLASSES`, a prompt-learning adapter, an adapted or biased head, or a
+    ZeRO-3 partitioned head (its weight is gathered only inside the head's own forward)."""
+    base = unwrapped(policy)
+    if type(base).__name__ not in FUSED_HEAD_CLASSES:
+        return None
+    peft_config = getattr(policy, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        return None
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id"):
+        return None
+    return base.model, head.weight
 
 
 def response_values(value_model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
