@@ -1,4 +1,4 @@
-"""Per-token log-probs (and entropies) from a vocabulary-wide logits tensor, in row chunks.
+"""Per-token log-probs (and entropies) over a vocabulary, in row chunks.
 
 The plain way, ``logits.float().log_softmax(-1).gather(...)``, keeps a float32 copy of the
 whole ``(B, T, V)`` tensor for the backward pass and builds two more while running: about
@@ -7,6 +7,9 @@ whole ``(B, T, V)`` tensor for the backward pass and builds two more while runni
 of rows at a time in float32 and saves only the logits (their own dtype, bf16 under autocast)
 and one log-normaliser per token; its backward writes ``∂/∂z`` directly, chunk by chunk, in
 the logits' dtype. Peak extra memory is one chunk in float32 (two with the entropy).
+:func:`head_token_logps` goes further and takes the final hidden states and the output head:
+the logits then exist one chunk at a time, and the backward recomputes each chunk's (one more
+head matmul for ``(B, T, V)`` bytes less).
 
 Math (softmax ``p = exp(z − lse)``, ``lse = log Σ_v exp z_v``):
 
