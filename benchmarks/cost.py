@@ -145,6 +145,7 @@ def run_method(args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     tokens = c["gen_tokens_per_step"]
     return {"method": args.method, "responses_per_step": n_resp, "group": group,
+            "prompts_per_step": batch, "s_per_prompt": c["step_s"] / batch,
             "length": args.length, "rl_steps": c["rl_steps"], "step_s": c["step_s"],
             "generate_s": c["generate_s"], "score_s": c["score_s"], "update_s": c["update_s"],
             "gen_tokens_per_step": tokens,
@@ -187,6 +188,11 @@ def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
         lines.append(line)
     lines += ["", f"Step times exclude the first step (warm-up); {meta['rl_steps']} RL steps "
               "per method, each method in its own process, one after another."]
+    if "grpo" in by:
+        lines += ["", "Time per prompt ÷ GRPO (the paper's per-prompt comparison: GRPO samples "
+                  "a group per prompt, the others one response): " + ", ".join(
+                      f"{r['method']} {r['per_prompt_ratio_to_grpo']:.2f}" for r in records
+                      if "per_prompt_ratio_to_grpo" in r) + "."]
     if trl:
         lines += ["", "Throughput ÷ TRL: generated tokens per second of RL-step wall time "
                   "(tokens per step ÷ s / step), ours ÷ TRL GRPOTrainer's, on the same policy, "
@@ -318,6 +324,10 @@ def main(argv: list[str] | None = None) -> dict:
         if base:
             r["time_ratio_to_ppo"] = r["step_s"] / base["step_s"]
             r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / base["peak_mem_gb"]
+    grpo = next((r for r in records if r["method"] == "grpo"), None)
+    if grpo:  # the paper's "time per prompt": one response each vs GRPO's group of `group`
+        for r in records:
+            r["per_prompt_ratio_to_grpo"] = r["s_per_prompt"] / grpo["s_per_prompt"]
     if trl:
         for r in records:
             r["throughput_ratio_to_trl"] = r["e2e_tokens_per_s"] / trl["e2e_tokens_per_s"]

@@ -45,6 +45,14 @@ def test_cpu_cost_benchmark_writes_every_field_for_every_method(cost_run):
         assert r["gen_tokens_per_step"] == n_tokens, m
         assert r["rl_steps"] == RL_STEPS
     assert records["ppo"]["time_ratio_to_ppo"] == 1.0
+    # per prompt: GRPO / RLOO sample GROUP responses for each of PROMPTS prompts, the others one
+    # response for each of PROMPTS × GROUP prompts
+    for m, r in records.items():
+        assert r["prompts_per_step"] == (PROMPTS if m in ("grpo", "rloo") else PROMPTS * GROUP)
+        assert r["s_per_prompt"] == pytest.approx(r["step_s"] / r["prompts_per_step"])
+        assert r["per_prompt_ratio_to_grpo"] == pytest.approx(
+            r["s_per_prompt"] / records["grpo"]["s_per_prompt"])
+    assert "Time per prompt ÷ GRPO" in md
     # PPO trains a critic as large as the policy; the others train the policy only
     assert records["ppo"]["params_trained_m"] == pytest.approx(
         2 * records["dvpo"]["params_trained_m"], rel=0.01)
