@@ -6,11 +6,12 @@
 #     bash benchmarks/gpu_session.sh checks   # GPU tests, decode step, MFU, log-prob memory
 #     bash benchmarks/gpu_session.sh cost     # Table 7 on the SmolLM2 shape, ours and TRL
 #     bash benchmarks/gpu_session.sh zero     # DVPO and PPO under DeepSpeed ZeRO-2 and ZeRO-3
+#     bash benchmarks/gpu_session.sh group5   # time per prompt: DVPO vs GRPO with 5 samples
 # Each part writes $OUT/<part>.log (every command, its exit code and seconds) and
 # $OUT/<part>.tgz (the benchmarks' JSON and markdown). A failing command does not stop the
 # part; each has its own time limit, so what finished comes back.
 set -u
-part=${1:?usage: bash benchmarks/gpu_session.sh checks|cost|zero}
+part=${1:?usage: bash benchmarks/gpu_session.sh checks|cost|zero|group5}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 res=/tmp/gpu_results/$part
@@ -58,8 +59,13 @@ zero)
             --out "$res/cost_$z"
     done
     ;;
+group5)
+    step 560 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 32 --group 5 \
+        --length 256 --rl_steps 3 --methods dvpo ppo grpo --generation static \
+        --gradient_checkpointing --trl off --out "$res/cost_group5"
+    ;;
 *)
-    echo "unknown part $part (checks | cost | zero)" >&2
+    echo "unknown part $part (checks | cost | zero | group5)" >&2
     exit 2
     ;;
 esac
