@@ -7,7 +7,7 @@
 #     bash benchmarks/gpu_session.sh cost     # Table 7 on the SmolLM2 shape, ours and TRL
 #     bash benchmarks/gpu_session.sh zero     # DVPO and PPO under DeepSpeed ZeRO-2 and ZeRO-3
 #     bash benchmarks/gpu_session.sh group5   # time per prompt: DVPO vs GRPO with 5 samples
-# Each part writes $OUT/<part>.log (every command, its exit code and seconds) and
+# The limits leave room for the wheel install within a 600 s call. Each part writes $OUT/<part>.log (every command, its exit code and seconds) and
 # $OUT/<part>.tgz (the benchmarks' JSON and markdown). A failing command does not stop the
 # part; each has its own time limit, so what finished comes back.
 set -u
@@ -38,29 +38,29 @@ deepspeed.__version__, trl.__version__)"; } >>"$log" 2>&1
 
 case $part in
 checks)
-    step 240 python3 -m pytest -q -rs tests/test_fast_generation_cuda.py tests/test_offload.py \
+    step 180 python3 -m pytest -q -rs tests/test_fast_generation_cuda.py tests/test_offload.py \
         tests/test_token_logps.py
-    step 200 python3 -m benchmarks.decode --shape smollm2-135m --batch_sizes 64 256 \
+    step 180 python3 -m benchmarks.decode --shape smollm2-135m --batch_sizes 64 256 \
         --out "$res/decode"
     step 90 python3 -m benchmarks.mfu --shape qwen2.5-0.5b-like --batch 32 --seq 384 \
         --out "$res/mfu"
-    step 60 python3 -m benchmarks.logps_memory --batch 32 --length 257 --vocab 151936 \
+    step 45 python3 -m benchmarks.logps_memory --batch 32 --length 257 --vocab 151936 \
         --hidden 896 --out "$res/logps_memory"
     ;;
 cost)
-    step 560 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 64 --group 4 \
+    step 520 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 64 --group 4 \
         --length 256 --rl_steps 3 --generation static --gradient_checkpointing --trl on \
         --out "$res/cost"
     ;;
 zero)
     for z in zero2 zero3; do
-        step 270 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 16 \
+        step 250 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 16 \
             --group 4 --length 128 --rl_steps 3 --methods dvpo ppo --deepspeed "$z" \
             --out "$res/cost_$z"
     done
     ;;
 group5)
-    step 560 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 32 --group 5 \
+    step 520 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 32 --group 5 \
         --length 256 --rl_steps 3 --methods dvpo ppo grpo --generation static \
         --gradient_checkpointing --trl off --out "$res/cost_group5"
     ;;
