@@ -7,9 +7,10 @@
 #     bash benchmarks/gpu_session.sh cost     # Table 7 on the SmolLM2 shape, ours and TRL
 #     bash benchmarks/gpu_session.sh zero     # DVPO and PPO under DeepSpeed ZeRO-2 and ZeRO-3
 #     bash benchmarks/gpu_session.sh group5   # time per prompt: DVPO vs GRPO with 5 samples
-# The limits leave room for the wheel install within a 600 s call. Each part writes $OUT/<part>.log (every command, its exit code and seconds) and
+# Each part writes $OUT/<part>.log (every command, its exit code and seconds) and
 # $OUT/<part>.tgz (the benchmarks' JSON and markdown). A failing command does not stop the
-# part; each has its own time limit, so what finished comes back.
+# part; each has its own time limit (they leave room for the wheel install within one 600 s
+# call), so what finished comes back.
 set -u
 part=${1:?usage: bash benchmarks/gpu_session.sh checks|cost|zero|group5}
 OUT=${OUT:-/tmp/gpu_out}
