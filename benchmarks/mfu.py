@@ -32,8 +32,8 @@ def model_flops(config, batch: int, seq: int, head_positions: int | None = None)
     head_positions + 6·layers·hidden·seq²·batch``.
 
     ``head_positions``: the positions per row the output head runs over (``seq`` when None;
-    ``policy_logps`` asks for the response's ``T + 1`` only, so the prompt's head FLOPs are
-    neither done nor counted).
+    ``policy_logps`` runs it over the response's ``T`` fused, ``T + 1`` unfused, so the
+    prompt's head FLOPs are neither done nor counted).
     """
     h, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)

@@ -21,8 +21,10 @@ from torch import Tensor, nn
 
 from dvpo_lightning.checkpointing import (
     check_same_models,
+    drop_reloaded,
     fingerprint,
     reloaded_weights,
+    restore_reloaded,
     rng_states,
     set_rng_states,
 )
@@ -657,9 +659,7 @@ class DVPOModule(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        skip = self._loaded_weights()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k not in skip and not k.startswith("frozen.")}
+        drop_reloaded(checkpoint, self._loaded_weights())
         checkpoint["kl_controller"] = self.kl_ctl.state_dict()
         checkpoint["eval_history"] = self.history
         checkpoint["rl_state"] = {"rl_step": self.rl_step, "cost_log": self.cost_log,
@@ -671,8 +671,7 @@ class DVPOModule(L.LightningModule):
                                   "rng": rng_states()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for k, v in self._loaded_weights().items():
-            checkpoint["state_dict"].setdefault(k, v)
+        restore_reloaded(checkpoint, self._loaded_weights())
         if "kl_controller" in checkpoint:
             self.kl_ctl.load_state_dict(checkpoint["kl_controller"])
         self.history = checkpoint.get("eval_history", [])

@@ -6,7 +6,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from dvpo_lightning.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
+from dvpo_lightning.checkpointing import ReloadsFrozenBase
 from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions, merged_copy, save_adapter
@@ -15,7 +15,7 @@ from dvpo_lightning.modules.optim import adamw, warmup_cosine
 from dvpo_lightning.rollout.scoring import policy_logps
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(ReloadsFrozenBase, L.LightningModule):
     """Next-token cross-entropy on response tokens (prompt tokens are context only).
 
     Args:
@@ -68,14 +68,6 @@ class SFTModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, n = self(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=int(n))
-
-    # LoRA: checkpoints hold the adapters (and the head), not the base weights reloaded from
-    # `backbone` at start-up
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop_reloaded(checkpoint, reloaded_weights(self.model, "model."))
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_reloaded(checkpoint, reloaded_weights(self.model, "model."))
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: adapters

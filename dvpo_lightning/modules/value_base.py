@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from dvpo_lightning.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
+from dvpo_lightning.checkpointing import ReloadsFrozenBase
 from dvpo_lightning.data.collate import join, response_slice
 from dvpo_lightning.loggers import has_wandb, log_files, log_table
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
@@ -30,7 +30,7 @@ def format_accuracy_table(title: str, acc: dict[str, float], n_pairs: int) -> st
     return "\n".join(lines)
 
 
-class ValueHeadModule(L.LightningModule):
+class ValueHeadModule(ReloadsFrozenBase, L.LightningModule):
     """Base of :class:`RewardModelModule` and :class:`GVMModule` (not used on its own)."""
 
     kind = "value"
@@ -97,14 +97,6 @@ class ValueHeadModule(L.LightningModule):
     @property
     def main_aggregation(self) -> str:
         return "final"
-
-    # LoRA: checkpoints hold the adapters (and the head), not the base weights reloaded from
-    # `backbone` at start-up
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop_reloaded(checkpoint, reloaded_weights(self.model, "model."))
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_reloaded(checkpoint, reloaded_weights(self.model, "model."))
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: adapters

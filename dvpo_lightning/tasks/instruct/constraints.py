@@ -414,7 +414,6 @@ class JsonFormat(_FixedText):
     TEXT: ClassVar[str] = "Format your whole answer as a JSON object."
     PATTERN: ClassVar[re.Pattern] = re.compile(re.escape(TEXT))
 
-
     def _check(self, response):
         text = response.strip()
         if text.startswith("```"):
@@ -438,7 +437,6 @@ class TitleLine(_FixedText):
     kind: ClassVar[str] = "title"
     TEXT: ClassVar[str] = "Start with a title line in double angular brackets, like <<title>>."
     PATTERN: ClassVar[re.Pattern] = re.compile(re.escape(TEXT))
-
 
     def _check(self, response):
         first = response.lstrip().split("\n", 1)[0].rstrip()
