@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from dvpo_lightning.data.collate import pad_left
+from dvpo_lightning.models.loading import position_ids_from_mask
 from dvpo_lightning.models.tiny import tiny_config
 from dvpo_lightning.rollout.fast_generation import (
     StaticCacheGenerator,
@@ -102,6 +103,46 @@ def test_greedy_is_identical_to_hf_generate(name, min_new, test_llama, tiny_llam
     else:
         assert (lengths >= min_new).all(), lengths
         assert not (got[0][:, :min_new] == EOS).any()
+
+
+def _greedy_gaps(model, ids, mask, response, response_mask, min_new):
+    """How far below the best logit each chosen token is under one full forward of prompt +
+    response in the current autocast (0 where the token is the arg-max), at the real tokens."""
+    full = torch.cat([ids, response], 1)
+    full_mask = torch.cat([mask.long(), response_mask.long()], 1)
+    logits = model(input_ids=full, attention_mask=full_mask,
+                   position_ids=position_ids_from_mask(full_mask)).logits.float()
+    step = logits[:, ids.shape[1] - 1:-1].clone()
+    step[:, :min_new, EOS] = -float("inf")
+    chosen = step.gather(-1, response[..., None]).squeeze(-1)
+    return (step.max(-1).values - chosen)[response_mask]
+
+
+@pytest.mark.parametrize("min_new", [0, 4])
+def test_bf16_autocast_over_float32_weights_decodes_greedily(min_new, tiny_llama):
+    """Lightning's ``bf16-mixed``: float32 weights under bf16 autocast. The attention layers
+    then make float32 keys (rotary promotion) and bf16 values; a plain ``StaticCache`` takes the
+    keys' dtype for both and fails on the values, so the cache stores both in bf16 (attention
+    casts its inputs to bf16 under autocast anyway).
+
+    bf16 logits tie and round differently with the attended length, so neither loop is
+    token-for-token ``generate``'s here; instead each greedy token must be the arg-max of the
+    teacher-forced bf16 forward to within 4 bf16 steps at the logits' scale (0.0625), for ours
+    and for ``generate``'s (sampled tokens miss by ~5)."""
+    assert next(tiny_llama.parameters()).dtype == torch.float32
+    ids, mask = _prompts()
+    cfg = SamplingConfig(12, greedy=True, min_new_tokens=min_new)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, got, static = _both(tiny_llama, ids, mask, cfg)
+        for out in (got, ref):
+            gaps = _greedy_gaps(tiny_llama, ids, mask, *out, min_new)
+            assert gaps.max() <= 0.0625, gaps.max()
+    assert got[0].shape == ref[0].shape and (got[1].sum(1) >= min_new).all()
+    (cache_key,) = static._states[id(tiny_llama)].shapes
+    assert cache_key[-1] == torch.bfloat16, "the bucket must be keyed by the autocast dtype"
+    cache = static.cache_for(tiny_llama, *static.cached_shapes(tiny_llama)[0])
+    assert {layer.keys.dtype for layer in cache.layers} == {torch.bfloat16}
+    assert {layer.values.dtype for layer in cache.layers} == {torch.bfloat16}
 
 
 def test_rows_after_eos_are_padded_and_the_width_trimmed():
@@ -234,6 +275,25 @@ def test_compiled_step_is_not_recompiled_for_repeated_shapes(test_llama):
     ids2, mask2 = _prompts([6, 2, 8, 1], seed=4)  # width 8: the same bucket
     static.generate(test_llama, ids2, mask2, cfg)
     assert counter.frame_count == frames, "a repeated shape must not recompile"
+    torch._dynamo.reset()
+
+
+def test_inductor_compiled_step_on_cpu(tiny_llama):
+    """The real compiled path (inductor, the default ``mode="reduce-overhead"`` options; on a CPU
+    there are no CUDA graphs, the rest is the same code: static addresses, step marks, the
+    clone of the step's output): greedy tokens are ``generate``'s in float32, and greedy under
+    bf16 autocast (a second compiled bucket, keyed by the autocast dtype)."""
+    torch._dynamo.reset()
+    ids, mask = _prompts()
+    cfg = SamplingConfig(12, greedy=True, min_new_tokens=2)
+    ref, got, static = _both(tiny_llama, ids, mask, cfg, compile=True)
+    assert static._states[id(tiny_llama)].compiled
+    _assert_same(ref, got)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = static.generate(tiny_llama, ids, mask, cfg)
+        gaps = _greedy_gaps(tiny_llama, ids, mask, *out, cfg.min_new_tokens)
+    assert gaps.max() <= 0.0625, gaps.max()
+    assert len(static.cached_shapes(tiny_llama)) == 2
     torch._dynamo.reset()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fast_generation import EOS, PAD, _model, _prompts
+from test_fast_generation import EOS, PAD, _greedy_gaps, _model, _prompts
 
 from dvpo_lightning.rollout.fast_generation import StaticCacheGenerator
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
@@ -28,6 +28,20 @@ def test_compiled_greedy_is_identical_to_hf_generate(cuda_model, min_new):
     got = static.generate(cuda_model, ids, mask, cfg)
     assert any(s.compiled for s in static._states.values()), "the compiled path must have run"
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (got, ref)
+
+
+@pytest.mark.parametrize("min_new", [0, 4])
+def test_compiled_greedy_under_bf16_autocast_is_greedy(cuda_model, min_new):
+    """The Trainer's ``bf16-mixed``: float32 weights, bf16 autocast (see the CPU test of the
+    same name for why greedy is checked against a teacher-forced forward, not token for token)."""
+    ids, mask = (t.cuda() for t in _prompts())
+    cfg = SamplingConfig(12, greedy=True, min_new_tokens=min_new)
+    static = StaticCacheGenerator(EOS, PAD)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = static.generate(cuda_model, ids, mask, cfg)
+        gaps = _greedy_gaps(cuda_model, ids, mask, *got, min_new)
+    assert any(s.compiled for s in static._states.values())
+    assert gaps.max() <= 0.0625, gaps.max()
 
 
 def test_compiled_sampling_matches_generate_in_distribution(cuda_model):

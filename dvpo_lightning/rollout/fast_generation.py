@@ -42,6 +42,8 @@ Limits:
   encoder-decoder models, a generation config asking for processors this loop does not
   implement, such as a repetition penalty) is handed to ``HFGenerator``, with one log line
   saying why;
+- under autocast (Lightning's ``bf16-mixed``: float32 weights) the cache stores keys and values
+  in the autocast dtype (attention casts them to it anyway); the buckets are keyed by it;
 - the cache holds ``batch × L`` tokens for every layer for the whole call and is kept between
   calls (``max_cached`` per model; :meth:`StaticCacheGenerator.clear` frees them);
 - on CUDA the all-rows-finished check runs every ``check_every`` steps (each check is a
@@ -78,6 +80,27 @@ _UNSUPPORTED_GENERATION_FIELDS: dict[str, Any] = {
     "guidance_scale": 1.0, "min_length": 0, "renormalize_logits": False,
     "watermarking_config": None,
 }
+
+
+def _autocast_static_cache(config, max_cache_len: int, kv_dtype: torch.dtype):
+    """A transformers ``StaticCache`` that stores keys and values in ``kv_dtype``.
+
+    Why: under autocast with float32 weights (Lightning's ``bf16-mixed``) the attention layers
+    produce keys in float32 (the rotary multiply promotes the bf16 projection by the float32
+    cos/sin) and values in bf16, and ``StaticCache`` allocates both from the keys' dtype on its
+    first update, so the values' in-place ``index_copy_`` fails. Casting both to the autocast dtype
+    first changes no result: attention under autocast (SDPA and the eager matmuls) casts its
+    inputs to that dtype anyway, which is what ``generate``'s dynamic cache feeds it. It also
+    halves the cache.
+    """
+    from transformers import StaticCache
+
+    class _Cache(StaticCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            return super().update(key_states.to(kv_dtype), value_states.to(kv_dtype), layer_idx,
+                                  *args, **kwargs)
+
+    return _Cache(config=config, max_cache_len=max_cache_len)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -288,8 +311,10 @@ class StaticCacheGenerator:
         while len(state.shapes) >= self.max_cached:
             state.shapes.popitem(last=False)
         config = unwrapped(model).config
+        cache = (StaticCache(config=config, max_cache_len=length) if autocast is None
+                 else _autocast_static_cache(config, length, autocast))
         shape = _ShapeState(
-            cache=StaticCache(config=config, max_cache_len=length),
+            cache=cache,
             input_ids=torch.zeros((batch, 1), dtype=torch.long, device=device),
             position_ids=torch.zeros((batch, 1), dtype=torch.long, device=device),
             attention_mask=torch.ones((batch, length), dtype=torch.long, device=device),
