@@ -278,22 +278,31 @@ def test_compiled_step_is_not_recompiled_for_repeated_shapes(test_llama):
     torch._dynamo.reset()
 
 
-def test_inductor_compiled_step_on_cpu(tiny_llama):
+def test_inductor_compiled_step_on_cpu():
     """The real compiled path (inductor, the default ``mode="reduce-overhead"`` options; on a CPU
     there are no CUDA graphs, the rest is the same code: static addresses, step marks, the
-    clone of the step's output): greedy tokens are ``generate``'s in float32, and greedy under
-    bf16 autocast (a second compiled bucket, keyed by the autocast dtype)."""
+    clone of the step's output): greedy tokens are ``generate``'s in float32; after an
+    in-place weight update (what the optimizer does between rollouts) the compiled step uses
+    the new weights; greedy under bf16 autocast (a second compiled bucket, keyed by the
+    autocast dtype)."""
     torch._dynamo.reset()
+    model = _model("tiny-llama")  # its own: the weights are changed below
     ids, mask = _prompts()
     cfg = SamplingConfig(12, greedy=True, min_new_tokens=2)
-    ref, got, static = _both(tiny_llama, ids, mask, cfg, compile=True)
-    assert static._states[id(tiny_llama)].compiled
+    ref, got, static = _both(model, ids, mask, cfg, compile=True)
+    assert static._states[id(model)].compiled
     _assert_same(ref, got)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(4.0)
+    moved = HFGenerator(EOS, PAD).generate(model, ids, mask, cfg)
+    got = static.generate(model, ids, mask, cfg)
+    assert not torch.equal(moved[0], ref[0]), "the weight change must change the tokens"
+    _assert_same(moved, got)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = static.generate(tiny_llama, ids, mask, cfg)
-        gaps = _greedy_gaps(tiny_llama, ids, mask, *out, cfg.min_new_tokens)
+        out = static.generate(model, ids, mask, cfg)
+        gaps = _greedy_gaps(model, ids, mask, *out, cfg.min_new_tokens)
     assert gaps.max() <= 0.0625, gaps.max()
-    assert len(static.cached_shapes(tiny_llama)) == 2
+    assert len(static.cached_shapes(model)) == 2
     torch._dynamo.reset()
 
 
