@@ -278,6 +278,26 @@ def test_compiled_step_is_not_recompiled_for_repeated_shapes(test_llama):
     torch._dynamo.reset()
 
 
+def test_many_buckets_are_all_compiled(test_llama):
+    """More buckets than dynamo's default 8 graphs per function (prompt widths of a run, train
+    and evaluation batches, the reference model): each still gets a compiled graph, none is
+    silently run eagerly; a bucket dropped from the cache and made again reuses its graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    static = StaticCacheGenerator(EOS, PAD, compile=True, prompt_bucket=8, batch_bucket=4,
+                                  compile_options={"backend": counter, "dynamic": False})
+    cfg = SamplingConfig(4, greedy=True)
+    widths = [3, 12, 20, 30, 40, 50, 60, 70, 80, 90]  # 10 cache lengths
+    for width in widths:
+        static.generate(test_llama, *_prompts([width, 2]), cfg)
+    assert counter.frame_count == len(widths)
+    static.generate(test_llama, *_prompts([3, 2]), cfg)  # evicted (max_cached 2), made again
+    assert counter.frame_count == len(widths)
+    torch._dynamo.reset()
+
+
 def test_inductor_compiled_step_on_cpu():
     """The real compiled path (inductor, the default ``mode="reduce-overhead"`` options; on a CPU
     there are no CUDA graphs, the rest is the same code: static addresses, step marks, the

@@ -49,6 +49,8 @@ Limits:
 - on CUDA the all-rows-finished check runs every ``check_every`` steps (each check is a
   device→host sync), so up to ``check_every - 1`` steps may be wasted after the last EOS; the
   result is trimmed, so it is identical either way;
+- each bucket and model compiles its own graph; dynamo's limit of graphs per function is
+  raised to :data:`RECOMPILE_LIMIT` (its default, 8, would make later buckets decode eagerly);
 - padded batch rows and the bucketed prompt width cost compute: choose buckets near the real
   shapes (RL rollouts usually have one batch size and a bounded prompt length).
 """
@@ -101,6 +103,12 @@ def _autocast_static_cache(config, max_cache_len: int, kv_dtype: torch.dtype):
                                   *args, **kwargs)
 
     return _Cache(config=config, max_cache_len=max_cache_len)
+
+
+# Graphs kept per decode-step function: every (model, batch, cache length) bucket is a graph of
+# its own (``dynamic=False``), and past dynamo's default of 8 the next bucket would silently
+# decode eagerly.
+RECOMPILE_LIMIT = 64
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -288,6 +296,8 @@ class StaticCacheGenerator:
                                    if forward_accepts(model, name))
         use_compile = self.compile is True or (self.compile == "auto" and device.type == "cuda")
         if use_compile:
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
             state.step = torch.compile(_forward_last_logits, **self.compile_options)
             state.compiled = True
         else:
