@@ -3,7 +3,8 @@
 # session lent a GPU machine (see ../shared/gpu/README.md). On this machine first:
 #     python3 ../shared/gpu/fetch-wheels.py          # ./.whl (git-ignored)
 # then, one device call per part, carrying .whl:
-#     bash benchmarks/gpu_session.sh checks   # GPU tests, decode step, MFU, log-prob memory
+#     bash benchmarks/gpu_session.sh tests    # the CUDA tests (compiled generation, offload, ...)
+#     bash benchmarks/gpu_session.sh checks   # decode step, MFU, log-prob memory
 #     bash benchmarks/gpu_session.sh cost     # Table 7 on the SmolLM2 shape, ours and TRL
 #     bash benchmarks/gpu_session.sh zero     # DVPO and PPO under DeepSpeed ZeRO-2 and ZeRO-3
 #     bash benchmarks/gpu_session.sh group5   # time per prompt: DVPO vs GRPO with 5 samples
@@ -12,7 +13,7 @@
 # part; each has its own time limit (they leave room for the wheel install within one 600 s
 # call), so what finished comes back.
 set -u
-part=${1:?usage: bash benchmarks/gpu_session.sh checks|cost|zero|group5}
+part=${1:?usage: bash benchmarks/gpu_session.sh tests|checks|cost|zero|group5}
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 res=/tmp/gpu_results/$part
@@ -38,14 +39,16 @@ print(torch.__version__, transformers.__version__, lightning.__version__, \
 deepspeed.__version__, trl.__version__)"; } >>"$log" 2>&1
 
 case $part in
-checks)
-    step 180 python3 -m pytest -q -rs tests/test_fast_generation_cuda.py tests/test_offload.py \
+tests)  # each compiled-generation test pays a compile (30-60 s on a GPU)
+    step 480 python3 -m pytest -q -rs tests/test_fast_generation_cuda.py tests/test_offload.py \
         tests/test_token_logps.py
-    step 180 python3 -m benchmarks.decode --shape smollm2-135m --batch_sizes 64 256 \
+    ;;
+checks)
+    step 240 python3 -m benchmarks.decode --shape smollm2-135m --batch_sizes 64 256 \
         --out "$res/decode"
-    step 90 python3 -m benchmarks.mfu --shape qwen2.5-0.5b-like --batch 32 --seq 384 \
+    step 120 python3 -m benchmarks.mfu --shape qwen2.5-0.5b-like --batch 32 --seq 384 \
         --out "$res/mfu"
-    step 45 python3 -m benchmarks.logps_memory --batch 32 --length 257 --vocab 151936 \
+    step 60 python3 -m benchmarks.logps_memory --batch 32 --length 257 --vocab 151936 \
         --hidden 896 --out "$res/logps_memory"
     ;;
 cost)
@@ -66,7 +69,7 @@ group5)
         --gradient_checkpointing --trl off --out "$res/cost_group5"
     ;;
 *)
-    echo "unknown part $part (checks | cost | zero | group5)" >&2
+    echo "unknown part $part (tests | checks | cost | zero | group5)" >&2
     exit 2
     ;;
 esac
