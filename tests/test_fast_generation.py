@@ -281,7 +281,8 @@ def test_compiled_step_is_not_recompiled_for_repeated_shapes(test_llama):
 def test_many_buckets_are_all_compiled(test_llama):
     """More buckets than dynamo's default 8 graphs per function (prompt widths of a run, train
     and evaluation batches, the reference model): each still gets a compiled graph, none is
-    silently run eagerly; a bucket dropped from the cache and made again reuses its graph."""
+    silently run eagerly; a bucket dropped from the cache and made again reuses its graph,
+    also the bf16-autocast cache's."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -295,6 +296,10 @@ def test_many_buckets_are_all_compiled(test_llama):
     assert counter.frame_count == len(widths)
     static.generate(test_llama, *_prompts([3, 2]), cfg)  # evicted (max_cached 2), made again
     assert counter.frame_count == len(widths)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast cache too
+        for width in (3, 12, 20, 3):  # the last is evicted and made again
+            static.generate(test_llama, *_prompts([width, 2]), cfg)
+    assert counter.frame_count == len(widths) + 3
     torch._dynamo.reset()
 
 

@@ -32,8 +32,9 @@ def test_compiled_greedy_is_identical_to_hf_generate(cuda_model, min_new):
 
 @pytest.mark.parametrize("min_new", [0, 4])
 def test_compiled_greedy_under_bf16_autocast_is_greedy(cuda_model, min_new):
-    """The Trainer's ``bf16-mixed``: float32 weights, bf16 autocast (see the CPU test of the
-    same name for why greedy is checked against a teacher-forced forward, not token for token)."""
+    """The Trainer's ``bf16-mixed``: float32 weights, bf16 autocast (see the CPU test
+    ``test_bf16_autocast_over_float32_weights_decodes_greedily`` for why greedy is checked
+    against a teacher-forced forward, not token for token)."""
     ids, mask = (t.cuda() for t in _prompts())
     cfg = SamplingConfig(12, greedy=True, min_new_tokens=min_new)
     static = StaticCacheGenerator(EOS, PAD)

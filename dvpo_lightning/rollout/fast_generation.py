@@ -65,6 +65,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from transformers import StaticCache
 
 from dvpo_lightning.models.loading import forward_accepts, position_ids_from_mask, unwrapped
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig, mask_after_eos
@@ -84,7 +85,7 @@ _UNSUPPORTED_GENERATION_FIELDS: dict[str, Any] = {
 }
 
 
-def _autocast_static_cache(config, max_cache_len: int, kv_dtype: torch.dtype):
+class _AutocastStaticCache(StaticCache):
     """A transformers ``StaticCache`` that stores keys and values in ``kv_dtype``.
 
     Why: under autocast with float32 weights (Lightning's ``bf16-mixed``) the attention layers
@@ -93,16 +94,17 @@ def _autocast_static_cache(config, max_cache_len: int, kv_dtype: torch.dtype):
     first update, so the values' in-place ``index_copy_`` fails. Casting both to the autocast dtype
     first changes no result: attention under autocast (SDPA and the eager matmuls) casts its
     inputs to that dtype anyway, which is what ``generate``'s dynamic cache feeds it. It also
-    halves the cache.
+    halves the cache. (One class for every cache, so that a bucket dropped and made again does
+    not recompile: the compiled step's guards check the cache's type.)
     """
-    from transformers import StaticCache
 
-    class _Cache(StaticCache):
-        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            return super().update(key_states.to(kv_dtype), value_states.to(kv_dtype), layer_idx,
-                                  *args, **kwargs)
+    def __init__(self, config, max_cache_len: int, kv_dtype: torch.dtype) -> None:
+        super().__init__(config=config, max_cache_len=max_cache_len)
+        self.kv_dtype = kv_dtype
 
-    return _Cache(config=config, max_cache_len=max_cache_len)
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return super().update(key_states.to(self.kv_dtype), value_states.to(self.kv_dtype),
+                              layer_idx, *args, **kwargs)
 
 
 # Graphs kept per decode-step function: every (model, batch, cache length) bucket is a graph of
@@ -308,8 +310,6 @@ class StaticCacheGenerator:
 
     def _shape_state(self, model: nn.Module, state: _ModelState, batch: int, length: int,
                      device: torch.device) -> _ShapeState:
-        from transformers import StaticCache
-
         autocast = (torch.get_autocast_dtype(device.type)
                     if torch.is_autocast_enabled(device.type) else None)
         key = (batch, length, device, autocast)
@@ -322,7 +322,7 @@ class StaticCacheGenerator:
             state.shapes.popitem(last=False)
         config = unwrapped(model).config
         cache = (StaticCache(config=config, max_cache_len=length) if autocast is None
-                 else _autocast_static_cache(config, length, autocast))
+                 else _AutocastStaticCache(config, length, autocast))
         shape = _ShapeState(
             cache=cache,
             input_ids=torch.zeros((batch, 1), dtype=torch.long, device=device),
