@@ -97,7 +97,7 @@ def run_method(args) -> dict:
 
     import torch
 
-    from dvpo_lightning.cli import cli_main
+    from dvpo_lightning.commands.fit import cli_main
 
     root = Path(args.workdir)
     group = args.group if args.method in GROUP_METHODS else 1

@@ -6,7 +6,7 @@
 One forward + backward from hidden states through an output head ``(hidden, vocab)`` to the
 log-probs of ``length − 1`` targets, the logits in bf16 (as under autocast). ``plain`` is
 ``logits[:, :-1].float().log_softmax(-1).gather(...)``; ``chunked`` is
-``dvpo_lightning.token_logps.token_logps`` on those logits; ``fused`` is ``head_token_logps``
+``dvpo_lightning.ops.token_logps.token_logps`` on those logits; ``fused`` is ``head_token_logps``
 (the head inside the chunks: the whole logits never exist). Each runs in its own process;
 the figure is the peak above the state before the head (GPU: ``torch.cuda.max_memory_allocated``;
 CPU: peak RSS, which includes allocator slack). Writes ``logps_memory.json`` and
@@ -31,7 +31,7 @@ def measure(mode: str, batch: int, length: int, vocab: int, hidden: int, device:
 
     import torch
 
-    from dvpo_lightning.token_logps import head_token_logps, token_logps
+    from dvpo_lightning.ops.token_logps import head_token_logps, token_logps
 
     torch.manual_seed(0)
     dev = torch.device(device)

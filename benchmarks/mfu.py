@@ -71,8 +71,8 @@ def run(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from dvpo_lightning.losses import ppo_clip_loss
     from dvpo_lightning.models.loading import forward_accepts
+    from dvpo_lightning.ops.losses import ppo_clip_loss
     from dvpo_lightning.rollout.scoring import fused_head_parts, policy_logps
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -57,7 +57,7 @@ def session_tmp() -> str:
 @pytest.fixture(scope="session")
 def task_data(tmp_path_factory) -> str:
     """Directory of every split of the sorting task, tiny (see ``TASK_DATA_ARGS``)."""
-    from dvpo_lightning.tasks.make_data import make_task_data
+    from dvpo_lightning.commands.data.sorting import make_task_data
 
     out = tmp_path_factory.mktemp("task_data")
     make_task_data(out=str(out), **TASK_DATA_ARGS)

@@ -19,17 +19,13 @@ import pytest
 from tokenizers import normalizers
 from transformers import LlamaConfig
 
-from dvpo_lightning.checks import (
-    add_key_suggestions,
-    check_strategy,
-    check_trainer_config,
-    suggest_key,
-)
+from dvpo_lightning.commands.keys import add_key_suggestions, suggest_key
 from dvpo_lightning.data import DataFormatError, load_examples
 from dvpo_lightning.data.rollout import EpochShuffleSampler, RolloutDataModule, check_rollout_batch
 from dvpo_lightning.data.sft import SFTDataModule
 from dvpo_lightning.data.tokenize import LengthReport, fit_length
 from dvpo_lightning.models.compat import check_compatible, check_fits_context
+from dvpo_lightning.runtime.hardware import check_strategy, check_trainer_config
 from dvpo_lightning.tasks.tokenizer import build_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,7 +362,7 @@ def test_add_key_suggestions_to_jsonargparse_messages():
      "unknown key 'trainer.max_stepz' in the config: did you mean 'trainer.max_steps'?"),
 ])
 def test_cli_suggests_the_closest_key(bad, hint, capsys):
-    from dvpo_lightning.cli import main
+    from dvpo_lightning.__main__ import main
 
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(REPO / "configs" / "sft.yaml"), bad])
@@ -379,7 +375,7 @@ def test_cli_checks_the_hardware_before_loading_models(capsys):
     backbone ``nope`` does not exist and is never reached."""
     import torch
 
-    from dvpo_lightning.cli import cli_main
+    from dvpo_lightning.commands.fit import cli_main
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU-only refusal")

@@ -11,11 +11,12 @@ import textwrap
 import pytest
 import torch
 
-from dvpo_lightning.checkpointing import AtomicCheckpointIO, check_same_models, fingerprint
+from dvpo_lightning.models.identity import check_same_models, fingerprint
+from dvpo_lightning.runtime.checkpointing import AtomicCheckpointIO
 
 KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys, torch
-    from dvpo_lightning.checkpointing import AtomicCheckpointIO
+    from dvpo_lightning.runtime.checkpointing import AtomicCheckpointIO
     path = sys.argv[1]
     io = AtomicCheckpointIO()
     io.save_checkpoint({"step": 1, "w": torch.ones(1000)}, path)   # a good checkpoint

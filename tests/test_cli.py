@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dvpo_lightning.cli import cli_main, main
+from dvpo_lightning.__main__ import main
+from dvpo_lightning.commands.fit import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_YAML = str(REPO / "configs" / "sft.yaml")

@@ -39,10 +39,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dvpo_lightning.cli import cli_main, data_main
+from dvpo_lightning.commands.data import main as data_main
+from dvpo_lightning.commands.data.instruct import make_instruct_data
+from dvpo_lightning.commands.data.sorting import make_task_data
+from dvpo_lightning.commands.fit import cli_main
 from dvpo_lightning.data.base import TokenizedDataModule
-from dvpo_lightning.tasks.make_data import make_task_data
-from dvpo_lightning.tasks.make_instruct_data import make_instruct_data
 
 REPO = Path(__file__).resolve().parents[1]
 # cli_main(args=...) run under pytest: LightningCLI warns that sys.argv holds pytest's args
@@ -268,7 +269,7 @@ def _pipeline_commands():
 @pytest.mark.parametrize("config,args", list(_pipeline_commands()))
 def test_pipeline_overrides_parse(config, args, capsys):
     """Every command a pipeline runs names only valid keys (parsed, not run: some need a GPU)."""
-    from dvpo_lightning.cli import main
+    from dvpo_lightning.commands.fit import main
 
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(REPO / config), *args, "--print_config"])
@@ -280,7 +281,7 @@ def test_pipeline_overrides_parse(config, args, capsys):
 def test_strategy_configs_add_to_every_stage(path, capsys):
     """Each ``configs/deepspeed/*.yaml`` merges with every stage config into a valid command
     (parsed only: they need a GPU)."""
-    from dvpo_lightning.cli import main
+    from dvpo_lightning.commands.fit import main
 
     for stage in ("sft", "gvm", "dvpo", "ppo"):
         with pytest.raises(SystemExit) as e:
@@ -302,7 +303,7 @@ def test_strategy_configs_are_refused_without_a_gpu(path):
     """On a machine without CUDA the CLI refuses before loading any model, naming the fix."""
     import torch
 
-    from dvpo_lightning.cli import cli_main
+    from dvpo_lightning.commands.fit import cli_main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

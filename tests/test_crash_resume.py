@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dvpo_lightning.cli import cli_main
+from dvpo_lightning.commands.fit import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 RL_STEPS = 8

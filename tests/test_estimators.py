@@ -7,8 +7,8 @@ from torch.testing import assert_close
 from dvpo_lightning.estimators import GAE, GRPO, GVM, RLOO, Need, ReMax
 from dvpo_lightning.estimators.grpo import group_normalized_advantages
 from dvpo_lightning.estimators.gvm import gvm_advantages
-from dvpo_lightning.estimators.normalize import advantage_stats, masked_moments, whiten_advantages
 from dvpo_lightning.estimators.rloo import rloo_advantages
+from dvpo_lightning.ops.normalize import advantage_stats, masked_moments, whiten_advantages
 from dvpo_lightning.rollout import Experience
 
 

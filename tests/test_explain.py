@@ -10,10 +10,12 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from dvpo_lightning.commands.explain import _expand_responses, explain
+from dvpo_lightning.commands.explain import main as explain_main
 from dvpo_lightning.data.collate import collate_prompt_response
 from dvpo_lightning.data.errors import DataFormatError
+from dvpo_lightning.data.examples import file_examples
 from dvpo_lightning.data.tokenize import encode_prompt, encode_response
-from dvpo_lightning.explain import _expand_responses, explain, explain_main, file_examples
 from dvpo_lightning.report.token_values import (
     TABLE_COLUMNS,
     ExampleValues,

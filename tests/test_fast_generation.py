@@ -27,12 +27,13 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.models.loading import position_ids_from_mask
 from dvpo_lightning.models.tiny import tiny_config
+from dvpo_lightning.rollout.engines import make_generator
 from dvpo_lightning.rollout.fast_generation import (
     StaticCacheGenerator,
     filter_top_k,
     filter_top_p,
 )
-from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig, make_generator
+from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_rl_training import make_cli
 
-from dvpo_lightning.guards import KLBoundError, NonFiniteError, nonfinite_names
+from dvpo_lightning.runtime.guards import KLBoundError, NonFiniteError, nonfinite_names
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 NAN = float("nan")

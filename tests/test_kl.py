@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dvpo_lightning.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from dvpo_lightning.ops.kl import AdaptiveKLController, FixedKLController, kl_estimate
 
 LOGP = torch.tensor([[-1.0, -2.0, -0.5]])
 LOGP_REF = torch.tensor([[-1.5, -1.0, -0.5]])

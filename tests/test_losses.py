@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dvpo_lightning.losses import (
+from dvpo_lightning.ops.losses import (
     aggregate,
     bradley_terry_loss,
     clipped_value_loss,

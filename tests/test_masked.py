@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dvpo_lightning.masked import (
+from dvpo_lightning.ops.masked import (
     masked_mean,
     masked_moments,
     masked_sum,

@@ -11,10 +11,10 @@ import yaml
 from conftest import TASK_DATA_ARGS
 from wandb_offline import read_offline_run
 
-from dvpo_lightning.cli import main
-from dvpo_lightning.modules.export import ARTIFACT_FILE
-from dvpo_lightning.pipeline import run_pipeline_file
+from dvpo_lightning.__main__ import main
+from dvpo_lightning.commands.pipeline import run_pipeline_file
 from dvpo_lightning.report.tables import format_cell
+from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dvpo_lightning.commands.pipeline import run_pipeline
 from dvpo_lightning.modules.sft import SFTModule
-from dvpo_lightning.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")

@@ -18,7 +18,7 @@ import torch
 from conftest import build_trainer
 from test_rl_training import make_cli
 
-from dvpo_lightning.checkpointing import make_resumable
+from dvpo_lightning.commands.fit import make_resumable
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 CHECKPOINTING = ["--trainer.enable_checkpointing=true"]

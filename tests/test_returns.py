@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dvpo_lightning.returns import (
+from dvpo_lightning.ops.returns import (
     gae,
     gvm_value_targets,
     lambda_returns,

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dvpo_lightning.cli import cli_main
+from dvpo_lightning.commands.fit import cli_main
 from dvpo_lightning.estimators import GVM
 from dvpo_lightning.models import ValueModel, load_tokenizer
 

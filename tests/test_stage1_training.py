@@ -25,13 +25,13 @@ from dvpo_lightning.data.collate import join
 from dvpo_lightning.data.pairwise import PairwiseDataModule
 from dvpo_lightning.data.sft import SFTDataModule
 from dvpo_lightning.data.value import ValueDataModule
-from dvpo_lightning.losses import bradley_terry_loss, value_regression_loss
 from dvpo_lightning.metrics import AGGREGATIONS
 from dvpo_lightning.models import ValueModel, freeze, load_tokenizer, position_ids_from_mask
 from dvpo_lightning.modules import GVMModule, RewardModelModule, SFTModule
-from dvpo_lightning.modules.export import ARTIFACT_FILE
 from dvpo_lightning.modules.reward_model import final_scores
-from dvpo_lightning.returns import gvm_value_targets
+from dvpo_lightning.ops.losses import bradley_terry_loss, value_regression_loss
+from dvpo_lightning.ops.returns import gvm_value_targets
+from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
 STEPS = 24  # ~0.3 s per run on one thread; enough for margins seen over 8 seeds
 

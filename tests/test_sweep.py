@@ -20,9 +20,10 @@ import pytest
 import yaml
 from wandb_offline import read_offline_run
 
-from dvpo_lightning.cli import cli_main, main
-from dvpo_lightning.sweep import agent_args
-from dvpo_lightning.sweep_spec import SweepConfigError, expand_trials, validate_sweep
+from dvpo_lightning.__main__ import main
+from dvpo_lightning.commands.fit import cli_main
+from dvpo_lightning.commands.sweep.run import agent_args
+from dvpo_lightning.commands.sweep.spec import SweepConfigError, expand_trials, validate_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
@@ -215,7 +216,7 @@ def test_sweeps_the_runner_cannot_expand(edit, named):
 def test_wandb_schema_is_installed_and_checks_what_the_runner_does_not():
     """W&B's published schema (``sweeps`` package, installed by setup.sh without its numpy<2
     pin) catches what the hand-written checks leave alone, naming the key."""
-    from dvpo_lightning.sweep_schema import schema_violations, wandb_schema_path
+    from dvpo_lightning.commands.sweep.schema import schema_violations, wandb_schema_path
 
     assert wandb_schema_path() is not None, "scripts/setup.sh installs sweeps --no-deps"
     for f in SWEEPS:

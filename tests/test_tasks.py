@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
+from dvpo_lightning.commands.data.sorting import make_task_data
 from dvpo_lightning.tasks import SortingTask, get_task
-from dvpo_lightning.tasks.make_data import make_task_data
 from dvpo_lightning.tasks.tokenizer import SPECIAL_TOKENS, build_char_tokenizer
 
 TASK = SortingTask()

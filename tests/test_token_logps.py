@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dvpo_lightning.losses import entropy_from_logits
 from dvpo_lightning.models import load_causal_lm, load_tokenizer, position_ids_from_mask
+from dvpo_lightning.ops.losses import entropy_from_logits
+from dvpo_lightning.ops.token_logps import head_token_logps, token_logps
 from dvpo_lightning.rollout.scoring import FUSED_HEAD_CLASSES, fused_head_parts, policy_logps
-from dvpo_lightning.token_logps import head_token_logps, token_logps
 
 
 def _plain(logits, targets, offset):

@@ -22,9 +22,9 @@ from dvpo_lightning.data.tokenize import (
 )
 from dvpo_lightning.data.value import ValueDataModule
 from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
+from dvpo_lightning.ops.token_logps import token_logps
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.tasks.tokenizer import build_char_tokenizer
-from dvpo_lightning.token_logps import token_logps
 
 PAD = 0
 PROMPTS = [[11, 12, 13], [21], [31, 32, 33, 34, 35]]

@@ -13,8 +13,8 @@ import pytest
 import wandb
 from wandb_offline import read_offline_run
 
-from dvpo_lightning.cli import cli_main
-from dvpo_lightning.loggers import AutoWandbLogger, auto_mode
+from dvpo_lightning.commands.fit import cli_main
+from dvpo_lightning.runtime.loggers import AutoWandbLogger, auto_mode
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_YAML = str(REPO / "configs" / "sft.yaml")
@@ -142,7 +142,7 @@ def test_rl_learning_curves_reach_the_wandb_run(artifacts, task_data, tmp_path):
     """An RL fit logs its evaluation history as a table and its learning curves as a picture."""
     from test_rl_training import make_cli
 
-    logger = '{"class_path": "dvpo_lightning.loggers.AutoWandbLogger", "init_args": ' \
+    logger = '{"class_path": "dvpo_lightning.runtime.loggers.AutoWandbLogger", "init_args": ' \
              '{"offline": true}}'
     cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, f"--trainer.logger={logger}",
                       rl_steps=2)

@@ -12,21 +12,9 @@ exactly that and nothing else, so no method name is ever tested inside the modul
 
 from __future__ import annotations
 
-import enum
-
 from torch import Tensor
 
-from dvpo_lightning.rollout.experience import Experience
-
-
-class Need(str, enum.Enum):
-    """What an estimator needs from the rollout."""
-
-    GVM_VALUES = "gvm_values"  # u_0 … u_T from the frozen Global Value Model
-    CRITIC_VALUES = "critic_values"  # u_0 … u_T from a critic trained online (PPO)
-    SCORES = "scores"  # sequence reward r(x, y) from the reward model
-    GROUPS = "groups"  # n responses per prompt with group ids
-    GREEDY_BASELINE = "greedy_baseline"  # RM score of the greedy response to each prompt
+from dvpo_lightning.rollout.experience import NEED_FIELD, Experience, Need
 
 
 class AdvantageEstimator:
@@ -47,16 +35,9 @@ class AdvantageEstimator:
 
     def check(self, exp: Experience) -> None:
         """Raise a clear error when ``exp`` lacks a field this estimator declared it needs."""
-        field = {
-            Need.GVM_VALUES: "values",
-            Need.CRITIC_VALUES: "values",
-            Need.SCORES: "scores",
-            Need.GROUPS: "group_ids",
-            Need.GREEDY_BASELINE: "baseline_scores",
-        }
         for need in self.needs:
-            if getattr(exp, field[need]) is None:
+            if getattr(exp, NEED_FIELD[need]) is None:
                 raise ValueError(
                     f"{type(self).__name__} needs {need.value!r} but the experience has no "
-                    f"{field[need]!r}; the RL module must fetch every declared need"
+                    f"{NEED_FIELD[need]!r}; the experience maker must fetch every declared need"
                 )

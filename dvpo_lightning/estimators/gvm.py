@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
-from dvpo_lightning.masked import masked_sum, masked_whiten
-from dvpo_lightning.returns import gae, lambda_returns, token_rewards
+from dvpo_lightning.ops.masked import masked_sum, masked_whiten
+from dvpo_lightning.ops.returns import gae, lambda_returns, token_rewards
 from dvpo_lightning.rollout.experience import Experience
 
 GVM_VERSIONS = ("paper", "value_difference", "code")

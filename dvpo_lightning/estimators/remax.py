@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
-from dvpo_lightning.returns import sequence_rewards
+from dvpo_lightning.ops.returns import sequence_rewards
 from dvpo_lightning.rollout.experience import Experience
 
 

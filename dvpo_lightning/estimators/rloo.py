@@ -7,7 +7,7 @@ from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
 from dvpo_lightning.estimators.grpo import check_group_sizes, group_stats
-from dvpo_lightning.returns import sequence_rewards
+from dvpo_lightning.ops.returns import sequence_rewards
 from dvpo_lightning.rollout.experience import Experience
 
 

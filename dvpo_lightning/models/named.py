@@ -146,21 +146,3 @@ def resolve_model(name_or_path: str | Path) -> str:
             convert_gguf(path, out)
         return str(out)
     return s
-
-
-def convert_main(args: list[str]) -> None:
-    """``python -m dvpo_lightning convert --gguf FILE_OR_NAME --out DIR``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m dvpo_lightning convert",
-                                description="Turn a GGUF checkpoint (or a named model) into a "
-                                            "trainable Hugging Face directory.")
-    p.add_argument("--gguf", required=True, help=f"a .gguf file or one of {sorted(NAMED_MODELS)}")
-    p.add_argument("--out", required=True, help="output directory (save_pretrained layout)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    a = p.parse_args(args)
-    src = NAMED_MODELS[a.gguf].path() if a.gguf in NAMED_MODELS else Path(a.gguf)
-    if not src.is_file():
-        p.error(f"--gguf {a.gguf!r} is neither a file nor one of {sorted(NAMED_MODELS)}")
-    out = convert_gguf(src, a.out, a.dtype)
-    print(f"converted {src} -> {out}")

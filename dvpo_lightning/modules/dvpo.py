@@ -19,31 +19,20 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from dvpo_lightning.checkpointing import (
-    check_same_models,
-    drop_reloaded,
-    fingerprint,
-    reloaded_weights,
-    restore_reloaded,
-    rng_states,
-    set_rng_states,
-)
 from dvpo_lightning.data.rollout import check_rollout_batch
-from dvpo_lightning.distributed import all_reduce_sum, global_whiten, loss_counts
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
-from dvpo_lightning.guards import KLBoundError, NonFiniteError, nonfinite_message, nonfinite_names
-from dvpo_lightning.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from dvpo_lightning.loggers import has_wandb, log_files, log_table
-from dvpo_lightning.losses import aggregate, clipped_value_loss, ppo_clip_loss
-from dvpo_lightning.masked import masked_mean
 from dvpo_lightning.models.compat import check_compatible, check_fits_context
+from dvpo_lightning.models.identity import check_same_models, fingerprint
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from dvpo_lightning.models.lora import LoraOptions, adapters_disabled, merged_copy, save_adapter
 from dvpo_lightning.models.value_model import ValueModel, freeze
-from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw
+from dvpo_lightning.ops.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from dvpo_lightning.ops.losses import aggregate, clipped_value_loss, ppo_clip_loss
+from dvpo_lightning.ops.masked import masked_mean
+from dvpo_lightning.rollout.engines import make_generator
 from dvpo_lightning.rollout.experience import Experience
-from dvpo_lightning.rollout.generation import SamplingConfig, make_generator
+from dvpo_lightning.rollout.generation import SamplingConfig
 from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.rollout.scoring import (
     by_rows,
@@ -52,6 +41,22 @@ from dvpo_lightning.rollout.scoring import (
     sequence_scores,
 )
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
+from dvpo_lightning.runtime.artifacts import export_atomic
+from dvpo_lightning.runtime.checkpointing import (
+    drop_reloaded,
+    reloaded_weights,
+    restore_reloaded,
+    rng_states,
+    set_rng_states,
+)
+from dvpo_lightning.runtime.distributed import all_reduce_sum, global_whiten, loss_counts
+from dvpo_lightning.runtime.guards import (
+    KLBoundError,
+    NonFiniteError,
+    nonfinite_message,
+    nonfinite_names,
+)
+from dvpo_lightning.runtime.loggers import has_wandb, log_files, log_table
 from dvpo_lightning.tasks import get_task
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dvpo_lightning.losses import value_regression_loss
 from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.modules.value_base import ValueHeadModule
-from dvpo_lightning.returns import gvm_value_targets
+from dvpo_lightning.ops.losses import value_regression_loss
+from dvpo_lightning.ops.returns import gvm_value_targets
 
 
 class GVMModule(ValueHeadModule):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dvpo_lightning.losses import bradley_terry_loss
 from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.modules.value_base import ValueHeadModule
+from dvpo_lightning.ops.losses import bradley_terry_loss
 from dvpo_lightning.rollout.scoring import final_scores
 
 

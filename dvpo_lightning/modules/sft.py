@@ -6,13 +6,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from dvpo_lightning.checkpointing import ReloadsFrozenBase
 from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions, merged_copy, save_adapter
-from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw, warmup_cosine
 from dvpo_lightning.rollout.scoring import policy_logps
+from dvpo_lightning.runtime.artifacts import export_atomic
+from dvpo_lightning.runtime.checkpointing import ReloadsFrozenBase
 
 
 class SFTModule(ReloadsFrozenBase, L.LightningModule):

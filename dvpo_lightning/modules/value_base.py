@@ -10,16 +10,16 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from dvpo_lightning.checkpointing import ReloadsFrozenBase
 from dvpo_lightning.data.collate import join, response_slice
-from dvpo_lightning.loggers import has_wandb, log_files, log_table
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
 from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.models.value_model import ValueModel
-from dvpo_lightning.modules.export import export_atomic
 from dvpo_lightning.modules.optim import adamw, warmup_cosine
+from dvpo_lightning.runtime.artifacts import export_atomic
+from dvpo_lightning.runtime.checkpointing import ReloadsFrozenBase
+from dvpo_lightning.runtime.loggers import has_wandb, log_files, log_table
 
 
 def format_accuracy_table(title: str, acc: dict[str, float], n_pairs: int) -> str:
@@ -79,7 +79,7 @@ class ValueHeadModule(ReloadsFrozenBase, L.LightningModule):
 
     def _log_token_values(self, log_dir: Path, n_pairs: int = 4) -> None:
         """The token-value picture of the first held-out pairs (Figure 3 analog) to W&B."""
-        from dvpo_lightning.explain import file_examples
+        from dvpo_lightning.data.examples import file_examples
         from dvpo_lightning.report import token_values as tv
 
         val_path = getattr(self.trainer.datamodule, "val_path", None)

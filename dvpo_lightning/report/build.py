@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from dvpo_lightning.data.examples import file_examples
 from dvpo_lightning.report import plots, tables
+from dvpo_lightning.report.explain import write_token_values
 from dvpo_lightning.report.runs import load_runs
 from dvpo_lightning.report.value_accuracy import pair_accuracy
 
@@ -99,10 +101,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                 plots.plot_train_curves(loaded, out_dir / "train_curves.png"),
                 plots.plot_reward_vs_kl(loaded, out_dir / "reward_vs_kl.png")]
     if gvm and eval_pairs and examples > 0:
-        from dvpo_lightning.explain import explain
-
-        pictures = explain(gvm=gvm, file=eval_pairs, out=str(out_dir),
-                           color_by=color_by, max_examples=examples)
+        pictures = write_token_values(gvm, file_examples(eval_pairs, examples), out_dir,
+                                      color_by=color_by)
         written += [Path(p) for p in pictures.values()]
     if wandb:
         _log_to_wandb(out_dir, written, result, group)
@@ -115,7 +115,7 @@ def _log_to_wandb(out_dir: Path, files: list[Path], result: dict, group: str | N
     """One W&B run (job type ``report``) holding every picture, the HTML and the tables."""
     import wandb
 
-    from dvpo_lightning.loggers import auto_mode
+    from dvpo_lightning.runtime.loggers import auto_mode
 
     mode, _ = auto_mode()
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dvpo_lightning"),

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from dvpo_lightning.modules.export import ARTIFACT_FILE
+from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
 
 @dataclass

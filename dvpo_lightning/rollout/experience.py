@@ -8,10 +8,31 @@ with ``u_0`` read at the last prompt token and ``u_t`` at token ``y_t`` (so ``va
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
+
+
+class Need(str, enum.Enum):
+    """What an advantage estimator needs a rollout to carry beyond log-probs."""
+
+    GVM_VALUES = "gvm_values"  # u_0 … u_T from the frozen Global Value Model
+    CRITIC_VALUES = "critic_values"  # u_0 … u_T from a critic trained online (PPO)
+    SCORES = "scores"  # sequence reward r(x, y) from the reward model
+    GROUPS = "groups"  # n responses per prompt with group ids
+    GREEDY_BASELINE = "greedy_baseline"  # RM score of the greedy response to each prompt
+
+
+NEED_FIELD: dict[Need, str] = {
+    Need.GVM_VALUES: "values",
+    Need.CRITIC_VALUES: "values",
+    Need.SCORES: "scores",
+    Need.GROUPS: "group_ids",
+    Need.GREEDY_BASELINE: "baseline_scores",
+}
+"""The :class:`Experience` field each need fills."""
 
 
 @dataclass
@@ -26,7 +47,8 @@ class Experience:
         logp_old: ``(B, T) float``, ``log π_old(y_t | s_t)`` of the policy that sampled.
         logp_ref: ``(B, T) float``, ``log π_ref(y_t | s_t)`` of the frozen reference.
         kl_penalty: ``(B, T) float``, the per-token KL penalty ``β·k(logp_old, logp_ref)`` that
-            is part of the reward (zeros when the KL is a loss term instead).
+            is part of the reward; zeros when the KL is a loss term instead, or when None is
+            given (the experience maker leaves it to the RL module's KL penalty).
         values: ``(B, T + 1) float`` or None, ``u_0 … u_T`` from a frozen GVM or a critic.
         scores: ``(B,) float`` or None, sequence reward ``r(x, y)`` from a reward model.
         group_ids: ``(B,) long`` or None, responses with equal id share a prompt.
@@ -40,13 +62,15 @@ class Experience:
     response_mask: Tensor
     logp_old: Tensor
     logp_ref: Tensor
-    kl_penalty: Tensor
+    kl_penalty: Tensor | None = None
     values: Tensor | None = None
     scores: Tensor | None = None
     group_ids: Tensor | None = None
     baseline_scores: Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.kl_penalty is None:
+            self.kl_penalty = torch.zeros_like(self.logp_old)
         self.validate()
 
     @property

@@ -1,4 +1,4 @@
-"""Generation behind a small interface (Hugging Face ``generate`` now; other engines later).
+"""Generation behind a small interface, and the reference engine (Hugging Face ``generate``).
 
 A generator takes left-padded prompts and returns right-padded responses whose mask is True
 on ``y_1 … y_T`` up to and including the first EOS and False after it.
@@ -82,34 +82,3 @@ class HFGenerator:
                                   dtype=prompt_ids.dtype, device=prompt_ids.device)
         mask = mask_after_eos(response, self.eos_token_id)
         return response.masked_fill(~mask, self.pad_token_id), mask
-
-
-GENERATOR_KINDS = ("hf", "static", "auto")
-
-
-def make_generator(kind: str, eos_token_id: int, pad_token_id: int, **options) -> Generator:
-    """The generator named by the config value ``model.init_args.generation``.
-
-    Args:
-        kind: ``"hf"``: :class:`HFGenerator` (``model.generate``); ``"static"``:
-            :class:`~dvpo_lightning.rollout.fast_generation.StaticCacheGenerator` (static KV
-            cache, hand-written decode loop, compiled on CUDA); ``"auto"``: the static one when
-            CUDA is available (where it is faster), HFGenerator otherwise.
-        eos_token_id: the token that ends a response.
-        pad_token_id: written after EOS.
-        **options: keyword arguments of ``StaticCacheGenerator`` (``compile``,
-            ``prompt_bucket``, ``batch_bucket``, …); ignored when ``"auto"`` picks HFGenerator.
-    """
-    if kind not in GENERATOR_KINDS:
-        raise ValueError(f"model.init_args.generation={kind!r} is not a generator kind; "
-                         f"allowed values: {', '.join(repr(k) for k in GENERATOR_KINDS)}")
-    if kind == "hf":
-        if options:
-            raise ValueError(f"model.init_args.generation='hf' takes no options, got "
-                             f"{sorted(options)} (they belong to 'static')")
-        return HFGenerator(eos_token_id, pad_token_id)
-    if kind == "auto" and not torch.cuda.is_available():
-        return HFGenerator(eos_token_id, pad_token_id)
-    from dvpo_lightning.rollout.fast_generation import StaticCacheGenerator
-
-    return StaticCacheGenerator(eos_token_id, pad_token_id, **options)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dvpo_lightning.models.loading import forward_accepts, position_ids_from_mask, unwrapped
-from dvpo_lightning.token_logps import head_token_logps, token_logps
+from dvpo_lightning.ops.token_logps import head_token_logps, token_logps
 
 
 def _join(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
@@ -28,7 +28,7 @@ def policy_logps(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
     asked), float32, zero where ``response_mask`` is.
 
     Logits at column ``P − 1 + (t − 1)`` predict ``y_t``. Only the response's columns get
-    log-probs, computed in float32 row chunks (:mod:`dvpo_lightning.token_logps`):
+    log-probs, computed in float32 row chunks (:mod:`dvpo_lightning.ops.token_logps`):
 
     - ``fused_head`` and a model whose logits are exactly ``body(x) @ headᵀ`` (Llama, Mistral,
       Qwen2, Qwen3; not under ZeRO-3 nor with an adapted head, see :func:`fused_head_parts`):

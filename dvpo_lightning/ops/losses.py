@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dvpo_lightning.masked import masked_mean, masked_sum
+from dvpo_lightning.ops.masked import masked_mean, masked_sum
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 

@@ -2,14 +2,14 @@
 
 Kept apart from the estimators (GAE never whitens inside): the module decides, and a config
 says, whether advantages are whitened, and over which statistics (local batch, or global ones
-from :func:`~dvpo_lightning.masked.masked_moments` all-reduced across ranks).
+from :func:`~dvpo_lightning.ops.masked.masked_moments` all-reduced across ranks).
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from dvpo_lightning.masked import masked_moments, masked_whiten, moments_to_mean_var
+from dvpo_lightning.ops.masked import masked_moments, masked_whiten, moments_to_mean_var
 
 __all__ = ["advantage_stats", "masked_moments", "whiten_advantages"]
 
@@ -36,7 +36,7 @@ def whiten_advantages(
 
 
 def advantage_stats(moments: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """``(mean, var)`` from (all-reduced) :func:`~dvpo_lightning.masked.masked_moments`.
+    """``(mean, var)`` from (all-reduced) :func:`~dvpo_lightning.ops.masked.masked_moments`.
 
     Args:
         moments: ``(Σ A, Σ A², n)``, summed over ranks.

@@ -174,3 +174,21 @@ def log_files(trainer: Trainer, files: dict[str, str | Path]) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and payload:
             logger.experiment.log(payload)
+
+
+def quiet_libraries() -> None:
+    """Silence what every command would otherwise print: tokenizers' fork warning,
+    Lightning's note on frozen modules in eval mode, transformers' progress bars."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Frozen parts (reference, GVM, RM) are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,9 +1,9 @@
 """W&B sweep files: validation, trial expansion (grid, random) and the agent's argument list.
 
 The same YAML drives ``wandb sweep`` + ``wandb agent`` and the local runner
-(``dvpo_lightning/sweep.py``). Hand-written checks give tailored messages for what the
+(``dvpo_lightning/commands/sweep/run.py``). Hand-written checks give tailored messages for what the
 local runner supports; then the file is checked against W&B's own schema
-(``sweeps/config/schema.json``, see :mod:`dvpo_lightning.sweep_schema`).
+(``sweeps/config/schema.json``, see :mod:`dvpo_lightning.commands.sweep.schema`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from dvpo_lightning.sweep_schema import schema_violations
+from dvpo_lightning.commands.sweep.schema import schema_violations
 
 TOP_LEVEL_KEYS = {"apiVersion", "kind", "controller", "description", "program", "job",
                   "image_uri", "entity", "project", "method", "command", "name", "run_cap",

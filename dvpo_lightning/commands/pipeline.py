@@ -132,7 +132,7 @@ def _run_fit(stage: Stage, in_process: bool, ckpt: Path | None = None) -> None:
         subprocess.run([sys.executable, "-m", "dvpo_lightning", *args], check=True,
                        env={**os.environ, **stage.env})
         return
-    from dvpo_lightning.cli import cli_main
+    from dvpo_lightning.commands.fit import cli_main
 
     saved = {k: os.environ.get(k) for k in stage.env}
     os.environ.update(stage.env)
@@ -220,7 +220,7 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
         if forced or not stamp.exists() or json.loads(stamp.read_text())["hash"] != h:
             print(f"[pipeline] data: generating {data_out}", flush=True)
             if in_process:
-                from dvpo_lightning.cli import data_main
+                from dvpo_lightning.commands.data import main as data_main
 
                 data_main(["--config", data])
             else:
@@ -264,7 +264,7 @@ def run_pipeline_file(path: str, **overrides) -> dict:
     return run_pipeline(**spec)
 
 
-def pipeline_main(args: list[str]) -> None:
+def main(args: list[str]) -> None:
     """``--config FILE`` loads a pipeline file as the arguments of :func:`run_pipeline`."""
     from jsonargparse import CLI
 

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
+from dvpo_lightning.commands.data.sorting import _unique_prompts, _write_jsonl
 from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.data.tokenize import encode_prompt
 from dvpo_lightning.tasks import get_task
-from dvpo_lightning.tasks.make_data import _unique_prompts, _write_jsonl
 
 # name -> (temperature, system prompt or None)
 DEFAULT_BEHAVIOUR: dict[str, tuple[float, str | None]] = {

@@ -1,15 +1,15 @@
-"""Checkpoints that a crash cannot corrupt, and the identity of the frozen models a run uses.
+"""Checkpoints that a crash cannot corrupt, and the state a checkpoint must carry besides
+the weights.
 
 ``AtomicCheckpointIO`` writes each checkpoint to a temporary file in the same directory,
 flushes it to disk, then renames it over the target (``os.replace`` is atomic on POSIX), so
 a process killed during a save leaves the previous file — ``last.ckpt`` included — whole.
-``fingerprint`` names a model by its path and the SHA-256 of its weight files, so a resumed
-RL run can refuse a different GVM, reward model or reference than the one it started with.
+``rng_states`` / ``set_rng_states`` carry the global RNGs (Lightning does not save them);
+``reloaded_weights`` and friends keep frozen base weights out of checkpoints.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,8 +17,6 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -44,79 +42,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.fsync(dir_fd)  # the rename itself survives a power loss
         finally:
             os.close(dir_fd)
-
-
-def fingerprint(name_or_path: str | None) -> dict[str, str] | None:
-    """``{"path", "sha256"}`` of a model directory's weight files (sorted by name, hashed in
-    order); a built-in tiny model name is its own fingerprint. None for None."""
-    if name_or_path is None:
-        return None
-    from dvpo_lightning.models.named import resolve_model
-
-    p = Path(resolve_model(name_or_path))
-    if not p.exists():
-        return {"path": str(name_or_path), "sha256": f"name:{name_or_path}"}
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*")
-                                           if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-    return {"path": str(name_or_path), "sha256": h.hexdigest()}
-
-
-def check_same_models(saved: dict[str, dict | None], current: dict[str, dict | None]) -> None:
-    """Refuse to resume when a frozen model's weights differ from the checkpoint's.
-
-    ``saved`` / ``current``: ``{role: fingerprint}``. A moved directory with the same weights
-    is accepted (only the hash is compared).
-    """
-    for role, old in saved.items():
-        new = current.get(role)
-        if old is None or new is None or old["sha256"] == new["sha256"]:
-            continue
-        raise ValueError(
-            f"resume refused: the checkpoint was trained with {role} {old['path']} "
-            f"(sha256 {old['sha256'][:12]}…), but this run loads {new['path']} "
-            f"(sha256 {new['sha256'][:12]}…). Resume with the same {role} (set its path in "
-            "model.init_args back), or start a new run without --ckpt_path.")
-
-
-def make_resumable(trainer) -> None:
-    """The CLI's checkpoint defaults, applied to a built ``Trainer`` (explicit settings win):
-
-    - checkpoints are written atomically (``AtomicCheckpointIO``) unless a strategy or a plugin
-      brought its own checkpoint IO (DeepSpeed writes its own directories);
-    - ``ModelCheckpoint`` without a ``dirpath`` writes to ``<default_root_dir>/checkpoints``
-      (not under a logger's per-run version, which a new run would not find) and keeps
-      ``last.ckpt``, so ``--ckpt_path last`` resumes; with an integer ``val_check_interval``
-      it saves after every validation (Lightning would save only at the epoch's end when the
-      interval is 1);
-    - SIGTERM writes ``last.ckpt`` before the run stops (:class:`SaveOnSigterm`).
-    """
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from dvpo_lightning.callbacks.preemption import SaveOnSigterm
-
-    strategy = trainer.strategy
-    if type(strategy.checkpoint_io) is TorchCheckpointIO:
-        strategy.checkpoint_io = AtomicCheckpointIO()
-    for cb in trainer.callbacks:
-        if isinstance(cb, ModelCheckpoint):
-            if cb.dirpath is None:
-                cb.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
-            if cb.save_last is None:
-                cb.save_last = True
-            # Lightning reads an integer val_check_interval of 1 (validate after every batch)
-            # as "once per epoch" and would then save only at the epoch's end
-            if (cb._save_on_train_epoch_end is None and isinstance(trainer.val_check_interval, int)
-                    and trainer.limit_val_batches != 0):
-                cb._save_on_train_epoch_end = False
-    if trainer.checkpoint_callback is not None and not any(
-            isinstance(cb, SaveOnSigterm) for cb in trainer.callbacks):
-        trainer.callbacks.append(SaveOnSigterm())
 
 
 def rng_states() -> dict:

@@ -4,7 +4,7 @@
         [--max_trials N] [--parallel K] [--seed S] [--extra_args --trainer.max_steps=8 ...]
 
 The file is the one ``wandb sweep`` takes. Each trial runs the file's ``command`` with the
-argument list a W&B agent builds (:func:`~dvpo_lightning.sweep_spec.agent_args`), then
+argument list a W&B agent builds (:func:`~dvpo_lightning.commands.sweep.spec.agent_args`), then
 ``--extra_args``, then the trial's own directories (``--trainer.default_root_dir`` and
 ``--model.init_args.export_dir`` under ``<out>/trial-NNN``, so trials never overwrite each
 other or the pipeline's artifacts). Every trial is an ordinary W&B run (offline without an API
@@ -25,8 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dvpo_lightning.sweep_report import plot_frontier, trial_results, write_table
-from dvpo_lightning.sweep_spec import (  # noqa: F401 - agent_args: part of this module's API
+from dvpo_lightning.commands.sweep.report import plot_frontier, trial_results, write_table
+from dvpo_lightning.commands.sweep.spec import (  # noqa: F401 - agent_args: part of this module's API
     SweepConfigError,
     agent_args,
     expand_trials,
@@ -152,7 +152,7 @@ def run_sweep(sweep_file: str, out: str | None = None, max_trials: int | None = 
     return json.loads(js.read_text())
 
 
-def sweep_main(argv: list[str]) -> None:
+def main(argv: list[str]) -> None:
     """``python -m dvpo_lightning sweep``: parse the arguments and :func:`run_sweep`."""
     p = argparse.ArgumentParser(
         prog="python -m dvpo_lightning sweep",

@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dvpo_lightning.estimators.normalize import advantage_stats, whiten_advantages
-from dvpo_lightning.masked import masked_moments
+from dvpo_lightning.ops.masked import masked_moments
+from dvpo_lightning.ops.normalize import advantage_stats, whiten_advantages
 
 
 def all_reduce_sum(x: Tensor) -> Tensor:

@@ -184,7 +184,7 @@ def token_logps(logits: Tensor, targets: Tensor, offset: int = 0,
     Returns:
         ``(logp (B, T), entropy (B, T) or None)``, float32 (float64 for float64 logits); equal to
         ``logits[:, offset:offset+T].float().log_softmax(-1).gather(2, targets[..., None])``
-        and :func:`~dvpo_lightning.losses.entropy_from_logits` of the same columns.
+        and :func:`~dvpo_lightning.ops.losses.entropy_from_logits` of the same columns.
     """
     _check_width(logits, targets, offset)
     logp, entropy = _TokenLogps.apply(logits, targets, offset, chunk_tokens, with_entropy)

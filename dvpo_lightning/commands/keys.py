@@ -1,0 +1,118 @@
+"""Unknown config keys get "did you mean ...?" with the closest valid key.
+
+:func:`suggest_key` finds the closest key, :func:`add_key_suggestions` adds one hint line per
+unknown key to a jsonargparse error, and :class:`KeySuggestingParser` is LightningCLI's parser
+with those hints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+
+def suggest_key(bad: str, valid: Iterable[str]) -> str | None:
+    """The valid key closest to ``bad`` (difflib), or None when none is close.
+
+    Dotted keys are compared under the same parent first (``trainer.max_stepz`` →
+    ``trainer.max_steps``, not ``data.max_length``); ``-`` and ``_`` are treated alike.
+    """
+    valid = list(dict.fromkeys(valid))
+    norm = {v.replace("-", "_").lower(): v for v in valid}
+    key = bad.replace("-", "_").lower()
+    if key in norm:
+        return norm[key]
+    if "." in key:
+        parent, leaf = key.rsplit(".", 1)
+        siblings = {k.rsplit(".", 1)[1]: v for k, v in norm.items()
+                    if "." in k and k.rsplit(".", 1)[0] == parent}
+        hit = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+        if hit:
+            return siblings[hit[0]]
+    hit = difflib.get_close_matches(key, list(norm), n=1, cutoff=0.6)
+    return norm[hit[0]] if hit else None
+
+
+def init_arg_names(class_path: str) -> list[str]:
+    """The keyword arguments of ``class_path``'s ``__init__`` ([] if it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+    return [p.name for p in params if p.name != "self"
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def parser_keys(parser: Any) -> list[str]:
+    """Every option a (jsonargparse) parser accepts, without the leading dashes."""
+    keys = []
+    for action in getattr(parser, "_actions", []):
+        keys += [s.lstrip("-") for s in action.option_strings if s.startswith("--")]
+    return keys
+
+
+_HINT = "did you mean"
+_CLASS_OPTION = re.compile(r"class_path '(?P<cls>[\w.]+)'|Option '(?P<opt>[^']+)' is not "
+                           r"accepted(?! before)")
+_PARSER_OPTION = [
+    re.compile(r"unrecognized arguments: (?P<args>.+)"),
+    re.compile(r"Group '(?P<group>[^']+)' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"Subcommand '[^']+' does not accept option '(?P<key>[^']+)'"),
+    re.compile(r"Option '(?P<key>[^']+)' is not accepted before subcommand"),
+]
+
+
+def _hint(bad: str, valid: list[str], where: str) -> str:
+    best = suggest_key(bad, valid)
+    if best is not None:
+        return f"unknown key '{bad}' {where}: {_HINT} '{best}'?"
+    shown = ", ".join(valid[:40]) + (", ..." if len(valid) > 40 else "")
+    return f"unknown key '{bad}' {where}; the valid keys are: {shown}"
+
+
+def add_key_suggestions(message: str, parser: Any = None) -> str:
+    """``message`` (a jsonargparse error) plus one "did you mean" line per unknown key.
+
+    Handles the three shapes jsonargparse 4 prints: ``Option 'k' is not accepted`` under
+    ``class_path 'pkg.Class'`` (valid keys: ``Class.__init__``'s arguments),
+    ``unrecognized arguments: --a.b 1`` and ``... does not accept option 'a.b'`` (valid keys:
+    ``parser``'s options). A message that already has hints is returned unchanged.
+    """
+    if _HINT in message or "the valid keys are" in message:
+        return message
+    hints: list[str] = []
+    cls = None
+    for m in _CLASS_OPTION.finditer(message):
+        if m.group("cls"):
+            cls = m.group("cls")
+        elif cls is not None:
+            names = init_arg_names(cls)
+            if names:
+                hints.append(_hint(m.group("opt"), names, f"for {cls.rsplit('.', 1)[-1]}"))
+    valid = parser_keys(parser) if parser is not None else []
+    if valid:
+        for pattern in _PARSER_OPTION:
+            for m in pattern.finditer(message):
+                bads = ([a.split("=", 1)[0].lstrip("-") for a in m.group("args").split()
+                         if a.startswith("--")] if "args" in pattern.groupindex
+                        else [".".join(m.group(g) for g in ("group", "key")
+                                      if g in pattern.groupindex)])
+                hints += [_hint(b, valid, "in the config") for b in bads]
+    hints = list(dict.fromkeys(hints))
+    return "\n".join([message, *hints]) if hints else message
+
+
+class KeySuggestingParser(LightningArgumentParser):
+    """LightningCLI's parser, with "did you mean ...?" added to unknown-key errors."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        parser = getattr(ex, "subcommand_parser", None) or self
+        return super().error(add_key_suggestions(message, parser), ex)
