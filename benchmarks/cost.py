@@ -97,6 +97,7 @@ def run_method(args) -> dict:
 
     import torch
 
+    from dvpo_lightning.callbacks import CostMeter
     from dvpo_lightning.commands.fit import cli_main
 
     root = Path(args.workdir)
@@ -113,34 +114,33 @@ def run_method(args) -> dict:
         f"--data.init_args.eval_path={root / 'prompts.jsonl'}",
         f"--data.init_args.tokenizer={root / 'tokenizer'}", f"--data.init_args.batch_size={batch}",
         "--data.init_args.chat_template=false", "--model.init_args.task=null",
-        f"--model.init_args.max_new_tokens={args.length}",
-        f"--model.init_args.min_new_tokens={args.length}",
-        f"--model.init_args.mini_batch_size={n_resp // args.minibatches}",
-        "--model.init_args.ppo_epochs=1", "--model.init_args.export_dir=null",
-        f"--trainer.max_steps={args.rl_steps * args.minibatches}",
+        f"--model.init_args.rollout.max_new_tokens={args.length}",
+        f"--model.init_args.rollout.min_new_tokens={args.length}",
+        f"--model.init_args.ppo.mini_batch_size={n_resp // args.minibatches}",
+        "--model.init_args.ppo.epochs=1", "--model.init_args.export_dir=null",
+        f"--trainer.max_steps={args.rl_steps}",
         "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root / 'run'}",
         f"--trainer.precision={args.precision}",
         f"--trainer.accelerator={'gpu' if args.mode == 'gpu' else 'cpu'}", "--trainer.devices=1",
-        f"--model.init_args.generation={args.generation}",
+        f"--model.init_args.rollout.engine={args.generation}",
     ]
     if args.gradient_checkpointing:
-        overrides.append("--model.init_args.gradient_checkpointing=true")
+        overrides.append("--model.init_args.models.gradient_checkpointing=true")
     if args.score_batch_size:
-        overrides.append(f"--model.init_args.score_batch_size={args.score_batch_size}")
+        overrides.append(f"--model.init_args.rollout.score_batch_size={args.score_batch_size}")
     if args.method in ("dvpo",):
         overrides.append(f"--model.init_args.value_model={root / 'gvm'}")
     else:
         overrides.append(f"--model.init_args.reward_model={root / 'reward_model'}")
     if args.method in GROUP_METHODS:
-        overrides.append(f"--data.init_args.group_size={group}")
         overrides.append(f"--model.init_args.estimator.init_args.group_size={group}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cli = cli_main(overrides, run=False)
     cli.trainer.fit(cli.model, cli.datamodule)
-    c = cli.model.cost_summary()
+    c = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CostMeter)).summary(cli.model)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     tokens = c["gen_tokens_per_step"]

@@ -5,7 +5,7 @@ and our prompt order, and writes them into the work directory) and :func:`run_tr
 process of its own, like each of our methods. The child loads the same random-weight policy
 directory and tokenizer, trains on the same prompts in the same order, ``prompts`` prompts ×
 ``group`` completions per optimizer step, every completion forced to ``length`` tokens
-(``min_new_tokens`` = ``max_completion_length``), KL on (``beta`` = our ``kl_coef``, so TRL loads a
+(``min_new_tokens`` = ``max_completion_length``), KL on (``beta`` = our ``kl.coef``, so TRL loads a
 reference model), HF ``generate`` (no vLLM), one pass over each generation batch, the same
 precision, and returns a record with the cost benchmark's fields. What is not identical is listed
 in the record's ``notes`` (and in ``benchmarks/README.md``).
@@ -52,30 +52,34 @@ def our_grpo_settings(config: Path) -> dict:
 
     from dvpo_lightning.data.rollout import RolloutDataModule
     from dvpo_lightning.estimators import GRPO
+    from dvpo_lightning.models.options import ModelOptions
     from dvpo_lightning.modules import DVPOModule
+    from dvpo_lightning.modules.kl_penalty import KLSettings
     from dvpo_lightning.modules.optim import adamw
+    from dvpo_lightning.modules.ppo import PPOSettings
+    from dvpo_lightning.rollout.settings import RolloutSettings
 
     doc = yaml.safe_load(Path(config).read_text())
     given = dict(doc["model"]["init_args"])
     estimator = given.pop("estimator", {}) or {}
     model = {**_defaults(DVPOModule), **given}
+    kl, ppo = KLSettings(**given.get("kl", {})), PPOSettings(**given.get("ppo", {}))
+    rollout = RolloutSettings(**given.get("rollout", {}))
+    models = ModelOptions(**given.get("models", {}))
     est = {**_defaults(GRPO), **(estimator.get("init_args") or {})}
     data = {**_defaults(RolloutDataModule), **(doc.get("data", {}).get("init_args") or {})}
-    return {"kl_coef": model["kl_coef"], "kl_estimator": model["kl_estimator"],
-            "kl_in_reward": model["kl_in_reward"], "clip_eps": model["clip_eps"],
-            "clip_eps_high": model["clip_eps_high"],
-            "loss_aggregation": model["loss_aggregation"],
-            "whiten_advantages": model["whiten_advantages"],
-            "temperature": model["temperature"], "top_p": model["top_p"], "top_k": model["top_k"],
+    return {"kl_coef": kl.coef, "kl_estimator": kl.estimator, "kl_where": kl.where,
+            "clip_eps": ppo.clip_eps, "clip_eps_high": ppo.clip_eps_high,
+            "loss_aggregation": ppo.loss_aggregation,
+            "whiten_advantages": ppo.whiten_advantages,
+            "temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k,
             "lr": model["lr"], "weight_decay": model["weight_decay"],
             "adam_betas": list(_defaults(adamw)["betas"]),
-            "max_grad_norm": model["max_grad_norm"], "scale": est["scale"],
+            "max_grad_norm": ppo.max_grad_norm, "scale": est["scale"],
             "data_seed": data["seed"], "data_shuffle": data["shuffle"],
-            # options newer versions of DVPOModule may have (absent: their off values)
-            "gradient_checkpointing": bool(model.get("gradient_checkpointing", False)),
-            "attn_implementation": model.get("attn_implementation"),
-            "lora": model.get("lora") is not None,
-            "generation": model.get("generation", "hf")}
+            "gradient_checkpointing": models.gradient_checkpointing,
+            "attn_implementation": models.attn_implementation,
+            "lora": models.lora is not None, "generation": rollout.engine}
 
 
 def ordered_prompts(prompts_file: Path, batch: int, seed: int, shuffle: bool,
@@ -95,9 +99,9 @@ def ordered_prompts(prompts_file: Path, batch: int, seed: int, shuffle: bool,
 def prepare(root: Path, args, config: Path) -> None:
     """Parent side: write our GRPO settings and prompt order for the TRL child."""
     s = our_grpo_settings(config)
-    if s["kl_in_reward"] or s["kl_estimator"] != "k3":
+    if s["kl_where"] != "loss" or s["kl_estimator"] != "k3":
         raise SystemExit(f"{config}: TRL's GRPOTrainer puts a k3 KL in the loss; our GRPO config "
-                         "must too (kl_in_reward: false, kl_estimator: k3) for a like-for-like run")
+                         "must too (kl: {where: loss, estimator: k3}) for a like-for-like run")
     if not s["temperature"]:
         raise SystemExit(f"{config}: greedy rollouts (temperature 0) have no TRL equivalent; "
                          "GRPOTrainer always samples")
@@ -265,7 +269,7 @@ def run_trl(args) -> dict:
         notes.append("LoRA: our GRPO config trains LoRA adapters; TRL here trains every weight "
                      "(params_trained_m differs)")
     if s["generation"] == "static" or (s["generation"] == "auto" and gpu):
-        notes.append(f"generation: our GRPO config (generation={s['generation']}) generates "
+        notes.append(f"generation: our GRPO config (rollout.engine={s['generation']}) generates "
                      "with the static-cache generator here, not HF generate as TRL does")
     if s["whiten_advantages"]:
         notes.append("advantages: our GRPO config whitens advantages over the batch; TRL does "

@@ -73,7 +73,7 @@ def build_trainer(root, max_steps: int = 5, val_every: int | None = None, **kwar
     """A CPU ``Trainer`` for tests: no logger, no checkpoints, no progress bar, no sanity check.
 
     Args:
-        root: ``default_root_dir`` (where ``pair_accuracy.json`` and friends are written).
+        root: ``default_root_dir`` (where ``summary.json`` and friends are written).
         max_steps: optimizer steps.
         val_every: run validation every this many steps (None: no validation loop).
         **kwargs: any other ``Trainer`` argument (overrides the defaults above).

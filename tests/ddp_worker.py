@@ -19,6 +19,8 @@ import torch
 from dvpo_lightning.data.rollout import RolloutDataModule
 from dvpo_lightning.estimators import GRPO, GVM
 from dvpo_lightning.modules.dvpo import DVPOModule
+from dvpo_lightning.modules.ppo import PPOSettings
+from dvpo_lightning.rollout.settings import RolloutSettings
 
 warnings.filterwarnings("ignore")
 
@@ -28,13 +30,13 @@ class Recording(DVPOModule):
 
     def training_step(self, batch, batch_idx):
         self._prompts = batch["prompts"]
-        self._group_ids = batch["group_ids"]
         return super().training_step(batch, batch_idx)
 
     def ppo_update(self, exp, advantages, returns):
+        group = self.estimator.group_size  # the experience maker's copies of each prompt
         self.record = {
-            "prompts": list(self._prompts),
-            "group_ids": self._group_ids.tolist(),
+            "prompts": [p for p in self._prompts for _ in range(group)],
+            "group_ids": [i for i in range(len(self._prompts)) for _ in range(group)],
             "responses": exp.response_ids.tolist(),
             "advantages": advantages.detach().cpu(),
             "mask": exp.response_mask.cpu(),
@@ -57,16 +59,19 @@ def main() -> None:
     total_prompts = 8
     if kind == "gvm":
         estimator, group = GVM(version="value_difference"), 1
-        extra = dict(value_model=gvm, whiten_advantages=True, temperature=0.0)
+        extra = dict(value_model=gvm)
+        whiten, temperature = True, 0.0
     else:
         estimator, group = GRPO(group_size=2), 2
-        extra = dict(reward_model=rm, temperature=1.0)
+        extra = dict(reward_model=rm)
+        whiten, temperature = False, 1.0
     per_rank = total_prompts // devices
-    model = Recording(policy=policy, estimator=estimator, ppo_epochs=1,
-                      mini_batch_size=per_rank * group, max_new_tokens=6, max_grad_norm=None,
-                      lr=1e-3, **extra)
+    model = Recording(policy=policy, estimator=estimator, lr=1e-3,
+                      rollout=RolloutSettings(max_new_tokens=6, temperature=temperature),
+                      ppo=PPOSettings(epochs=1, mini_batch_size=per_rank * group,
+                                      whiten_advantages=whiten, max_grad_norm=None), **extra)
     dm = RolloutDataModule(f"{data}/rl_prompts.jsonl", f"{data}/eval_prompts.jsonl",
-                           f"{data}/tokenizer", batch_size=per_rank, group_size=group)
+                           f"{data}/tokenizer", batch_size=per_rank)
     trainer = L.Trainer(accelerator="cpu", devices=devices,
                         strategy="ddp" if devices > 1 else "auto", max_steps=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

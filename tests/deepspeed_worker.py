@@ -22,6 +22,8 @@ from cpu_deepspeed import CPUDeepSpeedStrategy  # noqa: E402
 from dvpo_lightning.data.rollout import RolloutDataModule  # noqa: E402
 from dvpo_lightning.estimators import GVM  # noqa: E402
 from dvpo_lightning.modules.dvpo import DVPOModule  # noqa: E402
+from dvpo_lightning.modules.ppo import PPOSettings  # noqa: E402
+from dvpo_lightning.rollout.settings import RolloutSettings  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -31,9 +33,10 @@ def main() -> None:
     devices = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = DVPOModule(policy=policy, estimator=GVM(), value_model=gvm, temperature=0.0,
-                       ppo_epochs=1, mini_batch_size=4 // devices, max_new_tokens=6, lr=1e-3,
-                       max_grad_norm=None)
+    model = DVPOModule(policy=policy, estimator=GVM(), value_model=gvm, lr=1e-3,
+                       rollout=RolloutSettings(max_new_tokens=6, temperature=0.0),
+                       ppo=PPOSettings(epochs=1, mini_batch_size=4 // devices,
+                                       max_grad_norm=None))
     dm = RolloutDataModule(f"{data}/rl_prompts.jsonl", f"{data}/eval_prompts.jsonl",
                            f"{data}/tokenizer", batch_size=4 // devices)  # 4 prompts in all
     strat = ("auto" if strategy == "plain"

@@ -19,12 +19,13 @@ import pytest
 from tokenizers import normalizers
 from transformers import LlamaConfig
 
-from dvpo_lightning.commands.keys import add_key_suggestions, suggest_key
+from dvpo_lightning.commands.parser import add_key_suggestions, suggest_key
 from dvpo_lightning.data import DataFormatError, load_examples
-from dvpo_lightning.data.rollout import EpochShuffleSampler, RolloutDataModule, check_rollout_batch
+from dvpo_lightning.data.rollout import EpochShuffleSampler, RolloutDataModule
 from dvpo_lightning.data.sft import SFTDataModule
 from dvpo_lightning.data.tokenize import LengthReport, fit_length
 from dvpo_lightning.models.compat import check_compatible, check_fits_context
+from dvpo_lightning.rollout.experience_maker import check_rollout_batch
 from dvpo_lightning.runtime.hardware import check_strategy, check_trainer_config
 from dvpo_lightning.tasks.tokenizer import build_char_tokenizer
 
@@ -222,29 +223,14 @@ def test_data_tokenizer_is_not_the_policys(artifacts, tmp_path):
 
 
 def test_rollout_batch_rules():
-    assert_parts(message(ValueError, check_rollout_batch, 16, 2, 4),
-                 "data.group_size (2) must equal the estimator's group_size (4)",
-                 "Fix: set --data.init_args.group_size=4")
-    assert message(ValueError, check_rollout_batch, 3, 2, 2, 4) == (
-        "the rollout batch (6 responses = data.batch_size 3 × group_size 2) must be a multiple "
-        "of model.mini_batch_size (4). Fix: set model.mini_batch_size to one of [1, 2, 3, 6], "
-        "or change data.batch_size")
-    assert_parts(message(ValueError, check_rollout_batch, 0, 1, 1),
+    assert message(ValueError, check_rollout_batch, 3, 2, 4) == (
+        "the rollout batch (6 responses = data.batch_size 3 × the estimator's group_size 2) "
+        "must be a multiple of model.ppo.mini_batch_size (4). Fix: set "
+        "model.ppo.mini_batch_size to one of [1, 2, 3, 6], or change data.batch_size")
+    assert_parts(message(ValueError, check_rollout_batch, 0, 1),
                  "data.batch_size must be >= 1, got 0")
-    check_rollout_batch(4, 4, 4, 8)
-    check_rollout_batch(4, 4, 4, None)
-
-
-def test_rollout_datamodule_checks_the_estimator_before_reading(tmp_path, tokenizer_dir):
-    dm = RolloutDataModule(train_path=str(tmp_path / "never_read.jsonl"),
-                           eval_path=str(tmp_path / "never_read.jsonl"), tokenizer=tokenizer_dir,
-                           batch_size=4, group_size=2)
-    module = SimpleNamespace(estimator=SimpleNamespace(group_size=4),
-                             hparams={"mini_batch_size": None})
-    dm.trainer = SimpleNamespace(lightning_module=module, world_size=1, global_rank=0)
-    with pytest.raises(ValueError, match=r"data.group_size \(2\) must equal the estimator's "
-                                         r"group_size \(4\)"):
-        dm.setup("fit")
+    check_rollout_batch(4, 4, 8)
+    check_rollout_batch(4, 4, None)
 
 
 def test_fewer_prompts_than_one_batch():

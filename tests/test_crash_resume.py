@@ -30,8 +30,9 @@ def rl_args(root: Path, art, task_data: str) -> list[str]:
             f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
             f"--data.init_args.tokenizer={task_data}/tokenizer",
             "--data.init_args.batch_size=4", "--data.init_args.max_eval_prompts=4",
-            "--model.init_args.ppo_epochs=1", "--model.init_args.mini_batch_size=4",
-            "--model.init_args.max_new_tokens=8", f"--model.init_args.export_dir={root}/policy",
+            "--model.init_args.ppo.epochs=1", "--model.init_args.ppo.mini_batch_size=4",
+            "--model.init_args.rollout.max_new_tokens=8",
+            f"--model.init_args.export_dir={root}/policy",
             f"--trainer.default_root_dir={root}", f"--trainer.max_steps={RL_STEPS}",
             "--trainer.val_check_interval=1", "--trainer.logger=false",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -43,7 +44,7 @@ def _env() -> dict:
 
 def _ckpt_step(path: Path) -> int:
     try:
-        return torch.load(path, weights_only=True)["rl_state"]["rl_step"]
+        return torch.load(path, weights_only=True)["global_step"]  # RL steps
     except (FileNotFoundError, RuntimeError, EOFError, KeyError):
         return 0
 

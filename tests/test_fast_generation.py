@@ -395,7 +395,7 @@ def test_make_generator_rejects_unknown_kinds_and_stray_options():
     with pytest.raises(ValueError) as err:
         make_generator("vllm", EOS, PAD)
     msg = str(err.value)
-    assert "model.init_args.generation" in msg and "'vllm'" in msg
+    assert "model.init_args.rollout.engine" in msg and "'vllm'" in msg
     assert all(f"'{k}'" in msg for k in ("hf", "static", "auto")), msg
     with pytest.raises(ValueError, match="takes no options"):
         make_generator("hf", EOS, PAD, prompt_bucket=8)
@@ -407,20 +407,23 @@ def test_make_generator_rejects_unknown_kinds_and_stray_options():
 
 @pytest.mark.filterwarnings("ignore")
 def test_dvpo_trains_identically_with_the_static_generator(artifacts, task_data, tmp_path):
-    """``model.init_args.generation=static`` through the real CLI and Trainer: on CPU the static
+    """``model.init_args.rollout.engine=static`` through the real CLI and Trainer: on CPU the static
     loop samples the same tokens as ``generate`` from the same RNG state, so two RL steps give
     bit-identical weights and the same rollout curve."""
     from test_rl_training import make_cli
 
+    from dvpo_lightning.callbacks import CostMeter
+
     weights, curves = [], []
     for kind in ("hf", "static"):
         cli, _ = make_cli("dvpo", tmp_path / kind, artifacts, task_data,
-                          f"--model.init_args.generation={kind}")
-        assert type(cli.model.generator).__name__ == {"hf": "HFGenerator",
+                          f"--model.init_args.rollout.engine={kind}")
+        assert type(cli.model.experience.generator).__name__ == {"hf": "HFGenerator",
                                                       "static": "StaticCacheGenerator"}[kind]
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         weights.append({k: v.clone() for k, v in cli.model.trained.state_dict().items()})
-        curves.append([(r["gold"], r["gen_tokens"], r["kl"]) for r in cli.model.cost_log])
+        meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CostMeter))
+        curves.append([(r["gold"], r["gen_tokens"], r["kl"]) for r in meter.records])
     assert curves[0] == curves[1]
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k

@@ -1,6 +1,6 @@
 """Numerical guards: a NaN planted in the reward, the logits or a gradient stops the run with a
 message naming the step, the tensor and the likely cause, and leaves the last checkpoint good;
-``on_nonfinite=skip`` skips the step instead; ``max_kl`` stops or warns."""
+``guards.on_nonfinite=skip`` skips the step instead; ``kl.bound`` stops or warns."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_rl_training import make_cli
 
+from dvpo_lightning.callbacks import CostMeter
 from dvpo_lightning.runtime.guards import KLBoundError, NonFiniteError, nonfinite_names
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
@@ -24,7 +25,7 @@ def rl(name, root, artifacts, task_data, *extra, rl_steps=3):
 
 def in_second_rollout(module) -> bool:
     """True while the module trains on its second RL step (not during evaluation)."""
-    return module.training and module.rl_step == 1
+    return module.training and module.global_step == 1  # (global_step counts RL steps)
 
 
 def plant_reward(module) -> None:
@@ -56,7 +57,7 @@ def last_checkpoint_step(root) -> int:
     ckpt = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
     for k, v in ckpt["state_dict"].items():
         assert torch.isfinite(v).all(), f"{k} is not finite in the last checkpoint"
-    return ckpt["rl_state"]["rl_step"]
+    return ckpt["global_step"]
 
 
 @pytest.mark.parametrize("name,plant,tensor,cause", [
@@ -79,14 +80,15 @@ def test_a_planted_nan_stops_the_run(name, plant, tensor, cause, tmp_path, artif
 
 
 def test_skip_mode_skips_the_bad_step_and_goes_on(tmp_path, artifacts, task_data):
-    cli = rl("grpo", tmp_path, artifacts, task_data, "--model.init_args.on_nonfinite=skip")
+    cli = rl("grpo", tmp_path, artifacts, task_data, "--model.init_args.guards.on_nonfinite=skip")
     plant_reward(cli.model)
     with pytest.warns(UserWarning, match="non-finite values .* in scores .* skipping it"):
         cli.trainer.fit(cli.model, cli.datamodule)
     m = cli.model
-    # max_steps counts optimizer updates, so a skipped rollout is made up by one more
-    assert m.guard_skips == 1 and m.rl_step == 4
-    assert len(m.cost_log) == 3  # the skipped rollout is not in the training curve
+    # a skipped rollout is an RL step (its prompts are consumed), not a record of the curve
+    assert m.guard.skips == 1 and cli.trainer.global_step == 3
+    meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CostMeter))
+    assert len(meter.records) == 2
     for p in m.trained.parameters():
         assert torch.isfinite(p).all()
     assert cli.trainer.logged_metrics["guard/skipped_steps"] == 1.0
@@ -94,20 +96,22 @@ def test_skip_mode_skips_the_bad_step_and_goes_on(tmp_path, artifacts, task_data
 
 def test_kl_bound_stops_or_warns(tmp_path, artifacts, task_data):
     # RL step 1 starts from the reference (KL 0); after one update the KL is positive
-    cli = rl("dvpo", tmp_path / "stop", artifacts, task_data, "--model.init_args.max_kl=1e-9")
-    with pytest.raises(KLBoundError, match=r"exceeds model.max_kl=1e-09.*Raise model.kl_coef"):
+    cli = rl("dvpo", tmp_path / "stop", artifacts, task_data, "--model.init_args.kl.bound=1e-9")
+    with pytest.raises(KLBoundError, match=r"exceeds model.kl.bound=1e-09.*Raise model.kl.coef"):
         cli.trainer.fit(cli.model, cli.datamodule)
-    assert cli.model.rl_step == 1
-    cli = rl("dvpo", tmp_path / "warn", artifacts, task_data, "--model.init_args.max_kl=1e-9",
-             "--model.init_args.on_kl_exceeded=warn")
-    with pytest.warns(UserWarning, match="on_kl_exceeded=warn: going on"):
+    assert cli.trainer.global_step == 1
+    cli = rl("dvpo", tmp_path / "warn", artifacts, task_data, "--model.init_args.kl.bound=1e-9",
+             "--model.init_args.kl.on_exceeded=warn")
+    with pytest.warns(UserWarning, match="kl.on_exceeded=warn: going on"):
         cli.trainer.fit(cli.model, cli.datamodule)
-    assert cli.model.rl_step == 3
+    assert cli.trainer.global_step == 3
 
 
-def test_guard_options_are_validated(tmp_path, artifacts, task_data):
-    with pytest.raises(ValueError, match="model.on_nonfinite='ignore' is not one of stop, skip"):
-        rl("dvpo", tmp_path, artifacts, task_data, "--model.init_args.on_nonfinite=ignore")
+def test_guard_options_are_validated(tmp_path, artifacts, task_data, capsys):
+    with pytest.raises(SystemExit):
+        rl("dvpo", tmp_path, artifacts, task_data, "--model.init_args.guards.on_nonfinite=ignore")
+    err = capsys.readouterr().err
+    assert "guards.on_nonfinite" in err and "Literal['stop', 'skip']" in err and "ignore" in err
 
 
 def test_nonfinite_names_ignores_padding():

@@ -64,7 +64,7 @@ def test_instruct_smoke_pipeline_runs_end_to_end(tmp_path, monkeypatch):
 
     runs = tmp_path / "runs/instruct_smoke"
     for stage in ("reward_model", "gvm"):
-        acc = json.loads((runs / stage / "pair_accuracy.json").read_text())
+        acc = json.loads((runs / stage / "summary.json").read_text())
         assert acc["pairs"] == manifest["counts"]["eval_pairs"]
         assert (runs / stage / "model/value_head.safetensors").exists()
 

@@ -16,6 +16,7 @@ import torch
 from test_rl_training import fit, make_cli
 from transformers import AutoModelForCausalLM
 
+from dvpo_lightning.callbacks import CostMeter
 from dvpo_lightning.data.value import ValueDataModule
 from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions, merged_copy
@@ -33,17 +34,18 @@ def _split(module: torch.nn.Module, before: dict, prefix: str = "") -> tuple[set
 
 
 def test_dvpo_with_lora_trains_adapters_only_and_exports_merged(artifacts, task_data, tmp_path):
-    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.lora.r=4",
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.models.lora.r=4",
                       "--model.init_args.lr=1e-2")
     module = cli.model
-    assert module.shared_reference and set(module.frozen) == {"gvm"}  # no reference copy
+    assert module.experience.shared_reference and set(module.frozen) == {"gvm"}  # no copy
     base = AutoModelForCausalLM.from_pretrained(artifacts.policy)
     before = fit(cli)
 
     adapters, others = _split(module.trained, before, "trained.")
     assert others == set() and adapters, (others, adapters)
     n_lora = sum(p.numel() for n, p in module.policy.named_parameters() if "lora_" in n)
-    cost = cli.trainer.lightning_module.cost_summary()
+    meter = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CostMeter))
+    cost = meter.summary(module)
     assert cost["params_trained_m"] == pytest.approx(n_lora / 1e6)
 
     # the reference is the base policy exactly: adapters off, not a drifted copy
@@ -54,7 +56,7 @@ def test_dvpo_with_lora_trains_adapters_only_and_exports_merged(artifacts, task_
     rmask = torch.ones_like(resp, dtype=torch.bool)
     module.policy.eval()
     want, _ = policy_logps(base.eval(), ids, pmask, resp, rmask)
-    got = module.reference_logps(ids, pmask, resp, rmask)
+    got = module.experience.reference_logps(module.policy, ids, pmask, resp, rmask)
     assert torch.allclose(got, want, atol=1e-6)
     trained_logps, _ = policy_logps(module.policy, ids, pmask, resp, rmask)
     assert not torch.allclose(trained_logps, want, atol=1e-4), "adapters had no effect"

@@ -21,7 +21,7 @@ class WhereIsFrozen(Callback):
 
 def test_frozen_models_are_offloaded_between_phases(artifacts, task_data, tmp_path):
     cli, _ = make_cli("ppo", tmp_path, artifacts, task_data, "--trainer.accelerator=gpu",
-                      "--model.init_args.offload_frozen=true")
+                      "--model.init_args.models.offload_frozen=true")
     probe = WhereIsFrozen()
     cli.trainer.callbacks.append(probe)
     scored_on = []

@@ -47,11 +47,11 @@ def write_study(root: Path) -> Path:
         ],
         "seeds": SEEDS,
         "runs_dir": "runs/sorting",
-        # 3 RL steps × 2 PPO epochs × 1 mini-batch; evaluate after every RL step
-        "common_args": [*QUIET, "--trainer.max_steps=6", "--trainer.val_check_interval=1",
+        # 3 RL steps, each 2 PPO epochs × 1 mini-batch; evaluate after every RL step
+        "common_args": [*QUIET, "--trainer.max_steps=3", "--trainer.val_check_interval=1",
                         "--trainer.enable_checkpointing=false",
-                        "--model.init_args.mini_batch_size=8",
-                        "--model.init_args.max_new_tokens=8"],
+                        "--model.init_args.ppo.mini_batch_size=8",
+                        "--model.init_args.rollout.max_new_tokens=8"],
         "methods": [{"name": m, "config": cfg(m), "args": [f"--data.init_args.batch_size={b}"]}
                     for m, b in METHODS.items()],
         "report": {"out": "runs/sorting/report", "gvm": "runs/sorting/gvm/model",

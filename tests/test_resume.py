@@ -36,7 +36,7 @@ def _trained(cli) -> dict[str, torch.Tensor]:
 
 
 def _curve(root: Path) -> tuple[list, list]:
-    s = json.loads((root / "rl_summary.json").read_text())
+    s = json.loads((root / "summary.json").read_text())
     curve = [{k: v for k, v in row.items() if not k.endswith("_s")} for row in s["train_curve"]]
     return s["history"], curve
 
@@ -48,7 +48,7 @@ def run_three_ways(name, tmp_path, artifacts, task_data, rl_steps, val_every, *e
     full, _ = _rl(name, tmp_path / "full", artifacts, task_data, rl_steps, val_every, *extra,
                   batch_size=batch_size)
     full.trainer.fit(full.model, full.datamodule)
-    out["full"] = (_trained(full), _curve(tmp_path / "full"), full.model.kl_ctl.coef)
+    out["full"] = (_trained(full), _curve(tmp_path / "full"), full.model.kl.coef)
     half_steps = rl_steps // 2
     half, _ = _rl(name, tmp_path / "half", artifacts, task_data, half_steps, val_every, *extra,
                   batch_size=batch_size)
@@ -56,14 +56,14 @@ def run_three_ways(name, tmp_path, artifacts, task_data, rl_steps, val_every, *e
     last = tmp_path / "half" / "checkpoints" / "last.ckpt"
     assert last.exists(), sorted(p.name for p in (tmp_path / "half").rglob("*.ckpt"))
     ckpt = torch.load(last, weights_only=True)  # what Lightning's own load accepts
-    assert ckpt["rl_state"]["rl_step"] == half_steps
+    assert ckpt["global_step"] == half_steps  # RL steps
     # the prompt cursor counts the prompts trained on, not ones fetched ahead
     assert ckpt["RolloutDataModule"]["sampler"] == {"epoch": 0,
                                                     "position": half_steps * batch_size}
     resumed, _ = _rl(name, tmp_path / "half", artifacts, task_data, rl_steps, val_every, *extra,
                      batch_size=batch_size)
     resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(last))
-    out["resumed"] = (_trained(resumed), _curve(tmp_path / "half"), resumed.model.kl_ctl.coef)
+    out["resumed"] = (_trained(resumed), _curve(tmp_path / "half"), resumed.model.kl.coef)
     return out
 
 
@@ -78,17 +78,17 @@ def assert_same(out) -> None:
     assert kl_res == kl_full
 
 
-LORA = ["--model.init_args.lora.r=4", "--model.init_args.lr=1e-2"]
+LORA = ["--model.init_args.models.lora.r=4", "--model.init_args.lr=1e-2"]
 
 
 @pytest.mark.parametrize("name,extra", [
     ("dvpo", []), ("ppo", []), ("grpo", []), ("remax", []), ("rloo", []),
     # LoRA policy (reference = adapters off) and LoRA critic
-    ("dvpo", LORA), ("ppo", [*LORA, "--model.init_args.critic_lora.r=4"])],
+    ("dvpo", LORA), ("ppo", [*LORA, "--model.init_args.models.critic_lora.r=4"])],
     ids=["dvpo", "ppo", "grpo", "remax", "rloo", "dvpo-lora", "ppo-lora"])
 def test_rl_resume_is_exact(name, extra, tmp_path, artifacts, task_data):
     out = run_three_ways(name, tmp_path, artifacts, task_data, 4, 2,
-                         "--model.init_args.adaptive_kl=true", *extra)
+                         "--model.init_args.kl.adaptive=true", *extra)
     assert_same(out)
     assert len(out["full"][1][1]) == 4  # four rollout rows, two before and two after
     if extra:  # LoRA: the checkpoint holds the adapters, not the base weights it reloads

@@ -40,17 +40,15 @@ def make_cli(name: str, root: Path, art: SimpleNamespace, task_data: str, *extra
              batch_size: int = 2):
     """``cli_main(run=False)`` on ``configs/{name}.yaml`` with tiny paths and sizes.
 
-    ``trainer.max_steps`` counts optimizer steps (manual optimisation), so it is set to
-    ``rl_steps × ppo_epochs × n_minibatches`` (grad_accum 1). ``extra`` overrides come last.
+    ``trainer.max_steps`` counts RL steps (rollouts); ``extra`` overrides come last.
 
     Returns:
         ``(cli, max_steps)``.
     """
     init = _config(name)["model"]["init_args"]
-    assert init.get("grad_accum", 1) == 1, "update the step count below for grad_accum"
     group = init["estimator"].get("init_args", {}).get("group_size", 1)
     responses = batch_size * group
-    max_steps = rl_steps * ppo_epochs * n_minibatches
+    max_steps = rl_steps
     args = ["--config", str(CONFIGS / f"{name}.yaml"), f"--model.init_args.policy={art.policy}"]
     for key, path in (("value_model", art.gvm), ("reward_model", art.reward_model)):
         if key in init:
@@ -61,9 +59,9 @@ def make_cli(name: str, root: Path, art: SimpleNamespace, task_data: str, *extra
         f"--data.init_args.tokenizer={task_data}/tokenizer",
         f"--data.init_args.batch_size={batch_size}",
         "--data.init_args.max_eval_prompts=4",
-        f"--model.init_args.ppo_epochs={ppo_epochs}",
-        f"--model.init_args.mini_batch_size={responses // n_minibatches}",
-        f"--model.init_args.max_new_tokens={MAX_NEW_TOKENS}",
+        f"--model.init_args.ppo.epochs={ppo_epochs}",
+        f"--model.init_args.ppo.mini_batch_size={responses // n_minibatches}",
+        f"--model.init_args.rollout.max_new_tokens={MAX_NEW_TOKENS}",
         f"--model.init_args.export_dir={root / 'policy'}",
         f"--trainer.default_root_dir={root}",
         f"--trainer.max_steps={max_steps}",
@@ -126,7 +124,7 @@ def unchanged_trainable(module, before: dict) -> list[str]:
 def changed_frozen(module, before: dict) -> list[str]:
     state = module.frozen.state_dict()
     assert state, "nothing is frozen"
-    return [k for k, v in state.items() if not torch.equal(before[f"frozen.{k}"], v)]
+    return [k for k, v in state.items() if not torch.equal(before[f"experience.frozen.{k}"], v)]
 
 
 def finite_metrics(trainer) -> dict[str, float]:
@@ -148,7 +146,7 @@ EXPECT = {
 }
 COMMON_METRICS = {"train/policy_loss", "train/approx_kl", "train/clipfrac", "train/entropy",
                   "train/grad_norm", "rollout/kl_to_ref", "rollout/response_len", "adv/mean",
-                  "rollout/gold_reward", "eval/gold_reward", "eval/kl_to_ref", "rl_step"}
+                  "rollout/gold_reward", "eval/gold_reward", "eval/kl_to_ref", "perf/step_s"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECT))
@@ -158,15 +156,14 @@ def test_config_trains_two_rl_steps(name, artifacts, task_data, tmp_path):
     module = cli.model
     assert type(module.estimator).__name__ == estimator
     assert set(module.trained) == trained and set(module.frozen) == frozen
-    assert cli.datamodule.group_size == module.estimator.group_size
 
     before = fit(cli)
 
-    assert cli.trainer.global_step == max_steps
+    assert cli.trainer.global_step == max_steps == 2  # RL steps
     metrics = finite_metrics(cli.trainer)
     assert COMMON_METRICS | extra_metrics <= set(metrics), \
         sorted(COMMON_METRICS | extra_metrics - set(metrics))
-    assert metrics["rl_step"] == 2 and metrics["train/skipped_minibatches"] == 0
+    assert metrics["train/skipped_minibatches"] == 0
     assert 0 < metrics["rollout/response_len"] <= MAX_NEW_TOKENS
 
     assert unchanged_trainable(module, before) == []
@@ -186,8 +183,8 @@ def test_config_trains_two_rl_steps(name, artifacts, task_data, tmp_path):
     meta = json.loads((tmp_path / "policy" / "dvpo_artifact.json").read_text())
     assert meta["kind"] == "policy" and meta["stage"] == "rl"
 
-    summary = json.loads((tmp_path / "rl_summary.json").read_text())
-    assert summary["estimator"] == estimator and summary["global_step"] == max_steps
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["estimator"] == estimator
     # the SFT reference as RL step 0, then one evaluation after the second RL step
     assert [h["rl_step"] for h in summary["history"]] == [0, 2]
     assert summary["history"][0]["eval/kl_to_ref"] == 0.0
@@ -229,32 +226,43 @@ def test_kl_as_loss_term_with_k3_and_adaptive_coef(artifacts, task_data, tmp_pat
 
     monkeypatch.setattr(GVM, "__call__", spy)
     cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
-                      "--model.init_args.kl_in_reward=false", "--model.init_args.kl_estimator=k3",
-                      "--model.init_args.adaptive_kl=true", "--model.init_args.kl_coef=0.05",
-                      "--model.init_args.kl_target=6.0", "--model.init_args.kl_horizon=10")
+                      "--model.init_args.kl.where=loss", "--model.init_args.kl.estimator=k3",
+                      "--model.init_args.kl.adaptive=true", "--model.init_args.kl.coef=0.05",
+                      "--model.init_args.kl.target=6.0", "--model.init_args.kl.horizon=10")
     before = fit(cli)
     metrics = finite_metrics(cli.trainer)
     assert len(seen) == 2 and all((k == 0).all() for k in seen), "no KL in the reward"
     assert metrics["train/kl_loss"] > 0  # k3 >= 0, and > 0 once the policy has moved
     # KL far below its target: error clipped to -0.2, n = 2 responses, horizon 10, two RL steps
-    assert cli.model.kl_ctl.coef == pytest.approx(0.05 * (1 - 0.2 * 2 / 10) ** 2, rel=1e-9)
-    assert metrics["train/kl_coef"] == pytest.approx(cli.model.kl_ctl.coef, rel=1e-6)
+    assert cli.model.kl.coef == pytest.approx(0.05 * (1 - 0.2 * 2 / 10) ** 2, rel=1e-9)
+    assert metrics["train/kl_coef"] == pytest.approx(cli.model.kl.coef, rel=1e-6)
     assert unchanged_trainable(cli.model, before) == []
 
 
-def test_group_size_mismatch_fails_at_fit_start(artifacts, task_data, tmp_path):
-    cli, _ = make_cli("grpo", tmp_path, artifacts, task_data, "--data.init_args.group_size=2")
-    with pytest.raises(ValueError, match=r"data.group_size \(2\) must equal the estimator's "
-                                         r"group_size \(4\)"):
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 0
+@pytest.mark.parametrize("name", ["grpo", "rloo"])
+def test_group_estimators_sample_group_size_responses_per_prompt(name, artifacts, task_data,
+                                                                 tmp_path):
+    """The estimator's group_size is the only place it is stated: each prompt of the data's
+    batch is sampled that many times, adjacent, with one group id per prompt."""
+    cli, _ = make_cli(name, tmp_path, artifacts, task_data, batch_size=3)
+    module, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["prompt_ids"].shape[0] == 3
+    exp, _ = module.make_experience(batch, 1)
+    group = module.estimator.group_size
+    assert group == 4 and exp.batch_size == 3 * group
+    assert exp.group_ids.tolist() == [i for i in range(3) for _ in range(group)]
+    for i in range(3):
+        rows = exp.prompt_ids[i * group:(i + 1) * group]
+        assert (rows == batch["prompt_ids"][i]).all()
 
 
 def test_mini_batch_size_must_divide_the_rollout_batch(artifacts, task_data, tmp_path):
     cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--data.init_args.batch_size=4",
-                      "--model.init_args.mini_batch_size=3")
+                      "--model.init_args.ppo.mini_batch_size=3")
     with pytest.raises(ValueError, match=r"rollout batch \(4 responses.*multiple of "
-                                         r"model.mini_batch_size \(3\)"):
+                                         r"model.ppo.mini_batch_size \(3\)"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 0
 
@@ -291,7 +299,7 @@ def test_gradient_clipping_is_applied(artifacts, task_data, tmp_path):
     sizes = {}
     for clip in ("null", "1e-12"):
         cli, _ = make_cli("dvpo", tmp_path / clip, artifacts, task_data,
-                          f"--model.init_args.max_grad_norm={clip}", "--trainer.max_steps=1",
+                          f"--model.init_args.ppo.max_grad_norm={clip}", "--trainer.max_steps=1",
                           "--trainer.limit_val_batches=0", rl_steps=1, ppo_epochs=1,
                           n_minibatches=1)
         sizes[clip] = _policy_step_size(cli)
@@ -302,23 +310,27 @@ def test_gradient_clipping_is_applied(artifacts, task_data, tmp_path):
 
 def test_grad_accum_steps_once_per_accumulated_group(artifacts, task_data, tmp_path):
     """2 mini-batches accumulated into one optimizer step: one update per PPO epoch."""
-    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.grad_accum=2",
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.ppo.grad_accum=2",
                       "--trainer.max_steps=-1", "--trainer.max_epochs=1",
                       "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
                       ppo_epochs=2, n_minibatches=2)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 3 * 2  # 3 RL steps × 2 epochs × (2 mini-batches / 2)
+    assert cli.trainer.global_step == 3  # RL steps
+    adam = cli.model.optimizers().optimizer
+    steps = {int(adam.state[p]["step"]) for g in adam.param_groups for p in g["params"]}
+    assert steps == {3 * 2}  # 3 RL steps × 2 epochs × (2 mini-batches / 2)
 
 
 def test_exploding_ratio_skips_every_minibatch(artifacts, task_data, tmp_path):
     """A threshold below 1 marks every mini-batch as exploding: nothing is stepped."""
     cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
-                      "--model.init_args.ratio_skip_threshold=0.5", "--trainer.max_steps=-1",
+                      "--model.init_args.guards.ratio_skip_threshold=0.5", "--trainer.max_steps=-1",
                       "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
                       "--trainer.limit_val_batches=0", ppo_epochs=2, n_minibatches=2)
     before = {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 0
+    assert cli.trainer.global_step == 1  # the RL step counts; no optimizer step was taken
+    assert not cli.model.optimizers().optimizer.state
     assert float(cli.trainer.callback_metrics["train/skipped_minibatches"]) == 4
     assert all(torch.equal(before[k], v) for k, v in cli.model.policy.state_dict().items())
 
@@ -327,7 +339,7 @@ def test_frozen_models_in_half_precision(artifacts, task_data, tmp_path):
     """``frozen_dtype=bfloat16`` keeps the reference and GVM in bf16 (half their memory) while
     the policy trains in fp32; the run's numbers stay finite."""
     cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
-                      "--model.init_args.frozen_dtype=bfloat16", rl_steps=1)
+                      "--model.init_args.models.frozen_dtype=bfloat16", rl_steps=1)
     cli.trainer.fit(cli.model, cli.datamodule)
     for name, part in cli.model.frozen.items():
         assert {p.dtype for p in part.parameters()} == {torch.bfloat16}, name
@@ -346,9 +358,9 @@ def test_scoring_in_row_slices_gives_the_same_experience(name, artifacts, task_d
     fields = ("response_ids", "logp_old", "logp_ref", "values", "scores", "baseline_scores")
     runs = []
     for rows in (None, 1, 3):
-        module.hparams.score_batch_size = rows
+        module.experience.settings.score_batch_size = rows
         torch.manual_seed(0)
-        exp, _ = module.make_experience(batch)
+        exp, _ = module.make_experience(batch, 1)
         runs.append({f: getattr(exp, f) for f in fields})
     assert runs[0]["response_ids"].shape[0] >= 4
     present = [f for f in fields if runs[0][f] is not None]
@@ -359,5 +371,6 @@ def test_scoring_in_row_slices_gives_the_same_experience(name, artifacts, task_d
 
 
 def test_score_batch_size_below_one_is_refused(artifacts, task_data, tmp_path):
-    with pytest.raises(ValueError, match="score_batch_size=0 must be >= 1"):
-        make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.score_batch_size=0")
+    with pytest.raises(ValueError, match="score_batch_size must be >= 1"):
+        make_cli("dvpo", tmp_path, artifacts, task_data,
+                 "--model.init_args.rollout.score_batch_size=0")

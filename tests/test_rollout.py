@@ -19,6 +19,7 @@ from dvpo_lightning.data.collate import pad_left, pad_right
 from dvpo_lightning.data.rollout import EpochShuffleSampler, RolloutDataModule
 from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
 from dvpo_lightning.rollout import Experience
+from dvpo_lightning.rollout.experience_maker import repeat_prompts
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig, mask_after_eos
 from dvpo_lightning.rollout.scoring import policy_logps, response_values, sequence_scores
 
@@ -212,7 +213,7 @@ def test_experience_errors_name_the_field(field, bad, message):
 
 # ---------------------------------------------------------------------------- prompt data
 def _datamodule(task_data, tokenizer_dir, **kwargs):
-    args = dict(batch_size=4, group_size=3, max_eval_prompts=4, seed=1)
+    args = dict(batch_size=4, max_eval_prompts=4, seed=1)
     args.update(kwargs)
     dm = RolloutDataModule(os.path.join(task_data, "rl_prompts.jsonl"),
                            os.path.join(task_data, "eval_prompts.jsonl"), tokenizer_dir, **args)
@@ -221,25 +222,31 @@ def _datamodule(task_data, tokenizer_dir, **kwargs):
 
 
 def _epoch_prompts(loader) -> list[str]:
-    return [p for batch in loader for p in batch["prompts"][::3]]
+    return [p for batch in loader for p in batch["prompts"]]
 
 
-def test_rollout_batches_repeat_each_prompt_group_size_times(task_data, tokenizer_dir):
+def test_rollout_batches_hold_each_prompt_once_and_the_maker_repeats_it(task_data,
+                                                                        tokenizer_dir):
     dm = _datamodule(task_data, tokenizer_dir)
     batch = next(iter(dm.train_dataloader()))
-    ids, mask, groups = batch["prompt_ids"], batch["prompt_mask"], batch["group_ids"]
-    assert ids.shape[0] == mask.shape[0] == len(batch["prompts"]) == 12
-    assert groups.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    ids, mask = batch["prompt_ids"], batch["prompt_mask"]
+    assert ids.shape[0] == mask.shape[0] == len(batch["prompts"]) == 4
+    assert len(set(batch["prompts"])) == 4, "distinct prompts"
     assert (mask[:, -1]).all(), "prompts are left padded: the last column is always real"
     tok = dm.tokenizer
+    for i in range(4):
+        assert tok.decode(ids[i][mask[i]]) == batch["prompts"][i]
+    grouped = repeat_prompts(batch, 3)  # what the experience maker samples from
+    assert grouped["group_ids"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert grouped["prompt_ids"].shape[0] == len(grouped["prompts"]) == 12
     for g in range(4):
         rows = slice(3 * g, 3 * g + 3)
-        assert (ids[rows] == ids[3 * g]).all() and (mask[rows] == mask[3 * g]).all()
-        assert len(set(batch["prompts"][rows])) == 1
-        assert tok.decode(ids[3 * g][mask[3 * g]]) == batch["prompts"][3 * g]
-    assert len(set(batch["prompts"])) == 4, "distinct prompts in distinct groups"
+        assert (grouped["prompt_ids"][rows] == ids[g]).all()
+        assert (grouped["prompt_mask"][rows] == mask[g]).all()
+        assert grouped["prompts"][rows] == [batch["prompts"][g]] * 3
+    assert repeat_prompts(batch, 1)["group_ids"].tolist() == [0, 1, 2, 3]
     val = next(iter(dm.val_dataloader()))
-    assert val["group_ids"].tolist() == [0, 1, 2, 3], "held-out prompts are not repeated"
+    assert len(val["prompts"]) == 4 and "group_ids" not in val
 
 
 def test_prompt_order_is_seeded_and_changes_across_epochs(task_data, tokenizer_dir):
@@ -269,7 +276,7 @@ def test_sampler_state_resumes_at_the_same_position(task_data, tokenizer_dir):
     expected = [next(it)["prompts"] for _ in range(2)]
 
     resumed = RolloutDataModule(dm.train_path, dm.eval_path, dm.tokenizer_path, batch_size=4,
-                                group_size=3, seed=1)
+                                seed=1)
     resumed.load_state_dict(state)  # before setup, as Lightning does when restoring
     it2 = iter(resumed.train_dataloader())
     assert [next(it2)["prompts"] for _ in range(2)] == expected

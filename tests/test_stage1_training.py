@@ -4,7 +4,7 @@ Each run asserts: every logged training loss is finite; the loss on a fixed batc
 every trainable parameter changed while frozen parameters and buffers did not; the exported
 artifact loads back with ``transformers`` (or ``ValueModel.from_pretrained``) and gives the
 trained module's outputs; value models print their pair-accuracy table and write
-``pair_accuracy.json``.
+``summary.json``.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def assert_accuracy_report(capsys, module, trainer, n_pairs: int) -> None:
     out = capsys.readouterr().out
     title = f"{module.table_title} — held-out pair accuracy ({n_pairs} pairs)"
     assert title in out, out
-    report = json.loads((Path(trainer.default_root_dir) / "pair_accuracy.json").read_text())
+    report = json.loads((Path(trainer.default_root_dir) / "summary.json").read_text())
     assert report["model"] == module.kind
     assert report["pairs"] == n_pairs
     assert report["global_step"] == STEPS
@@ -152,7 +152,8 @@ def assert_value_export(module, batch) -> None:
     assert meta["kind"] == module.kind and meta["global_step"] == STEPS
     loaded = ValueModel.from_pretrained(export, load_tokenizer(export)).eval()
     assert loaded.kind == module.kind
-    ids, mask = join(batch)
+    ids, mask = join(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                     batch["response_mask"])
     module.eval()
     with torch.no_grad():
         assert_close(loaded(ids, mask), module.model(ids, mask))
@@ -181,7 +182,8 @@ def test_sft_trains_and_exports(task_data, tokenizer_dir, tmp_path, make_trainer
     hf = AutoModelForCausalLM.from_pretrained(export).eval()
     tok = load_tokenizer(export)
     assert tok.get_vocab() == module.tokenizer.get_vocab()
-    ids, mask = join(batch)
+    ids, mask = join(batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+                     batch["response_mask"])
     kw = dict(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask))
     module.eval()
     with torch.no_grad():

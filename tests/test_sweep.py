@@ -38,7 +38,7 @@ def tiny_overrides(art: SimpleNamespace, task_data: str, root: Path) -> list[str
             f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
             f"--data.init_args.tokenizer={task_data}/tokenizer",
             "--data.init_args.batch_size=2", "--data.init_args.max_eval_prompts=4",
-            "--model.init_args.mini_batch_size=1", "--model.init_args.max_new_tokens=8",
+            "--model.init_args.ppo.mini_batch_size=1", "--model.init_args.rollout.max_new_tokens=8",
             f"--model.init_args.export_dir={root / 'policy'}",
             f"--trainer.default_root_dir={root}", "--trainer.max_steps=8",
             "--trainer.val_check_interval=2", "--trainer.enable_checkpointing=false",
@@ -67,9 +67,9 @@ def module_value(module, key: str):
 
 
 def test_agent_args_is_the_agents_format():
-    assert agent_args({"model.init_args.kl_coef": 0.05,
+    assert agent_args({"model.init_args.kl.coef": 0.05,
                        "model.init_args.estimator.init_args.version": "code", "n": 3}) == [
-        "--model.init_args.kl_coef=0.05", "--model.init_args.estimator.init_args.version=code",
+        "--model.init_args.kl.coef=0.05", "--model.init_args.estimator.init_args.version=code",
         "--n=3"]
 
 
@@ -107,8 +107,8 @@ def test_local_kl_sweep(artifacts, task_data, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)  # the sweep's command names configs/dvpo.yaml, as for the agent
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = yaml.safe_load((REPO / "configs" / "sweeps" / "kl.yaml").read_text())
-    values = spec["parameters"]["model.init_args.kl_coef"]["values"]
-    spec["parameters"]["model.init_args.kl_coef"]["values"] = [*values, "not-a-number"]
+    values = spec["parameters"]["model.init_args.kl.coef"]["values"]
+    spec["parameters"]["model.init_args.kl.coef"]["values"] = [*values, "not-a-number"]
     sweep_file, out = tmp_path / "kl.yaml", tmp_path / "sweep"
     sweep_file.write_text(yaml.safe_dump(spec))
     extra = [a for a in tiny_overrides(artifacts, task_data, tmp_path / "unused")
@@ -118,7 +118,7 @@ def test_local_kl_sweep(artifacts, task_data, tmp_path, monkeypatch, capsys):
 
     result = json.loads((out / "results.json").read_text())
     rows = result["trials"]
-    assert [r["params"]["model.init_args.kl_coef"] for r in rows] == [*values, "not-a-number"]
+    assert [r["params"]["model.init_args.kl.coef"] for r in rows] == [*values, "not-a-number"]
     done = [r for r in rows if r["status"] == "finished"]
     assert len(done) == 3, rows
     for r in done:
@@ -140,8 +140,8 @@ def test_local_kl_sweep(artifacts, task_data, tmp_path, monkeypatch, capsys):
         assert len(runs) == 1, (r["trial"], runs)
         run = read_offline_run(runs[0])
         assert run["group"] == state["group"]
-        assert run["config"]["model"]["init_args"]["kl_coef"] == r["params"][
-            "model.init_args.kl_coef"]
+        assert run["config"]["model"]["init_args"]["kl"]["coef"] == r["params"][
+            "model.init_args.kl.coef"]
         assert any("eval/gold_reward" in row for row in run["history"])
 
     # a rerun skips the finished trials and retries the failed one
@@ -157,7 +157,7 @@ def test_local_kl_sweep(artifacts, task_data, tmp_path, monkeypatch, capsys):
 
 
 VALID = {"method": "grid", "metric": {"name": "eval/gold_reward", "goal": "maximize"},
-         "parameters": {"model.init_args.kl_coef": {"values": [0.01, 0.1]}},
+         "parameters": {"model.init_args.kl.coef": {"values": [0.01, 0.1]}},
          "command": ["${env}", "${interpreter}", "-m", "dvpo_lightning", "fit", "${args}"]}
 
 
@@ -182,15 +182,15 @@ def _edit(path: str, value):
     ("metric/target_value", 1, "metric.target_value"),
     ("paramters", {}, "'paramters'"),
     ("parameters", {}, "parameters"),
-    ("parameters/model.init_args.kl_coef", {"value_list": [1]},
-     "parameters.model.init_args.kl_coef"),
-    ("parameters/model.init_args.kl_coef", {"distribution": "zipf", "min": 0, "max": 1},
-     "parameters.model.init_args.kl_coef.distribution"),
-    ("parameters/model.init_args.kl_coef", {"min": 0.1, "max": 0.01},
-     "parameters.model.init_args.kl_coef"),
-    ("parameters/model.init_args.kl_coef", {"values": []},
-     "parameters.model.init_args.kl_coef.values"),
-    ("parameters/model.init_args.kl_coef", {"distribution": "uniform", "min": 0.0, "max": 1.0},
+    ("parameters/model.init_args.kl.coef", {"value_list": [1]},
+     "parameters.model.init_args.kl.coef"),
+    ("parameters/model.init_args.kl.coef", {"distribution": "zipf", "min": 0, "max": 1},
+     "parameters.model.init_args.kl.coef.distribution"),
+    ("parameters/model.init_args.kl.coef", {"min": 0.1, "max": 0.01},
+     "parameters.model.init_args.kl.coef"),
+    ("parameters/model.init_args.kl.coef", {"values": []},
+     "parameters.model.init_args.kl.coef.values"),
+    ("parameters/model.init_args.kl.coef", {"distribution": "uniform", "min": 0.0, "max": 1.0},
      "grid search needs discrete"),
     ("run_cap", 0, "run_cap"),
     ("command", ["python", "-m", "dvpo_lightning", "fit"], "${args}"),
@@ -226,7 +226,7 @@ def test_wandb_schema_is_installed_and_checks_what_the_runner_does_not():
         validate_sweep(bad, source="bad.yaml")
     msg = str(err.value)
     assert "bad.yaml: does not follow W&B's sweep schema" in msg and "early_terminate" in msg
-    bad = {**VALID, "parameters": {"model.init_args.kl_coef": {"values": [0.1]},
+    bad = {**VALID, "parameters": {"model.init_args.kl.coef": {"values": [0.1]},
                                    "1bad name": {"value": 1}}}
     with pytest.raises(SweepConfigError, match="parameters"):
         validate_sweep(bad, source="bad.yaml")

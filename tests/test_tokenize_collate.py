@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dvpo_lightning.data.collate import collate_prompt_response, join, response_slice
+from dvpo_lightning.data.collate import collate_prompt_response, join
 from dvpo_lightning.data.pairwise import PairwiseDataModule, collate_pairs
 from dvpo_lightning.data.sft import SFTDataModule
 from dvpo_lightning.data.tokenize import (
@@ -23,7 +23,7 @@ from dvpo_lightning.data.tokenize import (
 from dvpo_lightning.data.value import ValueDataModule
 from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
 from dvpo_lightning.ops.token_logps import token_logps
-from dvpo_lightning.rollout.scoring import policy_logps
+from dvpo_lightning.rollout.scoring import policy_logps, response_values
 from dvpo_lightning.tasks.tokenizer import build_char_tokenizer
 
 PAD = 0
@@ -50,8 +50,12 @@ def test_collate_puts_last_prompt_token_at_p_minus_1():
     assert b["response_ids"].tolist() == [[14, 15, 0, 0], [22, 23, 24, 25], [36, 0, 0, 0]]
     assert b["response_mask"].tolist() == [[True, True, False, False], [True] * 4,
                                            [True, False, False, False]]
-    ids, mask = join(b)
+    ids, mask = join(*layout(b))
     assert ids.shape == (3, P + T) and mask.sum(1).tolist() == [5, 5, 6]
+
+
+def layout(b: dict) -> tuple:
+    return b["prompt_ids"], b["prompt_mask"], b["response_ids"], b["response_mask"]
 
 
 def test_collate_pairs_puts_chosen_first():
@@ -66,8 +70,7 @@ def test_values_slice_is_u0_to_uT():
     """A 'model' whose output at each position is the token there: ``u_0`` must be the last
     prompt token and ``u_t`` the response token ``y_t`` (the state after reading it)."""
     b = collate_prompt_response(PROMPTS, RESPONSES, PAD)
-    ids, _ = join(b)
-    u = response_slice(ids.float(), b["prompt_ids"].shape[1])
+    u = response_values(lambda ids, mask: ids.float(), *layout(b))
     assert u.shape == (3, T + 1)
     assert u[:, 0].tolist() == [13.0, 21.0, 35.0]
     for i, resp in enumerate(RESPONSES):
@@ -116,9 +119,8 @@ def test_batched_values_match_unpadded_rows(tokenizer_dir):
     vm = ValueModel.from_pretrained("test-llama", tok, zero_init_head=False).eval()
     prompts, responses = _unpadded_rows(tok)
     b = collate_prompt_response(prompts, responses, tok.pad_token_id)
-    ids, mask = join(b)
     with torch.no_grad():
-        u = response_slice(vm(ids, mask), b["prompt_ids"].shape[1])  # (B, T + 1)
+        u = response_values(vm, *layout(b))  # (B, T + 1)
         for i, (p, r) in enumerate(zip(prompts, responses)):
             row = torch.tensor([p + r])
             alone = vm(row, torch.ones_like(row, dtype=torch.bool))[0]

@@ -1,4 +1,6 @@
-"""Held-out evaluation of a policy under an embedded task's gold scorer."""
+"""Held-out gold evaluation of a stage's policy (the SFT policy in the study): a callback that
+drives the one held-out evaluator (:class:`~dvpo_lightning.rollout.evaluation.HeldOutEvaluator`)
+over a prompts file at every validation and at the end of ``fit``."""
 
 from __future__ import annotations
 
@@ -12,35 +14,31 @@ from lightning.pytorch.utilities import rank_zero_info
 from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.tokenize import encode_prompt
+from dvpo_lightning.rollout.evaluation import HeldOutEvaluator, concat_rows
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
-from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.tasks import get_task
 
 
 @torch.no_grad()
-def evaluate_policy(model, tokenizer, task_name: str, prompts: list[str],
+def evaluate_policy(model, tokenizer, task_name: str, prompts: list,
                     cfg: SamplingConfig, batch_size: int = 128) -> dict[str, float]:
-    """Mean gold reward, exact-answer rate, EOS rate and response length on ``prompts``."""
-    task = get_task(task_name)
-    gen = HFGenerator(tokenizer.eos_token_id, tokenizer.pad_token_id)
+    """Mean gold reward, exact-answer rate, EOS rate and response length of ``model``'s
+    responses to ``prompts`` (``generate``, ``batch_size`` prompts at a time)."""
+    evaluator = HeldOutEvaluator(HFGenerator(tokenizer.eos_token_id, tokenizer.pad_token_id),
+                                 cfg, tokenizer, get_task(task_name))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    gold, exact, eos, length = [], [], [], []
+    rows = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         ids, mask = pad_left([encode_prompt(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
-        resp, rmask = gen.generate(model, ids.to(device), mask.to(device), cfg)
-        scores = gold_scores(task, tokenizer, chunk, resp, rmask)
-        gold += scores
-        exact += [float(s == 1.0) for s in scores]
-        eos += (resp == tokenizer.eos_token_id).any(1).float().tolist()
-        length += rmask.sum(1).float().tolist()
+        rows.append(evaluator.evaluate(model, ids.to(device), mask.to(device), chunk))
     if was_training:
         model.train()
-    n = len(gold)
-    return {"gold_reward": sum(gold) / n, "exact": sum(exact) / n, "eos_frac": sum(eos) / n,
-            "response_len": sum(length) / n}
+    measures = concat_rows(rows)
+    return {k: sum(measures[k].tolist()) / len(prompts)  # in Python floats, the scorer's own
+            for k in ("gold_reward", "exact", "eos_frac", "response_len")}
 
 
 class GoldEval(L.Callback):

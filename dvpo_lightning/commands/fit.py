@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from dvpo_lightning.callbacks.preemption import SaveOnSigterm
-from dvpo_lightning.commands.keys import KeySuggestingParser
+from dvpo_lightning.commands.parser import KeySuggestingParser
 from dvpo_lightning.runtime.checkpointing import AtomicCheckpointIO
 from dvpo_lightning.runtime.hardware import check_trainer_config
 from dvpo_lightning.runtime.loggers import AutoWandbLogger, LogConfigCallback, quiet_libraries

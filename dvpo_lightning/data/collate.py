@@ -45,13 +45,8 @@ def collate_prompt_response(prompts: list[list[int]], responses: list[list[int]]
             "response_ids": response_ids, "response_mask": response_mask}
 
 
-def join(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+def join(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
+         response_mask: Tensor) -> tuple[Tensor, Tensor]:
     """``(B, P + T)`` input ids and attention mask of the shared layout."""
-    ids = torch.cat([batch["prompt_ids"], batch["response_ids"]], dim=1)
-    mask = torch.cat([batch["prompt_mask"], batch["response_mask"]], dim=1)
-    return ids, mask
-
-
-def response_slice(x: Tensor, prompt_width: int) -> Tensor:
-    """``x[:, P-1:]``: the ``T + 1`` positions ``u_0 … u_T`` of per-position outputs."""
-    return x[:, prompt_width - 1:]
+    return (torch.cat([prompt_ids, response_ids], dim=1),
+            torch.cat([prompt_mask, response_mask], dim=1))

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
-from dvpo_lightning.models.lora import LoraOptions, merged_copy, save_adapter
-from dvpo_lightning.modules.optim import adamw, warmup_cosine
+from dvpo_lightning.models.lora import LoraOptions
+from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.rollout.scoring import policy_logps
-from dvpo_lightning.runtime.artifacts import export_atomic
-from dvpo_lightning.runtime.checkpointing import ReloadsFrozenBase
 
 
-class SFTModule(ReloadsFrozenBase, L.LightningModule):
+class SFTModule(SingleModelStage):
     """Next-token cross-entropy on response tokens (prompt tokens are context only).
 
     Args:
@@ -47,9 +42,7 @@ class SFTModule(ReloadsFrozenBase, L.LightningModule):
                                     gradient_checkpointing, lora)
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "max_length"):
-            check_fits_context(dm.max_length, self.model.config, "data.max_length")
+        self.check_context(self.model.config)
 
     def forward(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Mean response-token NLL and the number of response tokens."""
@@ -69,21 +62,9 @@ class SFTModule(ReloadsFrozenBase, L.LightningModule):
         loss, n = self(batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=int(n))
 
-    def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: adapters
-        opt = adamw(trainable, self.hparams.lr, self.hparams.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        sched = warmup_cosine(opt, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def summary(self) -> dict:
+        return {"stage": "sft", "global_step": self.global_step}
 
-    def on_train_end(self) -> None:
-        if self.hparams.export_dir and self.trainer.is_global_zero:
-            def write(d):
-                merged_copy(self.model).save_pretrained(str(d))
-                save_adapter(self.model, str(d / "adapter"))
-                self.tokenizer.save_pretrained(str(d))
-
-            out = export_atomic(self.hparams.export_dir, write,
-                                {"kind": "policy", "stage": "sft", "hparams": dict(self.hparams),
-                                 "global_step": self.global_step})
-            rank_zero_info(f"SFT policy written to {out}")
+    def export_manifest(self, summary: dict) -> dict:
+        return {"kind": "policy", "stage": "sft", "hparams": dict(self.hparams),
+                "global_step": self.global_step}

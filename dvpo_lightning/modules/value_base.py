@@ -1,25 +1,18 @@
-"""What the reward model and the GVM share: a value head model, pair-accuracy validation,
-a printed accuracy table and the export."""
+"""What the reward model and the GVM share: a value head model, pair-accuracy validation and
+the run summary (an accuracy table, the token-value picture)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from dvpo_lightning.data.collate import join, response_slice
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
-from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.models.value_model import ValueModel
-from dvpo_lightning.modules.optim import adamw, warmup_cosine
-from dvpo_lightning.runtime.artifacts import export_atomic
-from dvpo_lightning.runtime.checkpointing import ReloadsFrozenBase
-from dvpo_lightning.runtime.loggers import has_wandb, log_files, log_table
+from dvpo_lightning.modules.stage import SingleModelStage
+from dvpo_lightning.rollout.scoring import response_values
 
 
 def format_accuracy_table(title: str, acc: dict[str, float], n_pairs: int) -> str:
@@ -30,11 +23,12 @@ def format_accuracy_table(title: str, acc: dict[str, float], n_pairs: int) -> st
     return "\n".join(lines)
 
 
-class ValueHeadModule(ReloadsFrozenBase, L.LightningModule):
+class ValueHeadModule(SingleModelStage):
     """Base of :class:`RewardModelModule` and :class:`GVMModule` (not used on its own)."""
 
     kind = "value"
     table_title = "Value model"
+    main_aggregation = "final"
 
     def __init__(self, backbone: str, tokenizer: str | None, lr: float, weight_decay: float,
                  warmup_steps: int, min_lr_ratio: float, export_dir: str | None,
@@ -51,14 +45,12 @@ class ValueHeadModule(ReloadsFrozenBase, L.LightningModule):
         self.last_val_pairs = 0
 
     def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "max_length"):
-            check_fits_context(dm.max_length, self.model.backbone.config, "data.max_length")
+        self.check_context(self.model.backbone.config)
 
     def response_values(self, batch: dict) -> Tensor:
         """``u_0 … u_T``: ``(B, T + 1)`` head outputs from the last prompt token on."""
-        ids, mask = join(batch)
-        return response_slice(self.model(ids, mask), batch["prompt_ids"].shape[1])
+        return response_values(self.model, batch["prompt_ids"], batch["prompt_mask"],
+                               batch["response_ids"], batch["response_mask"])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         n = int(batch["n_pairs"])
@@ -77,57 +69,41 @@ class ValueHeadModule(ReloadsFrozenBase, L.LightningModule):
         for k, v in acc.items():
             self.log(f"val/pair_acc/{k}", v, prog_bar=k == self.main_aggregation)
 
-    def _log_token_values(self, log_dir: Path, n_pairs: int = 4) -> None:
-        """The token-value picture of the first held-out pairs (Figure 3 analog) to W&B."""
+    # ------------------------------------------------------------------ summary and export
+    def summary(self) -> dict:
+        return {"model": self.kind, "pairs": self.last_val_pairs, "accuracy": self.last_accuracy,
+                "global_step": self.global_step}
+
+    def summary_tables(self) -> dict[str, tuple[list[str], list[list]]]:
+        if not self.last_accuracy:
+            return {}
+        return {"eval/pair_accuracy": (["aggregation", "accuracy"],
+                                       [[k, v] for k, v in self.last_accuracy.items()])}
+
+    def summary_line(self, summary: dict) -> str:
+        if not self.last_accuracy:
+            return ""
+        return "\n" + format_accuracy_table(self.table_title, self.last_accuracy,
+                                            self.last_val_pairs) + "\n"
+
+    def summary_pictures(self, log_dir: Path, summary: dict, n_pairs: int = 4) -> dict[str, Path]:
+        """The token-value picture of the first held-out pairs (Figure 3 analog)."""
         from dvpo_lightning.data.examples import file_examples
         from dvpo_lightning.report import token_values as tv
 
-        val_path = getattr(self.trainer.datamodule, "val_path", None)
+        dm = self.trainer.datamodule
+        val_path = getattr(dm, "val_path", None)
         if not val_path or getattr(self.trainer.strategy, "zero_stage_3", False):
-            return  # (ZeRO-3 weights are partitioned outside the engine's forward)
+            return {}  # (ZeRO-3 weights are partitioned outside the engine's forward)
         examples = tv.token_values(self.model, self.tokenizer, file_examples(val_path, n_pairs),
-                                   getattr(self.trainer.datamodule, "chat_template", True))
+                                   getattr(dm, "chat_template", True))
         out = log_dir / "token_values"
         out.mkdir(parents=True, exist_ok=True)
-        log_files(self.trainer, {
-            "eval/token_values": tv.render_png(examples, out / "token_values.png"),
-            "eval/token_values_html": tv.render_html(examples, out / "token_values.html",
-                                                     title=f"{self.table_title}: token values")})
+        return {"eval/token_values": tv.render_png(examples, out / "token_values.png"),
+                "eval/token_values_html": tv.render_html(
+                    examples, out / "token_values.html",
+                    title=f"{self.table_title}: token values")}
 
-    @property
-    def main_aggregation(self) -> str:
-        return "final"
-
-    def configure_optimizers(self):
-        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: adapters
-        opt = adamw(trainable, self.hparams.lr, self.hparams.weight_decay)
-        total = int(self.trainer.estimated_stepping_batches)
-        sched = warmup_cosine(opt, self.hparams.warmup_steps, total, self.hparams.min_lr_ratio)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_fit_end(self) -> None:
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # collective
-        if not self.trainer.is_global_zero:
-            return
-        if self.last_accuracy:
-            table = format_accuracy_table(self.table_title, self.last_accuracy,
-                                          self.last_val_pairs)
-            print("\n" + table + "\n", flush=True)
-            log_dir.mkdir(parents=True, exist_ok=True)
-            log_table(self.trainer, "eval/pair_accuracy", ["aggregation", "accuracy"],
-                      [[k, v] for k, v in self.last_accuracy.items()])
-            (log_dir / "pair_accuracy.json").write_text(json.dumps(
-                {"model": self.kind, "pairs": self.last_val_pairs,
-                 "accuracy": self.last_accuracy, "global_step": self.global_step}, indent=2))
-            if has_wandb(self.trainer):
-                self._log_token_values(log_dir)
-        if self.hparams.export_dir:
-            def write(d):
-                self.model.save_pretrained(d)
-                self.tokenizer.save_pretrained(str(d))
-
-            out = export_atomic(self.hparams.export_dir, write,
-                                {"kind": self.kind, "hparams": dict(self.hparams),
-                                 "global_step": self.global_step,
-                                 "pair_accuracy": self.last_accuracy})
-            rank_zero_info(f"{self.table_title} written to {out}")
+    def export_manifest(self, summary: dict) -> dict:
+        return {"kind": self.kind, "hparams": dict(self.hparams), "global_step": self.global_step,
+                "pair_accuracy": self.last_accuracy}

@@ -12,7 +12,7 @@ GENERATOR_KINDS = ("hf", "static", "auto")
 
 
 def make_generator(kind: str, eos_token_id: int, pad_token_id: int, **options) -> Generator:
-    """The generator named by the config value ``model.init_args.generation``.
+    """The generator named by the config value ``model.init_args.rollout.engine``.
 
     Args:
         kind: ``"hf"``: :class:`HFGenerator` (``model.generate``); ``"static"``:
@@ -25,11 +25,11 @@ def make_generator(kind: str, eos_token_id: int, pad_token_id: int, **options) -
             ``prompt_bucket``, ``batch_bucket``, …); ignored when ``"auto"`` picks HFGenerator.
     """
     if kind not in GENERATOR_KINDS:
-        raise ValueError(f"model.init_args.generation={kind!r} is not a generator kind; "
+        raise ValueError(f"model.init_args.rollout.engine={kind!r} is not a generator kind; "
                          f"allowed values: {', '.join(repr(k) for k in GENERATOR_KINDS)}")
     if kind == "hf":
         if options:
-            raise ValueError(f"model.init_args.generation='hf' takes no options, got "
+            raise ValueError(f"model.init_args.rollout.engine='hf' takes no options, got "
                              f"{sorted(options)} (they belong to 'static')")
         return HFGenerator(eos_token_id, pad_token_id)
     if kind == "auto" and not torch.cuda.is_available():

@@ -12,13 +12,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from dvpo_lightning.data.collate import join
 from dvpo_lightning.models.loading import forward_accepts, position_ids_from_mask, unwrapped
 from dvpo_lightning.ops.token_logps import head_token_logps, token_logps
-
-
-def _join(prompt_ids: Tensor, prompt_mask: Tensor, response_ids: Tensor,
-          response_mask: Tensor) -> tuple[Tensor, Tensor]:
-    return (torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1))
 
 
 def policy_logps(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
@@ -37,7 +33,7 @@ def policy_logps(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
     - otherwise a model whose ``forward`` takes ``logits_to_keep`` runs its head over the last
       ``T + 1`` columns only; any other model over every column.
     """
-    ids, mask = _join(prompt_ids, prompt_mask, response_ids, response_mask)
+    ids, mask = join(prompt_ids, prompt_mask, response_ids, response_mask)
     t = response_ids.shape[1]
     inputs = {"input_ids": ids, "attention_mask": mask.long(),
               "position_ids": position_ids_from_mask(mask), "use_cache": False}
@@ -81,7 +77,7 @@ def fused_head_parts(policy: nn.Module) -> tuple[nn.Module, Tensor] | None:
 def response_values(value_model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                     response_ids: Tensor, response_mask: Tensor) -> Tensor:
     """``u_0 … u_T``: ``(B, T + 1)`` value-head outputs from the last prompt token on."""
-    ids, mask = _join(prompt_ids, prompt_mask, response_ids, response_mask)
+    ids, mask = join(prompt_ids, prompt_mask, response_ids, response_mask)
     return value_model(ids, mask)[:, prompt_ids.shape[1] - 1:]
 
 

@@ -96,15 +96,3 @@ def restore_reloaded(checkpoint: dict, reloaded: dict[str, torch.Tensor]) -> Non
     if "state_dict" in checkpoint:
         for k, v in reloaded.items():
             checkpoint["state_dict"].setdefault(k, v)
-
-
-class ReloadsFrozenBase:
-    """LightningModule mixin for a stage that trains ``self.model``: with LoRA its checkpoints
-    hold the adapters (and any head), not the frozen base weights, which are reloaded from the
-    model directory at start-up."""
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop_reloaded(checkpoint, reloaded_weights(self.model, "model."))
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_reloaded(checkpoint, reloaded_weights(self.model, "model."))

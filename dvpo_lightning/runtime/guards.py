@@ -8,15 +8,21 @@ is saved, so the last checkpoint on disk stays the last good one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+from dvpo_lightning.runtime.distributed import all_reduce_sum
 
 CAUSES = {
     "scores": "the reward model's scores: check its weights and its precision (fp16 "
               "overflow), or that its tokenizer matches the policy's",
     "baseline_scores": "the reward model's scores of the greedy baseline (see scores)",
     "values": "the value model's outputs (GVM or critic): check its weights and precision; "
-              "a critic can diverge with a high learning rate (lower critic_lr)",
+              "a critic can diverge with a high learning rate (lower model.critic_lr)",
     "logits": "the policy's logits are NaN / inf, so no token can be sampled: lower the "
               "learning rate, train in bf16 or fp32 instead of fp16, or check the starting "
               "checkpoint",
@@ -30,7 +36,7 @@ CAUSES = {
     "returns": "non-finite rewards or values upstream",
     "loss": "the probability ratio exp(log π − log π_old) overflowed or the policy's logits "
             "are non-finite: lower the learning rate or clip_eps, or set max_grad_norm",
-    "grad_norm": "exploding gradients: lower the learning rate, set model.max_grad_norm, or "
+    "grad_norm": "exploding gradients: lower the learning rate, set model.ppo.max_grad_norm, or "
                  "train in bf16/fp32 instead of fp16",
 }
 
@@ -40,7 +46,7 @@ class NonFiniteError(FloatingPointError):
 
 
 class KLBoundError(RuntimeError):
-    """The policy's KL to the reference exceeded ``model.max_kl``."""
+    """The policy's KL to the reference exceeded ``model.kl.bound``."""
 
 
 def nonfinite_names(tensors: dict[str, Tensor | None],
@@ -69,6 +75,74 @@ def nonfinite_message(names: list[str], where: str, rl_step: int, action: str) -
     lines = [f"non-finite values (NaN or inf) in {', '.join(names)} during {where} at RL step "
              f"{rl_step}; {action}."]
     lines += [f"  {n}: likely {CAUSES.get(n, 'an upstream non-finite value')}" for n in names]
-    lines.append("  Set model.init_args.on_nonfinite=skip to skip such steps instead of "
-                 "stopping (each skip is logged as guard/skipped_steps).")
+    lines.append("  Set model.init_args.guards.on_nonfinite=skip to skip such steps instead "
+                 "of stopping (each skip is logged as guard/skipped_steps).")
     return "\n".join(lines)
+
+
+@dataclass
+class GuardSettings:
+    """Numerical guards of an RL step.
+
+    Args:
+        on_nonfinite: a NaN / inf in the rollout, the advantages, a mini-batch loss or the
+            gradient: ``stop`` the run (nothing is saved after it, so the last checkpoint is
+            the last good one) or ``skip`` the step (counted in ``guard/skipped_steps``).
+        ratio_skip_threshold: skip a mini-batch whose mean ratio π/π_old exceeds this (a
+            policy that moved too far for the clip to mean anything).
+    """
+
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    ratio_skip_threshold: float = 10.0
+
+
+torch.serialization.add_safe_globals([GuardSettings])  # in checkpointed hparams
+
+
+class StepGuard:
+    """Checks tensors for NaN / inf and applies ``on_nonfinite``; counts the skipped steps.
+
+    Args:
+        settings: the run's :class:`GuardSettings`.
+    """
+
+    def __init__(self, settings: GuardSettings) -> None:
+        self.settings = settings
+        self.skips = 0
+
+    def check(self, where: str, rl_step: int, tensors: dict[str, Tensor | None],
+              masks: dict[str, Tensor] | None = None,
+              reduce_on: torch.device | None = None) -> bool:
+        """True when a tensor is non-finite and the step is to be skipped; raises
+        :class:`NonFiniteError` when the run is to stop.
+
+        Args:
+            where: the phase, for the message ("the rollout", "the PPO update", ...).
+            rl_step: the RL step, for the message.
+            tensors: ``{name: tensor or None}`` (see :func:`nonfinite_names`).
+            masks: ``{name: bool mask}``: positions outside are padding, not checked.
+            reduce_on: decide over every process (one all-reduce on this device), so that all
+                ranks skip together; None decides on this process alone.
+        """
+        names = nonfinite_names(tensors, masks)
+        bad = bool(names)
+        if reduce_on is not None:
+            bad = float(all_reduce_sum(torch.tensor(float(bad), device=reduce_on))) > 0
+        return bad and self.on_nonfinite(names, where, rl_step)
+
+    def on_nonfinite(self, names: list[str], where: str, rl_step: int) -> bool:
+        """Stop (raise) or warn and count a skip, returning True."""
+        names = names or ["a tensor on another process"]
+        if self.settings.on_nonfinite == "stop":
+            raise NonFiniteError(nonfinite_message(
+                names, where, rl_step,
+                "stopping before anything is saved: the last checkpoint is the last good one"))
+        rank_zero_warn(nonfinite_message(names, where, rl_step, "skipping it"))
+        self.skips += 1
+        return True
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skips": self.skips}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skips = int(state.get("skips", 0))

@@ -1,6 +1,6 @@
 """The sweep's results: a table (markdown + JSON) and the reward–KL plot across trials.
 
-Each trial's numbers come from its ``rl_summary.json`` (``final_eval``: the last held-out
+Each trial's numbers come from its ``summary.json`` (``final_eval``: the last held-out
 evaluation, written by ``DVPOModule``), so the table shows what the trial measured, not what
 W&B received.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 GOLD, KL, WIN = "eval/gold_reward", "eval/kl_to_ref", "eval/win_rate_vs_ref"
 
 
-def trial_results(trial_dir: Path, metric: str, summary_file: str = "rl_summary.json") -> dict:
+def trial_results(trial_dir: Path, metric: str, summary_file: str = "summary.json") -> dict:
     """``{gold_reward, kl_to_ref, win_rate_vs_ref, reference_gold_reward, metric}`` of one
     finished trial (None where not logged)."""
     path = Path(trial_dir) / summary_file

@@ -71,7 +71,7 @@ def distribution_of(name: str, param: Any, source: str = "sweep") -> str:
                                f"got {param!r}")
     if "parameters" in param:
         raise SweepConfigError(f"{where}.parameters: nested parameters are not supported; "
-                               "name each LightningCLI key in full (model.init_args.kl_coef)")
+                               "name each LightningCLI key in full (model.init_args.kl.coef)")
     dist = param.get("distribution")
     if dist is None:
         if "values" in param:
@@ -147,7 +147,7 @@ def validate_sweep(spec: Any, source: str = "sweep") -> None:
     params = spec.get("parameters")
     if not isinstance(params, dict) or not params:
         raise SweepConfigError(f"{source}: parameters must be a non-empty mapping of "
-                               "LightningCLI keys, e.g. model.init_args.kl_coef: {values: [...]}")
+                               "LightningCLI keys, e.g. model.init_args.kl.coef: {values: [...]}")
     dists = {name: distribution_of(name, p, source) for name, p in params.items()}
     if method == "grid":
         for name, dist in dists.items():

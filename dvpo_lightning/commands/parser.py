@@ -1,8 +1,9 @@
-"""Unknown config keys get "did you mean ...?" with the closest valid key.
+"""The CLI's argument parser: LightningCLI's, with "did you mean ...?" for unknown config keys
+and a way around a jsonargparse bug with nulls in grouped settings.
 
 :func:`suggest_key` finds the closest key, :func:`add_key_suggestions` adds one hint line per
-unknown key to a jsonargparse error, and :class:`KeySuggestingParser` is LightningCLI's parser
-with those hints.
+unknown key to a jsonargparse error, :func:`nested_nulls` rewrites ``--a.b.c=null`` overrides,
+and :class:`KeySuggestingParser` applies both.
 """
 
 from __future__ import annotations
@@ -110,8 +111,45 @@ def add_key_suggestions(message: str, parser: Any = None) -> str:
     return "\n".join([message, *hints]) if hints else message
 
 
+_NULLS = ("null", "none", "~")
+
+
+def nested_nulls(args: list[str]) -> list[str]:
+    """``--model.init_args.ppo.max_grad_norm=null`` → ``--model.init_args.ppo={"max_grad_norm":
+    null}`` (also the two-token form ``--key null``).
+
+    jsonargparse 4.53 reads a null given to a field of a dataclass inside a class's
+    ``init_args`` as the string ``"None"`` and then refuses it ("Expected a <class 'float'>");
+    the dict form sets the field and keeps the group's other values. Keys with fewer than three
+    parts besides ``init_args`` (``--model.init_args.reference=null``) are left as they are.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg.partition("=")
+        two_tokens = not eq and i + 1 < len(args)
+        if two_tokens:
+            value = args[i + 1]
+        parts = key[2:].split(".") if key.startswith("--") else []
+        if value.lower() in _NULLS and len([p for p in parts if p != "init_args"]) >= 3:
+            out.append(f"--{'.'.join(parts[:-1])}={{\"{parts[-1]}\": null}}")
+            i += 2 if two_tokens else 1
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 class KeySuggestingParser(LightningArgumentParser):
-    """LightningCLI's parser, with "did you mean ...?" added to unknown-key errors."""
+    """LightningCLI's parser, with "did you mean ...?" added to unknown-key errors and
+    :func:`nested_nulls` applied to the command line."""
+
+    def parse_args(self, args=None, *rest, **kwargs):
+        import sys
+
+        args = nested_nulls(list(sys.argv[1:] if args is None else args))
+        return super().parse_args(args, *rest, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):
         parser = getattr(ex, "subcommand_parser", None) or self

@@ -1,0 +1,49 @@
+"""How the models of an RL run are loaded and run: one typed group of settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from dvpo_lightning.models.lora import LoraOptions
+
+
+@dataclass
+class ModelOptions:
+    """How the policy, the critic and the frozen models are loaded and run.
+
+    Args:
+        lora: train LoRA adapters on the policy instead of every weight; the export merges
+            them (and writes the adapter alone to ``<export_dir>/adapter``). Without a
+            ``reference``, the reference is then the policy with its adapters switched off.
+        critic_lora: LoRA adapters for the PPO critic's backbone (its head trains fully).
+        attn_implementation: attention kernel of every model loaded (``eager``, ``sdpa``,
+            ``flash_attention_2``, ...); None lets transformers choose.
+        gradient_checkpointing: recompute the trained models' activations in the backward
+            pass (less memory, ~30 % more update time).
+        frozen_dtype: dtype of the frozen reference, GVM and reward model; None keeps the
+            loaded dtype (half precision halves their memory on a GPU).
+        offload_frozen: keep the frozen models in CPU memory except while they score a rollout
+            or evaluate (frees their accelerator memory during generation and the update; a
+            host-device copy per step). Not with DeepSpeed ZeRO-3, whose partitioned weights
+            cannot move.
+        fused_head: compute log-probs with the output head inside float32 row chunks, so the
+            ``(B, T, V)`` logits never exist at once (Llama / Mistral / Qwen2 / Qwen3 outside
+            ZeRO-3; other models use ``logits_to_keep``): less memory, one more head matmul
+            in the backward.
+    """
+
+    lora: LoraOptions | None = None
+    critic_lora: LoraOptions | None = None
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    offload_frozen: bool = False
+    fused_head: bool = True
+
+
+# Modules keep their options in their hyper-parameters, which Lightning saves in every
+# checkpoint: let `torch.load(weights_only=True)` (what resume uses) rebuild them.
+torch.serialization.add_safe_globals([ModelOptions])

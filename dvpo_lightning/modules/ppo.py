@@ -1,0 +1,109 @@
+"""The PPO-style update every RL method shares: its settings and the loss of one mini-batch.
+
+``L = L_clip(π) [+ β·KL(π‖π_ref) when β acts on the loss] [+ c_v·L_V(critic) for PPO]``,
+each term aggregated over the mini-batch by the same rule and normalised by the *global* token
+(or sequence) count, so the update does not depend on how the batch is split across processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dvpo_lightning.modules.kl_penalty import KLPenalty
+from dvpo_lightning.ops.losses import clipped_value_loss, ppo_clip_loss
+from dvpo_lightning.ops.masked import masked_mean
+from dvpo_lightning.rollout.experience import Experience
+from dvpo_lightning.rollout.scoring import policy_logps, response_values
+from dvpo_lightning.runtime.distributed import loss_counts
+
+
+@dataclass
+class PPOSettings:
+    """The clipped policy-gradient update (and the critic's, for PPO).
+
+    Args:
+        epochs: passes over each rollout batch (K).
+        mini_batch_size: responses per mini-batch, per process; None: the whole rollout.
+        grad_accum: mini-batches accumulated per optimizer step.
+        clip_eps: clip ε of the ratio π/π_old (its lower side, and the upper one unless
+            ``clip_eps_high``).
+        clip_eps_high: upper clip ε (asymmetric "clip-higher", DAPO); None: ``clip_eps``.
+        value_clip: clip range of the critic's value loss (PPO).
+        vf_coef: weight of the critic's value loss in the joint loss (PPO).
+        loss_aggregation: how token losses become one number: ``token_mean`` (every token of
+            the mini-batch weighs the same), ``seq_mean_token_mean`` (every response does) or
+            ``seq_mean_token_sum`` (Dr. GRPO: no length normalisation).
+        whiten_advantages: whiten the advantages over the whole rollout (all processes) after
+            the estimator.
+        max_grad_norm: clip the gradient norm to this; None: no clipping.
+    """
+
+    epochs: int = 4
+    mini_batch_size: int | None = None
+    grad_accum: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean",
+                              "seq_mean_token_sum"] = "token_mean"
+    whiten_advantages: bool = False
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.grad_accum < 1:
+            raise ValueError(f"model.ppo.epochs ({self.epochs}) and model.ppo.grad_accum "
+                             f"({self.grad_accum}) must be >= 1")
+        if self.mini_batch_size is not None and self.mini_batch_size < 1:
+            raise ValueError(f"model.ppo.mini_batch_size={self.mini_batch_size} must be >= 1, "
+                             "or null for the whole rollout batch")
+
+
+torch.serialization.add_safe_globals([PPOSettings])  # in checkpointed hparams
+
+
+def minibatch_loss(policy: nn.Module, critic: nn.Module | None, sub: Experience,
+                   advantages: Tensor, returns: Tensor, settings: PPOSettings, kl: KLPenalty,
+                   fused_head: bool = True) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The joint loss of one mini-batch.
+
+    Args:
+        policy: the trained policy.
+        critic: the trained critic (PPO), else None.
+        sub: the mini-batch's experience.
+        advantages: ``(b, T)`` float, ``Â_t``.
+        returns: ``(b, T)`` float, the critic's regression targets (PPO).
+        settings: the update's settings.
+        kl: the run's KL penalty (adds its loss term when β acts on the loss).
+        fused_head: log-probs with the output head in row chunks.
+
+    Returns:
+        ``(loss, ratio_mean, stats)``: the loss to back-propagate, the mean ratio π/π_old (the
+        ratio guard reads it) and detached ``train/*`` diagnostics.
+    """
+    mask = sub.response_mask
+    seq = (sub.prompt_ids, sub.prompt_mask, sub.response_ids, mask)
+    agg = settings.loss_aggregation
+    n_tok, n_seq = loss_counts(mask)
+    logp, entropy = policy_logps(policy, *seq, with_entropy=True, fused_head=fused_head)
+    pg_loss, st = ppo_clip_loss(logp, sub.logp_old, advantages, mask, settings.clip_eps,
+                                settings.clip_eps_high, agg, n_tok, n_seq)
+    loss = pg_loss
+    stats = {"train/policy_loss": pg_loss.detach(),
+             "train/entropy": masked_mean(entropy.detach(), mask),
+             "train/approx_kl": st["approx_kl"], "train/clipfrac": st["clipfrac"]}
+    kl_loss = kl.loss(logp, sub.logp_ref, mask, agg, n_tok, n_seq)
+    if kl_loss is not None:
+        loss = loss + kl.coef * kl_loss
+        stats["train/kl_loss"] = kl_loss.detach()
+    if critic is not None:
+        v_new = response_values(critic, *seq)[:, :-1]
+        v_loss = clipped_value_loss(v_new, sub.values[:, :-1], returns, mask,
+                                    settings.value_clip, agg, n_tok, n_seq)
+        loss = loss + settings.vf_coef * v_loss
+        stats["train/value_loss"] = v_loss.detach()
+    return loss, st["ratio_mean"], stats

@@ -1,0 +1,59 @@
+"""What every stage's LightningModule shares: the callbacks that end a ``fit`` (cost, run
+summary, export), and for the stage-1 modules, which train one ``self.model``, its optimizer,
+schedule, context check and checkpoint trimming."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch import nn
+
+from dvpo_lightning.callbacks.cost import CostMeter
+from dvpo_lightning.callbacks.export import Export
+from dvpo_lightning.callbacks.summary import RunSummary
+from dvpo_lightning.models.compat import check_fits_context
+from dvpo_lightning.modules.optim import adamw, warmup_cosine
+from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
+
+
+def stage_callbacks(export_dir: str | None) -> list[L.Callback]:
+    """Every stage's: :class:`CostMeter`, :class:`RunSummary` and, with an ``export_dir``,
+    :class:`Export` (Lightning adds a module's ``configure_callbacks`` to the trainer's)."""
+    return [CostMeter(), RunSummary(), *([Export(export_dir)] if export_dir else [])]
+
+
+class SingleModelStage(L.LightningModule):
+    """Base of the stage-1 modules (SFT, reward model, GVM), which train ``self.model``.
+
+    Expects the hyper-parameters ``lr``, ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``
+    and ``export_dir``. With LoRA, checkpoints hold the adapters (and any head), not the frozen
+    base weights, which are reloaded from the model directory at start-up.
+    """
+
+    model: nn.Module
+
+    def check_context(self, config) -> None:
+        """Refuse data longer than the model's context (``data.max_length``)."""
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "max_length"):
+            check_fits_context(dm.max_length, config, "data.max_length")
+
+    def configure_optimizers(self):
+        """AdamW on the trainable weights (LoRA: the adapters), linear warm-up then cosine."""
+        hp = self.hparams
+        opt = adamw([p for p in self.model.parameters() if p.requires_grad], hp.lr,
+                    hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = warmup_cosine(opt, hp.warmup_steps, total, hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return stage_callbacks(self.hparams.export_dir)
+
+    def export_parts(self) -> dict[str, nn.Module]:
+        return {"": self.model}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        drop_reloaded(checkpoint, reloaded_weights(self.model, "model."))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_reloaded(checkpoint, reloaded_weights(self.model, "model."))

@@ -1,0 +1,123 @@
+"""Held-out evaluation of a policy, the one implementation every stage uses: the RL module at
+each validation, and :class:`~dvpo_lightning.callbacks.GoldEval` for the SFT policy.
+
+:class:`HeldOutEvaluator` generates responses to held-out prompts and measures each of them;
+:class:`EvalHistory` turns an RL run's evaluations into its learning curve, with the reference
+policy as step 0 and the win rate against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from dvpo_lightning.ops.kl import kl_estimate
+from dvpo_lightning.rollout.generation import Generator, SamplingConfig
+from dvpo_lightning.rollout.gold import gold_scores
+from dvpo_lightning.rollout.scoring import by_rows, policy_logps, sequence_scores
+from dvpo_lightning.tasks.base import Task
+
+
+class HeldOutEvaluator:
+    """Per-response measures of a policy's answers to held-out prompts.
+
+    Every measure whose ingredients exist: ``response_len`` and ``eos_frac`` always;
+    ``kl_to_ref`` (k1 summed over the response) with ``reference_logps``; ``rm_score`` with a
+    ``reward_model``; ``gold_reward`` (float64: the gold scorer's own values) and ``exact``
+    (gold score 1) with a ``task``.
+
+    Args:
+        generator: the generation engine.
+        sampling: how held-out responses are sampled.
+        tokenizer: the policy's tokenizer.
+        task: the embedded task whose gold scorer judges.
+        reference_logps: ``(policy, *seq) ↦ log π_ref (B, T)``.
+        reward_model: a frozen reward model.
+        score_batch_size: rows per scoring pass (None: the whole batch).
+        fused_head: log-probs with the output head in row chunks.
+    """
+
+    def __init__(self, generator: Generator, sampling: SamplingConfig,
+                 tokenizer: PreTrainedTokenizerBase, task: Task | None = None,
+                 reference_logps: Callable[..., Tensor] | None = None,
+                 reward_model: nn.Module | None = None, score_batch_size: int | None = None,
+                 fused_head: bool = True) -> None:
+        self.generator, self.sampling, self.tokenizer, self.task = (generator, sampling,
+                                                                   tokenizer, task)
+        self.reference_logps, self.reward_model = reference_logps, reward_model
+        self.rows, self.fused_head = score_batch_size, fused_head
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                 prompts: list, is_reference: bool = False) -> dict[str, Tensor]:
+        """``{measure: (B,)}`` for ``model``'s responses to ``prompts`` (left-padded ids).
+
+        ``is_reference``: ``model`` is the reference itself, so its log-probs are the
+        reference's (no second pass)."""
+        resp, rmask = self.generator.generate(model, prompt_ids, prompt_mask, self.sampling)
+        seq = (prompt_ids, prompt_mask, resp, rmask)
+        out = {"response_len": rmask.sum(1).float(),
+               "eos_frac": (resp == self.tokenizer.eos_token_id).any(1).float()}
+        if self.reference_logps is not None:
+            logp = by_rows(lambda *s: policy_logps(model, *s, fused_head=self.fused_head)[0],
+                           self.rows, *seq)
+            ref = logp if is_reference else by_rows(
+                lambda *s: self.reference_logps(model, *s), self.rows, *seq)
+            out["kl_to_ref"] = (kl_estimate(logp, ref, "k1", rmask) * rmask).sum(1)
+        if self.reward_model is not None:
+            out["rm_score"] = by_rows(lambda *s: sequence_scores(self.reward_model, *s),
+                                      self.rows, *seq)
+        if self.task is not None:
+            gold = torch.tensor(gold_scores(self.task, self.tokenizer, prompts, resp, rmask),
+                                dtype=torch.float64, device=resp.device)
+            out["gold_reward"], out["exact"] = gold, (gold == 1.0).float()
+        return out
+
+
+def concat_rows(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Batches of per-response measures → one ``(N,)`` tensor per measure."""
+    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+
+class EvalHistory:
+    """An RL run's held-out evaluations: the reference's once (its step 0: the policy at RL
+    step 0 is the reference), then the policy's at every validation, with the win rate
+    against the reference's answer to the same prompt (a tie counts ½)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.reference: dict[str, float] | None = None
+        self.reference_gold: Tensor | None = None
+
+    def set_reference(self, measures: dict[str, Tensor]) -> None:
+        """Record the reference's evaluation as the curves' first point."""
+        gold = measures.get("gold_reward")
+        self.reference_gold = gold.float() if gold is not None else None
+        self.reference = {k: float(v.float().mean()) for k, v in measures.items()}
+        self.rows.insert(0, {"rl_step": 0, **{f"eval/{k}": v for k, v in self.reference.items()},
+                             "eval/win_rate_vs_ref": 0.5})
+
+    def metrics(self, measures: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``eval/<measure>`` means, and ``eval/win_rate_vs_ref`` once the reference's gold
+        scores exist."""
+        out = {f"eval/{k}": v.float().mean() for k, v in measures.items()}
+        if "gold_reward" in measures and self.reference_gold is not None:
+            g = measures["gold_reward"].float()
+            ref = self.reference_gold.to(g.device)
+            out["eval/win_rate_vs_ref"] = ((g > ref).float() + 0.5 * (g == ref).float()).mean()
+        return out
+
+    def append(self, rl_step: int, metrics: dict[str, Tensor]) -> None:
+        self.rows.append({"rl_step": rl_step, **{k: float(v) for k, v in metrics.items()}})
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows, "reference": self.reference,
+                "reference_gold": self.reference_gold}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = state.get("rows", [])
+        self.reference = state.get("reference")
+        self.reference_gold = state.get("reference_gold")

@@ -1,0 +1,185 @@
+"""One rollout: generate responses with the policy, then fetch exactly what the advantage
+estimator declared it needs (:class:`~dvpo_lightning.rollout.experience.Need`), never more.
+
+The maker owns the frozen models (reference policy, GVM, reward model) and the generation
+engine; the trained policy and critic belong to the RL module, which passes them in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from dvpo_lightning.models.lora import adapters_disabled
+from dvpo_lightning.rollout.experience import NEED_FIELD, Experience, Need
+from dvpo_lightning.rollout.generation import Generator
+from dvpo_lightning.rollout.gold import gold_scores
+from dvpo_lightning.rollout.scoring import by_rows, policy_logps, response_values, sequence_scores
+from dvpo_lightning.rollout.settings import RolloutSettings
+from dvpo_lightning.rollout.zero3 import gathered_for_generation
+from dvpo_lightning.tasks.base import Task
+
+
+def check_rollout_batch(batch_size: int, group_size: int,
+                        mini_batch_size: int | None = None) -> None:
+    """Raise unless the prompts, the groups and the mini-batches of an RL step fit together.
+
+    One RL step samples ``group_size`` responses (the estimator's) for each of ``batch_size``
+    prompts (``data.batch_size``, per process): a rollout of ``batch_size · group_size``
+    responses, which PPO mini-batches must split evenly.
+    """
+    if batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {batch_size}. Fix: set "
+                         "data.batch_size to a positive integer")
+    rollout = batch_size * group_size
+    if mini_batch_size is not None and (mini_batch_size < 1 or rollout % mini_batch_size):
+        fits = [d for d in range(1, rollout + 1) if rollout % d == 0]
+        raise ValueError(f"the rollout batch ({rollout} responses = data.batch_size {batch_size} "
+                         f"× the estimator's group_size {group_size}) must be a multiple of "
+                         f"model.ppo.mini_batch_size ({mini_batch_size}). Fix: set "
+                         f"model.ppo.mini_batch_size to one of {fits}, or change "
+                         "data.batch_size")
+
+
+def repeat_prompts(batch: dict, group_size: int) -> dict:
+    """``group_size`` adjacent copies of every prompt in ``batch`` (``prompt_ids``,
+    ``prompt_mask`` ``(n, P)``, ``prompts``), with ``group_ids`` ``(n · group_size,)``: the
+    copies of prompt ``i`` have id ``i``."""
+    n = batch["prompt_ids"].shape[0]
+    out = dict(batch)
+    if group_size > 1:
+        out["prompt_ids"] = batch["prompt_ids"].repeat_interleave(group_size, dim=0)
+        out["prompt_mask"] = batch["prompt_mask"].repeat_interleave(group_size, dim=0)
+        out["prompts"] = [p for p in batch["prompts"] for _ in range(group_size)]
+    out["group_ids"] = torch.arange(n, device=batch["prompt_ids"].device).repeat_interleave(
+        group_size)
+    return out
+
+
+class ExperienceMaker(nn.Module):
+    """Rollouts of the policy, scored by the frozen models the estimator needs.
+
+    Args:
+        needs: what the estimator declared.
+        group_size: responses sampled per prompt (the estimator's).
+        frozen: ``reference`` (unless ``shared_reference``), ``gvm``, ``reward_model``, each
+            only if needed, frozen (:func:`~dvpo_lightning.modules.rl_models.load_rl_models`).
+        generator: the generation engine.
+        settings: the rollout settings.
+        tokenizer: the policy's tokenizer.
+        task: an embedded task whose gold scorer judges every rollout (None: no gold).
+        shared_reference: the reference is the policy with its LoRA adapters off.
+        fused_head: log-probs with the output head in row chunks (:func:`policy_logps`).
+        offload: keep ``frozen`` in CPU memory outside :meth:`frozen_on`.
+    """
+
+    def __init__(self, needs: frozenset[Need], group_size: int, frozen: nn.ModuleDict,
+                 generator: Generator, settings: RolloutSettings,
+                 tokenizer: PreTrainedTokenizerBase, task: Task | None = None,
+                 shared_reference: bool = False, fused_head: bool = True,
+                 offload: bool = False) -> None:
+        super().__init__()
+        self.needs, self.group_size = needs, group_size
+        self.frozen = frozen
+        self.generator, self.settings, self.tokenizer, self.task = (generator, settings,
+                                                                   tokenizer, task)
+        self.shared_reference, self.fused_head, self.offload = (shared_reference, fused_head,
+                                                                offload)
+
+    # ------------------------------------------------------------------ the frozen models
+    def logps(self, model: nn.Module) -> Callable[..., Tensor]:
+        """``seq ↦ log π(y | x)`` of ``model`` (the log-probs alone, for :func:`by_rows`)."""
+        return lambda *seq: policy_logps(model, *seq, fused_head=self.fused_head)[0]
+
+    @contextlib.contextmanager
+    def reference(self, policy: nn.Module) -> Iterator[nn.Module]:
+        """The reference policy: the frozen copy, or ``policy`` with its adapters off."""
+        if self.shared_reference:
+            with adapters_disabled(policy):
+                yield policy
+        else:
+            yield self.frozen["reference"]
+
+    def reference_logps(self, policy: nn.Module, *seq: Tensor) -> Tensor:
+        """``log π_ref`` of the responses in ``seq`` (see :func:`policy_logps`)."""
+        with self.reference(policy) as ref:
+            return self.logps(ref)(*seq)
+
+    def place_frozen(self, device: torch.device | str) -> None:
+        """With ``offload``: move the frozen models to ``device`` (``"cpu"`` parks them)."""
+        if self.offload:
+            self.frozen.to(device)
+
+    @contextlib.contextmanager
+    def frozen_on(self, device: torch.device) -> Iterator[None]:
+        """The frozen models on ``device`` inside the block; with ``offload`` they return to
+        CPU memory after it (a no-op on CPU or without offloading)."""
+        move = self.offload and device.type != "cpu"
+        if move:
+            self.place_frozen(device)
+        try:
+            yield
+        finally:
+            if move:
+                self.place_frozen("cpu")
+
+    def by_rows(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+        """``fn(*tensors)`` in slices of ``score_batch_size`` rows (:func:`by_rows`)."""
+        return by_rows(fn, self.settings.score_batch_size, *tensors)
+
+    # ------------------------------------------------------------------ one rollout
+    @torch.no_grad()
+    def forward(self, policy: nn.Module, batch: dict,
+                critic: nn.Module | None = None) -> tuple[Experience, dict]:
+        """Sample ``group_size`` responses to every prompt of ``batch`` and score them.
+
+        Args:
+            policy: the trained policy (generates; its log-probs are ``logp_old``).
+            batch: ``prompt_ids``, ``prompt_mask`` ``(n, P)`` and the raw ``prompts``.
+            critic: the trained critic, for estimators that need its values.
+
+        Returns:
+            The experience (``kl_penalty`` zeros: the RL module applies the KL) and
+            ``{"generate_s", "score_s", "gold"}`` (``gold``: ``(B,)`` or None).
+        """
+        batch = repeat_prompts(batch, self.group_size)
+        prompt = (batch["prompt_ids"], batch["prompt_mask"])
+        t0 = time.perf_counter()
+        policy.eval()
+        with gathered_for_generation(policy):
+            response = self.generator.generate(policy, *prompt, self.settings.sampling)
+            greedy = (self.generator.generate(policy, *prompt, self.settings.greedy_sampling)
+                      if Need.GREEDY_BASELINE in self.needs else None)
+        t1 = time.perf_counter()
+        seq = (*prompt, *response)
+        rows = self.by_rows
+        with self.frozen_on(prompt[0].device):
+            logp_old = rows(self.logps(policy), *seq)
+            logp_ref = rows(functools.partial(self.reference_logps, policy), *seq)
+            fetched = {NEED_FIELD[need]: self._fetch(need, rows, seq, greedy, critic, batch)
+                       for need in sorted(self.needs)}
+        policy.train()
+        exp = Experience(*seq, logp_old, logp_ref, **fetched)
+        gold = (torch.tensor(gold_scores(self.task, self.tokenizer, batch["prompts"], *response),
+                             device=logp_old.device) if self.task is not None else None)
+        return exp, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1, "gold": gold}
+
+    def _fetch(self, need: Need, rows: Callable, seq: tuple, greedy: tuple | None,
+               critic: nn.Module | None, batch: dict) -> Tensor:
+        """What one need makes the experience carry: the one table of needs to work."""
+        if need is Need.GVM_VALUES:
+            return rows(functools.partial(response_values, self.frozen["gvm"]), *seq)
+        if need is Need.CRITIC_VALUES:
+            return rows(functools.partial(response_values, critic), *seq)
+        if need is Need.GROUPS:
+            return batch["group_ids"]
+        rm_score = functools.partial(sequence_scores, self.frozen["reward_model"])
+        if need is Need.SCORES:
+            return rows(rm_score, *seq)
+        return rows(rm_score, *seq[:2], *greedy)  # Need.GREEDY_BASELINE

@@ -1,0 +1,74 @@
+"""How responses are generated and scored: the rollout settings of an RL run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from dvpo_lightning.rollout.generation import SamplingConfig
+
+
+@dataclass
+class RolloutSettings:
+    """How responses are generated and scored, in rollouts and in held-out evaluation.
+
+    Args:
+        engine: the generation engine: ``hf`` (``model.generate``, the exact reference),
+            ``static`` (a static KV cache and, on CUDA, the decode step compiled into CUDA
+            graphs; falls back to ``hf`` where it cannot run, with a log line), or ``auto``
+            (``static`` on CUDA, ``hf`` elsewhere).
+        max_new_tokens: longest response, in tokens.
+        min_new_tokens: shortest rollout response: EOS is suppressed before it (cost
+            benchmarks set it to ``max_new_tokens`` to force every response's length).
+        temperature: sampling temperature; 0 decodes greedily.
+        top_p: nucleus sampling mass (1.0 disables it).
+        top_k: top-k sampling (0 disables it).
+        eval_greedy: decode held-out prompts greedily (else sample as rollouts do).
+        score_batch_size: rows per forward pass when scoring a rollout or an evaluation batch
+            (policy and reference log-probs, GVM / critic values, RM scores); None: the whole
+            batch at once. Generation always runs on the whole batch; this bounds the scoring
+            passes' activation memory (large vocabularies, long responses).
+    """
+
+    engine: Literal["hf", "static", "auto"] = "hf"
+    max_new_tokens: int = 16
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    eval_greedy: bool = False
+    score_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        rules = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens,
+             "min_new_tokens must be between 0 and max_new_tokens"),
+            (self.temperature >= 0, "temperature must be >= 0 (0: greedy)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
+            (self.score_batch_size is None or self.score_batch_size >= 1,
+             "score_batch_size must be >= 1, or null to score a whole batch at once"),
+        ]
+        broken = [rule for ok, rule in rules if not ok]
+        if broken:
+            raise ValueError(f"model.rollout: {'; '.join(broken)} (got {self}). Fix the "
+                             "model.init_args.rollout.* keys named")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """What a rollout samples with."""
+        return SamplingConfig(self.max_new_tokens, self.temperature or 1.0, self.top_p,
+                              self.top_k, greedy=self.temperature == 0,
+                              min_new_tokens=self.min_new_tokens)
+
+    @property
+    def greedy_sampling(self) -> SamplingConfig:
+        """ReMax's greedy baseline response (same forced length as the rollout's)."""
+        return replace(self.sampling, greedy=True)
+
+    @property
+    def eval_sampling(self) -> SamplingConfig:
+        """Held-out evaluation: greedy with ``eval_greedy``, and never a forced length."""
+        cfg = self.sampling
+        return replace(cfg, greedy=self.eval_greedy or cfg.greedy, min_new_tokens=0)
