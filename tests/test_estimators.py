@@ -79,6 +79,18 @@ def test_group_norm_matches_loop_and_has_zero_group_mean(scale):
         assert abs(adv[SHUFFLED_IDS == gid].mean().item()) < 1e-5
 
 
+def test_group_std_is_two_pass_for_large_nearly_tied_scores():
+    """Scores of 1e4 ± 1e-2: Σx² − n·mean² cancels most digits of the spread (advantages off by
+    2.5e-4 here); deviations from the mean keep them. Reference: ``torch.std`` per group."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.arange(8).repeat_interleave(4)
+    scores = 1e4 + 1e-2 * torch.randn(32, generator=g, dtype=torch.float64)
+    adv = group_normalized_advantages(scores, ids, 0.0).view(8, 4)
+    x = scores.view(8, 4)
+    want = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+    assert_close(adv, want, atol=1e-8, rtol=1e-8)
+
+
 def test_rloo_matches_loop_and_sums_to_zero():
     rewards = torch.randn(12, generator=torch.Generator().manual_seed(1))
     adv = rloo_advantages(rewards, SHUFFLED_IDS)

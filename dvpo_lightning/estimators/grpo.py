@@ -6,31 +6,11 @@ import torch
 from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
+from dvpo_lightning.ops.groups import group_mean_var
 from dvpo_lightning.ops.returns import sequence_rewards
 from dvpo_lightning.rollout.experience import Experience
 
 GROUP_SCALES = ("std", "none")
-
-
-def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row group count, sum and sum of squares (vectorised, any id order).
-
-    Args:
-        values: ``(B,)`` float.
-        group_ids: ``(B,)`` long; equal ids share a prompt.
-
-    Returns:
-        ``(count, total, total_sq)``, each ``(B,)``: the statistic of the row's own group.
-    """
-    _, inverse = torch.unique(group_ids, return_inverse=True)  # (B,) group index per row
-    n_groups = int(inverse.max()) + 1
-    v = values.to(torch.float64)
-
-    def per_group(x: Tensor) -> Tensor:
-        return torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add_(0, inverse, x)
-
-    count = per_group(torch.ones_like(v))
-    return count[inverse], per_group(v)[inverse], per_group(v * v)[inverse]
 
 
 def group_normalized_advantages(
@@ -39,7 +19,8 @@ def group_normalized_advantages(
     """GRPO advantage ``A_i = (R_i − mean_g) / (std_g + eps)`` (Shao et al. 2024, §4.1.2).
 
     ``std_g`` is the unbiased (Bessel) standard deviation of the group, as ``torch.std`` in TRL
-    and verl. ``scale="none"`` drops the division (Dr. GRPO, Liu et al. 2025).
+    and verl, computed in two passes (:func:`~dvpo_lightning.ops.groups.group_mean_var`).
+    ``scale="none"`` drops the division (Dr. GRPO, Liu et al. 2025).
 
     Args:
         scores: ``(B,)`` float, sequence rewards ``R_i``.
@@ -54,8 +35,7 @@ def group_normalized_advantages(
         raise ValueError(
             f"group_normalized_advantages: unknown scale {scale!r}; valid: {GROUP_SCALES}"
         )
-    count, total, total_sq = group_stats(scores, group_ids)
-    mean = total / count
+    count, mean, var = group_mean_var(scores, group_ids)
     centred = scores.to(torch.float64) - mean
     if scale == "std":
         if (count < 2).any():
@@ -64,7 +44,6 @@ def group_normalized_advantages(
                 f"undefined (group sizes: {sorted(set(count.long().tolist()))}); sample >= 2 "
                 "responses per prompt or use scale='none'"
             )
-        var = ((total_sq - total * mean) / (count - 1)).clamp(min=0.0)
         centred = centred / (var.sqrt() + eps)
     return centred.to(scores.dtype)
 

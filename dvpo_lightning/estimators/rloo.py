@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
-from dvpo_lightning.estimators.grpo import check_group_sizes, group_stats
+from dvpo_lightning.estimators.grpo import check_group_sizes
+from dvpo_lightning.ops.groups import group_sums
 from dvpo_lightning.ops.returns import sequence_rewards
 from dvpo_lightning.rollout.experience import Experience
 
@@ -22,7 +23,7 @@ def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
     Returns:
         ``(B,)`` float; sums to zero within every group.
     """
-    count, total, _ = group_stats(rewards, group_ids)
+    count, total = group_sums(rewards, group_ids)
     if (count < 2).any():
         raise ValueError(
             "rloo_advantages: a group has a single response, so the leave-one-out baseline is "
