@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -358,7 +359,7 @@ def test_scoring_in_row_slices_gives_the_same_experience(name, artifacts, task_d
     fields = ("response_ids", "logp_old", "logp_ref", "values", "scores", "baseline_scores")
     runs = []
     for rows in (None, 1, 3):
-        module.experience.settings.score_batch_size = rows
+        module.experience.settings = replace(module.experience.settings, score_batch_size=rows)
         torch.manual_seed(0)
         exp, _ = module.make_experience(batch, 1)
         runs.append({f: getattr(exp, f) for f in fields})

@@ -10,7 +10,7 @@ import torch
 from dvpo_lightning.models.lora import LoraOptions
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelOptions:
     """How the policy, the critic and the frozen models are loaded and run.
 

@@ -16,7 +16,7 @@ from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.runtime.guards import KLBoundError
 
 
-@dataclass
+@dataclass(frozen=True)
 class KLSettings:
     """The KL to the reference policy.
 

@@ -21,7 +21,7 @@ from dvpo_lightning.rollout.scoring import policy_logps, response_values
 from dvpo_lightning.runtime.distributed import loss_counts
 
 
-@dataclass
+@dataclass(frozen=True)
 class PPOSettings:
     """The clipped policy-gradient update (and the critic's, for PPO).
 

@@ -8,7 +8,7 @@ from typing import Literal
 from dvpo_lightning.rollout.generation import SamplingConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutSettings:
     """How responses are generated and scored, in rollouts and in held-out evaluation.
 

@@ -80,7 +80,7 @@ def nonfinite_message(names: list[str], where: str, rl_step: int, action: str) -
     return "\n".join(lines)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GuardSettings:
     """Numerical guards of an RL step.
 
