@@ -15,7 +15,7 @@ from dvpo_lightning.data import (
     DataFormatError,
     load_examples,
     pairs_to_scored,
-    read_rows,
+    read_records,
     render_messages_plain,
 )
 from dvpo_lightning.data.formats import detect_format, parse_rows
@@ -84,7 +84,7 @@ def test_each_container_reads_the_same_rows(tmp_path):
         write_saved(tmp_path / "saved", rows),
     ]
     for path in paths:
-        assert read_rows(path).to_list() == rows, path
+        assert read_records(path)[0] == rows, path
         assert load_examples(path, "scored") == [{**r, "policy": None} for r in rows]
     # nothing is cached beside the user's data
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
@@ -93,16 +93,14 @@ def test_each_container_reads_the_same_rows(tmp_path):
 def test_dataset_dict_split(tmp_path):
     path = write_saved(tmp_path / "dd", {"train": [{"prompt": "tr"}], "test": [{"prompt": "te"}]})
     assert load_examples(path, "prompt", split="test") == [{"prompt": "te"}]
-    raises([str(path), "DatasetDict", "'train'", "'test'", "split="], read_rows, path)
-    raises([str(path), "no split 'dev'", "'train'", "'test'"], read_rows, path, split="dev")
+    raises([str(path), "DatasetDict", "'train'", "'test'", "split="], read_records, path)
+    raises([str(path), "no split 'dev'", "'train'", "'test'"], read_records, path, split="dev")
 
 
 def test_blank_lines_and_mixed_types_keep_line_numbers(tmp_path):
-    # datasets 5.2 fails on this file as is (empty lines + a field that is str and list)
     rows = [{"prompt": "a"}, {"prompt": [S, U]}, {"prompt": "  "}]
     path = write_jsonl(tmp_path / "p.jsonl", rows, blank_after=(0, 1))
-    ds = read_rows(path)
-    assert ds[1]["prompt"] == [S, U]
+    assert read_records(path) == (rows, [1, 3, 5])
     err = raises([f"{path}, row 2 (line 5): field 'prompt'", "empty"],
                  load_examples, path, "prompt")
     assert (err.row, err.line, err.field) == (2, 5, "prompt")
@@ -118,32 +116,32 @@ def test_blank_lines_and_mixed_types_keep_line_numbers(tmp_path):
 def test_bad_json_lines(tmp_path, content, expected):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    raises([str(path), *expected], read_rows, path)
+    raises([str(path), *expected], read_records, path)
 
 
 def test_bad_json_files(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text('[\n  {"prompt": "a"},\n  {"prompt": }\n]')
-    raises([str(broken), "line 3", "not valid JSON"], read_rows, broken)
+    raises([str(broken), "line 3", "not valid JSON"], read_records, broken)
     wrapped = tmp_path / "wrapped.json"
     wrapped.write_text(json.dumps({"data": [{"prompt": "a"}]}, indent=1))
-    raises([str(wrapped), "keys: data", "top-level JSON array"], read_rows, wrapped)
+    raises([str(wrapped), "keys: data", "top-level JSON array"], read_records, wrapped)
     mixed = write_json(tmp_path / "mixed.json", [{"prompt": "a"}, "b"])
-    raises([str(mixed), "row 1", "not an object"], read_rows, mixed)
+    raises([str(mixed), "row 1", "not an object"], read_records, mixed)
 
 
 def test_missing_empty_and_unsupported_files(tmp_path):
-    raises(["nope.jsonl", "no such file"], read_rows, tmp_path / "nope.jsonl")
+    raises(["nope.jsonl", "no such file"], read_records, tmp_path / "nope.jsonl")
     csv = tmp_path / "data.csv"
     csv.write_text("prompt\na\n")
-    raises(["data.csv", "'.csv'", ".jsonl", ".json", ".parquet", "save_to_disk"], read_rows, csv)
+    raises(["data.csv", "'.csv'", ".jsonl", ".json", ".parquet", "save_to_disk"], read_records, csv)
     for name, text in [("e.jsonl", "\n\n"), ("e.json", "[]")]:
         (tmp_path / name).write_text(text)
-        raises([name, "empty file"], read_rows, tmp_path / name)
+        raises([name, "empty file"], read_records, tmp_path / name)
     (tmp_path / "plain_dir").mkdir()
-    raises(["plain_dir", "save_to_disk"], read_rows, tmp_path / "plain_dir")
+    raises(["plain_dir", "save_to_disk"], read_records, tmp_path / "plain_dir")
     one = write_jsonl(tmp_path / "s.jsonl", [{"a": 1}])
-    raises(["only the split 'train'"], read_rows, one, split="test")
+    raises(["only the split 'train'"], read_records, one, split="test")
 
 
 # --- canonical rows per kind -------------------------------------------------------------
@@ -321,16 +319,19 @@ def test_messages_sft_errors():
 
 
 def test_values_are_read_as_written(tmp_path):
-    """datasets 5.2 rounds every float of a JSON file with a mixed-type field to 10 digits and
-    decodes strings that spell JSON; load_examples reads JSON itself, read_rows refuses."""
+    """Every float keeps all its digits and a string that spells JSON stays a string, even in
+    a file whose fields mix types (datasets' JSON builder would change both)."""
     rows = [scored(score=0.38611822569657406, rating=5), scored(rating="N/A")]
     path = write_jsonl(tmp_path / "s.jsonl", rows)
     assert load_examples(path, "scored")[0]["score"] == 0.38611822569657406
     quoted = write_jsonl(tmp_path / "q.jsonl", [scored(score=0), scored(score="4.5")])
-    raises([f"{quoted}, row 1 (line 2): field 'score' is the string '4.5'"], read_rows, quoted)
+    assert read_records(quoted)[0][1]["score"] == "4.5"
+    raises([f"{quoted}, row 1 (line 2): field 'score' must be a number, found str ('4.5')"],
+           load_examples, quoted, "scored")
 
 
 def test_mixed_types_in_unused_fields_are_allowed(tmp_path):
     rows = [scored(rating=5), scored(rating="5"), scored(rating="N/A")]
     path = write_jsonl(tmp_path / "s.jsonl", rows)
     assert [r["score"] for r in load_examples(path, "scored")] == [1.0, 1.0, 1.0]
+
