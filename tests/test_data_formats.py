@@ -335,3 +335,59 @@ def test_mixed_types_in_unused_fields_are_allowed(tmp_path):
     path = write_jsonl(tmp_path / "s.jsonl", rows)
     assert [r["score"] for r in load_examples(path, "scored")] == [1.0, 1.0, 1.0]
 
+
+# --- a file of another kind ----------------------------------------------------------------
+
+ROWS_OF_KIND = {
+    "prompt": {"prompt": "Hi?"},
+    "sft": {"prompt": "Hi?", "response": "Hello."},
+    "alpaca": {"instruction": "Say hi", "output": "hi"},
+    "scored": {"prompt": "Hi?", "response": "Hello.", "score": 2},
+    "ultrafeedback": {"instruction": "Hi?", "completions": [{"response": "Hello.",
+                                                             "overall_score": 4}]},
+    "pairwise": {"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."},
+    "hh": {"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello.",
+           "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."},
+}
+LOOKS_LIKE = {"prompt": "prompt", "sft": "sft", "alpaca": "sft", "scored": "scored",
+              "ultrafeedback": "scored", "pairwise": "pairwise", "hh": "pairwise"}
+NAMES = {"prompt": "a prompt file", "sft": "an SFT file", "scored": "a scored file",
+         "pairwise": "a pairwise file"}
+# (requested kind, row): rows that fit the requested kind load; the others name their kind
+CROSS = [(kind, row) for kind in ("prompt", "sft", "scored", "pairwise") for row in ROWS_OF_KIND]
+LOADS = {("prompt", "prompt"), ("prompt", "sft"), ("prompt", "scored"), ("prompt", "pairwise"),
+         ("sft", "sft"), ("sft", "alpaca"), ("sft", "scored"), ("scored", "scored"),
+         ("scored", "ultrafeedback"), ("pairwise", "pairwise"), ("pairwise", "hh")}
+
+
+@pytest.mark.parametrize("kind,row", CROSS, ids=[f"{k}<-{r}" for k, r in CROSS])
+def test_a_file_of_another_kind_names_its_kind(tmp_path, kind, row):
+    path = write_jsonl(tmp_path / "rows.jsonl", [ROWS_OF_KIND[row]])
+    if (kind, row) in LOADS:
+        assert load_examples(path, kind)
+        return
+    other = LOOKS_LIKE[row]
+    err = raises([f"{path}, row 0 (line 1): field '",
+                  f"; this looks like {NAMES[other]} (row 0 reads as '{other}' rows), not "
+                  f"'{kind}' rows. Fix: load it as kind '{other}'"], load_examples, path, kind)
+    assert (err.row, err.line) == (0, 1)
+    fix = {other: f"the {other} fix"}
+    raises([f"not '{kind}' rows. Fix: the {other} fix"], load_examples, path, kind,
+           other_kinds=fix)
+
+
+@pytest.mark.parametrize("kind,row", [
+    ("pairwise", {"prompt": "p", "chosen": "", "rejected": "r"}),  # a pair with a bad value
+    ("pairwise", {"prompt": "p", "chosen": "c"}),  # a pair without 'rejected'
+    ("scored", {"prompt": "p", "response": "r", "score": "high"}),
+    ("sft", {"prompt": "", "response": "r"}),
+])
+def test_a_bad_row_of_the_right_kind_gets_no_kind_hint(kind, row):
+    err = raises(["mem, row 0"], parse_rows, kind, [row], "mem")
+    assert "looks like" not in str(err)
+
+
+def test_only_row_0_is_judged_for_its_kind():
+    rows = [ROWS_OF_KIND["scored"], ROWS_OF_KIND["sft"]]
+    err = raises(["mem, row 1: field 'score' is missing"], parse_rows, "scored", rows, "mem")
+    assert "looks like" not in str(err)

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from dvpo_lightning.data.collate import collate_prompt_response, join
+from dvpo_lightning.data.errors import DataFormatError
 from dvpo_lightning.data.pairwise import PairwiseDataModule, collate_pairs
+from dvpo_lightning.data.rollout import RolloutDataModule
 from dvpo_lightning.data.sft import SFTDataModule
 from dvpo_lightning.data.tokenize import (
+    UNK_SHARE_LIMIT,
     LengthReport,
     check_length_policy,
+    check_unknown_share,
     encode_prompt,
     encode_response,
     fit_length,
@@ -298,3 +303,92 @@ def test_tau_conditioning_needs_policy(tmp_path, tokenizer_dir, task_data):
                          tokenizer=tokenizer_dir, tau_conditioning=True)
     with pytest.raises(ValueError, match="row 0: field 'policy' is missing"):
         vd.setup("fit")
+
+
+# --- files written for another tokenizer, files of another kind -----------------------------
+
+
+def _tokenizer(unk=3, eos=2, pad=0, bos=1):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(unk_token="<unk>", unk_token_id=unk, eos_token_id=eos,
+                           pad_token_id=pad, bos_token_id=bos)
+
+
+def test_unknown_share_limit_known_answers():
+    assert UNK_SHARE_LIMIT == 0.5
+    check_unknown_share(_tokenizer(), [[3, 3, 5], [5, 2]], "f.jsonl", "tok")  # 2 of 5
+    check_unknown_share(_tokenizer(), [[3, 3], [5, 2]], "f.jsonl", "tok")  # 2 of 4: at the limit
+    with pytest.raises(DataFormatError) as e:
+        check_unknown_share(_tokenizer(), [[3, 3, 3], [5, 2]], "f.jsonl", "tok")  # 3 of 5
+    assert str(e.value) == (
+        "f.jsonl: 3 of its 5 tokens (60%) are the unknown token '<unk>' of the tokenizer tok "
+        "(more than 50% is refused). Fix: this data was written for another tokenizer; point "
+        "data.tokenizer at the model's tokenizer, or use data written for this one")
+    check_unknown_share(_tokenizer(unk=None), [[7, 7]], "f.jsonl", "tok")  # no unk token
+    check_unknown_share(_tokenizer(unk=2), [[2, 2]], "f.jsonl", "tok")  # unk is EOS (GPT-2)
+    check_unknown_share(_tokenizer(), [], "f.jsonl", "tok")  # nothing to count
+
+
+@pytest.mark.parametrize("which", ["rollout", "pairwise", "value"])
+def test_every_datamodule_refuses_text_of_another_tokenizer(tmp_path, tokenizer_dir, task_data,
+                                                            which):
+    english = {"prompt": "Write a poem about the sea", "response": "The waves roll in.",
+               "chosen": "The waves roll in.", "rejected": "The gulls cry.", "score": 1.0}
+    path = _write_jsonl(tmp_path / "english.jsonl", [english] * 4)
+    evals = os.path.join(task_data, "eval_pairs.jsonl")
+    dm = {"rollout": lambda: RolloutDataModule(path, os.path.join(task_data, "eval_prompts.jsonl"),
+                                               tokenizer_dir, batch_size=2),
+          "pairwise": lambda: PairwiseDataModule(path, evals, tokenizer_dir),
+          "value": lambda: ValueDataModule(path, evals, tokenizer_dir)}[which]()
+    with pytest.raises(DataFormatError) as e:
+        dm.check_files()
+    assert re.match(rf"{re.escape(path)}: \d+ of its \d+ tokens \((9\d|100)%\) are the unknown "
+                    rf"token '<unk>' of the tokenizer {re.escape(tokenizer_dir)} ", str(e.value))
+
+
+def test_digits_with_a_few_letters_pass(tmp_path, tokenizer_dir):
+    rows = [{"prompt": f"{i}12{i}=", "response": "12"} for i in range(9)]
+    rows.append({"prompt": "sort 12=", "response": "12"})
+    path = _write_jsonl(tmp_path / "sft.jsonl", rows)
+    dm = SFTDataModule(train_path=path, tokenizer=tokenizer_dir, val_fraction=0.1)
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == 10
+
+
+def test_value_datamodule_names_its_own_options_for_other_kinds(tmp_path, tokenizer_dir,
+                                                                task_data):
+    scored = os.path.join(task_data, "trajectories.jsonl")
+    pairs = os.path.join(task_data, "pairs.jsonl")
+    vd = ValueDataModule(scored, pairs, tokenizer_dir, train_kind="pairwise")
+    with pytest.raises(DataFormatError, match="looks like a scored file .* Fix: set "
+                                              "data.init_args.train_kind=scored to train on "
+                                              "the scores"):
+        vd.check_files()
+    vd = ValueDataModule(scored, scored, tokenizer_dir, train_kind="scored")
+    with pytest.raises(DataFormatError, match="looks like a scored file .* Fix: "
+                                              "data.init_args.val_path takes held-out pairs"):
+        vd.check_files()
+    rd = RolloutDataModule(_write_jsonl(tmp_path / "a.jsonl", [{"instruction": "i",
+                                                                "output": "o"}]),
+                           os.path.join(task_data, "eval_prompts.jsonl"), tokenizer_dir)
+    with pytest.raises(DataFormatError, match="looks like an SFT file .* Fix: demonstrations "
+                                              "belong to SFTDataModule"):
+        rd.check_files()
+
+
+def test_setup_reuses_the_checked_files(task_data, tokenizer_dir, monkeypatch):
+    import dvpo_lightning.data.base as base
+
+    reads = []
+    real = base.load_examples
+    monkeypatch.setattr(base, "load_examples",
+                        lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    prompts = os.path.join(task_data, "rl_prompts.jsonl")
+    evals = os.path.join(task_data, "eval_prompts.jsonl")
+    rd = RolloutDataModule(prompts, evals, tokenizer_dir, batch_size=4)
+    rd.check_files()
+    assert reads == [prompts, evals] and rd.sampler is None  # (the sampler needs the trainer)
+    rd.setup("fit")
+    assert reads == [prompts, evals] and rd.sampler is not None
+    assert next(iter(rd.train_dataloader()))["prompt_ids"].shape[0] == 4

@@ -1,18 +1,34 @@
-"""The shared part of the stage-1 DataModules: tokenizer, length policy, loaders."""
+"""The shared part of the DataModules: tokenizer, length policy, loaders, and reading every
+file once, before any model loads (:meth:`TokenizedDataModule.check_files`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.sampler import EpochShuffleSampler
-from dvpo_lightning.data.tokenize import LengthReport, check_length_policy
+from dvpo_lightning.data.tokenize import LengthReport, check_length_policy, check_unknown_share
 from dvpo_lightning.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+# Where a file of each kind is loaded: the fix named when a file of one kind is given where
+# another is expected (a DataModule that has an option for it names that instead).
+KIND_LOADERS: dict[str, str] = {
+    "prompt": "RL prompts belong to RolloutDataModule (data.init_args.train_path / eval_path of "
+              "configs/dvpo.yaml)",
+    "sft": "demonstrations belong to SFTDataModule (data.init_args.train_path of "
+           "configs/sft.yaml)",
+    "scored": "scored responses belong to ValueDataModule with data.init_args.train_kind=scored "
+              "(configs/gvm.yaml)",
+    "pairwise": "pairs belong to PairwiseDataModule (configs/reward_model.yaml), or to "
+                "ValueDataModule with data.init_args.train_kind=pairwise "
+                "(configs/gvm_pairs.yaml)",
+}
 
 
 class ListDataset(Dataset):
@@ -69,6 +85,38 @@ class TokenizedDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
+
+    def load(self, path: str, kind: str, format: str = "auto", split: str | None = None,
+             other_kinds: Mapping[str, str] | None = None) -> list[dict]:
+        """:func:`~dvpo_lightning.data.formats.load_examples`, naming where a file of another
+        kind belongs (:data:`KIND_LOADERS`, updated by ``other_kinds``)."""
+        return load_examples(path, kind, split=split, format=format,
+                             other_kinds={**KIND_LOADERS, **(other_kinds or {})})
+
+    def check_vocabulary(self, path: str, sequences: Iterable[Sequence[int]]) -> None:
+        """Refuse ``path`` when its tokens are mostly the tokenizer's unknown token
+        (:func:`~dvpo_lightning.data.tokenize.check_unknown_share`)."""
+        check_unknown_share(self.tokenizer, sequences, path, self.tokenizer_path)
+
+    def read_files(self) -> tuple[list, list]:
+        """Read, validate and tokenize the files: ``(train items, validation items)``."""
+        raise NotImplementedError
+
+    def check_files(self) -> None:
+        """Read, validate and tokenize every file :meth:`setup` uses, once (the result is kept
+        and ``setup`` reuses it). The CLI calls this before any model loads, so a bad row, a
+        file of another kind or one written for another tokenizer is reported in seconds.
+
+        Raises:
+            DataFormatError: naming the file, the row, the field and the fix.
+        """
+        if self.train_set is None:
+            train, val = self.read_files()
+            self.train_set, self.val_set = ListDataset(train), ListDataset(val)
+            self.log_reports()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.check_files()
 
     def new_report(self, source: str) -> LengthReport:
         report = LengthReport(source, self.max_length, self.length_policy)

@@ -31,6 +31,11 @@ row 0 that are not null (the first matching line wins):
   field when the lists hold only the answer; ``"ultrafeedback"`` is accepted as an alias);
   no ``prompt`` and ``chosen`` is a string containing ``"Human:"`` → ``"hh"`` (Anthropic
   HH-RLHF transcripts); otherwise ``"flat"`` (``prompt``, ``chosen``, ``rejected`` strings).
+
+A file of another kind: when row 0 has none of the requested kind's own fields
+(:data:`KIND_FIELDS`) and reads as another kind (tried in :data:`KIND_ORDER`, the most specific
+first), the error says which kind the file looks like, and the fix the caller gave for that kind
+(``other_kinds``; a DataModule names the option or config that loads it).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -357,6 +362,52 @@ def detect_format(kind: str, row: dict) -> str:
     return "hh" if hh else "flat"
 
 
+# The fields only rows of a kind have: a row with none of them is not of that kind.
+KIND_FIELDS: dict[str, frozenset[str]] = {
+    "prompt": frozenset({"prompt", "messages"}),
+    "sft": frozenset({"response", "completion", "output", "messages"}),
+    "scored": frozenset({"score", "completions"}),
+    "pairwise": frozenset({"chosen", "rejected"}),
+}
+# A row can read as several kinds (every pair has a prompt): the most specific is named.
+KIND_ORDER = ("pairwise", "scored", "sft", "prompt")
+KIND_NAMES = {"prompt": "a prompt file", "sft": "an SFT file", "scored": "a scored file",
+              "pairwise": "a pairwise file"}
+
+
+def guess_kind(row: dict, not_kind: str) -> str | None:
+    """The kind other than ``not_kind`` that ``row`` reads as in some format (the first of
+    :data:`KIND_ORDER`), or None; only when ``row`` has none of ``not_kind``'s own fields."""
+    if not isinstance(row, dict) or any(row.get(f) is not None for f in KIND_FIELDS[not_kind]):
+        return None
+    for kind in KIND_ORDER:
+        if kind == not_kind:
+            continue
+        for parse, expected in PARSERS[kind].values():
+            try:
+                parse(_Row(row, "", 0, None, "", expected))
+            except DataFormatError:
+                continue
+            return kind
+    return None
+
+
+def _other_kind_error(err: DataFormatError, row: dict, kind: str,
+                      other_kinds: Mapping[str, str] | None) -> DataFormatError | None:
+    """``err`` (row 0 failed as ``kind``) saying which kind the file looks like, with the
+    caller's fix for that kind; None when row 0 reads as no other kind."""
+    other = guess_kind(row, kind)
+    if other is None:
+        return None
+    fix = (other_kinds or {}).get(other) or (
+        f"load it as kind '{other}' (load_examples(..., kind='{other}')), or give a file of "
+        f"'{kind}' rows")
+    return DataFormatError(
+        err.path, f"{err.problem.rstrip('.')}; this looks like {KIND_NAMES[other]} (row 0 "
+        f"reads as '{other}' rows), not '{kind}' rows", fix, row=err.row, line=err.line,
+        field=err.field)
+
+
 def _check_kind_format(kind: str, fmt: str, source: str) -> str:
     if kind not in PARSERS:
         raise DataFormatError(source, f"unknown kind '{kind}'",
@@ -375,6 +426,7 @@ def parse_rows(
     format: str = "auto",
     *,
     lines: Sequence[int] | None = None,
+    other_kinds: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """Validate every row and return canonical rows of ``kind`` (see the module docstring).
 
@@ -384,6 +436,8 @@ def parse_rows(
         source: the file name used in error messages.
         format: a format name for ``kind`` or ``"auto"`` (detected from row 0).
         lines: the 1-based line number of each row (JSON lines), for error messages.
+        other_kinds: the fix to name when the file looks like another kind (kind → fix, e.g.
+            ``{"pairwise": "set data.init_args.train_kind=pairwise"}``).
 
     Raises:
         DataFormatError: naming the source, the row (and line), the field and the fix.
@@ -402,7 +456,13 @@ def parse_rows(
     out = []
     for i, row in enumerate(data):
         r = _Row(row, source, i, lines[i] if lines else None, fmt, expected)
-        parsed = parse(r)
+        try:
+            parsed = parse(r)
+        except DataFormatError as err:
+            hinted = _other_kind_error(err, row, kind, other_kinds) if i == 0 else None
+            if hinted is None:
+                raise
+            raise hinted from err
         row_id = row.get("id")
         if row_id is not None:
             if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
@@ -440,22 +500,25 @@ def parse_pairwise(rows: Dataset | Iterable[dict], source: str, format: str = "a
 
 
 def load_examples(
-    path: str | Path, kind: str, split: str | None = None, format: str = "auto"
+    path: str | Path, kind: str, split: str | None = None, format: str = "auto", *,
+    other_kinds: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """Read a local file or ``save_to_disk`` directory and return its canonical rows.
 
     Args:
-        path: see :func:`~dvpo_lightning.data.readers.read_rows`.
+        path: see :func:`~dvpo_lightning.data.readers.read_records`.
         kind: ``"prompt"``, ``"sft"``, ``"scored"`` or ``"pairwise"``.
         split: the split of a saved ``DatasetDict``.
         format: a format name for ``kind``, or ``"auto"``.
+        other_kinds: the fix to name when the file looks like another kind (see
+            :func:`parse_rows`).
 
     Raises:
         DataFormatError: for an unreadable file or any invalid row (file, row, line, field).
     """
     _check_kind_format(kind, format, str(path))  # fail before reading a large file
     rows, lines = read_records(path, split)
-    return parse_rows(kind, rows, str(path), format, lines=lines)
+    return parse_rows(kind, rows, str(path), format, lines=lines, other_kinds=other_kinds)
 
 
 def pairs_to_scored(

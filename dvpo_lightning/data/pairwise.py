@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from dvpo_lightning.data.base import ListDataset, TokenizedDataModule
+from dvpo_lightning.data.base import TokenizedDataModule
 from dvpo_lightning.data.collate import collate_prompt_response
-from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.tokenize import (
     LengthReport,
     encode_prompt,
@@ -67,15 +66,14 @@ class PairwiseDataModule(TokenizedDataModule):
             train_path, val_path, format, split)
 
     def _encode(self, path: str) -> list[tuple]:
-        rows = load_examples(path, "pairwise", split=self.split, format=self.format)
-        return encode_pairs(rows, self.tokenizer, self.chat_template, self.max_length,
-                            self.length_policy, self.new_report(path))
+        rows = self.load(path, "pairwise", self.format, self.split)
+        pairs = encode_pairs(rows, self.tokenizer, self.chat_template, self.max_length,
+                             self.length_policy, self.new_report(path))
+        self.check_vocabulary(path, (ids for pair in pairs for ids in pair))
+        return pairs
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set = ListDataset(self._encode(self.train_path))
-            self.val_set = ListDataset(self._encode(self.val_path))
-            self.log_reports()
+    def read_files(self) -> tuple[list, list]:
+        return self._encode(self.train_path), self._encode(self.val_path)
 
     def collate(self, items: list[tuple]) -> dict:
         return collate_pairs(items, self.tokenizer.pad_token_id)

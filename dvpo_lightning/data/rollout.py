@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
-from dvpo_lightning.data.base import ListDataset, TokenizedDataModule
+from dvpo_lightning.data.base import TokenizedDataModule
 from dvpo_lightning.data.collate import pad_left
-from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.sampler import EpochShuffleSampler
 from dvpo_lightning.data.tokenize import check_prompt_ids, encode_prompt
 
@@ -41,7 +40,7 @@ class RolloutDataModule(TokenizedDataModule):
         self.sampler: EpochShuffleSampler | None = None
 
     def _encode(self, path: str, limit: int | None = None) -> list[tuple[list[int], object]]:
-        rows = load_examples(path, "prompt", split=self.split, format=self.format)[:limit]
+        rows = self.load(path, "prompt", self.format, self.split)[:limit]
         report = self.new_report(path)
         out = []
         for i, r in enumerate(rows):
@@ -52,18 +51,20 @@ class RolloutDataModule(TokenizedDataModule):
                 report.truncated += 1
                 ids = ids[-self.max_length:]
             out.append((ids, r["prompt"]))
+        self.check_vocabulary(path, (ids for ids, _ in out))
         return out
 
+    def read_files(self) -> tuple[list, list]:
+        return (self._encode(self.train_path),
+                self._encode(self.eval_path, self.max_eval_prompts))
+
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        trainer = getattr(self, "trainer", None)
-        self.train_set = ListDataset(self._encode(self.train_path))
-        self.val_set = ListDataset(self._encode(self.eval_path, self.max_eval_prompts))
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        self.sampler = EpochShuffleSampler(len(self.train_set), self.seed, self.shuffle,
-                                           self.batch_size, world, rank)
-        self.log_reports()
+        self.check_files()
+        if self.sampler is None:
+            trainer = getattr(self, "trainer", None)
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+            self.sampler = EpochShuffleSampler(len(self.train_set), self.seed, self.shuffle,
+                                               self.batch_size, world, rank)
 
     def collate(self, items: list[tuple[list[int], object]]) -> dict:
         """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)`` and the raw ``prompts``."""

@@ -6,9 +6,8 @@ import random
 
 from torch.utils.data import DataLoader
 
-from dvpo_lightning.data.base import ListDataset, TokenizedDataModule
+from dvpo_lightning.data.base import TokenizedDataModule
 from dvpo_lightning.data.collate import collate_prompt_response
-from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.tokenize import encode_prompt, encode_response, fit_length
 
 
@@ -39,17 +38,16 @@ class SFTDataModule(TokenizedDataModule):
     def _encode(self, path: str) -> list[tuple[list[int], list[int]]]:
         report = self.new_report(path)
         out = []
-        for i, ex in enumerate(load_examples(path, "sft", split=self.split, format=self.format)):
+        for i, ex in enumerate(self.load(path, "sft", self.format, self.split)):
             fitted = fit_length(encode_prompt(self.tokenizer, ex["prompt"], self.chat_template),
                                 encode_response(self.tokenizer, ex["response"]),
                                 self.max_length, self.length_policy, report, i)
             if fitted is not None:
                 out.append(fitted)
+        self.check_vocabulary(path, (ids for pair in out for ids in pair))
         return out
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def read_files(self) -> tuple[list, list]:
         train = self._encode(self.train_path)
         if self.val_path:
             val = self._encode(self.val_path)
@@ -57,8 +55,7 @@ class SFTDataModule(TokenizedDataModule):
             random.Random(self.seed).shuffle(train)
             n_val = max(1, int(len(train) * self.val_fraction)) if self.val_fraction else 0
             val, train = train[:n_val], train[n_val:]
-        self.train_set, self.val_set = ListDataset(train), ListDataset(val)
-        self.log_reports()
+        return train, val
 
     def collate(self, items: list[tuple[list[int], list[int]]]) -> dict:
         prompts, responses = zip(*items)

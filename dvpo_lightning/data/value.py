@@ -9,13 +9,23 @@ import random
 import torch
 from torch.utils.data import DataLoader
 
-from dvpo_lightning.data.base import ListDataset, TokenizedDataModule
+from dvpo_lightning.data.base import TokenizedDataModule
 from dvpo_lightning.data.collate import collate_prompt_response
-from dvpo_lightning.data.formats import load_examples, pairs_to_scored
+from dvpo_lightning.data.formats import pairs_to_scored
 from dvpo_lightning.data.pairwise import collate_pairs, encode_pairs
 from dvpo_lightning.data.tokenize import encode_prompt, encode_response, fit_length
 
 TRAIN_KINDS = ("scored", "pairwise")
+# What loads a file of another kind given as train_path / val_path (see formats.KIND_FIELDS).
+_TRAIN_KIND_FIXES = {
+    "pairwise": "set data.init_args.train_kind=pairwise to train on the pairs (chosen → "
+                "chosen_return, rejected → rejected_return; configs/gvm_pairs.yaml)",
+    "scored": "set data.init_args.train_kind=scored to train on the scores (configs/gvm.yaml)",
+}
+_VAL_KIND_FIXES = {
+    "scored": "data.init_args.val_path takes held-out pairs ({prompt, chosen, rejected}); "
+              "scored rows go in data.init_args.train_path with train_kind=scored",
+}
 
 
 class ValueDataModule(TokenizedDataModule):
@@ -54,8 +64,8 @@ class ValueDataModule(TokenizedDataModule):
         self.tau_conditioning, self.format, self.split = tau_conditioning, format, split
 
     def _train_rows(self) -> list[dict]:
-        rows = load_examples(self.train_path, self.train_kind, split=self.split,
-                             format=self.format)
+        rows = self.load(self.train_path, self.train_kind, self.format, self.split,
+                         other_kinds=_TRAIN_KIND_FIXES)
         if self.train_kind == "pairwise":
             rows = pairs_to_scored(rows, self.chosen_return, self.rejected_return)
         return rows
@@ -86,9 +96,7 @@ class ValueDataModule(TokenizedDataModule):
         return (encode_prompt(self.tokenizer, tau["prompt"], self.chat_template)
                 + encode_response(self.tokenizer, tau["response"]))
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def read_files(self) -> tuple[list, list]:
         rows = self._train_rows()
         rng = random.Random(self.seed)
         pool = self._tau_pool(rows) if self.tau_conditioning else {}
@@ -102,14 +110,16 @@ class ValueDataModule(TokenizedDataModule):
                                 self.max_length, self.length_policy, report, i)
             if fitted is not None:
                 train.append((*fitted, float(r["score"])))
-        pairs = load_examples(self.val_path, "pairwise", split=self.split)
+        self.check_vocabulary(self.train_path, (ids for p, r, _ in train for ids in (p, r)))
+        pairs = self.load(self.val_path, "pairwise", split=self.split,
+                          other_kinds=_VAL_KIND_FIXES)
         contexts = None
         if self.tau_conditioning:
             contexts = [self._context(pool, p.get("policy"), p["prompt"], rng) for p in pairs]
         val = encode_pairs(pairs, self.tokenizer, self.chat_template, self.max_length,
                            self.length_policy, self.new_report(self.val_path), contexts)
-        self.train_set, self.val_set = ListDataset(train), ListDataset(val)
-        self.log_reports()
+        self.check_vocabulary(self.val_path, (ids for pair in val for ids in pair))
+        return train, val
 
     def collate_train(self, items: list[tuple]) -> dict:
         prompts, responses, returns = zip(*items)
