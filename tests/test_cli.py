@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dvpo_lightning.__main__ import main
+from dvpo_lightning.__main__ import COMMANDS, main
 from dvpo_lightning.commands.fit import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +56,22 @@ def test_model_help_shows_init_docstrings(cls, line, capsys):
         main(["fit", "--model.help", cls])
     assert e.value.code in (0, None)
     assert line in flat(capsys.readouterr().out)
+
+
+def test_top_level_help_lists_every_command_and_the_debug_switches(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS)
+    assert "--debug right after COMMAND" in flat(out) and "DVPO_DEBUG=1" in out
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_help_exits_0(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.lower().startswith("usage:") and "--help" in out
 
 
 def test_data_command_help(capsys):
