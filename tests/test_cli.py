@@ -126,6 +126,8 @@ def test_invalid_value_states_the_rule(sft_model_dir, task_data, tmp_path):
             f"--model.init_args.backbone={sft_model_dir}",
             f"--model.init_args.export_dir={tmp_path / 'model'}",
             f"--data.init_args.tokenizer={Path(task_data) / 'tokenizer'}",
+            f"--data.init_args.train_path={Path(task_data) / 'trajectories.jsonl'}",
+            f"--data.init_args.val_path={Path(task_data) / 'eval_pairs.jsonl'}",
             f"--trainer.default_root_dir={tmp_path}",
             "--model.init_args.target=td2"]
     with pytest.raises(ValueError, match=r"model.target='td2' is not one of \('td0', "

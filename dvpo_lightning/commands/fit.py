@@ -9,6 +9,8 @@ Every ``fit`` logs to W&B through :class:`~dvpo_lightning.runtime.loggers.AutoWa
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import sys
 
@@ -18,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from dvpo_lightning.callbacks.preemption import SaveOnSigterm
 from dvpo_lightning.commands.parser import KeySuggestingParser
+from dvpo_lightning.rollout.experience_maker import check_rollout_batch
 from dvpo_lightning.runtime.checkpointing import AtomicCheckpointIO
 from dvpo_lightning.runtime.hardware import check_trainer_config
 from dvpo_lightning.runtime.loggers import AutoWandbLogger, LogConfigCallback, quiet_libraries
@@ -33,17 +36,34 @@ class DVPOCLI(LightningCLI):
     :class:`AutoWandbLogger` (configs need not name it); its run directory goes under
     ``trainer.default_root_dir`` unless ``save_dir`` is set. Checkpoints are atomic, kept in
     ``<default_root_dir>/checkpoints`` with ``last.ckpt``, and SIGTERM saves one
-    (:func:`make_resumable`).
+    (:func:`make_resumable`). Before any model loads, the hardware, an RL config's rollout
+    batch and the data files are checked (:meth:`before_instantiate_classes`).
     """
+
+    _checked_data = None  # the DataModule before_instantiate_classes read the files of
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
 
     def before_instantiate_classes(self) -> None:
-        """Refuse a strategy / precision / accelerator this machine cannot run, before any
-        model is loaded."""
+        """Check what can be checked before any model is loaded (a real one takes minutes):
+        refuse a strategy / precision / accelerator this machine cannot run, an RL rollout batch
+        that PPO's mini-batches cannot split (:func:`check_rl_batch`), and read, validate and
+        tokenize the data files (:func:`checked_datamodule`)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_trainer_config(config["trainer"])
+        check_rl_batch(config)
+        self._checked_data = checked_datamodule(config.get("data"))
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, then the DataModule whose files :meth:`before_instantiate_classes`
+        read replaces the parser's copy of it (built from the same arguments, never set up), so
+        the files are read once."""
+        super().instantiate_classes()
+        if self._checked_data is not None:
+            self.datamodule = self._checked_data
+            init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            init["data"] = self.datamodule
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -52,6 +72,59 @@ class DVPOCLI(LightningCLI):
                 logger.use_save_dir(trainer.default_root_dir)
         make_resumable(trainer)
         return trainer
+
+
+def _import(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def checked_datamodule(data) -> object | None:
+    """The DataModule of a parsed ``data`` config (``class_path`` + ``init_args``) with its
+    files read, validated and tokenized (its ``check_files()``: the tokenizer loads, no model
+    does); None when there is no ``data`` or its class has no ``check_files``.
+
+    Raises:
+        DataFormatError: a bad file or row, a file of another kind, a file written for another
+            tokenizer (the DataModule's own checks).
+    """
+    if data is None or not data.get("class_path"):
+        return None
+    cls = _import(data["class_path"])
+    if not hasattr(cls, "check_files"):
+        return None
+    init = data.get("init_args")
+    datamodule = cls(**(init.as_dict() if init is not None else {}))
+    datamodule.check_files()
+    return datamodule
+
+
+def estimator_group_size(estimator) -> int:
+    """Responses per prompt of a parsed ``estimator`` config: its ``group_size`` argument if
+    given, else the default of the class's ``__init__``, else the class attribute (1 for
+    estimators without groups). Only the estimator's module is imported."""
+    init = estimator.get("init_args")
+    given = init.get("group_size") if init is not None else None
+    if given is not None:
+        return given
+    cls = _import(estimator["class_path"])
+    param = inspect.signature(cls).parameters.get("group_size")
+    if param is not None and param.default is not inspect.Parameter.empty:
+        return param.default
+    return getattr(cls, "group_size", 1)
+
+
+def check_rl_batch(config) -> None:
+    """For an RL config (``model.init_args`` has an ``estimator`` and ``ppo`` settings), raise
+    unless ``data.init_args.batch_size`` × the estimator's group size is a multiple of
+    ``model.init_args.ppo.mini_batch_size`` (:func:`check_rollout_batch`, which the RL module
+    applies again at fit start); other configs pass."""
+    estimator, ppo = config.get("model.init_args.estimator"), config.get("model.init_args.ppo")
+    batch_size = config.get("data.init_args.batch_size")
+    if estimator is None or ppo is None or batch_size is None or not estimator.get("class_path"):
+        return
+    mini = ppo.get("mini_batch_size") if hasattr(ppo, "get") else ppo.mini_batch_size
+    check_rollout_batch(batch_size, estimator_group_size(estimator), mini)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
