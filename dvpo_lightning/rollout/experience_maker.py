@@ -158,28 +158,29 @@ class ExperienceMaker(nn.Module):
                       if Need.GREEDY_BASELINE in self.needs else None)
         t1 = time.perf_counter()
         seq = (*prompt, *response)
-        rows = self.by_rows
         with self.frozen_on(prompt[0].device):
-            logp_old = rows(self.logps(policy), *seq)
-            logp_ref = rows(functools.partial(self.reference_logps, policy), *seq)
-            fetched = {NEED_FIELD[need]: self._fetch(need, rows, seq, greedy, critic, batch)
-                       for need in sorted(self.needs)}
+            logp_old = self.by_rows(self.logps(policy), *seq)
+            logp_ref = self.by_rows(functools.partial(self.reference_logps, policy), *seq)
+            fetch = self._fetch_table(seq, greedy, critic, batch["group_ids"])
+            fetched = {NEED_FIELD[need]: fetch[need]() for need in sorted(self.needs)}
         policy.train()
         exp = Experience(*seq, logp_old, logp_ref, **fetched)
         gold = (torch.tensor(gold_scores(self.task, self.tokenizer, batch["prompts"], *response),
                              device=logp_old.device) if self.task is not None else None)
         return exp, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1, "gold": gold}
 
-    def _fetch(self, need: Need, rows: Callable, seq: tuple, greedy: tuple | None,
-               critic: nn.Module | None, batch: dict) -> Tensor:
-        """What one need makes the experience carry: the one table of needs to work."""
-        if need is Need.GVM_VALUES:
-            return rows(functools.partial(response_values, self.frozen["gvm"]), *seq)
-        if need is Need.CRITIC_VALUES:
-            return rows(functools.partial(response_values, critic), *seq)
-        if need is Need.GROUPS:
-            return batch["group_ids"]
-        rm_score = functools.partial(sequence_scores, self.frozen["reward_model"])
-        if need is Need.SCORES:
-            return rows(rm_score, *seq)
-        return rows(rm_score, *seq[:2], *greedy)  # Need.GREEDY_BASELINE
+    def _fetch_table(self, seq: tuple, greedy: tuple | None, critic: nn.Module | None,
+                     group_ids: Tensor) -> dict[Need, Callable[[], Tensor]]:
+        """The one table from each need to its work (only the needed entries are called)."""
+        def values(model: nn.Module) -> Tensor:
+            return self.by_rows(functools.partial(response_values, model), *seq)
+
+        def scores(*responses: Tensor) -> Tensor:
+            rm = self.frozen["reward_model"]
+            return self.by_rows(functools.partial(sequence_scores, rm), *seq[:2], *responses)
+
+        return {Need.GVM_VALUES: lambda: values(self.frozen["gvm"]),
+                Need.CRITIC_VALUES: lambda: values(critic),
+                Need.SCORES: lambda: scores(*seq[2:]),
+                Need.GREEDY_BASELINE: lambda: scores(*greedy),
+                Need.GROUPS: lambda: group_ids}
