@@ -260,8 +260,14 @@ def test_group_estimators_sample_group_size_responses_per_prompt(name, artifacts
 
 
 def test_mini_batch_size_must_divide_the_rollout_batch(artifacts, task_data, tmp_path):
-    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--data.init_args.batch_size=4",
-                      "--model.init_args.ppo.mini_batch_size=3")
+    # refused from the config, before any model loads (commands/fit.py::check_rl_batch)
+    with pytest.raises(ValueError, match=r"rollout batch \(4 responses.*multiple of "
+                                         r"model.ppo.mini_batch_size \(3\)"):
+        make_cli("dvpo", tmp_path, artifacts, task_data, "--data.init_args.batch_size=4",
+                 "--model.init_args.ppo.mini_batch_size=3")
+    # and by the module at fit start, for runs built without the CLI
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--data.init_args.batch_size=4")
+    cli.model.ppo = replace(cli.model.ppo, mini_batch_size=3)
     with pytest.raises(ValueError, match=r"rollout batch \(4 responses.*multiple of "
                                          r"model.ppo.mini_batch_size \(3\)"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
