@@ -10,7 +10,6 @@ Every ``fit`` logs to W&B through :class:`~dvpo_lightning.runtime.loggers.AutoWa
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 import sys
 
@@ -100,18 +99,11 @@ def checked_datamodule(data) -> object | None:
 
 
 def estimator_group_size(estimator) -> int:
-    """Responses per prompt of a parsed ``estimator`` config: its ``group_size`` argument if
-    given, else the default of the class's ``__init__``, else the class attribute (1 for
-    estimators without groups). Only the estimator's module is imported."""
+    """Responses per prompt of a parsed ``estimator`` config (``class_path`` + ``init_args``):
+    the estimator is built (a few numbers, no model) and asked."""
     init = estimator.get("init_args")
-    given = init.get("group_size") if init is not None else None
-    if given is not None:
-        return given
-    cls = _import(estimator["class_path"])
-    param = inspect.signature(cls).parameters.get("group_size")
-    if param is not None and param.default is not inspect.Parameter.empty:
-        return param.default
-    return getattr(cls, "group_size", 1)
+    kwargs = init.as_dict() if hasattr(init, "as_dict") else dict(init or {})
+    return _import(estimator["class_path"])(**kwargs).group_size
 
 
 def check_rl_batch(config) -> None:
