@@ -57,7 +57,8 @@ class DVPOModule(L.LightningModule):
         policy: the starting policy (the SFT model's directory, a GGUF file, a named model);
             also the reference unless ``reference`` is set.
         estimator: the advantage estimator (``class_path``): ``GVM`` (DVPO), ``GAE`` (PPO),
-            ``GRPO``, ``ReMax`` or ``RLOO``; what it declares it needs decides what loads.
+            ``GRPO``, ``ReMax``, ``RLOO``, ``REINFORCEPP`` or ``REINFORCEPPBaseline``; what it
+            declares it needs decides what loads.
         reference: the frozen reference policy of the KL; None: the starting policy (with
             ``models.lora``: the policy itself with its adapters off, no second copy).
         value_model: the frozen Global Value Model (estimators that need its values).
@@ -226,7 +227,7 @@ class DVPOModule(L.LightningModule):
                 self.log("guard/kl_exceeded", 1.0, batch_size=1)
             self.estimator.check(exp)
             advantages, returns = self.estimator(exp)
-            if self.ppo.whiten_advantages:
+            if self.ppo.whiten_advantages or self.estimator.whitens:  # (once, never twice)
                 advantages = global_whiten(advantages, mask)
             if self.guard.check("the advantage estimate", step, {
                     "advantages": advantages, "returns": returns},
