@@ -120,22 +120,17 @@ def sft_model_dir(task_data, tokenizer_dir, tmp_path_factory) -> str:
     return str(root / "model")
 
 
-@pytest.fixture(scope="session")
-def artifacts(tokenizer_dir, tmp_path_factory):
-    """Tiny stand-ins for the stage-1 outputs: a policy, a reward model and a GVM directory.
-
-    The policy is a random ``test-llama``; the reward model and the GVM are its backbone with a
-    random value head (no training needed: RL steps only read them). Read-only for tests.
-    """
+def build_artifacts(root, tokenizer_dir: str, model: str):
+    """A random ``model`` policy directory, and a reward model and a GVM made of its backbone
+    with random value heads (no training needed: RL steps only read them)."""
     from types import SimpleNamespace
 
     from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
 
-    root = tmp_path_factory.mktemp("rl_artifacts")
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(0)
     policy = root / "policy"
-    load_causal_lm("test-llama", tok).save_pretrained(str(policy))
+    load_causal_lm(model, tok).save_pretrained(str(policy))
     tok.save_pretrained(str(policy))
     out = {"policy": str(policy)}
     for name, kind in (("reward_model", "reward"), ("gvm", "gvm")):
@@ -144,3 +139,17 @@ def artifacts(tokenizer_dir, tmp_path_factory):
         tok.save_pretrained(str(root / name))
         out[name] = str(root / name)
     return SimpleNamespace(**out)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tokenizer_dir, tmp_path_factory):
+    """Tiny stand-ins for the stage-1 outputs (``test-llama``): a policy, a reward model and a
+    GVM directory. Read-only for tests."""
+    return build_artifacts(tmp_path_factory.mktemp("rl_artifacts"), tokenizer_dir, "test-llama")
+
+
+@pytest.fixture(scope="session")
+def artifacts32(tokenizer_dir, tmp_path_factory):
+    """As :func:`artifacts`, with ``test-llama-32`` (heads vLLM's CPU attention serves)."""
+    return build_artifacts(tmp_path_factory.mktemp("rl_artifacts32"), tokenizer_dir,
+                           "test-llama-32")

@@ -1,6 +1,6 @@
 """One RL step with 1 or 2 CPU processes (DDP over gloo); used by ``test_multiprocess.py``.
 
-    python tests/ddp_worker.py OUT_DIR DEVICES ESTIMATOR TASK_DATA POLICY GVM RM
+    python tests/ddp_worker.py OUT_DIR DEVICES ESTIMATOR TASK_DATA POLICY GVM RM [ENGINE]
 
 Rollouts are greedy (``temperature=0``) so the experience of a prompt does not depend on how
 prompts are spread over processes. Each rank writes ``rank{r}.pt``: per prompt, the advantages
@@ -53,6 +53,7 @@ class Recording(DVPOModule):
 
 def main() -> None:
     out, devices, kind, data, policy, gvm, rm = sys.argv[1:8]
+    engine = sys.argv[8] if len(sys.argv) > 8 else "hf"  # each rank drives its own engine
     devices = int(devices)
     torch.set_num_threads(1)
     L.seed_everything(0)
@@ -67,7 +68,8 @@ def main() -> None:
         whiten, temperature = False, 1.0
     per_rank = total_prompts // devices
     model = Recording(policy=policy, estimator=estimator, lr=1e-3,
-                      rollout=RolloutSettings(max_new_tokens=6, temperature=temperature),
+                      rollout=RolloutSettings(engine=engine, max_new_tokens=6,
+                                              temperature=temperature),
                       ppo=PPOSettings(epochs=1, mini_batch_size=per_rank * group,
                                       whiten_advantages=whiten, max_grad_norm=None), **extra)
     dm = RolloutDataModule(f"{data}/rl_prompts.jsonl", f"{data}/eval_prompts.jsonl",

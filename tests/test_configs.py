@@ -73,6 +73,9 @@ def classify(path: Path) -> str | None:
     doc = load(path)
     if not isinstance(doc, dict):
         return None
+    if isinstance(doc.get("model"), dict) and set(doc) == {"model"} and (
+            "class_path" not in doc["model"]):
+        return "engine"  # an add-on: a second --config setting the RL module's rollout engine
     if isinstance(doc.get("model"), dict):  # (an instruct data config names a model path)
         return "cli"
     if set(doc) == {"trainer"} and "strategy" in doc["trainer"]:
@@ -296,6 +299,27 @@ def test_strategy_configs_add_to_every_stage(path, capsys):
             "init_args"]["stage"]
         assert printed["model"]["class_path"] == load(CONFIG_DIR / f"{stage}.yaml")["model"][
             "class_path"]
+
+
+@pytest.mark.parametrize("path", configs_of("engine"))
+def test_engine_configs_add_to_every_rl_config(path, capsys):
+    """Each ``configs/engines/*.yaml`` merges with every RL config: the engine changes, the
+    method and its other settings stay (parsed only)."""
+    from dvpo_lightning.commands.fit import main
+
+    want = load(path)["model"]["init_args"]["rollout"]["engine"]
+    for method in ("dvpo", "ppo", "grpo", "remax", "rloo", "instruct/dvpo"):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", "--config", str(CONFIG_DIR / f"{method}.yaml"), "--config", str(path),
+                  "--print_config"])
+        assert e.value.code in (0, None), capsys.readouterr().err[-2000:]
+        out = capsys.readouterr().out
+        printed = yaml.safe_load("\n".join(x for x in out.splitlines() if not x.startswith("[")))
+        init = printed["model"]["init_args"]
+        assert init["rollout"]["engine"] == want, method
+        own = load(CONFIG_DIR / f"{method}.yaml")["model"]["init_args"]
+        for group in ("rollout", "ppo", "kl"):  # the method's own settings survive the merge
+            assert own.get(group, {}).items() <= init[group].items(), (method, group)
 
 
 @pytest.mark.parametrize("path", configs_of("strategy"))

@@ -20,12 +20,13 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def _run(out: Path, devices: int, kind: str, task_data: str, art) -> list[dict]:
+def _run(out: Path, devices: int, kind: str, task_data: str, art,
+         engine: str = "hf") -> list[dict]:
     out.mkdir(parents=True)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(WORKER), str(out), str(devices), kind, task_data,
-         art.policy, art.gvm, art.reward_model],
+         art.policy, art.gvm, art.reward_model, engine],
         env=env, capture_output=True, text=True, timeout=300)
     rank1_log = "\n".join(x for x in proc.stderr.splitlines() if "rank0" not in x)
     assert proc.returncode == 0, rank1_log[-6000:]
@@ -41,9 +42,13 @@ def _by_prompt(records: list[dict]) -> dict:
     return rows
 
 
-def test_ddp_matches_single_process_dvpo(tmp_path, task_data, artifacts):
-    one = _run(tmp_path / "one", 1, "gvm", task_data, artifacts)
-    two = _run(tmp_path / "two", 2, "gvm", task_data, artifacts)
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_ddp_matches_single_process_dvpo(engine, tmp_path, task_data, artifacts, artifacts32):
+    """With ``vllm`` each process drives its own colocated engine on its share of the prompts
+    (built after the process group, its weights pushed from that rank's policy)."""
+    art = artifacts32 if engine == "vllm" else artifacts
+    one = _run(tmp_path / "one", 1, "gvm", task_data, art, engine)
+    two = _run(tmp_path / "two", 2, "gvm", task_data, art, engine)
     assert two[0]["world_size"] == 2 and len(two) == 2
     a1, a2 = _by_prompt(one), _by_prompt(two)
     assert set(a1) == set(a2) and len(a1) == 8, "both runs must see the same 8 prompts"

@@ -20,13 +20,22 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from dvpo_lightning.estimators import GAE, GRPO, GVM, RLOO, ReMax
+from dvpo_lightning.estimators import (
+    GAE,
+    GRPO,
+    GVM,
+    REINFORCEPP,
+    RLOO,
+    REINFORCEPPBaseline,
+    ReMax,
+)
 from dvpo_lightning.modules.dvpo import DVPOModule
 from dvpo_lightning.modules.kl_penalty import KLSettings
 from dvpo_lightning.modules.ppo import PPOSettings
 from dvpo_lightning.ops.losses import ppo_clip_loss
 from dvpo_lightning.rollout.experience import Experience, Need
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker
+from dvpo_lightning.rollout.generation import Samples
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.runtime.guards import GuardSettings, NonFiniteError
@@ -94,7 +103,7 @@ class FakeSource(nn.Module):
         pass
 
     @torch.no_grad()
-    def forward(self, policy, batch, critic=None) -> tuple[Experience, dict]:
+    def forward(self, policy, batch, critic=None, weights_version=None) -> tuple[Experience, dict]:
         self.calls += 1
         values = self.values * (math.nan if self.calls == self.nan_step else 1.0)
         exp = Experience(*self.seq, policy_logps(policy, *self.seq)[0],
@@ -214,14 +223,18 @@ def test_beta_acts_on_the_reward_or_on_the_loss(where, monkeypatch, tmp_path):
 class FakeGenerator:
     """Fixed responses; the greedy (ReMax baseline) ones differ from the sampled ones."""
 
-    def generate(self, model, prompt_ids, prompt_mask, cfg):
+    name = "fake"
+
+    def generate(self, model, prompt_ids, prompt_mask, cfg, weights_version=None):
         _, _, resp, mask = fixed_rollout(seed=1 if cfg.greedy else 0)
         n = prompt_ids.shape[0]
-        return resp[:1].repeat(n, 1), mask[:1].repeat(n, 1)
+        return Samples(resp[:1].repeat(n, 1), mask[:1].repeat(n, 1), None)
 
 
 @pytest.mark.parametrize("estimator", [GVM(), GAE(), GRPO(group_size=2), RLOO(group_size=2),
-                                       ReMax()], ids=lambda e: type(e).__name__)
+                                       ReMax(), REINFORCEPP(),
+                                       REINFORCEPPBaseline(group_size=2)],
+                         ids=lambda e: type(e).__name__)
 def test_the_experience_maker_fetches_exactly_what_the_estimator_needs(estimator):
     needs = estimator.needs
     frozen = nn.ModuleDict({"reference": TinyLM(seed=5)})

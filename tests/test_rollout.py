@@ -80,7 +80,7 @@ def test_generate_masks_up_to_first_eos_and_pads_after(tok, eos_policy):
     gen = HFGenerator(tok.eos_token_id, tok.pad_token_id)
     prompt_ids, prompt_mask = pad_left(_prompts(tok, [3, 5, 7, 4, 6, 2, 5, 3]), tok.pad_token_id)
     torch.manual_seed(1)
-    resp, mask = gen.generate(eos_policy, prompt_ids, prompt_mask, SamplingConfig(10))
+    resp, mask = gen.generate(eos_policy, prompt_ids, prompt_mask, SamplingConfig(10))[:2]
     assert resp.dtype == torch.long and mask.dtype == torch.bool
     assert resp.shape == mask.shape and resp.shape[0] == 8 and 1 <= resp.shape[1] <= 10
     cases = set()
@@ -104,10 +104,11 @@ def test_greedy_generation_is_batching_invariant(tok, policy):
     prompts = _prompts(tok, [2, 7, 4, 5], seed=3)
     ids, mask = pad_left(prompts, tok.pad_token_id)
     assert not mask.all(), "the batch must contain left padding"
-    resp, rmask = gen.generate(policy, ids, mask, cfg)
+    resp, rmask = gen.generate(policy, ids, mask, cfg)[:2]
     for i, p in enumerate(prompts):
         one = torch.tensor([p])
-        alone, amask = gen.generate(policy, one, torch.ones_like(one, dtype=torch.bool), cfg)
+        alone, amask = gen.generate(policy, one, torch.ones_like(one, dtype=torch.bool),
+                                    cfg)[:2]
         assert resp[i][rmask[i]].tolist() == alone[0][amask[0]].tolist(), f"row {i}"
 
 
@@ -115,10 +116,10 @@ def test_min_equal_max_new_tokens_forces_the_length(tok, eos_policy):
     gen = HFGenerator(tok.eos_token_id, tok.pad_token_id)
     ids, mask = pad_left(_prompts(tok, [3, 5, 7, 4, 6, 2, 5, 3]), tok.pad_token_id)
     torch.manual_seed(1)
-    _, free_mask = gen.generate(eos_policy, ids, mask, SamplingConfig(6))
+    free_mask = gen.generate(eos_policy, ids, mask, SamplingConfig(6)).response_mask
     assert not free_mask.all(), "this policy ends some responses early when not forced"
     torch.manual_seed(1)
-    resp, rmask = gen.generate(eos_policy, ids, mask, SamplingConfig(6, min_new_tokens=6))
+    resp, rmask = gen.generate(eos_policy, ids, mask, SamplingConfig(6, min_new_tokens=6))[:2]
     assert resp.shape == (8, 6)
     assert rmask.all(), rmask
     assert not (resp == tok.eos_token_id).any()

@@ -57,7 +57,7 @@ def test_generates_from_its_chat_template(smollm2_dir):
     ids, mask = pad_left([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
     assert tok.decode(ids[0][mask[0]]).startswith("<|im_start|>system")
     resp, rmask = HFGenerator(tok.eos_token_id, tok.pad_token_id).generate(
-        model, ids, mask, SamplingConfig(max_new_tokens=12, greedy=True))
+        model, ids, mask, SamplingConfig(max_new_tokens=12, greedy=True))[:2]
     text = tok.decode(resp[0][rmask[0]], skip_special_tokens=True)
     assert "paris" in text.lower(), text  # a real instruct model, not random weights
 

@@ -18,6 +18,10 @@ TINY_CONFIGS: dict[str, dict] = {
     # For unit tests: as small as a transformer gets.
     "test-llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=2, intermediate_size=64),
+    # The smallest that vLLM's CPU attention serves (a head dimension of at least 32): tests
+    # of the vLLM rollout engine.
+    "test-llama-32": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, intermediate_size=128),
 }
 
 

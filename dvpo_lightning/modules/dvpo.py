@@ -33,6 +33,7 @@ from dvpo_lightning.rollout.engines import make_generator
 from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker, check_rollout_batch
+from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 from dvpo_lightning.runtime.checkpointing import (
@@ -42,8 +43,13 @@ from dvpo_lightning.runtime.checkpointing import (
     rng_states,
     set_rng_states,
 )
-from dvpo_lightning.runtime.distributed import all_reduce_sum, global_whiten
-from dvpo_lightning.runtime.guards import GuardSettings, StepGuard, nonfinite_names
+from dvpo_lightning.runtime.distributed import all_reduce_max, all_reduce_sum, global_whiten
+from dvpo_lightning.runtime.guards import (
+    GuardSettings,
+    SamplerMismatchError,
+    StepGuard,
+    nonfinite_names,
+)
 from dvpo_lightning.runtime.steps import one_global_step
 from dvpo_lightning.tasks import get_task
 
@@ -107,7 +113,7 @@ class DVPOModule(L.LightningModule):
                                 reference, value_model, reward_model, critic_init, models)
         experience = ExperienceMaker(
             estimator.needs, estimator.group_size, loaded.frozen,
-            make_generator(rollout.engine, tok.eos_token_id, tok.pad_token_id), rollout, tok,
+            make_generator(rollout, tok.eos_token_id, tok.pad_token_id), rollout, tok,
             get_task(task) if task else None, loaded.shared_reference, models.fused_head,
             models.offload_frozen)
         self._assemble(loaded.trained, experience, estimator, loaded.identity, models, kl, ppo,
@@ -154,6 +160,7 @@ class DVPOModule(L.LightningModule):
         self.model_options, self.ppo = models, ppo
         self.kl, self.guard = KLPenalty(kl), StepGuard(guards)
         self.evals = EvalHistory()
+        self.weights_version = 0  # optimizer updates of the policy (a rollout engine's sync key)
         self.identity_paths = identity  # role → path a resumed run must find again
         self._rng_to_restore: dict | None = None
 
@@ -181,6 +188,9 @@ class DVPOModule(L.LightningModule):
             raise ValueError("model.models.offload_frozen=true cannot move ZeRO-3 partitioned "
                              "weights between devices. Fix: set it to false and use "
                              "configs/deepspeed/zero3_offload.yaml (DeepSpeed's own offload)")
+        check_engine = getattr(getattr(self.experience, "generator", None), "check_servable", None)
+        if check_engine is not None:  # (vLLM: refuse before the first rollout, not in it)
+            check_engine(self.policy, self.trainer.strategy.root_device)
         longest = getattr(dm, "max_length", 0) + self.experience.settings.max_new_tokens
         for part in (*self.trained.values(), *self.frozen.values()):
             check_fits_context(longest, getattr(part, "backbone", part).config,
@@ -216,6 +226,7 @@ class DVPOModule(L.LightningModule):
                 return self._skipped()
             exp, kl = self.kl.in_reward(exp)
             mask = exp.response_mask
+            info.update(self._sampler_gap(exp, step))
             if self.guard.check("the rollout", step, {
                     "scores": exp.scores, "baseline_scores": exp.baseline_scores,
                     "values": exp.values, "logp_old": exp.logp_old, "logp_ref": exp.logp_ref,
@@ -243,7 +254,7 @@ class DVPOModule(L.LightningModule):
         """The experience maker's rollout; (None, {}) when sampling met NaN / inf logits and
         the guard skips the step."""
         try:
-            return self.experience(self.policy, batch, self.critic)
+            return self.experience(self.policy, batch, self.critic, self.weights_version)
         except RuntimeError as e:  # sampling from NaN / inf logits fails inside generate
             if "probability tensor contains" not in str(e):
                 raise
@@ -309,7 +320,31 @@ class DVPOModule(L.LightningModule):
                                 gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        self.weights_version += 1
         return norm.detach()
+
+    def _sampler_gap(self, exp: Experience, step: int) -> dict[str, float]:
+        """How far the rollout engine's log-probs of its samples are from the trainer's
+        ``logp_old`` (mean and max of ``|Δ|`` over the tokens of every process); past
+        ``rollout.vllm.logp_tolerance`` the run stops. {} for an engine that reports none."""
+        if exp.logp_sampler is None:
+            return {}
+        mask = exp.response_mask
+        gap = (exp.logp_sampler - exp.logp_old).abs() * mask
+        total = all_reduce_sum(torch.stack([gap.sum(), mask.sum().to(gap.dtype)]))
+        mean = float(total[0] / total[1].clamp(min=1))
+        largest = float(all_reduce_max(gap.max()))
+        tolerance = self.experience.settings.vllm.logp_tolerance
+        if tolerance is not None and mean > tolerance:
+            raise SamplerMismatchError(
+                f"the rollout engine's log-probs of its own samples differ from the trainer's "
+                f"by {mean:.4g} per token on average (max {largest:.4g}) at RL step {step}, "
+                f"past model.rollout.vllm.logp_tolerance={tolerance}: the engine is likely "
+                "sampling from stale or partly loaded weights (a missed push), or its "
+                "precision differs from the trainer's. Fix: check the weight sync; for a known "
+                "precision gap (bf16 kernels) raise the tolerance and set model.ppo.tis_cap; "
+                "the last checkpoint is the last good one")
+        return {"sampler_logp_diff_mean": mean, "sampler_logp_diff_max": largest}
 
     def _global_mean(self, x: Tensor) -> float:
         """The mean of ``x (B,)`` over every process's rows."""
@@ -337,6 +372,7 @@ class DVPOModule(L.LightningModule):
             "train/kl_coef": self.kl.coef,
             "timing/generate_s": info["generate_s"], "timing/score_s": info["score_s"],
             "timing/update_s": info["update_s"],
+            "timing/weight_sync_s": info.get("weight_sync_s", 0.0),
             "perf/gen_tokens_per_s": tokens / max(info["generate_s"], 1e-9),
             "guard/skipped_steps": float(self.guard.skips),
             **stats,
@@ -345,6 +381,9 @@ class DVPOModule(L.LightningModule):
         record["gen_tokens"] = float(tokens)
         if info["gold"] is not None:
             logs["rollout/gold_reward"] = record["gold"] = float(info["gold"].mean())
+        for key in ("sampler_logp_diff_mean", "sampler_logp_diff_max"):
+            if key in info:
+                logs[f"rollout/{key}"] = info[key]
         record["kl"] = float(seq_kl.mean())
         if exp.scores is not None:
             logs["rollout/score_mean"] = record["score"] = float(exp.scores.mean())
@@ -363,16 +402,19 @@ class DVPOModule(L.LightningModule):
     def evaluator(self) -> HeldOutEvaluator:
         """Held-out evaluation with the rollout's engine and the run's frozen models."""
         x = self.experience
+        reference_generator = (None if x.generator.name == "hf" else  # serves the policy only
+                               HFGenerator(x.tokenizer.eos_token_id, x.tokenizer.pad_token_id))
         return HeldOutEvaluator(
             x.generator, x.settings.eval_sampling, x.tokenizer, x.task, x.reference_logps,
             x.frozen["reward_model"] if "reward_model" in x.frozen else None,
-            x.settings.score_batch_size, x.fused_head)
+            x.settings.score_batch_size, x.fused_head, reference_generator)
 
     def on_validation_start(self) -> None:  # the whole evaluation uses them: move once
         self.experience.place_frozen(self.device)
 
     def on_validation_end(self) -> None:
         self.experience.place_frozen("cpu")
+        self.experience.sleep_engine()
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows: list[dict[str, Tensor]] = []
@@ -382,7 +424,8 @@ class DVPOModule(L.LightningModule):
         prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
         self.policy.eval()
         with gathered_for_generation(self.policy):
-            self._val_rows.append(self.evaluator.evaluate(self.policy, *prompts))
+            self._val_rows.append(self.evaluator.evaluate(
+                self.policy, *prompts, weights_version=self.weights_version))
         if self.evals.reference is None and self.experience.task is not None:
             with self.experience.reference(self.policy) as ref, gathered_for_generation(ref):
                 self._ref_rows.append(self.evaluator.evaluate(ref, *prompts, is_reference=True))

@@ -1,37 +1,28 @@
-"""The rollout engine a config names (``generation``), behind the one
-:class:`~dvpo_lightning.rollout.generation.Generator` interface."""
+"""The rollout engine a config names (``model.init_args.rollout.engine``), behind the one
+:class:`~dvpo_lightning.rollout.generation.Generator` interface. No silent fallback: an engine
+that cannot run here is an error that names the fix."""
 
 from __future__ import annotations
 
-import torch
-
-from dvpo_lightning.rollout.fast_generation import StaticCacheGenerator
 from dvpo_lightning.rollout.generation import Generator, HFGenerator
+from dvpo_lightning.rollout.settings import RolloutSettings
+from dvpo_lightning.rollout.vllm_engine import VLLMEngine
 
-GENERATOR_KINDS = ("hf", "static", "auto")
+ENGINES = ("hf", "vllm")
 
 
-def make_generator(kind: str, eos_token_id: int, pad_token_id: int, **options) -> Generator:
-    """The generator named by the config value ``model.init_args.rollout.engine``.
+def make_generator(settings: RolloutSettings, eos_token_id: int, pad_token_id: int) -> Generator:
+    """``hf``: :class:`HFGenerator` (``model.generate``); ``vllm``: :class:`VLLMEngine` (raises
+    naming the install command when vLLM is missing).
 
     Args:
-        kind: ``"hf"``: :class:`HFGenerator` (``model.generate``); ``"static"``:
-            :class:`~dvpo_lightning.rollout.fast_generation.StaticCacheGenerator` (static KV
-            cache, hand-written decode loop, compiled on CUDA); ``"auto"``: the static one when
-            CUDA is available (where it is faster), HFGenerator otherwise.
+        settings: the rollout settings (``engine``, and ``vllm`` for the vLLM engine).
         eos_token_id: the token that ends a response.
         pad_token_id: written after EOS.
-        **options: keyword arguments of ``StaticCacheGenerator`` (``compile``,
-            ``prompt_bucket``, ``batch_bucket``, …); ignored when ``"auto"`` picks HFGenerator.
     """
-    if kind not in GENERATOR_KINDS:
-        raise ValueError(f"model.init_args.rollout.engine={kind!r} is not a generator kind; "
-                         f"allowed values: {', '.join(repr(k) for k in GENERATOR_KINDS)}")
-    if kind == "hf":
-        if options:
-            raise ValueError(f"model.init_args.rollout.engine='hf' takes no options, got "
-                             f"{sorted(options)} (they belong to 'static')")
-        return HFGenerator(eos_token_id, pad_token_id)
-    if kind == "auto" and not torch.cuda.is_available():
-        return HFGenerator(eos_token_id, pad_token_id)
-    return StaticCacheGenerator(eos_token_id, pad_token_id, **options)
+    if settings.engine not in ENGINES:
+        raise ValueError(f"model.init_args.rollout.engine={settings.engine!r} is not an engine; "
+                         f"allowed values: {', '.join(repr(k) for k in ENGINES)}")
+    if settings.engine == "vllm":
+        return VLLMEngine(eos_token_id, pad_token_id, settings.vllm)
+    return HFGenerator(eos_token_id, pad_token_id)

@@ -30,7 +30,7 @@ class HeldOutEvaluator:
     (gold score 1) with a ``task``.
 
     Args:
-        generator: the generation engine.
+        generator: the rollout engine (it answers for the policy).
         sampling: how held-out responses are sampled.
         tokenizer: the policy's tokenizer.
         task: the embedded task whose gold scorer judges.
@@ -38,26 +38,34 @@ class HeldOutEvaluator:
         reward_model: a frozen reward model.
         score_batch_size: rows per scoring pass (None: the whole batch).
         fused_head: log-probs with the output head in row chunks.
+        reference_generator: the engine that answers for the reference (``generate``, when the
+            rollout engine serves only the policy); None: ``generator``.
     """
 
     def __init__(self, generator: Generator, sampling: SamplingConfig,
                  tokenizer: PreTrainedTokenizerBase, task: Task | None = None,
                  reference_logps: Callable[..., Tensor] | None = None,
                  reward_model: nn.Module | None = None, score_batch_size: int | None = None,
-                 fused_head: bool = True) -> None:
+                 fused_head: bool = True, reference_generator: Generator | None = None) -> None:
         self.generator, self.sampling, self.tokenizer, self.task = (generator, sampling,
                                                                    tokenizer, task)
+        self.reference_generator = reference_generator or generator
         self.reference_logps, self.reward_model = reference_logps, reward_model
         self.rows, self.fused_head = score_batch_size, fused_head
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                 prompts: list, is_reference: bool = False) -> dict[str, Tensor]:
+                 prompts: list, is_reference: bool = False,
+                 weights_version: int | None = None) -> dict[str, Tensor]:
         """``{measure: (B,)}`` for ``model``'s responses to ``prompts`` (left-padded ids).
 
         ``is_reference``: ``model`` is the reference itself, so its log-probs are the
-        reference's (no second pass)."""
-        resp, rmask = self.generator.generate(model, prompt_ids, prompt_mask, self.sampling)
+        reference's (no second pass), and ``reference_generator`` answers.
+        ``weights_version``: the policy's optimizer updates so far (see
+        :class:`~dvpo_lightning.rollout.generation.Generator`)."""
+        generator = self.reference_generator if is_reference else self.generator
+        resp, rmask = generator.generate(model, prompt_ids, prompt_mask, self.sampling,
+                                         weights_version)[:2]
         seq = (prompt_ids, prompt_mask, resp, rmask)
         out = {"response_len": rmask.sum(1).float(),
                "eos_frac": (resp == self.tokenizer.eos_token_id).any(1).float()}

@@ -54,6 +54,8 @@ class Experience:
         group_ids: ``(B,) long`` or None, responses with equal id share a prompt.
         baseline_scores: ``(B,) float`` or None, the score of the greedy response to the same
             prompt (ReMax).
+        logp_sampler: ``(B, T) float`` or None, ``log π(y_t | s_t)`` as the rollout engine
+            computed it while sampling (vLLM); ``logp_old`` minus it is the trainer–sampler gap.
     """
 
     prompt_ids: Tensor
@@ -67,6 +69,7 @@ class Experience:
     scores: Tensor | None = None
     group_ids: Tensor | None = None
     baseline_scores: Tensor | None = None
+    logp_sampler: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kl_penalty is None:
@@ -94,6 +97,7 @@ class Experience:
             "scores": (b,),
             "group_ids": (b,),
             "baseline_scores": (b,),
+            "logp_sampler": (b, t),
         }
         if self.prompt_ids.shape[0] != b:
             raise ValueError(

@@ -129,34 +129,48 @@ class ExperienceMaker(nn.Module):
             if move:
                 self.place_frozen("cpu")
 
+    def sleep_engine(self) -> None:
+        """Let a rollout engine that can free its memory between rollouts do so."""
+        sleep = getattr(self.generator, "sleep", None)
+        if sleep is not None:
+            sleep()
+
     def by_rows(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
         """``fn(*tensors)`` in slices of ``score_batch_size`` rows (:func:`by_rows`)."""
         return by_rows(fn, self.settings.score_batch_size, *tensors)
 
     # ------------------------------------------------------------------ one rollout
     @torch.no_grad()
-    def forward(self, policy: nn.Module, batch: dict,
-                critic: nn.Module | None = None) -> tuple[Experience, dict]:
+    def forward(self, policy: nn.Module, batch: dict, critic: nn.Module | None = None,
+                weights_version: int | None = None) -> tuple[Experience, dict]:
         """Sample ``group_size`` responses to every prompt of ``batch`` and score them.
 
         Args:
             policy: the trained policy (generates; its log-probs are ``logp_old``).
             batch: ``prompt_ids``, ``prompt_mask`` ``(n, P)`` and the raw ``prompts``.
             critic: the trained critic, for estimators that need its values.
+            weights_version: the policy's optimizer updates so far (an engine that holds its
+                own copy of the weights reloads them when this changed).
 
         Returns:
-            The experience (``kl_penalty`` zeros: the RL module applies the KL) and
-            ``{"generate_s", "score_s", "gold"}`` (``gold``: ``(B,)`` or None).
+            The experience (``kl_penalty`` zeros: the RL module applies the KL; ``logp_sampler``
+            when the engine reports its log-probs) and ``{"generate_s", "score_s",
+            "weight_sync_s", "gold"}`` (``gold``: ``(B,)`` or None).
         """
         batch = repeat_prompts(batch, self.group_size)
         prompt = (batch["prompt_ids"], batch["prompt_mask"])
         t0 = time.perf_counter()
         policy.eval()
         with gathered_for_generation(policy):
-            response = self.generator.generate(policy, *prompt, self.settings.sampling)
-            greedy = (self.generator.generate(policy, *prompt, self.settings.greedy_sampling)
+            samples = self.generator.generate(policy, *prompt, self.settings.sampling,
+                                              weights_version)
+            sync_s = getattr(self.generator, "last_push_s", 0.0)
+            greedy = (self.generator.generate(policy, *prompt, self.settings.greedy_sampling,
+                                              weights_version)[:2]
                       if Need.GREEDY_BASELINE in self.needs else None)
+        self.sleep_engine()  # (vLLM on a GPU: its memory is the update's until the next rollout)
         t1 = time.perf_counter()
+        response = samples[:2]
         seq = (*prompt, *response)
         with self.frozen_on(prompt[0].device):
             logp_old = self.by_rows(self.logps(policy), *seq)
@@ -164,10 +178,11 @@ class ExperienceMaker(nn.Module):
             fetch = self._fetch_table(seq, greedy, critic, batch["group_ids"])
             fetched = {NEED_FIELD[need]: fetch[need]() for need in sorted(self.needs)}
         policy.train()
-        exp = Experience(*seq, logp_old, logp_ref, **fetched)
+        exp = Experience(*seq, logp_old, logp_ref, **fetched, logp_sampler=samples.logps)
         gold = (torch.tensor(gold_scores(self.task, self.tokenizer, batch["prompts"], *response),
                              device=logp_old.device) if self.task is not None else None)
-        return exp, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1, "gold": gold}
+        return exp, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1,
+                     "weight_sync_s": sync_s, "gold": gold}
 
     def _fetch_table(self, seq: tuple, greedy: tuple | None, critic: nn.Module | None,
                      group_ids: Tensor) -> dict[Need, Callable[[], Tensor]]:

@@ -1,13 +1,16 @@
-"""Generation behind a small interface, and the reference engine (Hugging Face ``generate``).
+"""Generation behind one interface, and the reference engine (Hugging Face ``generate``).
 
-A generator takes left-padded prompts and returns right-padded responses whose mask is True
-on ``y_1 … y_T`` up to and including the first EOS and False after it.
+A generator (a rollout engine) takes left-padded prompts and returns right-padded responses
+whose mask is True on ``y_1 … y_T`` up to and including the first EOS and False after it, and,
+when the engine reports them, the log-probs it sampled with (:class:`Samples`). Engines:
+:class:`HFGenerator` here (the exact reference) and
+:class:`~dvpo_lightning.rollout.vllm_engine.VLLMEngine` (a colocated vLLM engine).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -34,10 +37,40 @@ class SamplingConfig:
     min_new_tokens: int = 0
 
 
+class Samples(NamedTuple):
+    """What a generator returns.
+
+    Attributes:
+        response_ids: ``(B, T) long``, right-padded, the pad token after the first EOS.
+        response_mask: ``(B, T) bool``, True on ``y_1 … y_T`` up to and including EOS.
+        logps: ``(B, T) float`` or None: ``log π(y_t | s_t)`` as the engine computed it while
+            sampling (raw log-softmax of its logits, 0 where masked); None when the engine does
+            not report it (``generate``).
+    """
+
+    response_ids: Tensor
+    response_mask: Tensor
+    logps: Tensor | None = None
+
+
 class Generator(Protocol):
+    """A rollout engine."""
+
+    name: str
+
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                 cfg: SamplingConfig) -> tuple[Tensor, Tensor]:
-        """``(B, P)`` left-padded prompts → ``(B, T)`` response ids and ``(B, T) bool`` mask."""
+                 cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
+        """Responses of ``model`` to ``(B, P)`` left-padded prompts.
+
+        Args:
+            model: the policy to sample from.
+            prompt_ids: ``(B, P) long``.
+            prompt_mask: ``(B, P) bool``.
+            cfg: the sampling settings.
+            weights_version: how many optimizer updates ``model``'s weights have had; an engine
+                that keeps its own copy of the weights reloads them when it differs from the
+                version it holds (None: reload unconditionally).
+        """
 
 
 def mask_after_eos(response_ids: Tensor, eos_id: int) -> Tensor:
@@ -48,12 +81,15 @@ def mask_after_eos(response_ids: Tensor, eos_id: int) -> Tensor:
 
 
 class HFGenerator:
-    """``model.generate`` with a KV cache; masks and pads after the first EOS.
+    """``model.generate`` with a KV cache; masks and pads after the first EOS. It samples from
+    ``model`` itself, so there are no weights to keep in sync.
 
     Args:
         eos_token_id: the token that ends a response.
         pad_token_id: written after EOS.
     """
+
+    name = "hf"
 
     def __init__(self, eos_token_id: int, pad_token_id: int) -> None:
         self.eos_token_id = eos_token_id
@@ -61,7 +97,7 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                 cfg: SamplingConfig) -> tuple[Tensor, Tensor]:
+                 cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
         kwargs = dict(
             max_new_tokens=cfg.max_new_tokens,
             min_new_tokens=cfg.min_new_tokens or None,
@@ -81,4 +117,4 @@ class HFGenerator:
             response = torch.full((prompt_ids.shape[0], 1), self.eos_token_id,
                                   dtype=prompt_ids.dtype, device=prompt_ids.device)
         mask = mask_after_eos(response, self.eos_token_id)
-        return response.masked_fill(~mask, self.pad_token_id), mask
+        return Samples(response.masked_fill(~mask, self.pad_token_id), mask)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from dvpo_lightning.rollout.generation import SamplingConfig
+from dvpo_lightning.rollout.vllm_engine import VLLMOptions
 
 
 @dataclass(frozen=True)
@@ -13,10 +14,9 @@ class RolloutSettings:
     """How responses are generated and scored, in rollouts and in held-out evaluation.
 
     Args:
-        engine: the generation engine: ``hf`` (``model.generate``, the exact reference),
-            ``static`` (a static KV cache and, on CUDA, the decode step compiled into CUDA
-            graphs; falls back to ``hf`` where it cannot run, with a log line), or ``auto``
-            (``static`` on CUDA, ``hf`` elsewhere).
+        engine: the rollout engine: ``hf`` (``model.generate``: the exact reference, the
+            fallback) or ``vllm`` (a vLLM engine in this process, fed the policy's weights after
+            every update; its settings are ``vllm``).
         max_new_tokens: longest response, in tokens.
         min_new_tokens: shortest rollout response: EOS is suppressed before it (cost
             benchmarks set it to ``max_new_tokens`` to force every response's length).
@@ -28,9 +28,10 @@ class RolloutSettings:
             (policy and reference log-probs, GVM / critic values, RM scores); None: the whole
             batch at once. Generation always runs on the whole batch; this bounds the scoring
             passes' activation memory (large vocabularies, long responses).
+        vllm: the vLLM engine's settings (``engine: vllm``).
     """
 
-    engine: Literal["hf", "static", "auto"] = "hf"
+    engine: Literal["hf", "vllm"] = "hf"
     max_new_tokens: int = 16
     min_new_tokens: int = 0
     temperature: float = 1.0
@@ -38,6 +39,7 @@ class RolloutSettings:
     top_k: int = 0
     eval_greedy: bool = False
     score_batch_size: int | None = None
+    vllm: VLLMOptions = VLLMOptions()
 
     def __post_init__(self) -> None:
         rules = [

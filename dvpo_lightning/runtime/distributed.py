@@ -12,9 +12,18 @@ from dvpo_lightning.ops.normalize import advantage_stats, whiten_advantages
 
 def all_reduce_sum(x: Tensor) -> Tensor:
     """Sum of ``x`` over all processes (a copy; ``x`` itself when there is one process)."""
+    return _all_reduce(x, "SUM")
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Elementwise maximum of ``x`` over all processes (as :func:`all_reduce_sum`)."""
+    return _all_reduce(x, "MAX")
+
+
+def _all_reduce(x: Tensor, op: str) -> Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return x
 
 

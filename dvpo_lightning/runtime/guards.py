@@ -45,6 +45,10 @@ class NonFiniteError(FloatingPointError):
     """A guarded tensor held NaN or ±inf (the message names it, the step and the cause)."""
 
 
+class SamplerMismatchError(RuntimeError):
+    """The rollout engine's log-probs of its samples are too far from the trainer's."""
+
+
 class KLBoundError(RuntimeError):
     """The policy's KL to the reference exceeded ``model.kl.bound``."""
 

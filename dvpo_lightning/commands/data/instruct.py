@@ -70,7 +70,7 @@ def sample_responses(model, tokenizer, prompts: list[str], system: str | None,
         chunk = flat[i:i + batch_size]
         ids, mask = pad_left([encode_prompt(tokenizer, _messages(p, system)) for p in chunk],
                              tokenizer.pad_token_id)
-        resp, rmask = gen.generate(model, ids.to(device), mask.to(device), cfg)
+        resp, rmask = gen.generate(model, ids.to(device), mask.to(device), cfg)[:2]
         for r, m in zip(resp.tolist(), rmask.tolist()):
             toks = [t for t, keep in zip(r, m) if keep]
             finished = bool(toks) and toks[-1] == tokenizer.eos_token_id
