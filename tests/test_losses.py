@@ -76,6 +76,19 @@ def test_ppo_clip_known_answer():
     assert_close(loss_high, torch.tensor((-1.5 - 0.9 + 1.1) / 3))
 
 
+def test_ppo_clip_token_weights_scale_each_tokens_loss():
+    """Truncated importance weights: the same three tokens as above, weighted 2, 0.5 and 1 —
+    (−1.2·2 − 0.9·0.5 + 1.1·1) / 3; the weights carry no gradient."""
+    logp_old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.9, 1.1]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    w = torch.tensor([[2.0, 0.5, 1.0]], requires_grad=True)
+    loss, _ = ppo_clip_loss(logp, logp_old, adv, mask, clip_eps=0.2, token_weights=w)
+    assert_close(loss, torch.tensor((-1.2 * 2 - 0.9 * 0.5 + 1.1) / 3))
+    assert not loss.requires_grad
+
+
 def test_ppo_clip_ignores_masked_garbage():
     logp_old = torch.zeros(1, 3)
     mask = torch.tensor([[True, True, False]])

@@ -40,6 +40,11 @@ class PPOSettings:
         whiten_advantages: whiten the advantages over the whole rollout (all processes) after
             the estimator.
         max_grad_norm: clip the gradient norm to this; None: no clipping.
+        tis_cap: truncated importance sampling: weight each token's policy loss by
+            ``min(π_old / π_sampler, tis_cap)``, where ``π_sampler`` is what the rollout engine
+            sampled with (vLLM reports it), correcting for an engine whose probabilities differ
+            from the trainer's (bf16 kernels); None: off (a float32 engine on a CPU matches the
+            trainer to ~1e-6). Has no effect with ``rollout.engine: hf``.
     """
 
     epochs: int = 4
@@ -53,11 +58,15 @@ class PPOSettings:
                               "seq_mean_token_sum"] = "token_mean"
     whiten_advantages: bool = False
     max_grad_norm: float | None = 1.0
+    tis_cap: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1:
             raise ValueError(f"model.ppo.epochs ({self.epochs}) and model.ppo.grad_accum "
                              f"({self.grad_accum}) must be >= 1")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"model.ppo.tis_cap={self.tis_cap} must be > 0, or null for no "
+                             "importance correction")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"model.ppo.mini_batch_size={self.mini_batch_size} must be >= 1, "
                              "or null for the whole rollout batch")
@@ -90,8 +99,11 @@ def minibatch_loss(policy: nn.Module, critic: nn.Module | None, sub: Experience,
     agg = settings.loss_aggregation
     n_tok, n_seq = loss_counts(mask)
     logp, entropy = policy_logps(policy, *seq, with_entropy=True, fused_head=fused_head)
+    weights = None
+    if settings.tis_cap is not None and sub.logp_sampler is not None:
+        weights = torch.exp(sub.logp_old - sub.logp_sampler).clamp(max=settings.tis_cap)
     pg_loss, st = ppo_clip_loss(logp, sub.logp_old, advantages, mask, settings.clip_eps,
-                                settings.clip_eps_high, agg, n_tok, n_seq)
+                                settings.clip_eps_high, agg, n_tok, n_seq, weights)
     loss = pg_loss
     stats = {"train/policy_loss": pg_loss.detach(),
              "train/entropy": masked_mean(entropy.detach(), mask),

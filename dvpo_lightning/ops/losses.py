@@ -141,10 +141,15 @@ def ppo_clip_loss(
     aggregation: str = "token_mean",
     num_tokens: float | None = None,
     num_seqs: float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO-clip policy loss ``L = −min(ρ·A, clip(ρ, 1 − ε, 1 + ε_high)·A)`` (paper Eq. 2).
 
     ``ρ = exp(logp − logp_old)``; ``ε_high`` is DAPO's asymmetric upper clip (None → ``ε``).
+    ``token_weights`` ``w_t`` multiply each token's loss before aggregation: the truncated
+    importance weights ``min(π_old / π_sampler, C)`` that correct for a rollout engine whose
+    probabilities differ from the trainer's (Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"; TRL's and verl's ``tis``).
 
     Args:
         logp: ``(B, T)`` float, ``log π_θ(y_t | s_t)``.
@@ -156,6 +161,7 @@ def ppo_clip_loss(
         aggregation: see :func:`aggregate`.
         num_tokens: see :func:`aggregate`.
         num_seqs: see :func:`aggregate`.
+        token_weights: ``(B, T)`` float or None, per-token weights (detached here).
 
     Returns:
         ``(loss, stats)``; ``stats`` holds detached 0-d tensors over this batch's valid tokens:
@@ -170,6 +176,8 @@ def ppo_clip_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
     loss_tokens = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        loss_tokens = loss_tokens * token_weights.detach()
     loss = aggregate(loss_tokens, mask, aggregation, num_tokens, num_seqs)
     with torch.no_grad():
         stats = {
