@@ -12,6 +12,10 @@ method runs in its own child process, so its peak memory is its own (GPU:
 ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS); the parent writes
 ``cost.json`` and ``cost.md`` with each method's ratios to PPO.
 
+``--generation hf vllm`` runs every method once per rollout engine (HF ``generate`` and the
+colocated vLLM engine), side by side in the same run; ratios to PPO are within an engine, and
+``step ÷ hf`` compares a method's two engines.
+
 With ``--trl on`` (``auto``, the default: when ``import trl`` works) TRL's ``GRPOTrainer`` runs
 too, in a child process of its own, on the same artifacts, prompts, batch, forced length, KL and
 precision (``benchmarks/trl_grpo.py``); ``cost.json`` then has a ``trl`` record and, per method,
@@ -30,12 +34,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.decode import cpu_flags
+
 METHODS = ("dvpo", "ppo", "grpo", "remax", "rloo")
 GROUP_METHODS = {"grpo", "rloo"}
-# Llama-family shapes with random weights: the tiny one for CPU smoke runs, two real ones.
+ENGINES = ("hf", "vllm")
+# Llama-family shapes with random weights: tiny ones for CPU smoke runs (tiny32's heads are the
+# smallest vLLM's CPU attention serves), two real ones.
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=4, intermediate_size=256, vocab_size=512),
+    "tiny32": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                   num_key_value_heads=2, intermediate_size=256, vocab_size=512),
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, intermediate_size=1536, vocab_size=49152),
     "qwen2.5-0.5b-like": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
@@ -124,7 +134,7 @@ def run_method(args) -> dict:
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root / 'run'}",
         f"--trainer.precision={args.precision}",
         f"--trainer.accelerator={'gpu' if args.mode == 'gpu' else 'cpu'}", "--trainer.devices=1",
-        f"--model.init_args.rollout.engine={args.generation}",
+        f"--model.init_args.rollout.engine={args.engine}",
     ]
     if args.gradient_checkpointing:
         overrides.append("--model.init_args.models.gradient_checkpointing=true")
@@ -144,7 +154,8 @@ def run_method(args) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     tokens = c["gen_tokens_per_step"]
-    return {"method": args.method, "responses_per_step": n_resp, "group": group,
+    return {"method": args.method, "engine": args.engine, "responses_per_step": n_resp,
+            "group": group,
             "prompts_per_step": batch, "s_per_prompt": c["step_s"] / batch,
             "length": args.length, "rl_steps": c["rl_steps"], "step_s": c["step_s"],
             "generate_s": c["generate_s"], "score_s": c["score_s"], "update_s": c["update_s"],
@@ -160,47 +171,66 @@ def _fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _label(record: dict, with_engine: bool) -> str:
+    return f"{record['method']} ({record['engine']})" if with_engine else record["method"]
+
+
 def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
     """The cost table with ratios to PPO (and, with a TRL record, its row and ratios to it)."""
-    by = {r["method"]: r for r in records}
-    base = by.get("ppo")
+    engines = list(dict.fromkeys(r["engine"] for r in records))
+    several = len(engines) > 1
     lines = [f"# Cost per RL step — {meta['device']}, shape {meta['shape']}, "
              f"{meta['responses_per_step']} responses × {meta['length']} tokens, "
              f"{meta['precision']}", "",
-             "| method | s / step | generate s | score s | update s | gen tok/s | train tok/s | "
-             f"peak mem (GB, {records[0]['memory_kind']}) | params loaded (M) | "
+             "| method | engine | s / step | generate s | score s | update s | gen tok/s | "
+             f"train tok/s | peak mem (GB, {records[0]['memory_kind']}) | params loaded (M) | "
              "params trained (M) | time ÷ PPO | mem ÷ PPO |"
+             + (" step ÷ hf | generate ÷ hf |" if several else "")
              + (" throughput ÷ TRL |" if trl else ""),
-             "|---|" + "---|" * (12 if trl else 11)]
+             "|---|" + "---|" * (12 + 2 * several + bool(trl))]
     rows = [(r["method"], r) for r in records]
     if trl:
-        rows.append((f"TRL GRPOTrainer {trl['trl_version']}", trl))
+        rows.append((f"TRL GRPOTrainer {trl['trl_version']}", {**trl, "engine": "hf"}))
     for name, r in rows:
-        t = f"{r['step_s'] / base['step_s']:.2f}" if base else "—"
-        m = f"{r['peak_mem_gb'] / base['peak_mem_gb']:.2f}" if base else "—"
-        line = (f"| {name} | {r['step_s']:.3f} | {_fmt(r['generate_s'], '.3f')} | "
+        line = (f"| {name} | {r['engine']} | {r['step_s']:.3f} | {_fmt(r['generate_s'], '.3f')} | "
                 f"{_fmt(r['score_s'], '.3f')} | {r['update_s']:.3f} | "
                 f"{_fmt(r['gen_tokens_per_s'], '.0f')} | "
                 f"{r['train_tokens_per_s']:.0f} | {r['peak_mem_gb']:.3f} | "
-                f"{r['params_loaded_m']:.1f} | {r['params_trained_m']:.1f} | {t} | {m} |")
+                f"{r['params_loaded_m']:.1f} | {r['params_trained_m']:.1f} | "
+                f"{_fmt(r.get('time_ratio_to_ppo'), '.2f')} | "
+                f"{_fmt(r.get('mem_ratio_to_ppo'), '.2f')} |")
+        if several:
+            line += (f" {_fmt(r.get('step_ratio_to_hf'), '.2f')} |"
+                     f" {_fmt(r.get('generate_ratio_to_hf'), '.2f')} |")
         if trl:
             line += f" {r['e2e_tokens_per_s'] / trl['e2e_tokens_per_s']:.2f} |"
         lines.append(line)
     lines += ["", f"Step times exclude the first step (warm-up); {meta['rl_steps']} RL steps "
-              "per method, each method in its own process, one after another."]
-    if "grpo" in by:
+              "per method and engine, each in its own process, one after another. Ratios to "
+              "PPO are within an engine."]
+    grpo = [r for r in records if "per_prompt_ratio_to_grpo" in r]
+    if grpo:
         lines += ["", "Time per prompt ÷ GRPO (the paper's per-prompt comparison: GRPO samples "
                   "a group per prompt, the others one response): " + ", ".join(
-                      f"{r['method']} {r['per_prompt_ratio_to_grpo']:.2f}" for r in records
-                      if "per_prompt_ratio_to_grpo" in r) + "."]
+                      f"{_label(r, several)} {r['per_prompt_ratio_to_grpo']:.2f}"
+                      for r in grpo) + "."]
     if trl:
         lines += ["", "Throughput ÷ TRL: generated tokens per second of RL-step wall time "
                   "(tokens per step ÷ s / step), ours ÷ TRL GRPOTrainer's, on the same policy, "
-                  "prompts, batch and forced length with KL on. TRL scores with a constant "
+                  "prompts, batch and forced length with KL on. TRL generates with HF "
+                  "`generate` (TRL 1.16 supports vLLM only up to 0.31), scores with a constant "
                   "reward function (no reward model) and, with one optimizer step per "
                   "generation batch, skips the old-log-prob forward: see `notes` in cost.json "
                   "and benchmarks/README.md."]
+    lines += ["", f"CPU flags: {meta.get('cpu_flags', 'unknown')}; torch threads: "
+              f"{meta.get('threads', '?')}."]
     return "\n".join(lines) + "\n"
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def trl_version(mode: str) -> str | None:
@@ -231,9 +261,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatches", type=int, default=1, help="PPO mini-batches per step")
     p.add_argument("--precision", default=None, help="cpu 32-true, gpu bf16-mixed")
     p.add_argument("--out", default=None, help="output directory")
-    p.add_argument("--generation", choices=("hf", "static", "auto"), default="hf",
-                   help="our methods' rollout engine (DVPOModule's generation); TRL always "
-                        "uses HF generate")
+    p.add_argument("--generation", nargs="+", choices=ENGINES, default=["hf"],
+                   help="our methods' rollout engine(s) (model.rollout.engine), each a run of "
+                        "every method; TRL always uses HF generate (TRL 1.16 supports vLLM "
+                        "only up to 0.31)")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in the backward pass (ours and TRL's)")
     p.add_argument("--score_batch_size", type=int, default=None,
@@ -246,6 +277,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run TRL's GRPOTrainer under the same protocol (auto: when trl "
                    "imports)")
     p.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method
+    p.add_argument("--engine", default="hf", help=argparse.SUPPRESS)  # … with this engine
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     gpu = a.mode == "gpu"
@@ -291,11 +323,13 @@ def main(argv: list[str] | None = None) -> dict:
         make_artifacts(root, args.shape, n_prompts, args.prompt_len)
         child = [a for a in (argv if argv is not None else sys.argv[1:])]
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        for m in args.methods:
-            subprocess.run([sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
-                            "--workdir", str(root)], check=True, env=env)
-            records.append(json.loads((root / f"{m}.json").read_text()))
-            print(f"[cost] {m}: {records[-1]['step_s']:.3f} s / RL step", flush=True)
+        for engine in args.generation:
+            for m in args.methods:
+                subprocess.run([sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
+                                "--engine", engine, "--workdir", str(root)], check=True, env=env)
+                records.append(json.loads((root / f"{m}.json").read_text()))
+                print(f"[cost] {m} ({engine}): {records[-1]['step_s']:.3f} s / RL step",
+                      flush=True)
         if version:
             from benchmarks.trl_grpo import prepare
 
@@ -313,21 +347,26 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"device": device, "shape": args.shape, "precision": args.precision,
             "responses_per_step": args.prompts * args.group, "length": args.length,
             "rl_steps": args.rl_steps, "generation": args.generation,
+            "cpu_flags": cpu_flags(), "threads": torch_threads(),
             "gradient_checkpointing": args.gradient_checkpointing,
             "score_batch_size": args.score_batch_size, "deepspeed": args.deepspeed,
             "seconds": round(time.time() - t0, 1),
             "date": time.strftime("%Y-%m-%d"), "trl_version": version}
-    base = next((r for r in records if r["method"] == "ppo"), None)
     for r in records + ([trl] if trl else []):
         # end to end: generated tokens per second of RL-step wall time
         r["e2e_tokens_per_s"] = r["gen_tokens_per_step"] / max(r["step_s"], 1e-9)
-        if base:
-            r["time_ratio_to_ppo"] = r["step_s"] / base["step_s"]
-            r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / base["peak_mem_gb"]
-    grpo = next((r for r in records if r["method"] == "grpo"), None)
-    if grpo:  # the paper's "time per prompt": one response each vs GRPO's group of `group`
-        for r in records:
-            r["per_prompt_ratio_to_grpo"] = r["s_per_prompt"] / grpo["s_per_prompt"]
+    for r in records:  # ratios within an engine; a method's engines against each other
+        same = {x["method"]: x for x in records if x["engine"] == r["engine"]}
+        if "ppo" in same:
+            r["time_ratio_to_ppo"] = r["step_s"] / same["ppo"]["step_s"]
+            r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / same["ppo"]["peak_mem_gb"]
+        if "grpo" in same:  # the paper's "time per prompt": one response vs GRPO's group
+            r["per_prompt_ratio_to_grpo"] = r["s_per_prompt"] / same["grpo"]["s_per_prompt"]
+        hf = next((x for x in records if x["method"] == r["method"] and x["engine"] == "hf"),
+                  None)
+        if hf is not None and r["engine"] != "hf":
+            r["step_ratio_to_hf"] = r["step_s"] / hf["step_s"]
+            r["generate_ratio_to_hf"] = r["generate_s"] / max(hf["generate_s"], 1e-9)
     if trl:
         for r in records:
             r["throughput_ratio_to_trl"] = r["e2e_tokens_per_s"] / trl["e2e_tokens_per_s"]

@@ -1,4 +1,4 @@
-"""Time per decode step of rollout generation: HF ``generate`` vs ``StaticCacheGenerator``.
+"""Time per decode step of rollout generation: HF ``generate`` vs the colocated vLLM engine.
 
     python -m benchmarks.decode --shape test                      # CPU smoke run (seconds)
     python -m benchmarks.decode --shape smollm2-135m --batch_sizes 64 256 \\
@@ -6,13 +6,13 @@
 
 For one model shape (random weights: cost does not depend on them) and each batch size, both
 paths generate ``new_tokens`` sampled tokens per row with the length forced
-(``min_new_tokens = max_new_tokens``: EOS suppressed) after a warm-up (which, on CUDA, compiles
-the static path's decode step into CUDA graphs):
+(``min_new_tokens = max_new_tokens``: EOS suppressed) after a warm-up (which builds the vLLM
+engine, pushes the weights and, on CUDA, captures its graphs):
 
 - ``hf``: :class:`~dvpo_lightning.rollout.generation.HFGenerator` (eager ``generate``, dynamic
   cache);
-- ``static``: :class:`~dvpo_lightning.rollout.fast_generation.StaticCacheGenerator` (compiled
-  on CUDA, eager on a CPU).
+- ``vllm``: :class:`~dvpo_lightning.rollout.vllm_engine.VLLMEngine` (vLLM in this process, its
+  weights pushed from the same model; eager on a CPU, CUDA graphs on a GPU), in the same dtype.
 
 Time per decode step = (median time of the full generation − median time of a one-token
 generation, i.e. the prefill and its first sample) ÷ (``new_tokens`` − 1). The bandwidth floor
@@ -34,9 +34,10 @@ from pathlib import Path
 
 PAD, BOS, EOS = 0, 1, 2
 SHAPES = {
-    # test-llama's shape (dvpo_lightning/models/tiny.py) with a small vocabulary: CPU smoke runs.
-    "test": dict(family="llama", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=2, intermediate_size=64, vocab_size=64),
+    # test-llama-32's shape (dvpo_lightning/models/tiny.py; vLLM's CPU attention needs a head
+    # dimension of 32 or more) with a small vocabulary: CPU smoke runs.
+    "test": dict(family="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=64),
     "smollm2-135m": dict(family="llama", hidden_size=576, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
                          vocab_size=49152),
@@ -44,7 +45,7 @@ SHAPES = {
                          num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
                          vocab_size=151936),
 }
-PATHS = ("hf", "static")
+PATHS = ("hf", "vllm")
 # Every record has these, all positive numbers.
 FIELDS = ("batch_size", "step_ms", "total_s", "prefill_s", "tokens_per_s", "floor_ms",
           "fraction_of_floor", "weight_bytes", "kv_bytes_per_step", "bandwidth_gb_s")
@@ -123,8 +124,8 @@ def timed(fn, device, repeats: int) -> float:
 def measure(args) -> dict:
     import torch
 
-    from dvpo_lightning.rollout.fast_generation import StaticCacheGenerator
     from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+    from dvpo_lightning.rollout.vllm_engine import VLLMEngine, VLLMOptions
 
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -133,9 +134,11 @@ def measure(args) -> dict:
     config = model.config
     w_bytes = weight_bytes(model)
     bandwidth = copy_bandwidth(device, args.copy_mib * 2**20)
-    compile_flag = {"auto": "auto", "on": True, "off": False}[args.compile]
-    generators = {"hf": HFGenerator(EOS, PAD),
-                  "static": StaticCacheGenerator(EOS, PAD, compile=compile_flag)}
+    generators = {"hf": HFGenerator(EOS, PAD)}
+    if "vllm" in args.paths:
+        generators["vllm"] = VLLMEngine(EOS, PAD, VLLMOptions(
+            dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
+            max_model_len=args.prompt_len + args.new_tokens + 8))
     full = SamplingConfig(args.new_tokens, min_new_tokens=args.new_tokens)
     one = SamplingConfig(1, min_new_tokens=1)
     records = []
@@ -152,7 +155,7 @@ def measure(args) -> dict:
             gen = generators[path]
 
             def run(cfg, gen=gen):
-                resp, rmask = gen.generate(model, ids, mask, cfg)
+                resp, rmask = gen.generate(model, ids, mask, cfg, weights_version=0)[:2]
                 assert resp.shape == (batch, cfg.max_new_tokens) and bool(rmask.all())
 
             for _ in range(args.warmup):
@@ -168,15 +171,13 @@ def measure(args) -> dict:
                    "weight_bytes": w_bytes, "kv_bytes_per_step": kv,
                    "bandwidth_gb_s": bandwidth / 1e9,
                    "graphs_compiled_while_timed": _unique_graphs() - graphs_before}
-            if path == "static":
-                rec["compiled"] = any(s.compiled for s in gen._states.values())
             by_path[path] = rec
             records.append(rec)
             print(f"[decode] batch {batch} {path}: {rec['step_ms']:.3f} ms / step, floor "
                   f"{rec['floor_ms']:.3f} ms ({rec['fraction_of_floor']:.1%})", flush=True)
-        if "hf" in by_path and "static" in by_path:
-            by_path["static"]["speedup_vs_hf"] = by_path["hf"]["step_ms"] / by_path["static"][
-                "step_ms"]
+        if "hf" in by_path and "vllm" in by_path:
+            for key, name in (("step_ms", "speedup_vs_hf"), ("total_s", "total_speedup_vs_hf")):
+                by_path["vllm"][name] = by_path["hf"][key] / by_path["vllm"][key]
     return {"records": records, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
@@ -192,19 +193,36 @@ def _unique_graphs() -> int:
 def markdown(records: list[dict], meta: dict) -> str:
     lines = [f"# Decode step — {meta['device']}, shape {meta['shape']}, {meta['dtype']}, "
              f"prompt {meta['prompt_len']} + {meta['new_tokens']} forced tokens", "",
-             "| batch | path | ms / step | tokens / s | floor ms / step | floor ÷ step | "
-             "speed-up vs hf |", "|---|---|---|---|---|---|---|"]
+             "| batch | path | s (whole generation) | ms / step | tokens / s | floor ms / step | "
+             "floor ÷ step | step speed-up vs hf | whole speed-up vs hf |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         speedup = f"{r['speedup_vs_hf']:.2f}" if "speedup_vs_hf" in r else "—"
-        lines.append(f"| {r['batch_size']} | {r['path']} | {r['step_ms']:.3f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['floor_ms']:.3f} | "
-                     f"{r['fraction_of_floor']:.3f} | {speedup} |")
+        whole = f"{r['total_speedup_vs_hf']:.2f}" if "total_speedup_vs_hf" in r else "—"
+        lines.append(f"| {r['batch_size']} | {r['path']} | {r['total_s']:.2f} | "
+                     f"{r['step_ms']:.3f} | {r['tokens_per_s']:.0f} | {r['floor_ms']:.3f} | "
+                     f"{r['fraction_of_floor']:.3f} | {speedup} | {whole} |")
     lines += ["", f"Step = (full generation − one-token generation) ÷ (new tokens − 1), medians "
               f"of {meta['repeats']} runs after {meta['warmup']} warm-up run(s). Floor = "
               "(weight bytes + KV bytes at the mean context) ÷ measured copy bandwidth "
-              f"({meta['bandwidth_gb_s']:.0f} GB/s, read + write). Static path compiled: "
-              f"{meta['static_compiled']}."]
+              f"({meta['bandwidth_gb_s']:.0f} GB/s, read + write). {meta['threads']} torch "
+              f"thread(s); CPU flags: {meta['cpu_flags']}."]
     return "\n".join(lines) + "\n"
+
+
+def cpu_flags() -> str:
+    """The instruction sets that change CPU kernel speed (AVX2, AVX-512, AMX), from lscpu."""
+    import re
+    import subprocess
+
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    flags = re.search(r"^Flags:\s*(.*)$", text, re.M)
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    have = set(flags.group(1).split()) if flags else set()
+    return " ".join(f for f in wanted if f in have) or "none of " + " ".join(wanted)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -218,8 +236,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                   help="the static path's decode step (auto: compiled on cuda only)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--copy_mib", type=int, default=None,
@@ -256,13 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
     records = result["records"]
     device = ("CPU " + (platform.processor() or platform.machine())
               if not args.device.startswith("cuda") else torch.cuda.get_device_name(0))
-    static = [r for r in records if r["path"] == "static"]
     meta = {"device": device, "shape": args.shape, "dtype": args.dtype,
             "params_m": result["params_m"], "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "batch_sizes": args.batch_sizes,
             "warmup": args.warmup, "repeats": args.repeats,
             "bandwidth_gb_s": records[0]["bandwidth_gb_s"] if records else 0.0,
-            "static_compiled": bool(static and static[0].get("compiled")),
+            "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
             "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
             "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue 5, in parts that each fit one device call (< 10 min), for a
-# session lent a GPU machine (see ../shared/gpu/README.md). On this machine first:
+# The GPU measurements, in parts that each fit one device call (< 10 min), for a session lent a
+# GPU machine (see ../shared/gpu/README.md). On this machine first:
 #     python3 ../shared/gpu/fetch-wheels.py          # ./.whl (git-ignored)
-# then, one device call per part, carrying .whl:
-#     bash benchmarks/gpu_session.sh tests    # the CUDA tests (compiled generation, offload, ...)
-#     bash benchmarks/gpu_session.sh checks   # decode step, MFU, log-prob memory
-#     bash benchmarks/gpu_session.sh cost     # Table 7 on the SmolLM2 shape, ours and TRL
+# and add a vLLM wheel built for the GPU image's torch and CUDA (the image has no vLLM; PyPI's
+# vllm 0.32.0 needs torch 2.13, and its wheel is far above the 64 MiB a run may carry: take it
+# in parts, see ../shared/gpu/README.md). Without vLLM the vllm rows fail and the rest runs.
+# Then, one device call per part, carrying .whl:
+#     bash benchmarks/gpu_session.sh tests    # the CUDA tests (vLLM engine, offload, log-probs)
+#     bash benchmarks/gpu_session.sh checks   # decode step hf vs vllm at batch 256, MFU, memory
+#     bash benchmarks/gpu_session.sh cost     # Table 7 on the SmolLM2 shape, hf and vllm, TRL
 #     bash benchmarks/gpu_session.sh zero     # DVPO and PPO under DeepSpeed ZeRO-2 and ZeRO-3
 #     bash benchmarks/gpu_session.sh group5   # time per prompt: DVPO vs GRPO with 5 samples
 # Each part writes $OUT/<part>.log (every command, its exit code and seconds) and
@@ -39,13 +42,13 @@ print(torch.__version__, transformers.__version__, lightning.__version__, \
 deepspeed.__version__, trl.__version__)"; } >>"$log" 2>&1
 
 case $part in
-tests)  # each compiled-generation test pays a compile (30-60 s on a GPU)
-    step 480 python3 -m pytest -q -rs tests/test_fast_generation_cuda.py tests/test_offload.py \
+tests)
+    step 480 python3 -m pytest -q -rs tests/test_vllm_engine.py tests/test_offload.py \
         tests/test_token_logps.py
     ;;
 checks)
     step 240 python3 -m benchmarks.decode --shape smollm2-135m --batch_sizes 64 256 \
-        --out "$res/decode"
+        --paths hf vllm --out "$res/decode"
     step 120 python3 -m benchmarks.mfu --shape qwen2.5-0.5b-like --batch 32 --seq 384 \
         --out "$res/mfu"
     step 60 python3 -m benchmarks.logps_memory --batch 32 --length 257 --vocab 151936 \
@@ -53,8 +56,8 @@ checks)
     ;;
 cost)
     step 520 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 64 --group 4 \
-        --length 256 --rl_steps 3 --generation static --gradient_checkpointing --trl on \
-        --out "$res/cost"
+        --length 256 --rl_steps 3 --methods dvpo ppo grpo --generation hf vllm \
+        --gradient_checkpointing --trl on --out "$res/cost"
     ;;
 zero)
     for z in zero2 zero3; do
@@ -65,7 +68,7 @@ zero)
     ;;
 group5)
     step 520 python3 -m benchmarks.cost --mode gpu --shape smollm2-135m --prompts 32 --group 5 \
-        --length 256 --rl_steps 3 --methods dvpo ppo grpo --generation static \
+        --length 256 --rl_steps 3 --methods dvpo ppo grpo --generation vllm \
         --gradient_checkpointing --trl off --out "$res/cost_group5"
     ;;
 *)

@@ -106,7 +106,7 @@ def prepare(root: Path, args, config: Path) -> None:
         raise SystemExit(f"{config}: greedy rollouts (temperature 0) have no TRL equivalent; "
                          "GRPOTrainer always samples")
     # what the command line set for our runs (cost.py passes them to every method)
-    s["generation"] = getattr(args, "generation", s["generation"])
+    s["generation"] = " and ".join(getattr(args, "generation", [s["generation"]]))
     s["gradient_checkpointing"] |= bool(getattr(args, "gradient_checkpointing", False))
     s["prompts"] = ordered_prompts(root / "prompts.jsonl", args.prompts, s["data_seed"],
                                    s["data_shuffle"], args.prompts * args.rl_steps)
@@ -268,9 +268,10 @@ def run_trl(args) -> dict:
     if s["lora"]:
         notes.append("LoRA: our GRPO config trains LoRA adapters; TRL here trains every weight "
                      "(params_trained_m differs)")
-    if s["generation"] == "static" or (s["generation"] == "auto" and gpu):
-        notes.append(f"generation: our GRPO config (rollout.engine={s['generation']}) generates "
-                     "with the static-cache generator here, not HF generate as TRL does")
+    if s["generation"] != "hf":
+        notes.append(f"generation: our methods ran with rollout.engine={s['generation']} "
+                     "(vLLM in the training process); TRL with HF generate, as TRL 1.16 "
+                     "supports vLLM only up to 0.31")
     if s["whiten_advantages"]:
         notes.append("advantages: our GRPO config whitens advantages over the batch; TRL does "
                      "not (cost-neutral)")

@@ -91,3 +91,28 @@ def test_cpu_cost_benchmark_runs_trl_grpo_trainer_under_the_same_protocol(cost_r
         assert r["throughput_ratio_to_trl"] == pytest.approx(
             r["e2e_tokens_per_s"] / t["e2e_tokens_per_s"])
     assert f"| TRL GRPOTrainer {trl.__version__} |" in md and "throughput ÷ TRL" in md
+
+
+def test_cpu_cost_benchmark_puts_hf_and_vllm_side_by_side(tmp_path):
+    """``--generation hf vllm``: every method once per engine in the same run, ratios to PPO
+    within an engine, each vLLM row against its method's HF row, forced lengths on both."""
+    out = tmp_path / "cost"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        mp.chdir(Path(__file__).resolve().parents[1])
+        main(["--mode", "cpu", "--shape", "tiny32", "--rl_steps", str(RL_STEPS), "--length",
+              str(LENGTH), "--prompts", str(PROMPTS), "--group", str(GROUP), "--prompt_len",
+              str(PROMPT_LEN), "--methods", "dvpo", "ppo", "grpo", "--generation", "hf", "vllm",
+              "--trl", "off", "--out", str(out)])
+    doc = json.loads((out / "cost.json").read_text())
+    records = {(r["method"], r["engine"]): r for r in doc["methods"]}
+    assert set(records) == {(m, e) for m in ("dvpo", "ppo", "grpo") for e in ("hf", "vllm")}
+    for (m, e), r in records.items():
+        assert r["gen_tokens_per_step"] == float(PROMPTS * GROUP * LENGTH), (m, e)
+        assert r["time_ratio_to_ppo"] == pytest.approx(
+            r["step_s"] / records[("ppo", e)]["step_s"])
+        if e == "vllm":
+            assert r["step_ratio_to_hf"] == pytest.approx(r["step_s"] / records[(m, "hf")]
+                                                          ["step_s"])
+    md = (out / "cost.md").read_text()
+    assert "| dvpo | vllm |" in md and "step ÷ hf" in md and "CPU flags" in md
