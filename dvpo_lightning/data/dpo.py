@@ -1,0 +1,100 @@
+"""DPO's data: preference pairs to train on, and for validation the held-out pairs and the
+held-out prompts the RL runs are evaluated on."""
+
+from __future__ import annotations
+
+from torch.utils.data import DataLoader
+
+from dvpo_lightning.data.base import ListDataset
+from dvpo_lightning.data.collate import pad_left
+from dvpo_lightning.data.pairwise import PairwiseDataModule
+from dvpo_lightning.data.tokenize import LengthReport, check_prompt_ids, encode_prompt
+
+
+class DPODataModule(PairwiseDataModule):
+    """Preference pairs for :class:`~dvpo_lightning.modules.DPOModule`, and held-out prompts.
+
+    Training batches are :class:`PairwiseDataModule`'s: ``2N`` rows of the shared layout, the
+    ``N`` chosen rows first, then the ``N`` rejected ones, and ``n_pairs = N``. Validation has
+    two loaders: ``[0]`` the held-out pairs (the DPO metrics), ``[1]`` the held-out prompts
+    (``prompt_ids`` / ``prompt_mask`` left-padded and the raw ``prompts``, the batches of
+    :class:`~dvpo_lightning.data.rollout.RolloutDataModule`'s evaluation), which the policy
+    answers for the gold evaluation; without ``eval_path`` only the first.
+
+    Args:
+        train_path: pairwise file (``{prompt, chosen, rejected}``, binarized UltraFeedback
+            message lists, or HH-RLHF transcripts).
+        val_path: held-out pairs (the DPO metrics on pairs not trained on).
+        tokenizer: the policy's tokenizer directory.
+        eval_path: held-out prompts (the RL configs' ``data.eval_path``); None: no policy
+            evaluation.
+        max_eval_prompts: evaluate on the first this-many held-out prompts.
+        max_prompt_length: held-out prompts longer than this keep their last tokens.
+        eval_batch_size: held-out prompts per batch; None: ``val_batch_size``.
+        format: pairwise row format (``auto`` detects it).
+        split: split of a ``datasets`` directory.
+        batch_size: pairs per training batch (``2 · batch_size`` rows).
+        val_batch_size: held-out pairs per batch; None: ``batch_size``.
+        max_length: longest ``prompt + response`` of a pair's side, in tokens.
+        length_policy: longer pairs: ``truncate``, ``drop`` or ``error``.
+        chat_template: apply the tokenizer's chat template to prompts when it has one.
+        num_workers: DataLoader workers.
+        seed: seed of the training order.
+    """
+
+    def __init__(self, train_path: str, val_path: str, tokenizer: str,
+                 eval_path: str | None = None, max_eval_prompts: int = 256,
+                 max_prompt_length: int = 256, eval_batch_size: int | None = None,
+                 format: str = "auto", split: str | None = None, batch_size: int = 32,
+                 val_batch_size: int | None = None, max_length: int = 512,
+                 length_policy: str = "truncate", chat_template: bool = True,
+                 num_workers: int = 0, seed: int = 0) -> None:
+        super().__init__(train_path, val_path, tokenizer, format, split, batch_size,
+                         val_batch_size, max_length, length_policy, chat_template, num_workers,
+                         seed)
+        if max_eval_prompts < 1 or max_prompt_length < 1:
+            raise ValueError(f"data.max_eval_prompts ({max_eval_prompts}) and "
+                             f"data.max_prompt_length ({max_prompt_length}) must be >= 1")
+        self.eval_path, self.max_eval_prompts = eval_path, max_eval_prompts
+        self.max_prompt_length = max_prompt_length
+        self.eval_batch_size = eval_batch_size or self.val_batch_size
+        self.prompt_set: ListDataset | None = None
+
+    def _encode_prompts(self, path: str) -> list[tuple[list[int], object]]:
+        """``(ids, raw prompt)`` of the first ``max_eval_prompts`` rows; a longer prompt keeps
+        its last ``max_prompt_length`` tokens (counted in the length report), as in RL."""
+        rows = self.load(path, "prompt")[:self.max_eval_prompts]
+        report = LengthReport(path, self.max_prompt_length, "truncate")
+        self.length_reports.append(report)
+        out = []
+        for i, row in enumerate(rows):
+            ids = encode_prompt(self.tokenizer, row["prompt"], self.chat_template)
+            check_prompt_ids(ids, path, i)
+            report.total += 1
+            if len(ids) > self.max_prompt_length:
+                report.truncated += 1
+                ids = ids[-self.max_prompt_length:]
+            out.append((ids, row["prompt"]))
+        self.check_vocabulary(path, (ids for ids, _ in out))
+        return out
+
+    def read_files(self) -> tuple[list, list]:
+        """The training and held-out pairs; the held-out prompts are kept in ``prompt_set``."""
+        train, val = super().read_files()
+        if self.eval_path:
+            self.prompt_set = ListDataset(self._encode_prompts(self.eval_path))
+        return train, val
+
+    def collate_prompts(self, items: list[tuple[list[int], object]]) -> dict:
+        """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)`` and the raw ``prompts``."""
+        prompt_ids, prompt_mask = pad_left([ids for ids, _ in items], self.tokenizer.pad_token_id)
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                "prompts": [raw for _, raw in items]}
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        pairs = super().val_dataloader()
+        if self.prompt_set is None:
+            return pairs
+        return [pairs, DataLoader(self.prompt_set, batch_size=self.eval_batch_size,
+                                  shuffle=False, num_workers=self.num_workers,
+                                  collate_fn=self.collate_prompts)]

@@ -1,0 +1,349 @@
+"""Direct Preference Optimization as a training stage: the policy learns from preference pairs
+directly, against the frozen starting policy as the reference, and is evaluated on held-out
+prompts exactly as the RL runs are (gold reward, win rate against the starting policy, KL to
+it, response length), so the study compares it with them."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from dvpo_lightning.models.compat import check_compatible, check_fits_context
+from dvpo_lightning.models.identity import check_same_models, fingerprint
+from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from dvpo_lightning.models.lora import adapters_disabled
+from dvpo_lightning.models.options import ModelOptions
+from dvpo_lightning.models.value_model import freeze
+from dvpo_lightning.modules.stage import SingleModelStage
+from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
+from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
+from dvpo_lightning.rollout.generation import HFGenerator
+from dvpo_lightning.rollout.scoring import policy_logps
+from dvpo_lightning.rollout.settings import RolloutSettings
+from dvpo_lightning.rollout.zero3 import gathered_for_generation
+from dvpo_lightning.runtime.checkpointing import (
+    drop_reloaded,
+    reloaded_weights,
+    restore_reloaded,
+    rng_states,
+    set_rng_states,
+)
+from dvpo_lightning.tasks import get_task
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    """The preference objective (:func:`~dvpo_lightning.ops.dpo.dpo_loss`).
+
+    Args:
+        beta: β, the strength of the implicit KL regularisation to the reference: the implicit
+            reward is ``β·(log π − log π_ref)`` (IPO: the paper's τ). 0.1 is the usual value.
+        loss_type: ``sigmoid`` (DPO, Rafailov et al. 2023) or ``ipo`` (Azar et al. 2023, with
+            log-ratios averaged over response tokens, as TRL computes it).
+        label_smoothing: ε, the assumed probability that a pair's label is flipped
+            (conservative DPO); ``sigmoid`` only; 0 is plain DPO.
+    """
+
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        rules = [(self.beta > 0, "beta must be > 0"),
+                 (self.loss_type in DPO_LOSSES, f"loss_type must be one of {DPO_LOSSES}"),
+                 (0 <= self.label_smoothing < 0.5, "label_smoothing must be in [0, 0.5)"),
+                 (not self.label_smoothing or self.loss_type == "sigmoid",
+                  "label_smoothing applies to loss_type sigmoid only (set it to 0 for ipo)")]
+        broken = [rule for ok, rule in rules if not ok]
+        if broken:
+            raise ValueError(f"model.dpo: {'; '.join(broken)} (got {self}). Fix the "
+                             "model.init_args.dpo.* keys named")
+
+
+torch.serialization.add_safe_globals([DPOSettings, RolloutSettings])  # in checkpointed hparams
+
+
+def check_dpo_options(models: ModelOptions, rollout: RolloutSettings) -> None:
+    """Refuse the RL-only settings a DPO run cannot honour (rather than ignore them)."""
+    refused = [(models.critic_lora is not None, "models.critic_lora (DPO trains no critic)"),
+               (models.offload_frozen, "models.offload_frozen (the reference scores every "
+                                       "training batch; keep it on the device)"),
+               (rollout.engine != "hf", f"rollout.engine={rollout.engine!r} (DPO generates only "
+                                        "to evaluate, with generate: use 'hf')")]
+    named = [what for bad, what in refused if bad]
+    if named:
+        raise ValueError(f"DPOModule cannot use {'; '.join(named)}. Fix: remove these keys "
+                         "from model.init_args")
+
+
+def by_side(logp: Tensor, ref_logp: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, ...]:
+    """``2N`` rows, the ``n = N`` chosen ones first → ``(logp_c, logp_r, ref_c, ref_r, len_c,
+    len_r)``, each ``(N,)``."""
+    return (logp[:n], logp[n:], ref_logp[:n], ref_logp[n:], lengths[:n], lengths[n:])
+
+
+class DPOModule(SingleModelStage):
+    """DPO / IPO on preference pairs; ``self.model`` is the trained policy.
+
+    The reference is the starting policy, frozen: with ``models.lora`` the policy itself with
+    its adapters off (no second copy), otherwise a frozen copy loaded from ``policy``. Neither
+    is stored in checkpoints; a resume reloads it and refuses a ``policy`` directory whose
+    weights changed.
+
+    Validation (``trainer.val_check_interval`` counts training batches: optimizer steps without
+    gradient accumulation) computes the DPO metrics on the held-out pairs (``val/...``) and,
+    with held-out prompts, the RL runs' held-out evaluation (``eval/...``), recorded in an
+    :class:`EvalHistory` whose ``rl_step`` key holds the optimizer step (for DPO an optimizer
+    update, not a rollout); the starting policy's own evaluation is its step 0 and the win
+    rate is against it.
+
+    Args:
+        policy: the starting policy (the SFT model's directory, a GGUF file, a named model);
+            also the reference.
+        tokenizer: the tokenizer; None: the policy's. The CLI links it to ``data.tokenizer``.
+        task: an embedded task whose gold scorer judges the held-out answers (None for data
+            without one: no gold reward nor win rate).
+        dpo: the preference objective.
+        lr: peak learning rate (AdamW); TRL's default.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps before the cosine decay.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        export_dir: where to write the trained policy at the end of ``fit``; None writes
+            nothing.
+        models: how the policy and the reference load and run (LoRA, attention kernel,
+            gradient checkpointing, the reference's dtype, the fused output head); the RL
+            runs' key.
+        rollout: how held-out answers are sampled (``max_new_tokens``, ``temperature``,
+            ``top_p``, ``top_k``, ``eval_greedy``, ``score_batch_size``): the RL runs' key, so
+            one override evaluates every method alike. DPO samples nothing to train.
+    """
+
+    def __init__(self, policy: str, tokenizer: str | None = None, task: str | None = None,
+                 dpo: DPOSettings = DPOSettings(), lr: float = 1e-6, weight_decay: float = 0.0,
+                 warmup_steps: int = 10, min_lr_ratio: float = 0.1,
+                 export_dir: str | None = None, models: ModelOptions = ModelOptions(),
+                 rollout: RolloutSettings = RolloutSettings()) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        check_dpo_options(models, rollout)
+        self.tokenizer = load_tokenizer(tokenizer or policy)
+        check_compatible(self.tokenizer, policy, "policy")
+        attn = models.attn_implementation
+        self.model = load_causal_lm(policy, self.tokenizer, attn_implementation=attn,
+                                    gradient_checkpointing=models.gradient_checkpointing,
+                                    lora=models.lora)
+        self.model.train()  # (loaded in eval mode: LoRA dropout, gradient checkpointing need it)
+        self.reference: nn.Module | None = None
+        if models.lora is None:
+            self.reference = freeze(load_causal_lm(policy, self.tokenizer,
+                                                   attn_implementation=attn))
+            if models.frozen_dtype:
+                self.reference.to(resolve_dtype(models.frozen_dtype))
+        # (settings kept as objects: under LightningCLI self.hparams holds the config dict)
+        self.settings, self.model_options, self.rollout = dpo, models, rollout
+        self.task = get_task(task) if task else None
+        self.evals = EvalHistory()
+        self.pair_history: list[dict] = []  # the held-out pair metrics at every validation
+        self._rng_to_restore: dict | None = None
+
+    @contextlib.contextmanager
+    def reference_policy(self) -> Iterator[nn.Module]:
+        """The reference: the frozen copy, or the policy with its adapters off."""
+        if self.reference is not None:
+            yield self.reference
+        else:
+            with adapters_disabled(self.model):
+                yield self.model
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, stage: str) -> None:
+        self.check_context(self.model.config)  # the pairs
+        dm = self.trainer.datamodule
+        if getattr(dm, "eval_path", None):
+            check_fits_context(dm.max_prompt_length + self.rollout.max_new_tokens,
+                               self.model.config,
+                               "data.max_prompt_length + model.rollout.max_new_tokens")
+
+    def on_train_start(self) -> None:
+        # Restored here, not in on_load_checkpoint: the training loader draws its seed from
+        # them when it is made, before this hook; from here on a resumed run draws what the
+        # uninterrupted one did after the checkpoint (the held-out answers are sampled).
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    # ------------------------------------------------------------------ the objective
+    def pair_logps(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """Summed response log-probs of every row ``(2N,)`` under the policy (with gradient)
+        and the reference, and each row's response length ``(2N,)``."""
+        seq = (batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"],
+               batch["response_mask"])
+        fused = self.model_options.fused_head
+        logp = policy_logps(self.model, *seq, fused_head=fused)[0].sum(1)
+        with torch.no_grad(), self.reference_policy() as ref:
+            ref_logp = policy_logps(ref, *seq, fused_head=fused)[0].sum(1)
+        return logp, ref_logp, batch["response_mask"].sum(1)
+
+    def forward(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """The batch's loss and DPO metrics."""
+        return self.objective(*by_side(*self.pair_logps(batch), int(batch["n_pairs"])))
+
+    def objective(self, *sides: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """:func:`dpo_loss` of :func:`by_side`'s six ``(N,)`` tensors."""
+        s = self.settings
+        logp_c, logp_r, ref_c, ref_r, len_c, len_r = sides
+        return dpo_loss(logp_c, logp_r, ref_c, ref_r, s.beta, s.loss_type, s.label_smoothing,
+                        len_c, len_r)
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        loss, stats = self(batch)
+        n = int(batch["n_pairs"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
+        # (the CostMeter keeps these floats as the run's per-step curve)
+        return {"loss": loss, "margin": float(stats["rewards/margins"]),
+                "accuracy": float(stats["rewards/accuracies"])}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:  # before clipping (Lightning clips after this hook)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
+                                                         for g in grads]))
+            self.log("train/grad_norm", norm, batch_size=1)
+
+    # ------------------------------------------------------------------ evaluation
+    @functools.cached_property
+    def evaluator(self) -> HeldOutEvaluator:
+        """The RL runs' held-out evaluation: ``generate``, the task's gold scorer, the KL to
+        the reference."""
+        tok = self.tokenizer
+        return HeldOutEvaluator(
+            HFGenerator(tok.eos_token_id, tok.pad_token_id), self.rollout.eval_sampling, tok,
+            self.task, self.reference_logps, None, self.rollout.score_batch_size,
+            self.model_options.fused_head)
+
+    def reference_logps(self, policy: nn.Module, *seq: Tensor) -> Tensor:
+        """``log π_ref`` ``(B, T)`` of the responses in ``seq`` (``policy`` is ``self.model``)."""
+        with self.reference_policy() as ref:
+            return policy_logps(ref, *seq, fused_head=self.model_options.fused_head)[0]
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_pairs: list[tuple[Tensor, ...]] = []
+        self._val_rows: list[dict[str, Tensor]] = []
+        self._ref_rows: list[dict[str, Tensor]] = []
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "n_pairs" in batch:  # held-out pairs
+            self._val_pairs.append(by_side(*self.pair_logps(batch), int(batch["n_pairs"])))
+            return
+        prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
+        with gathered_for_generation(self.model):
+            self._val_rows.append(self.evaluator.evaluate(self.model, *prompts))
+        if self.evals.reference is None and self.task is not None:
+            with self.reference_policy() as ref, gathered_for_generation(ref):
+                self._ref_rows.append(self.evaluator.evaluate(ref, *prompts, is_reference=True))
+
+    def on_validation_epoch_end(self) -> None:
+        final = not self.trainer.sanity_checking
+        if self._val_pairs:
+            self._log_pairs(final)
+        if self._val_rows:
+            if final and self._ref_rows and self.evals.reference is None:
+                self.evals.set_reference(concat_rows(self._ref_rows))
+            metrics = self.evals.metrics(concat_rows(self._val_rows))
+            for k, v in metrics.items():
+                self.log(k, v, prog_bar=k == "eval/gold_reward", add_dataloader_idx=False)
+            if final:
+                self.evals.append(self.global_step, metrics)
+
+    def _log_pairs(self, final: bool) -> None:
+        """The loss and DPO metrics over every held-out pair at once (exact means)."""
+        loss, stats = self.objective(*(torch.cat(side) for side in zip(*self._val_pairs)))
+        logged = {"val/loss": loss, **{f"val/{k}": v for k, v in stats.items()}}
+        for k, v in logged.items():
+            self.log(k, v, prog_bar=k == "val/rewards/accuracies", add_dataloader_idx=False)
+        if final:
+            self.pair_history.append({"rl_step": self.global_step,
+                                      **{k: float(v) for k, v in logged.items()}})
+
+    # ------------------------------------------------------------------ state
+    @functools.cached_property
+    def frozen_identity(self) -> dict[str, dict | None]:
+        """``{"reference": {path, sha256}}``: the weights the reference (and, with LoRA, the
+        frozen base) is reloaded from; hashed at the first checkpoint save or load."""
+        return {"reference": fingerprint(self.hparams.policy)}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # every frozen parameter: the reference copy, or with LoRA the policy's base weights
+        drop_reloaded(checkpoint, reloaded_weights(self, ""))
+        checkpoint["dpo_state"] = {"evals": self.evals.state_dict(),
+                                   "pair_history": self.pair_history,
+                                   "frozen_identity": self.frozen_identity,
+                                   # Lightning does not save the global RNGs; evaluation samples
+                                   "rng": rng_states()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        restore_reloaded(checkpoint, reloaded_weights(self, ""))
+        state = checkpoint.get("dpo_state", {})
+        check_same_models(state.get("frozen_identity", {}), self.frozen_identity)
+        self.evals.load_state_dict(state.get("evals", {}))
+        self.pair_history = state.get("pair_history", [])
+        self._rng_to_restore = state.get("rng")
+
+    # ------------------------------------------------------------------ summary and export
+    def summary(self) -> dict:
+        """The RL module's summary shape (``rl_step`` / ``rl_steps`` count optimizer updates;
+        ``kl_coef`` is β), plus the held-out pair metrics."""
+        history = self.evals.rows
+        return {"estimator": "DPO", "estimator_args": dataclasses.asdict(self.settings),
+                "rl_steps": int(self.global_step), "kl_coef": self.settings.beta,
+                "reference_eval": self.evals.reference,
+                "final_eval": history[-1] if history else None, "history": history,
+                "pair_eval": self.pair_history[-1] if self.pair_history else None,
+                "pair_history": self.pair_history}
+
+    def summary_tables(self) -> dict[str, tuple[list[str], list[list]]]:
+        tables = {}
+        for key, rows in (("eval/history", self.evals.rows),
+                          ("val/pair_history", self.pair_history)):
+            if rows:
+                columns = list(rows[-1])
+                tables[key] = (columns, [[r.get(c) for c in columns] for r in rows])
+        return tables
+
+    def summary_pictures(self, log_dir: Path, summary: dict) -> dict[str, Path]:
+        """This run's learning curves, for W&B."""
+        from dvpo_lightning.report.plots import plot_learning_curves
+        from dvpo_lightning.report.runs import Run
+
+        if not summary["history"]:
+            return {}
+        run = Run(summary["estimator"], 0, "", summary)
+        return {"eval/learning_curves": plot_learning_curves([run],
+                                                             log_dir / "learning_curves.png")}
+
+    def summary_line(self, summary: dict) -> str:
+        final, pairs = summary["final_eval"], summary["pair_eval"]
+        parts = []
+        if final:
+            ref = summary["reference_eval"]
+            parts.append("final held-out evaluation: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in final.items() if k != "rl_step")
+                + (f" (reference gold {ref['gold_reward']:.4f})"
+                   if ref and "gold_reward" in ref else ""))
+        if pairs:
+            parts.append("held-out pairs: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in pairs.items() if k != "rl_step"))
+        return "\n".join(parts)
+
+    def export_manifest(self, summary: dict) -> dict:
+        return {"kind": "policy", "stage": "dpo", "hparams": dict(self.hparams),
+                "global_step": self.global_step, "summary": summary}
