@@ -142,3 +142,31 @@ def test_bad_lora_and_attention_options_name_the_fix(tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     with pytest.raises(ValueError, match="attn_implementation='flash'.*not one of"):
         load_causal_lm("test-llama", tok, attn_implementation="flash")
+
+
+class _RecordMode(L.Callback):
+    """Whether every trained submodule was in train mode at each training batch."""
+
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.modes.append(all(m.training for m in pl_module.model.modules()))
+
+
+@pytest.mark.parametrize("lora", [None, LoraOptions(r=4, dropout=0.1)], ids=["full", "lora"])
+def test_stages_train_in_train_mode(lora, task_data, sft_model_dir, tmp_path, make_trainer):
+    """Models load in eval mode and Lightning 2.x keeps a module's mode: a stage must switch
+    its model to train mode, or dropout, LoRA dropout and gradient checkpointing are off."""
+    L.seed_everything(0, verbose=False)
+    dm = ValueDataModule(train_path=os.path.join(task_data, "pairs.jsonl"),
+                         val_path=os.path.join(task_data, "eval_pairs.jsonl"),
+                         tokenizer=sft_model_dir, train_kind="pairwise", batch_size=16,
+                         max_length=32)
+    module = GVMModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0,
+                       lora=lora, gradient_checkpointing=True)
+    record = _RecordMode()
+    trainer = make_trainer(tmp_path, max_steps=3)
+    trainer.callbacks.append(record)
+    trainer.fit(module, dm)
+    assert record.modes == [True, True, True]

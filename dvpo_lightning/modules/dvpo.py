@@ -210,6 +210,8 @@ class DVPOModule(L.LightningModule):
         return stage_callbacks(self.hparams.export_dir)
 
     def on_train_start(self) -> None:
+        self.trained.train()  # (loaded in eval mode, which Lightning 2.x keeps: the critic's
+        # dropout and gradient checkpointing need train mode; the policy's rollouts switch)
         self.experience.place_frozen("cpu")  # offloading: Lightning moved them to the device
         # Restored here, not in on_load_checkpoint: nothing may draw from the RNGs between
         # this point and the next rollout, in the resumed run as in the uninterrupted one.

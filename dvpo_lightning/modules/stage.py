@@ -37,6 +37,11 @@ class SingleModelStage(L.LightningModule):
         if dm is not None and hasattr(dm, "max_length"):
             check_fits_context(dm.max_length, config, "data.max_length")
 
+    def on_fit_start(self) -> None:
+        # Models load in eval mode and Lightning (2.x) no longer switches a module to train
+        # mode: without this, dropout and gradient checkpointing would be silently off.
+        self.model.train()
+
     def configure_optimizers(self):
         """AdamW on the trainable weights (LoRA: the adapters), linear warm-up then cosine."""
         hp = self.hparams
