@@ -251,7 +251,10 @@ def test_pipeline_config_is_consistent(path):
     for method in spec.get("methods", []):  # the pipeline sets each run's export_dir itself
         cfg = REPO / method["config"]
         assert cfg.exists() and classify(cfg) == "cli", method
-        assert load(cfg)["model"]["class_path"].endswith("DVPOModule"), method
+        module = load(cfg)["model"]["class_path"]
+        assert module.endswith(("DVPOModule", "DPOModule")), method
+        # the common args are the RL runs' overrides: a DPO run takes its own
+        assert method.get("common", True) == module.endswith("DVPOModule"), method
     for key in ("gvm", "reward_model"):
         if spec.get("report", {}).get(key):
             assert spec["report"][key] in [s["artifact"] for s in spec["stages"]], key
@@ -265,7 +268,8 @@ def _pipeline_commands():
             yield pytest.param(stage["config"], stage.get("args") or [],
                                id=f"{path.name}:{stage['name']}")
         for m in spec.get("methods", []):
-            yield pytest.param(m["config"], [*spec.get("common_args", []), *(m.get("args") or [])],
+            common = spec.get("common_args", []) if m.get("common", True) else []
+            yield pytest.param(m["config"], [*common, *(m.get("args") or [])],
                                id=f"{path.name}:{m['name']}")
 
 

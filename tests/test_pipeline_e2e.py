@@ -21,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
          "--trainer.enable_model_summary=false"]
-METHODS = {"dvpo": 8, "ppo": 8, "grpo": 2}  # prompts per batch: 8 responses for every method
+METHODS = {"dvpo": 8, "ppo": 8, "grpo": 2, "dpo": 8}  # prompts (DPO: pairs) per batch
 SEEDS = [0, 1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -53,7 +53,13 @@ def write_study(root: Path) -> Path:
                         "--model.init_args.ppo.mini_batch_size=8",
                         "--model.init_args.rollout.max_new_tokens=8"],
         "methods": [{"name": m, "config": cfg(m), "args": [f"--data.init_args.batch_size={b}"]}
-                    for m, b in METHODS.items()],
+                    for m, b in METHODS.items() if m != "dpo"] + [
+            # DPO takes its own overrides (common_args are the RL module's keys): 3 updates
+            {"name": "dpo", "config": cfg("dpo"), "common": False,
+             "args": [*QUIET, "--trainer.max_steps=3", "--trainer.val_check_interval=1",
+                      "--trainer.enable_checkpointing=false",
+                      "--model.init_args.rollout.max_new_tokens=8",
+                      f"--data.init_args.batch_size={METHODS['dpo']}"]}],
         "report": {"out": "runs/sorting/report", "gvm": "runs/sorting/gvm/model",
                    "reward_model": "runs/sorting/reward_model/model",
                    "eval_pairs": "data/sorting/eval_pairs.jsonl", "examples": 2},
@@ -116,12 +122,21 @@ def test_table_numbers_are_the_runs_numbers(study):
             assert format_cell(cell) in md
         cost = t["cost"]["rows"][m]
         assert cost["step_s"]["values"] == [r["cost"]["step_s"] for r in per_seed]
-        assert cost["gen_tokens_per_step"]["values"] == [r["cost"]["gen_tokens_per_step"]
-                                                         for r in per_seed]
+        assert cost["train_s"]["values"] == [r["cost"]["train_s"] for r in per_seed]
+        if m == "dpo":  # generates nothing while training: the rollout columns say so
+            assert cost["generate_s"] is None and cost["gen_tokens_per_step"] is None
+        else:
+            assert cost["gen_tokens_per_step"]["values"] == [r["cost"]["gen_tokens_per_step"]
+                                                             for r in per_seed]
         assert all(r["rl_steps"] == 3 for r in per_seed)
         hist = [[h["eval/gold_reward"] for h in r["history"]] for r in per_seed]
         assert t["convergence"]["rows"][m]["best_gold"]["values"] == [max(h) for h in hist]
         assert all(len(h) == 4 for h in hist)  # step 0 (the SFT policy) + 3 evaluations
+        # counted in policy updates: an RL step here is 2 PPO epochs × 1 mini-batch, a DPO
+        # step one update
+        updates = 3 * (1 if m == "dpo" else 2)
+        assert all(r["policy_updates"] == updates for r in per_seed), m
+        assert t["convergence"]["rows"][m]["rl_steps"]["mean"] == updates
     assert t["cost"]["rows"]["ppo"]["time_ratio"]["mean"] == pytest.approx(1.0)
     # PPO loads and trains a critic besides the policy; DVPO trains only the policy
     assert (t["cost"]["rows"]["ppo"]["params_trained_m"]["mean"]

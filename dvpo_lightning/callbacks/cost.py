@@ -53,6 +53,7 @@ class CostMeter(L.Callback):
         runtime and libraries: compare differences, not absolute values)."""
         log = self.records[1:] or self.records
         out = {"rl_steps": len(self.records), "step_s": _mean(log, "step_s"),
+               "train_s": sum(r["step_s"] for r in self.records),
                "generate_s": _mean(log, "generate_s"), "score_s": _mean(log, "score_s"),
                "update_s": _mean(log, "update_s"),
                "gen_tokens_per_step": _mean(log, "gen_tokens"),

@@ -1,7 +1,7 @@
 """``python -m dvpo_lightning pipeline``: the whole study on one config.
 
-data → stage-1 stages (SFT, reward model, GVM) → every RL method × every seed from the same
-SFT policy → the report (tables, plots, token-value pictures). Each stage is an ordinary
+data → stage-1 stages (SFT, reward model, GVM) → every method (RL, and DPO) × every seed from
+the same SFT policy → the report (tables, plots, token-value pictures). Each stage is an ordinary
 ``fit`` run with its own config, so any stage can be run or changed alone. A stage whose
 artifact exists and was made from the same config text, arguments and upstream artifacts is
 reused; a stage that was interrupted (crash, kill, preemption) resumes from its ``last.ckpt``
@@ -45,17 +45,20 @@ class Stage:
 
 @dataclass
 class Method:
-    """One RL method of the comparison, run once per seed.
+    """One method of the comparison (an RL method, or DPO), run once per seed.
 
     Args:
         name: the method's name in tables and plots.
         config: its LightningCLI config (``configs/dvpo.yaml`` …).
         args: extra command-line overrides for every seed.
+        common: take the study's ``common_args`` (the RL runs' overrides); false for a
+            method whose module is not the RL module (DPO), which lists its own in ``args``.
     """
 
     name: str
     config: str
     args: list[str] | None = None
+    common: bool = True
 
 
 def _digest(*parts: str) -> str:
@@ -80,8 +83,8 @@ def method_stages(methods: list[Method], seeds: list[int], runs_dir: str,
             out.append(Stage(
                 name=f"{m.name}/seed{s}", config=m.config, artifact=f"{root}/model",
                 args=[f"--seed_everything={s}", f"--trainer.default_root_dir={root}",
-                      f"--model.init_args.export_dir={root}/model", *common_args,
-                      *(m.args or [])],
+                      f"--model.init_args.export_dir={root}/model",
+                      *(common_args if m.common else []), *(m.args or [])],
                 env={"WANDB_NAME": f"{m.name}-seed{s}", "WANDB_RUN_GROUP": group,
                      "WANDB_JOB_TYPE": "rl"}))
     return out
@@ -190,11 +193,11 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
         data: the data config (``python -m dvpo_lightning data --config …``); None: no data step.
         stages: the stage-1 stages in order, each ``{name, config, artifact, args}``; a stage
             depends on every earlier one.
-        methods: the RL methods, each ``{name, config, args}``, run once per seed from the
-            stage-1 artifacts (not depending on each other).
+        methods: the methods, each ``{name, config, args, common}``, run once per seed from
+            the stage-1 artifacts (not depending on each other).
         seeds: the seeds of every method (default ``[0]``).
         runs_dir: method runs go to ``<runs_dir>/<method>/seed<s>``.
-        common_args: command-line overrides for every method run.
+        common_args: command-line overrides for every method run whose ``common`` is true.
         report: arguments of :func:`~dvpo_lightning.report.build.build_report` (``out``,
             ``gvm``, ``reward_model``, ``eval_pairs`` …); None: no report.
         group: the W&B group of the method runs and the report.

@@ -304,7 +304,8 @@ class DPOModule(SingleModelStage):
         ``kl_coef`` is β), plus the held-out pair metrics."""
         history = self.evals.rows
         return {"estimator": "DPO", "estimator_args": dataclasses.asdict(self.settings),
-                "rl_steps": int(self.global_step), "kl_coef": self.settings.beta,
+                "rl_steps": int(self.global_step), "policy_updates": int(self.global_step),
+                "kl_coef": self.settings.beta,
                 "reference_eval": self.evals.reference,
                 "final_eval": history[-1] if history else None, "history": history,
                 "pair_eval": self.pair_history[-1] if self.pair_history else None,

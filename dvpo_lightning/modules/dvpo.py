@@ -461,6 +461,7 @@ class DVPOModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         drop_reloaded(checkpoint, self._reloaded())
         checkpoint["rl_state"] = {"kl": self.kl.state_dict(), "evals": self.evals.state_dict(),
+                                  "policy_updates": self.weights_version,
                                   "guard": self.guard.state_dict(),
                                   "frozen_identity": self.frozen_identity,
                                   # Lightning does not save the global RNGs; sampling needs them
@@ -473,6 +474,7 @@ class DVPOModule(L.LightningModule):
         self.kl.load_state_dict(state["kl"])
         self.evals.load_state_dict(state["evals"])
         self.guard.load_state_dict(state["guard"])
+        self.weights_version = state.get("policy_updates", 0)
         self._rng_to_restore = state.get("rng")
 
     # ------------------------------------------------------------------ summary and export
@@ -482,7 +484,8 @@ class DVPOModule(L.LightningModule):
         return {"estimator": type(self.estimator).__name__,
                 "estimator_args": {k: v for k, v in vars(self.estimator).items()
                                    if not k.startswith("_")},
-                "rl_steps": int(self.global_step), "kl_coef": self.kl.settings.coef,
+                "rl_steps": int(self.global_step), "policy_updates": self.weights_version,
+                "kl_coef": self.kl.settings.coef,
                 "reference_eval": self.evals.reference,
                 "final_eval": history[-1] if history else None, "history": history}
 

@@ -83,10 +83,15 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                         f"{accs['gvm']['pairs'] if accs.get('gvm') else '?'} held-out pairs."
                         if accs else "No eval_pairs given.",
         "cost": f"Measured on {machine}, in this study. Step times exclude each run's first "
-                "step (warm-up). On CPU, memory is the process's peak RSS, which includes the "
-                "Python runtime: compare differences, not absolute values.",
-        "convergence": "Held-out evaluations happen every trainer.val_check_interval RL "
-                       "steps, so a step here is a multiple of that interval.",
+                "step (warm-up); the whole run's time includes it. An RL step is a rollout and "
+                "its PPO updates, a DPO step one optimizer update on a batch of pairs (DPO "
+                "generates nothing while training: its rollout columns are —); the whole-run "
+                "column compares them at their policy-update budgets. On CPU, memory is the "
+                "process's peak RSS, which includes the Python runtime: compare differences, "
+                "not absolute values.",
+        "convergence": "Held-out evaluations happen every trainer.val_check_interval steps, "
+                       "so a count here is a multiple of that interval; policy updates are "
+                       "optimizer steps (an RL step makes several, a DPO step one).",
     }
     md = [f"# Study report\n\nMethods {list(runs)}, seeds {seeds}, machine: {machine}.\n"]
     md += [tables.to_markdown(result[k], notes[k]) for k in result]

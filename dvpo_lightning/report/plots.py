@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dvpo_lightning.report.runs import Run, by_method  # noqa: E402
+from dvpo_lightning.report.runs import Run, by_method, update_scale  # noqa: E402
 
 EVAL_PANELS = [("eval/gold_reward", "held-out gold reward"), ("eval/kl_to_ref", "KL to reference"),
                ("eval/win_rate_vs_ref", "win rate vs SFT")]
@@ -45,12 +45,14 @@ def plot_learning_curves(runs: list[Run], out: str | Path, reference: str = "SFT
     against RL steps, mean ± std band over seeds."""
     groups = by_method(runs)
     colors = _colors(list(groups))
+    scale = update_scale(runs)  # x in policy updates, so DPO and RL runs share the axis
     fig, axes = plt.subplots(1, len(EVAL_PANELS), figsize=(5 * len(EVAL_PANELS), 4))
     for ax, (key, label) in zip(axes, EVAL_PANELS):
         for method, rs in groups.items():
             steps, values = _stack(rs, key)
-            _band(ax, steps, values, method, colors[method])
-        ax.set_xlabel("RL step (policy updates on one rollout batch)")
+            _band(ax, steps * (scale[method] if scale else 1), values, method, colors[method])
+        ax.set_xlabel("policy updates (optimizer steps)" if scale else
+                      "RL step (policy updates on one rollout batch)")
         ax.set_ylabel(label.replace("SFT", reference))
         ax.grid(alpha=0.3)
     axes[0].legend()

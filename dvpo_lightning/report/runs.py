@@ -17,7 +17,8 @@ from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
 @dataclass
 class Run:
-    """One RL run: ``method`` at ``seed``, its artifact directory and its summary."""
+    """One run of a method (RL, or DPO): ``method`` at ``seed``, its artifact directory and
+    its summary."""
 
     method: str
     seed: int
@@ -32,6 +33,21 @@ class Run:
     @property
     def final(self) -> dict:
         return self.summary["final_eval"]
+
+    @property
+    def updates_per_step(self) -> float | None:
+        """Policy (optimizer) updates per step of ``history``: an RL step is a rollout and
+        every PPO mini-batch update on it, a DPO step one update; None when the summary
+        predates the count."""
+        updates, steps = self.summary.get("policy_updates"), self.summary.get("rl_steps")
+        return updates / steps if updates and steps else None
+
+
+def update_scale(runs: list[Run]) -> dict[str, float] | None:
+    """``{method: policy updates per history step}`` when every run records it (then curves
+    and step counts compare methods at equal numbers of policy updates), else None."""
+    scale = {r.method: r.updates_per_step for r in runs}
+    return None if None in scale.values() else scale
 
 
 def load_runs(runs: dict[str, dict[int, str]]) -> list[Run]:

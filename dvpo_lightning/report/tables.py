@@ -16,7 +16,7 @@ is a :func:`~dvpo_lightning.report.runs.mean_std` dict (or None when it does not
 
 from __future__ import annotations
 
-from dvpo_lightning.report.runs import Run, by_method, convergence_step, mean_std
+from dvpo_lightning.report.runs import Run, by_method, convergence_step, mean_std, update_scale
 
 DIGITS = {"response_len": 2, "gen_tokens_per_step": 1, "params_loaded_m": 3,
           "params_trained_m": 3, "time_ratio": 2, "mem_ratio": 2, "step_best": 1,
@@ -72,8 +72,10 @@ def value_model_table(gvm: dict | None, reward_model: dict | None,
 
 
 def cost_table(runs: list[Run], baseline: str | None = "ppo") -> dict:
-    """Cost of an RL step per method, and its ratio to ``baseline`` (same study, same
-    machine). Memory is the CUDA peak on a GPU, else the process's peak RSS."""
+    """Cost per method: the whole run's training time (equal policy updates), a step's
+    seconds and their parts, and the ratios to ``baseline`` (same study, same machine).
+    Memory is the CUDA peak on a GPU, else the process's peak RSS. A method that generates
+    nothing while training (DPO) shows — for the rollout columns."""
     groups = by_method(runs)
     mem_key = ("peak_mem_gb" if all("peak_mem_gb" in r.summary["cost"] for r in runs)
                else "peak_rss_gb")
@@ -83,20 +85,29 @@ def cost_table(runs: list[Run], baseline: str | None = "ppo") -> dict:
         rows[method] = {k: mean_std([x[k] for x in c]) for k in
                         ("step_s", "generate_s", "score_s", "update_s", "gen_tokens_per_step",
                          mem_key, "params_loaded_m", "params_trained_m")}
+        # the whole run's training time: the comparison at equal policy updates (a DPO step is
+        # one update, an RL step a rollout and several); older summaries: steps × mean
+        rows[method]["train_s"] = mean_std([x.get("train_s", x["step_s"] * x["rl_steps"])
+                                            for x in c])
+        if all(x["gen_tokens_per_step"] == 0 for x in c):  # DPO: nothing generated to train
+            for key in ("generate_s", "score_s", "update_s", "gen_tokens_per_step"):
+                rows[method][key] = None
     if baseline in rows:
         b = rows[baseline]
         for row in rows.values():
-            for key, ratio in (("step_s", "time_ratio"), (mem_key, "mem_ratio")):
+            for key, ratio in (("train_s", "time_ratio"), (mem_key, "mem_ratio")):
                 row[ratio] = mean_std([row[key]["mean"] / b[key]["mean"]])
     mem_label = "peak GPU mem (GB)" if mem_key == "peak_mem_gb" else "peak RSS (GB)"
-    columns = [("step_s", "s / RL step"), ("generate_s", "generate s"),
+    columns = [("train_s", "train s (whole run)"), ("step_s", "s / step"),
+               ("generate_s", "generate s"),
                ("score_s", "score s"), ("update_s", "update s"),
                ("gen_tokens_per_step", "gen. tokens / step"), (mem_key, mem_label),
                ("params_loaded_m", "params loaded (M)"),
                ("params_trained_m", "params trained (M)")]
     if baseline in rows:
-        columns += [("time_ratio", f"time ÷ {baseline}"), ("mem_ratio", f"mem ÷ {baseline}")]
-    return {"title": "Cost per RL step, same study and machine (Table 7 analog)",
+        columns += [("time_ratio", f"train time ÷ {baseline}"),
+                    ("mem_ratio", f"mem ÷ {baseline}")]
+    return {"title": "Cost per run and per step, same study and machine (Table 7 analog)",
             "columns": columns, "rows": rows}
 
 
@@ -105,19 +116,23 @@ def convergence_table(runs: list[Run], fraction: float = 0.95, reference: str = 
     it (of the reward, and of the gain over the SFT policy; runs that never beat it are left
     out of the second)."""
     rows = {}
+    scale = update_scale(runs)  # in policy updates when every run records them (DPO: yes)
+    unit = "policy updates" if scale else "RL steps"
     for method, rs in by_method(runs).items():
+        k = scale[method] if scale else 1.0
         gains = [convergence_step(r.history, fraction, of_gain=True) for r in rs]
         gains = [g for g in gains if g is not None]
         rows[method] = {
             "best_gold": mean_std([max(h["eval/gold_reward"] for h in r.history) for r in rs]),
-            "step_best": mean_std([float(convergence_step(r.history, fraction)) for r in rs]),
-            "step_gain": mean_std([float(g) for g in gains]) if gains else None,
-            "rl_steps": mean_std([float(r.summary["rl_steps"]) for r in rs])}
+            "step_best": mean_std([k * convergence_step(r.history, fraction) for r in rs]),
+            "step_gain": mean_std([k * g for g in gains]) if gains else None,
+            "rl_steps": mean_std([k * r.summary["rl_steps"] for r in rs])}
     pct = f"{fraction:.0%}"
-    return {"title": f"Convergence: first RL step at {pct} of the best held-out gold reward",
-            "columns": [("best_gold", "best gold reward"), ("step_best", f"step to {pct} of best"),
-                        ("step_gain", f"step to {pct} of best gain over {reference}"),
-                        ("rl_steps", "RL steps")],
+    return {"title": f"Convergence: {unit} to {pct} of the best held-out gold reward",
+            "columns": [("best_gold", "best gold reward"),
+                        ("step_best", f"{unit} to {pct} of best"),
+                        ("step_gain", f"{unit} to {pct} of best gain over {reference}"),
+                        ("rl_steps", unit)],
             "rows": rows}
 
 
