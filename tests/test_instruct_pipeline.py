@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct (the packaged GGUF) samples responses to constraint-carrying prompts under
 four behaviour policies, the judge scores them, the reward model and the GVM train on them with
-LoRA, and DVPO, PPO, GRPO and ReMax each run two RL steps from the instruct model with LoRA
-(reference = adapters off), judged on held-out prompts; then the report. The run's own files
+LoRA, DVPO, PPO, GRPO and ReMax each run two RL steps from the instruct model with LoRA
+(reference = adapters off) and DPO two updates on the same pairs, all judged on held-out
+prompts; then the report. The run's own files
 are checked: the judge's scores, the LoRA exports and the report's tables.
 """
 
@@ -25,7 +26,7 @@ from dvpo_lightning.models.named import resolve_model
 from dvpo_lightning.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("dvpo", "ppo", "grpo", "remax")
+METHODS = ("dvpo", "ppo", "grpo", "remax", "dpo")
 pytestmark = [
     requires_smollm2,
     pytest.mark.filterwarnings("ignore"),
@@ -45,7 +46,7 @@ def test_instruct_smoke_pipeline_runs_end_to_end(tmp_path, monkeypatch):
         capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
     summary = [line for line in proc.stdout.splitlines() if line.startswith("[pipeline] data ")]
-    assert summary and summary[-1].count(" ran (") == 8, summary  # data, 2 stages, 4 runs, report
+    assert summary and summary[-1].count(" ran (") == 9, summary  # data, 2 stages, 5 runs, report
 
     # the data: judged samples of the real model, disjoint prompt splits, pairs by score
     data = tmp_path / "data/instruct_smoke"

@@ -26,6 +26,14 @@ from dvpo_lightning.rollout.scoring import policy_logps
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
+def pair_data(task_data: str, tokenizer: str) -> ValueDataModule:
+    """The task's preference pairs for a value stage (16 per batch)."""
+    return ValueDataModule(train_path=os.path.join(task_data, "pairs.jsonl"),
+                           val_path=os.path.join(task_data, "eval_pairs.jsonl"),
+                           tokenizer=tokenizer, train_kind="pairwise", batch_size=16,
+                           max_length=32)
+
+
 def _split(module: torch.nn.Module, before: dict, prefix: str = "") -> tuple[set, set]:
     """Names of changed adapter / changed non-adapter parameters."""
     changed = {n for n, p in module.named_parameters()
@@ -76,10 +84,7 @@ def test_dvpo_with_lora_trains_adapters_only_and_exports_merged(artifacts, task_
 def test_gvm_with_lora_trains_adapters_and_head(task_data, sft_model_dir, tmp_path,
                                                 make_trainer):
     L.seed_everything(0, verbose=False)
-    dm = ValueDataModule(train_path=os.path.join(task_data, "pairs.jsonl"),
-                         val_path=os.path.join(task_data, "eval_pairs.jsonl"),
-                         tokenizer=sft_model_dir, train_kind="pairwise", batch_size=16,
-                         max_length=32)
+    dm = pair_data(task_data, sft_model_dir)
     module = GVMModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0,
                        export_dir=str(tmp_path / "gvm"), lora=LoraOptions(r=4))
     before = {k: v.detach().clone() for k, v in module.model.named_parameters()}
@@ -159,10 +164,7 @@ def test_stages_train_in_train_mode(lora, task_data, sft_model_dir, tmp_path, ma
     """Models load in eval mode and Lightning 2.x keeps a module's mode: a stage must switch
     its model to train mode, or dropout, LoRA dropout and gradient checkpointing are off."""
     L.seed_everything(0, verbose=False)
-    dm = ValueDataModule(train_path=os.path.join(task_data, "pairs.jsonl"),
-                         val_path=os.path.join(task_data, "eval_pairs.jsonl"),
-                         tokenizer=sft_model_dir, train_kind="pairwise", batch_size=16,
-                         max_length=32)
+    dm = pair_data(task_data, sft_model_dir)
     module = GVMModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0,
                        lora=lora, gradient_checkpointing=True)
     record = _RecordMode()

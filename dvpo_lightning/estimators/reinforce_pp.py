@@ -18,7 +18,7 @@ from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
 from dvpo_lightning.estimators.grpo import check_group_sizes
-from dvpo_lightning.ops.groups import group_sums
+from dvpo_lightning.ops.groups import group_sums, sizes_of_two_or_more
 from dvpo_lightning.ops.returns import lambda_returns, token_rewards
 from dvpo_lightning.rollout.experience import Experience
 
@@ -58,12 +58,8 @@ def group_centred_scores(scores: Tensor, group_ids: Tensor) -> Tensor:
         ``(B,)`` float (dtype of ``scores``); zero mean within every group.
     """
     count, total = group_sums(scores, group_ids)
-    if (count < 2).any():
-        raise ValueError(
-            "group_centred_scores: a group has a single response, so its mean baseline is the "
-            f"response's own score (group sizes: {sorted(set(count.long().tolist()))}); sample "
-            ">= 2 responses per prompt"
-        )
+    sizes_of_two_or_more(count, "group_centred_scores",
+                         "its mean baseline is the response's own score")
     return (scores.to(torch.float64) - total / count).to(scores.dtype)
 
 

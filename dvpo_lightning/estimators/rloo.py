@@ -7,7 +7,7 @@ from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
 from dvpo_lightning.estimators.grpo import check_group_sizes
-from dvpo_lightning.ops.groups import group_sums
+from dvpo_lightning.ops.groups import group_sums, sizes_of_two_or_more
 from dvpo_lightning.ops.returns import sequence_rewards
 from dvpo_lightning.rollout.experience import Experience
 
@@ -24,12 +24,7 @@ def rloo_advantages(rewards: Tensor, group_ids: Tensor) -> Tensor:
         ``(B,)`` float; sums to zero within every group.
     """
     count, total = group_sums(rewards, group_ids)
-    if (count < 2).any():
-        raise ValueError(
-            "rloo_advantages: a group has a single response, so the leave-one-out baseline is "
-            f"undefined (group sizes: {sorted(set(count.long().tolist()))}); sample >= 2 "
-            "responses per prompt"
-        )
+    sizes_of_two_or_more(count, "rloo_advantages", "the leave-one-out baseline is undefined")
     r = rewards.to(torch.float64)
     return (r - (total - r) / (count - 1)).to(rewards.dtype)
 

@@ -322,14 +322,9 @@ class DPOModule(SingleModelStage):
 
     def summary_pictures(self, log_dir: Path, summary: dict) -> dict[str, Path]:
         """This run's learning curves, for W&B."""
-        from dvpo_lightning.report.plots import plot_learning_curves
-        from dvpo_lightning.report.runs import Run
+        from dvpo_lightning.report.plots import run_learning_curves
 
-        if not summary["history"]:
-            return {}
-        run = Run(summary["estimator"], 0, "", summary)
-        return {"eval/learning_curves": plot_learning_curves([run],
-                                                             log_dir / "learning_curves.png")}
+        return run_learning_curves(summary, log_dir)
 
     def summary_line(self, summary: dict) -> str:
         final, pairs = summary["final_eval"], summary["pair_eval"]

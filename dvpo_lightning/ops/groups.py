@@ -27,6 +27,15 @@ def group_sums(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     return per_group(torch.ones_like(v))[inverse], per_group(v)[inverse]
 
 
+def sizes_of_two_or_more(count: Tensor, who: str, why: str) -> None:
+    """Refuse a group of one response: ``count`` ``(B,)`` from :func:`group_sums`; ``who`` and
+    ``why`` (what a single response breaks) name it in the message."""
+    if (count < 2).any():
+        raise ValueError(
+            f"{who}: a group has a single response, so {why} (group sizes: "
+            f"{sorted(set(count.long().tolist()))}); sample >= 2 responses per prompt")
+
+
 def group_mean_var(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's group size, mean and unbiased (Bessel) variance, in two passes.
 

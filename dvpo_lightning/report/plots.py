@@ -62,6 +62,15 @@ def plot_learning_curves(runs: list[Run], out: str | Path, reference: str = "SFT
     return _save(fig, out)
 
 
+def run_learning_curves(summary: dict, log_dir: Path) -> dict[str, Path]:
+    """One run's learning curves from its summary (for W&B): ``{"eval/learning_curves":
+    png}``, or {} when the run has no held-out evaluation."""
+    if not summary["history"]:
+        return {}
+    run = Run(summary["estimator"], 0, "", summary)
+    return {"eval/learning_curves": plot_learning_curves([run], log_dir / "learning_curves.png")}
+
+
 def plot_train_curves(runs: list[Run], out: str | Path, window: int = 5) -> Path:
     """Rollout gold reward and KL at every RL step (moving average of ``window`` steps)."""
     groups = by_method(runs)
