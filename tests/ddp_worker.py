@@ -83,6 +83,12 @@ def main() -> None:
     rank = trainer.global_rank
     torch.save({**model.record, "world_size": trainer.world_size},
                os.path.join(out, f"rank{rank}.pt"))
+    # Leave the process group before the interpreter exits: gloo's threads torn down at exit
+    # while the group is alive can abort the process ("terminate called without an active
+    # exception", seen once in CI after the results were written).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
