@@ -13,7 +13,7 @@ from dvpo_lightning.commands.errors import DEBUG_ENV, reported_errors
 # the fit module.
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("dvpo_lightning.commands.fit",
-            "train one stage (SFT, reward model, GVM, RL) from a config: LightningCLI"),
+            "train one stage (SFT, reward model, GVM, RL, DPO) from a config: LightningCLI"),
     "validate": ("dvpo_lightning.commands.fit", "evaluate a stage's model (LightningCLI)"),
     "test": ("dvpo_lightning.commands.fit", "test a stage's model (LightningCLI)"),
     "predict": ("dvpo_lightning.commands.fit", "predict with a stage's model (LightningCLI)"),

@@ -57,7 +57,7 @@ def plot_learning_curves(runs: list[Run], out: str | Path, reference: str = "SFT
         ax.grid(alpha=0.3)
     axes[0].legend()
     n = max(len(rs) for rs in groups.values())
-    fig.suptitle(f"Held-out evaluation during RL (mean ± std over {n} seed(s))")
+    fig.suptitle(f"Held-out evaluation during training (mean ± std over {n} seed(s))")
     fig.tight_layout()
     return _save(fig, out)
 

@@ -24,5 +24,9 @@ def make_generator(settings: RolloutSettings, eos_token_id: int, pad_token_id: i
         raise ValueError(f"model.init_args.rollout.engine={settings.engine!r} is not an engine; "
                          f"allowed values: {', '.join(repr(k) for k in ENGINES)}")
     if settings.engine == "vllm":
-        return VLLMEngine(eos_token_id, pad_token_id, settings.vllm)
+        return VLLMEngine(eos_token_id, pad_token_id, settings.vllm)  # logs itself when built
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info("rollout engine: Hugging Face generate (model.init_args.rollout.engine=hf; "
+                   "vllm for the colocated vLLM engine)")
     return HFGenerator(eos_token_id, pad_token_id)
