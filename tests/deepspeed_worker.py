@@ -1,7 +1,8 @@
 """One DVPO update with or without DeepSpeed ZeRO on CPU; used by ``test_deepspeed_cpu.py``.
 
-    python tests/deepspeed_worker.py OUT STRATEGY TASK_DATA POLICY GVM [DEVICES]
-    # STRATEGY: plain|2|3; DEVICES processes (Lightning launches the others) share the batch
+    python tests/deepspeed_worker.py OUT STRATEGY TASK_DATA POLICY GVM [DEVICES [ENGINE]]
+    # STRATEGY: plain|2|3; DEVICES processes (Lightning launches the others) share the batch;
+    # ENGINE: hf (default) | vllm, the rollout engine (each process drives its own)
 
 Greedy rollouts (``temperature=0``) make the experience identical across strategies; the
 trained weights after one optimizer step (gathered under ZeRO-3) go to ``OUT``.
@@ -31,10 +32,12 @@ warnings.filterwarnings("ignore")
 def main() -> None:
     out, strategy, data, policy, gvm = sys.argv[1:6]
     devices = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+    engine = sys.argv[7] if len(sys.argv) > 7 else "hf"
     torch.set_num_threads(1)
     L.seed_everything(0)
     model = DVPOModule(policy=policy, estimator=GVM(), value_model=gvm, lr=1e-3,
-                       rollout=RolloutSettings(max_new_tokens=6, temperature=0.0),
+                       rollout=RolloutSettings(max_new_tokens=6, temperature=0.0,
+                                               engine=engine),
                        ppo=PPOSettings(epochs=1, mini_batch_size=4 // devices,
                                        max_grad_norm=None))
     dm = RolloutDataModule(f"{data}/rl_prompts.jsonl", f"{data}/eval_prompts.jsonl",

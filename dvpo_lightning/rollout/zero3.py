@@ -13,10 +13,15 @@ def gathered_for_generation(module: nn.Module):
     Under DeepSpeed ZeRO-3 each rank holds a shard and DeepSpeed's hooks all-gather every
     layer's weights at every forward call — at every decode step of ``generate``. Gathering
     once for the whole generation trades that traffic for one full copy of the weights.
+    Re-entrant: parameters an outer context already gathered are left to it (the rollout
+    gathers the policy for generation, and the vLLM engine's weight push inside it again).
     """
     params = list(module.parameters())
     if params and hasattr(params[0], "ds_id"):
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        partitioned = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
+        if partitioned:
+            return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
     return contextlib.nullcontext()
