@@ -185,3 +185,21 @@ def test_the_cli_refuses_a_policy_vllm_cannot_serve_before_the_first_rollout(
     with pytest.raises(ValueError, match=r"head_dim=16.*rollout.engine=hf"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 0 and cli.model.experience.generator.llm is None
+
+
+def test_generation_settings_vllm_would_ignore_are_warned_of_and_unset_ones_are_not(
+        tok, caplog):
+    """A policy whose generation config asks ``generate`` for a repetition penalty gets a
+    warning (vLLM is given explicit sampling settings and would not apply it); the unset
+    fields of a real model's config (None) do not."""
+    model = model32(tok)
+    engine = VLLMEngine(tok.eos_token_id, tok.pad_token_id)
+    model.generation_config.repetition_penalty = None
+    model.generation_config.no_repeat_ngram_size = None
+    with caplog.at_level("WARNING"):
+        engine.check_servable(model, torch.device("cpu"))
+    assert "generation config" not in caplog.text
+    model.generation_config.repetition_penalty = 1.3
+    with caplog.at_level("WARNING"):
+        engine.check_servable(model, torch.device("cpu"))
+    assert "repetition_penalty" in caplog.text

@@ -181,7 +181,8 @@ class VLLMEngine:
                              "mode is not supported on a CPU. Fix: set it to false")
         ignored = {k: getattr(model.generation_config, k) for k, off in
                    _IGNORED_GENERATION_FIELDS.items()
-                   if getattr(getattr(model, "generation_config", None), k, off) not in (off,)}
+                   if getattr(getattr(model, "generation_config", None), k, off)
+                   not in (off, None)}  # (None: unset, which is off too)
         if ignored:
             _LOG.warning("rollout engine vllm: the policy's generation config sets %s, which "
                          "`generate` would apply and vLLM (given explicit sampling settings) "
