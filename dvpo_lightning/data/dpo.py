@@ -6,9 +6,9 @@ from __future__ import annotations
 from torch.utils.data import DataLoader
 
 from dvpo_lightning.data.base import ListDataset
-from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.data.pairwise import PairwiseDataModule
-from dvpo_lightning.data.tokenize import LengthReport, check_prompt_ids, encode_prompt
+from dvpo_lightning.data.rollout import collate_prompts, encode_prompts
+from dvpo_lightning.data.tokenize import LengthReport
 
 
 class DPODataModule(PairwiseDataModule):
@@ -66,17 +66,7 @@ class DPODataModule(PairwiseDataModule):
         rows = self.load(path, "prompt")[:self.max_eval_prompts]
         report = LengthReport(path, self.max_prompt_length, "truncate")
         self.length_reports.append(report)
-        out = []
-        for i, row in enumerate(rows):
-            ids = encode_prompt(self.tokenizer, row["prompt"], self.chat_template)
-            check_prompt_ids(ids, path, i)
-            report.total += 1
-            if len(ids) > self.max_prompt_length:
-                report.truncated += 1
-                ids = ids[-self.max_prompt_length:]
-            out.append((ids, row["prompt"]))
-        self.check_vocabulary(path, (ids for ids, _ in out))
-        return out
+        return encode_prompts(self, rows, path, report, self.max_prompt_length)
 
     def read_files(self) -> tuple[list, list]:
         """The training and held-out pairs; the held-out prompts are kept in ``prompt_set``."""
@@ -87,9 +77,7 @@ class DPODataModule(PairwiseDataModule):
 
     def collate_prompts(self, items: list[tuple[list[int], object]]) -> dict:
         """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)`` and the raw ``prompts``."""
-        prompt_ids, prompt_mask = pad_left([ids for ids, _ in items], self.tokenizer.pad_token_id)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                "prompts": [raw for _, raw in items]}
+        return collate_prompts(items, self.tokenizer.pad_token_id)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         pairs = super().val_dataloader()

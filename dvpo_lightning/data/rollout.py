@@ -10,6 +10,30 @@ from dvpo_lightning.data.sampler import EpochShuffleSampler
 from dvpo_lightning.data.tokenize import check_prompt_ids, encode_prompt
 
 
+def encode_prompts(dm: TokenizedDataModule, rows: list[dict], path: str, report,
+                   max_length: int) -> list[tuple[list[int], object]]:
+    """``(ids, raw prompt)`` of each row of ``path`` (tokenised by ``dm``, chat template as it
+    says); a prompt longer than ``max_length`` keeps its last tokens, counted in ``report``."""
+    out = []
+    for i, r in enumerate(rows):
+        ids = encode_prompt(dm.tokenizer, r["prompt"], dm.chat_template)
+        check_prompt_ids(ids, path, i)
+        report.total += 1
+        if len(ids) > max_length:
+            report.truncated += 1
+            ids = ids[-max_length:]
+        out.append((ids, r["prompt"]))
+    dm.check_vocabulary(path, (ids for ids, _ in out))
+    return out
+
+
+def collate_prompts(items: list[tuple[list[int], object]], pad_token_id: int) -> dict:
+    """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)`` and the raw ``prompts``."""
+    prompt_ids, prompt_mask = pad_left([p for p, _ in items], pad_token_id)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "prompts": [raw for _, raw in items]}
+
+
 class RolloutDataModule(TokenizedDataModule):
     """Prompt batches for RL, ``batch_size`` distinct prompts per RL step and process (the
     experience maker samples the estimator's ``group_size`` responses to each).
@@ -41,18 +65,7 @@ class RolloutDataModule(TokenizedDataModule):
 
     def _encode(self, path: str, limit: int | None = None) -> list[tuple[list[int], object]]:
         rows = self.load(path, "prompt", self.format, self.split)[:limit]
-        report = self.new_report(path)
-        out = []
-        for i, r in enumerate(rows):
-            ids = encode_prompt(self.tokenizer, r["prompt"], self.chat_template)
-            check_prompt_ids(ids, path, i)
-            report.total += 1
-            if len(ids) > self.max_length:
-                report.truncated += 1
-                ids = ids[-self.max_length:]
-            out.append((ids, r["prompt"]))
-        self.check_vocabulary(path, (ids for ids, _ in out))
-        return out
+        return encode_prompts(self, rows, path, self.new_report(path), self.max_length)
 
     def read_files(self) -> tuple[list, list]:
         return (self._encode(self.train_path),
@@ -67,10 +80,7 @@ class RolloutDataModule(TokenizedDataModule):
                                                self.batch_size, world, rank)
 
     def collate(self, items: list[tuple[list[int], object]]) -> dict:
-        """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)`` and the raw ``prompts``."""
-        prompt_ids, prompt_mask = pad_left([p for p, _ in items], self.tokenizer.pad_token_id)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-                "prompts": [raw for _, raw in items]}
+        return collate_prompts(items, self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
