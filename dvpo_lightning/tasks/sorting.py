@@ -58,7 +58,8 @@ class SortingTask:
         return (k + int(exact)) / (len(target) + 1)
 
     def noisy_response(self, prompt: str, error_rate: float, rng: random.Random,
-                       dedup_rate: float = 0.0, stutter_rate: float = 0.0) -> str:
+                       dedup_rate: float = 0.0, stutter_rate: float = 0.0,
+                       swap_rate: float = 0.0) -> str:
         """The answer of a teacher with systematic flaws and random slips.
 
         - ``dedup_rate``: each repeated copy of a digit is left out with this probability
@@ -67,7 +68,12 @@ class SortingTask:
         - ``stutter_rate``: each digit is written twice with this probability (the opposite
           flaw: too long instead of too short, so length alone does not tell good from bad);
         - ``error_rate``: random slips per written digit, in equal parts replacing it by
-          another digit, inserting an extra random digit after it, or leaving it out.
+          another digit, inserting an extra random digit after it, or leaving it out;
+        - ``swap_rate``: applied last, to the written answer: two adjacent digits that differ
+          are written in the wrong order with this probability, position by position (only
+          different digits, so a swap always changes the answer; a swapped pair is not swapped
+          again). At 0 no random number is drawn for it: the answer and the ``rng`` state are
+          those of a call without it.
         """
         ref = self.reference(prompt)
         out = []
@@ -84,4 +90,12 @@ class SortingTask:
             out.append(ch)
             if rng.random() < stutter_rate:
                 out.append(ch)
+        if swap_rate:
+            i = 0
+            while i + 1 < len(out):
+                if out[i] != out[i + 1] and rng.random() < swap_rate:
+                    out[i], out[i + 1] = out[i + 1], out[i]
+                    i += 2
+                else:
+                    i += 1
         return "".join(out)
