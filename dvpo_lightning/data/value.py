@@ -4,6 +4,7 @@ conditioning, §4.1)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -45,13 +46,17 @@ class ValueDataModule(TokenizedDataModule):
             rows with another prompt.
         format: row format of ``train_path`` (``auto`` detects it).
         split: split of a ``datasets`` directory.
+        train_fraction: train on the rows of the first ``⌈fraction · P⌉`` of the ``P``
+            distinct prompts of ``train_path`` (file order, all of a prompt's responses
+            kept): the GVM-quality sweep's less-data variants. 1.0: every row.
         **kwargs: see :class:`TokenizedDataModule`.
     """
 
     def __init__(self, train_path: str, val_path: str, tokenizer: str,
                  train_kind: str = "scored", chosen_return: float = 1.0,
                  rejected_return: float = -1.0, tau_conditioning: bool = False,
-                 format: str = "auto", split: str | None = None, batch_size: int = 32,
+                 format: str = "auto", split: str | None = None, train_fraction: float = 1.0,
+                 batch_size: int = 32,
                  val_batch_size: int | None = None, max_length: int = 512,
                  length_policy: str = "truncate", chat_template: bool = True,
                  num_workers: int = 0, seed: int = 0) -> None:
@@ -62,10 +67,18 @@ class ValueDataModule(TokenizedDataModule):
         self.train_path, self.val_path, self.train_kind = train_path, val_path, train_kind
         self.chosen_return, self.rejected_return = chosen_return, rejected_return
         self.tau_conditioning, self.format, self.split = tau_conditioning, format, split
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"data.train_fraction={train_fraction}: must be in (0, 1], the "
+                             "share of the training prompts to keep (1.0: all)")
+        self.train_fraction = train_fraction
 
     def _train_rows(self) -> list[dict]:
         rows = self.load(self.train_path, self.train_kind, self.format, self.split,
                          other_kinds=_TRAIN_KIND_FIXES)
+        if self.train_fraction < 1.0:
+            prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+            keep = set(prompts[:math.ceil(self.train_fraction * len(prompts))])
+            rows = [r for r in rows if r["prompt"] in keep]
         if self.train_kind == "pairwise":
             rows = pairs_to_scored(rows, self.chosen_return, self.rejected_return)
         return rows

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from dvpo_lightning.data.examples import file_examples
-from dvpo_lightning.report import plots, tables
+from dvpo_lightning.report import gvm_quality, plots, tables
 from dvpo_lightning.report.explain import write_token_values
-from dvpo_lightning.report.runs import load_runs
+from dvpo_lightning.report.runs import by_method, load_runs
 from dvpo_lightning.report.value_accuracy import pair_accuracy
 
 
@@ -31,22 +31,38 @@ def _machine() -> str:
            "torch threads)"
 
 
+def _by_seed(artifact: str | dict | None) -> dict:
+    """A stage-1 artifact as ``{seed: path}``: one path (trained once) is ``{None: path}``."""
+    if artifact is None:
+        return {}
+    return dict(artifact) if isinstance(artifact, dict) else {None: artifact}
+
+
 def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
-                 gvm: str | None = None, reward_model: str | None = None,
-                 eval_pairs: str | None = None, critic_method: str | None = "ppo",
-                 baseline: str | None = "ppo", examples: int = 4, color_by: str = "delta",
-                 wandb: bool = True, group: str | None = None,
-                 reference: str = "SFT") -> list[Path]:
+                 gvm: str | dict[int, str] | None = None,
+                 reward_model: str | dict[int, str] | None = None,
+                 eval_pairs: str | None = None, shifted_pairs: str | None = None,
+                 compare: str | None = "dvpo", baseline: str | None = "ppo",
+                 gvm_sweep: dict[str, str | dict[int, str]] | None = None,
+                 examples: int = 4, color_by: str = "delta", wandb: bool = True,
+                 group: str | None = None, reference: str = "SFT") -> list[Path]:
     """Write the tables, plots and pictures of a study; returns the files written.
 
     Args:
         runs: ``{method: {seed: RL artifact directory}}``.
         out: output directory.
-        gvm: the GVM artifact (pair accuracy; the token-value picture).
-        reward_model: the scalar reward model artifact (pair accuracy).
+        gvm: the GVM artifact (pair accuracy; the token-value picture), or ``{seed: artifact}``
+            when stage 1 was trained per seed.
+        reward_model: the scalar reward model artifact (pair accuracy), likewise.
         eval_pairs: held-out pairs for the pair accuracies and the picture's examples.
-        critic_method: the method whose runs exported a trained critic (``<artifact>/critic``).
-        baseline: the method the cost ratios divide by.
+        shifted_pairs: held-out pairs from a behaviour policy no training data came from
+            (the value models' accuracy under distribution shift); None: not measured.
+        compare: the method compared seed by seed with every other (the paired table).
+        baseline: the method the cost ratios divide by, and whose gain the GVM-quality
+            table and plot put beside DVPO's.
+        gvm_sweep: ``{method: GVM artifact (or {seed: artifact})}``: DVPO runs that used
+            GVMs of different quality; their gain is plotted against the GVM's pair accuracy
+            (:mod:`~dvpo_lightning.report.gvm_quality`). None: no such plot.
         examples: held-out pairs shown in the token-value picture.
         color_by: colour tokens by ``delta`` (u_t − u_{t−1}) or ``value`` (u_t).
         wandb: also log everything to a W&B run (job type ``report``).
@@ -57,31 +73,56 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_runs(runs)
-    accs = {}
-    if eval_pairs:
-        if gvm:
-            accs["gvm"] = pair_accuracy(gvm, eval_pairs)
-        if reward_model:
-            accs["reward_model"] = pair_accuracy(reward_model, eval_pairs)
-        critic_dirs = [Path(r.artifact) / "critic" for r in loaded if r.method == critic_method]
-        accs["critics"] = [pair_accuracy(str(d), eval_pairs) for d in critic_dirs if d.exists()]
+    gvms, rms = _by_seed(gvm), _by_seed(reward_model)
+    critics = {}  # method → the critics its runs exported (PPO's, at their last step)
+    for m, rs in by_method(loaded).items():
+        if dirs := [d for r in rs if (d := Path(r.artifact) / "critic").exists()]:
+            critics[m] = dirs
+    value_models = {"GVM": list(gvms.values()), "ScalarRM": list(rms.values()),
+                    **{f"critic of {m} (A/C)": [str(d) for d in dirs]
+                       for m, dirs in critics.items()}}
+    accs: dict[str, dict[str, list[dict]]] = {}
+    for name, pairs in (("in_distribution", eval_pairs), ("shifted", shifted_pairs)):
+        if pairs:
+            accs[name] = {label: [pair_accuracy(d, pairs) for d in dirs]
+                          for label, dirs in value_models.items() if dirs}
     result = {
         "quality": tables.quality_table(loaded, reference),
-        "value_models": tables.value_model_table(accs.get("gvm"), accs.get("reward_model"),
-                                                 accs.get("critics", [])),
+        "paired": tables.paired_table(loaded, compare) if compare else None,
+        "value_models": tables.value_model_table(accs.get("in_distribution", {}),
+                                                 accs.get("shifted")),
         "cost": tables.cost_table(loaded, baseline),
         "convergence": tables.convergence_table(loaded, reference=reference),
     }
+    sweep = None
+    if gvm_sweep and eval_pairs:
+        sweep = gvm_quality.sweep_points(loaded, {m: _by_seed(a) for m, a in gvm_sweep.items()},
+                                         eval_pairs, baseline)
+        result["gvm_quality"] = gvm_quality.sweep_table(sweep, baseline)
+    result = {k: v for k, v in result.items() if v is not None}
     seeds = sorted({r.seed for r in loaded})
     machine = _machine()
+    stage1 = ("retrained per seed (the pipeline's seed_scope: pipeline), so every spread "
+              "includes the stage-1 draw" if len(gvms) > 1 or len(rms) > 1 else
+              "trained once")
+    n_pairs = {k: next(iter(v.values()))[0]["pairs"] for k, v in accs.items() if v}
     notes = {
-        "quality": f"Mean ± sample std over seeds {seeds}; held-out prompts, the gold scorer "
-                   "judges. Win rate: fraction of prompts where the policy's response beats the "
-                   f"{reference} policy's (ties count ½).",
-        "value_models": "GVM and ScalarRM are trained once on the same data; the critic row "
-                        f"is each {critic_method} run's critic at its last step. "
-                        f"{accs['gvm']['pairs'] if accs.get('gvm') else '?'} held-out pairs."
-                        if accs else "No eval_pairs given.",
+        "quality": f"Mean ± the 95 % Student-t interval's half-width over seeds {seeds} "
+                   f"(sample std in report.json); stage 1 {stage1}. Held-out prompts, the gold "
+                   "scorer judges. Win rate: fraction of prompts where the policy's response "
+                   f"beats the {reference} policy's (ties count ½).",
+        "paired": f"Each row pairs {compare}'s run at a seed with the other method's run at the "
+                  "same seed (same data, same stage-1 models when stage 1 is per seed); mean "
+                  "difference ± the 95 % paired-t interval's half-width. An interval that "
+                  "contains 0 means these seeds cannot tell the two apart.",
+        "value_models": (f"GVM and ScalarRM: stage 1, {stage1}, on the same data; a critic "
+                         "row is each PPO run's critic at its last step. In distribution: "
+                         f"{n_pairs.get('in_distribution', '?')} held-out pairs of the "
+                         "training behaviour policies"
+                         + (f"; shifted: {n_pairs['shifted']} pairs of a behaviour policy "
+                            "whose flaw no training data had" if "shifted" in n_pairs else "")
+                         + ". Mean ± sample std over seeds." if accs else
+                         "No eval_pairs given."),
         "cost": f"Measured on {machine}, in this study. Step times exclude each run's first "
                 "step (warm-up); the whole run's time includes it. An RL step is a rollout and "
                 "its PPO updates, a DPO step one optimizer update on a batch of pairs (DPO "
@@ -93,6 +134,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                        "so a count here is a multiple of that interval; policy updates are "
                        "optimizer steps (an RL step makes several, a DPO step one).",
     }
+    if sweep:
+        notes["gvm_quality"] = gvm_quality.NOTE.format(baseline=baseline)
     md = [f"# Study report\n\nMethods {list(runs)}, seeds {seeds}, machine: {machine}.\n"]
     md += [tables.to_markdown(result[k], notes[k]) for k in result]
     written = [out_dir / "report.md", out_dir / "report.json"]
@@ -101,12 +144,16 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
             "final_eval": r.final, "cost": r.summary["cost"], "rl_steps": r.summary["rl_steps"]}
            for r in loaded]
     written[1].write_text(json.dumps({"tables": result, "notes": notes, "machine": machine,
-                                      "value_model_accuracy": accs, "runs": raw}, indent=2))
+                                      "value_model_accuracy": accs, "gvm_sweep": sweep,
+                                      "runs": raw}, indent=2))
     written += [plots.plot_learning_curves(loaded, out_dir / "learning_curves.png", reference),
                 plots.plot_train_curves(loaded, out_dir / "train_curves.png"),
                 plots.plot_reward_vs_kl(loaded, out_dir / "reward_vs_kl.png")]
-    if gvm and eval_pairs and examples > 0:
-        pictures = write_token_values(gvm, file_examples(eval_pairs, examples), out_dir,
+    if sweep:
+        written.append(gvm_quality.plot_sweep(sweep, out_dir / "gvm_quality.png", baseline))
+    if gvms and eval_pairs and examples > 0:
+        pictures = write_token_values(next(iter(gvms.values())),
+                                      file_examples(eval_pairs, examples), out_dir,
                                       color_by=color_by)
         written += [Path(p) for p in pictures.values()]
     if wandb:
@@ -134,7 +181,8 @@ def _log_to_wandb(out_dir: Path, files: list[Path], result: dict, group: str | N
             payload[f"report/{f.stem}_html"] = wandb.Html(f.read_text())
     for key, table in result.items():
         cols = [label for _, label in table["columns"]]
-        rows = [[name, *[tables.format_cell(row.get(k), tables.DIGITS.get(k, 3))
+        rows = [[name, *[tables.format_cell(row.get(k), tables.DIGITS.get(k, 3),
+                                            table.get("interval", "std"))
                          for k, _ in table["columns"]]]
                 for name, row in table["rows"].items()]
         payload[f"report/table_{key}"] = wandb.Table(columns=["", *cols], data=rows)

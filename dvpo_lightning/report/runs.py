@@ -8,10 +8,10 @@ step), the per-step training curve and the cost of a step.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from dvpo_lightning.report.stats import summarize
 from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
 
@@ -75,12 +75,9 @@ def load_runs(runs: dict[str, dict[int, str]]) -> list[Run]:
 
 
 def mean_std(values: list[float]) -> dict:
-    """``{"mean", "std", "n", "values"}``; ``std`` is the sample standard deviation (0 for
-    one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n, "values": list(values)}
+    """``{"mean", "std", "ci95", "n", "values"}`` (:func:`~dvpo_lightning.report.stats.summarize`):
+    ``std`` is the sample standard deviation, ``ci95`` the 95 % t-interval's half-width."""
+    return summarize(values)
 
 
 def by_method(runs: list[Run]) -> dict[str, list[Run]]:

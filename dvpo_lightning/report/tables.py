@@ -1,22 +1,27 @@
 """The paper's tables for one study, as plain data (JSON) and markdown, mean ± std over seeds.
 
 - :func:`quality_table` — Table 1 analog: held-out gold reward, win rate against the SFT
-  policy under the gold judge, KL to the reference, response length.
-- :func:`value_model_table` — Tables 3/4 analog: held-out pair accuracy of the GVM, the
-  scalar RM (both trained once, on the same data) and the PPO critic at the end of PPO.
+  policy under the gold judge, KL to the reference, response length; mean ± 95 % CI.
+- :func:`paired_table` — one method against each other, seed by seed: the paired difference
+  of the held-out gold reward and KL with its 95 % CI, and on how many seeds it was ahead.
+- :func:`value_model_table` — Tables 3/4/5 analog: held-out pair accuracy of the GVM, the
+  scalar RM and each PPO run's critic at its end, on in-distribution and on shifted pairs.
 - :func:`cost_table` — Table 7 analog: seconds per RL step, generated tokens and peak memory
   per method, all measured in the same study, with ratios to a baseline method.
 - :func:`convergence_table` — the RL step at which each method reaches 95 % of its best
   held-out gold reward (Figure 4's reading).
 
-Each table is ``{"title", "columns": [[key, label], …], "rows": {name: {key: cell}}}``; a cell
-is a :func:`~dvpo_lightning.report.runs.mean_std` dict (or None when it does not apply).
-``DIGITS`` says how many decimals a column is printed with (3 unless listed).
+Each table is ``{"title", "columns": [[key, label], …], "rows": {name: {key: cell}}}`` and
+``interval``: what follows a mean's ``±`` (``std``, or ``ci95``: the half-width of the 95 %
+Student-t interval). A cell is a :func:`~dvpo_lightning.report.runs.mean_std` dict, a
+``{"text": …}`` dict, or None when it does not apply. ``DIGITS`` says how many decimals a
+column is printed with (3 unless listed).
 """
 
 from __future__ import annotations
 
 from dvpo_lightning.report.runs import Run, by_method, convergence_step, mean_std, update_scale
+from dvpo_lightning.report.stats import paired_difference
 
 DIGITS = {"response_len": 2, "gen_tokens_per_step": 1, "params_loaded_m": 3,
           "params_trained_m": 3, "time_ratio": 2, "mem_ratio": 2, "step_best": 1,
@@ -42,33 +47,68 @@ def quality_table(runs: list[Run], reference: str = "SFT") -> dict:
             "response_len": mean_std([r.final["eval/response_len"] for r in rs])}
     columns = [(k, label.replace("SFT", reference)) for k, label in QUALITY_COLUMNS]
     return {"title": "Held-out quality at the end of RL (Table 1 analog)",
-            "columns": columns, "rows": rows}
+            "columns": columns, "rows": rows, "interval": "ci95"}
 
 
-def value_model_table(gvm: dict | None, reward_model: dict | None,
-                      critics: list[dict]) -> dict:
-    """Pair accuracy (``final`` value and token ``mean``) of each value model.
+def paired_table(runs: list[Run], method: str = "dvpo") -> dict | None:
+    """``method`` against every other method, seed by seed (None without ``method``'s runs).
 
-    Args:
-        gvm: :func:`~dvpo_lightning.report.value_accuracy.pair_accuracy` of the GVM.
-        reward_model: the same for the scalar reward model.
-        critics: the same for each PPO run's critic at the end of training (one per seed).
+    Per other method: the paired difference ``method − other`` of the final held-out gold
+    reward and KL (mean, 95 % paired-t CI), and the seeds on which ``method`` had the higher
+    gold reward. Seeds pair runs that share everything upstream of RL; a seed one side lacks
+    is left out.
     """
-    def row(accs: list[dict]) -> dict:
-        return {"final": mean_std([a["accuracy"]["final"] for a in accs]),
-                "mean": mean_std([a["accuracy"]["mean"] for a in accs]),
-                "pairs": accs[0]["pairs"]}
+    groups = by_method(runs)
+    if method not in groups:
+        return None
+
+    def final(rs: list[Run], key: str) -> dict[int, float]:
+        return {r.seed: r.final[key] for r in rs}
 
     rows = {}
-    if gvm:
-        rows["GVM"] = row([gvm])
-    if reward_model:
-        rows["ScalarRM"] = row([reward_model])
-    if critics:
-        rows["PPO critic (A/C)"] = row(critics)
-    return {"title": "Held-out pair accuracy of the value models (Tables 3/4 analog)",
-            "columns": [("final", "acc. (final value) ↑"), ("mean", "acc. (token mean) ↑")],
-            "rows": rows}
+    for other, rs in groups.items():
+        if other == method:
+            continue
+        gold = paired_difference(final(groups[method], "eval/gold_reward"),
+                                 final(rs, "eval/gold_reward"))
+        if gold is None:
+            continue
+        rows[other] = {
+            "gold_diff": gold,
+            "ahead": {"text": f"{gold['wins']}/{gold['n']}"},
+            "kl_diff": paired_difference(final(groups[method], "eval/kl_to_ref"),
+                                         final(rs, "eval/kl_to_ref"))}
+    return {"title": f"Paired differences over seeds: {method} − each method",
+            "columns": [("gold_diff", f"gold reward, {method} − method"),
+                        ("ahead", f"seeds {method} ahead"),
+                        ("kl_diff", f"KL, {method} − method")],
+            "rows": rows, "interval": "ci95"}
+
+
+def value_model_table(models: dict[str, list[dict]],
+                      shifted: dict[str, list[dict]] | None = None) -> dict:
+    """Pair accuracy (``final`` value and token ``mean``) of each value model, over its runs.
+
+    Args:
+        models: row name → one :func:`~dvpo_lightning.report.value_accuracy.pair_accuracy`
+            per seed on the in-distribution held-out pairs (``GVM``, ``ScalarRM``, the
+            critic of each PPO run …).
+        shifted: the same on the shifted held-out pairs (pairs of a behaviour policy no
+            training data came from); None: no shifted columns.
+    """
+    def acc(accs: list[dict], key: str) -> dict:
+        return mean_std([a["accuracy"][key] for a in accs])
+
+    rows = {name: {"final": acc(accs, "final"), "mean": acc(accs, "mean")}
+            for name, accs in models.items() if accs}
+    columns = [("final", "acc. (final value) ↑"), ("mean", "acc. (token mean) ↑")]
+    if shifted:
+        for name, accs in shifted.items():
+            if name in rows and accs:
+                rows[name].update(shift_final=acc(accs, "final"), shift_mean=acc(accs, "mean"))
+        columns += [("shift_final", "shifted: final ↑"), ("shift_mean", "shifted: token mean ↑")]
+    return {"title": "Held-out pair accuracy of the value models, in distribution and shifted "
+                     "(Tables 3/4/5 analog)", "columns": columns, "rows": rows}
 
 
 def cost_table(runs: list[Run], baseline: str | None = "ppo") -> dict:
@@ -136,23 +176,28 @@ def convergence_table(runs: list[Run], fraction: float = 0.95, reference: str = 
             "rows": rows}
 
 
-def format_cell(cell: dict | None, digits: int = 3) -> str:
-    """``mean ± std`` (just the mean for one value); ``—`` for None."""
+def format_cell(cell: dict | None, digits: int = 3, interval: str = "std") -> str:
+    """``mean ± std`` or ``mean ± ci95`` by ``interval`` (just the mean for one value); the
+    text of a ``{"text": …}`` cell; ``—`` for None."""
     if cell is None:
         return "—"
-    if cell["n"] == 1:
+    if "text" in cell:
+        return cell["text"]
+    spread = cell.get(interval)
+    if cell["n"] == 1 or spread is None:
         return f"{cell['mean']:.{digits}f}"
-    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f} ± {spread:.{digits}f}"
 
 
 def to_markdown(table: dict, note: str = "") -> str:
     """A markdown section: ``### title``, the table, then ``note``."""
     cols = table["columns"]
+    interval = table.get("interval", "std")
     lines = [f"### {table['title']}", "", "| | " + " | ".join(label for _, label in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, row in table["rows"].items():
-        lines.append(f"| {name} | " + " | ".join(format_cell(row.get(k), DIGITS.get(k, 3))
-                                                 for k, _ in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(
+            format_cell(row.get(k), DIGITS.get(k, 3), interval) for k, _ in cols) + " |")
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"
