@@ -32,7 +32,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
-import os
 import re
 from pathlib import Path
 
@@ -238,16 +237,17 @@ def test_pipeline_config_is_consistent(path):
     spec = load(path)
     if spec.get("data"):
         assert classify(REPO / spec["data"]) == "data", spec["data"]
-    for stage in spec["stages"]:
+    artifacts = [s["artifact"] for s in spec["stages"]]
+    assert len(set(artifacts)) == len(artifacts), "two stages write the same artifact"
+    for stage in spec["stages"]:  # the pipeline sets each stage's export_dir to its artifact
         cfg = REPO / stage["config"]
         assert cfg.exists() and classify(cfg) == "cli", stage
-        export = load(cfg)["model"]["init_args"].get("export_dir")
-        for arg in stage.get("args") or []:  # an override wins, as on the command line
-            if arg.startswith("--model.init_args.export_dir="):
-                export = arg.split("=", 1)[1]
-        assert export is not None and os.path.normpath(export) == os.path.normpath(
-            stage["artifact"]), (f"stage {stage['name']}: {stage['config']} exports to "
-                                 f"{export!r}, the pipeline expects {stage['artifact']!r}")
+    runs_dir = spec.get("runs_dir", "runs")
+    for entry in [*spec["stages"], *spec.get("methods", [])]:  # a stage-1 path in an override
+        for arg in entry.get("args") or []:                      # names a declared artifact
+            value = arg.partition("=")[2]
+            if value.startswith(f"{runs_dir}/") and value.endswith("/model"):
+                assert value in artifacts, (entry["name"], arg)
     for method in spec.get("methods", []):  # the pipeline sets each run's export_dir itself
         cfg = REPO / method["config"]
         assert cfg.exists() and classify(cfg) == "cli", method
@@ -255,9 +255,16 @@ def test_pipeline_config_is_consistent(path):
         assert module.endswith(("DVPOModule", "DPOModule")), method
         # the common args are the RL runs' overrides: a DPO run takes its own
         assert method.get("common", True) == module.endswith("DVPOModule"), method
+    report = spec.get("report", {})
     for key in ("gvm", "reward_model"):
-        if spec.get("report", {}).get(key):
-            assert spec["report"][key] in [s["artifact"] for s in spec["stages"]], key
+        if report.get(key):
+            assert report[key] in artifacts, key
+    for method, gvm in (report.get("gvm_sweep") or {}).items():
+        assert gvm in artifacts and method in [m["name"] for m in spec["methods"]], method
+    for key in ("eval_pairs", "shifted_pairs"):
+        if report.get(key) and spec.get("data"):  # a file the data step writes
+            out = load(REPO / spec["data"])["out"]
+            assert Path(report[key]).parent == Path(out), key
 
 
 def _pipeline_commands():

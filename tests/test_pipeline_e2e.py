@@ -62,7 +62,8 @@ def write_study(root: Path) -> Path:
                       f"--data.init_args.batch_size={METHODS['dpo']}"]}],
         "report": {"out": "runs/sorting/report", "gvm": "runs/sorting/gvm/model",
                    "reward_model": "runs/sorting/reward_model/model",
-                   "eval_pairs": "data/sorting/eval_pairs.jsonl", "examples": 2},
+                   "eval_pairs": "data/sorting/eval_pairs.jsonl",
+                   "shifted_pairs": "data/sorting/eval_pairs_shifted.jsonl", "examples": 2},
     }
     path = root / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -119,7 +120,7 @@ def test_table_numbers_are_the_runs_numbers(study):
                           ("kl_to_ref", "eval/kl_to_ref")):
             cell = t["quality"]["rows"][m][key]
             assert cell["values"] == [r["final_eval"][name] for r in per_seed], (m, key)
-            assert format_cell(cell) in md
+            assert format_cell(cell, interval="ci95") in md
         cost = t["cost"]["rows"][m]
         assert cost["step_s"]["values"] == [r["cost"]["step_s"] for r in per_seed]
         assert cost["train_s"]["values"] == [r["cost"]["train_s"] for r in per_seed]
@@ -142,8 +143,14 @@ def test_table_numbers_are_the_runs_numbers(study):
     assert (t["cost"]["rows"]["ppo"]["params_trained_m"]["mean"]
             > 1.9 * t["cost"]["rows"]["dvpo"]["params_trained_m"]["mean"])
     vm = t["value_models"]["rows"]
-    assert set(vm) == {"GVM", "ScalarRM", "PPO critic (A/C)"}
-    assert vm["PPO critic (A/C)"]["final"]["n"] == len(SEEDS)
+    assert set(vm) == {"GVM", "ScalarRM", "critic of ppo (A/C)"}
+    assert vm["critic of ppo (A/C)"]["final"]["n"] == len(SEEDS)
+    # the same value models on the shifted pairs, by the same function
+    assert all({"shift_final", "shift_mean"} <= set(row) for row in vm.values())
+    shifted = report["value_model_accuracy"]["shifted"]["GVM"][0]
+    assert vm["GVM"]["shift_final"]["mean"] == shifted["accuracy"]["final"]
+    assert shifted["pairs"] == len((root / "data/sorting/eval_pairs_shifted.jsonl")
+                                   .read_text().splitlines())
     gvm_art = json.loads((root / "runs/sorting/gvm/model" / ARTIFACT_FILE).read_text())
     # the report re-evaluates the GVM on the same held-out pairs as its own validation did
     assert vm["GVM"]["final"]["mean"] == pytest.approx(gvm_art["pair_accuracy"]["final"])

@@ -1,8 +1,10 @@
 """``python -m dvpo_lightning pipeline``: the whole study on one config.
 
 data → stage-1 stages (SFT, reward model, GVM) → every method (RL, and DPO) × every seed from
-the same SFT policy → the report (tables, plots, token-value pictures). Each stage is an ordinary
-``fit`` run with its own config, so any stage can be run or changed alone. A stage whose
+the SFT policy → the report (tables, plots, token-value pictures). ``seed_scope`` says what a
+seed covers: ``methods`` (stage 1 trained once, as in the paper) or ``pipeline`` (stage 1
+retrained per seed, so every method's spread includes the stage-1 draw). Each stage is an
+ordinary ``fit`` run with its own config, so any stage can be run or changed alone. A stage whose
 artifact exists and was made from the same config text, arguments and upstream artifacts is
 reused; a stage that was interrupted (crash, kill, preemption) resumes from its ``last.ckpt``
 on the next run; ``--force true`` recomputes everything.
@@ -22,6 +24,7 @@ from pathlib import Path
 import yaml
 
 STAMP = "pipeline_stage.json"
+SEED_SCOPES = ("methods", "pipeline")
 
 
 @dataclass
@@ -72,22 +75,90 @@ def _stage_hash(stage: Stage, upstream: str) -> str:
     return _digest(Path(stage.config).read_text(), json.dumps(stage.args or []), upstream)
 
 
+def seeded_stage(name: str, config: str, seed: int, runs_dir: str, args: list[str],
+                 group: str, job_type: str) -> Stage:
+    """The run of ``config`` at ``seed``: run directory ``<runs_dir>/<name>/seed<s>``, artifact
+    ``…/model``; W&B run ``<name>-seed<s>`` in ``group``."""
+    root = f"{runs_dir}/{name}/seed{seed}"
+    return Stage(name=f"{name}/seed{seed}", config=config, artifact=f"{root}/model",
+                 args=[f"--seed_everything={seed}", f"--trainer.default_root_dir={root}",
+                       f"--model.init_args.export_dir={root}/model", *args],
+                 env={"WANDB_NAME": f"{name}-seed{seed}", "WANDB_RUN_GROUP": group,
+                      "WANDB_JOB_TYPE": job_type})
+
+
 def method_stages(methods: list[Method], seeds: list[int], runs_dir: str,
                   common_args: list[str], group: str) -> list[Stage]:
     """One stage per (method, seed): its own run directory ``<runs_dir>/<name>/seed<s>``,
     artifact ``…/model`` and seed; W&B runs named ``<name>-seed<s>`` in one group."""
+    return [seeded_stage(m.name, m.config, s, runs_dir,
+                         [*(common_args if m.common else []), *(m.args or [])], group, "rl")
+            for m in methods for s in seeds]
+
+
+def _model_paths(tree: dict, prefix: str = "model") -> list[tuple[str, str]]:
+    """``(dotted key, value)`` of every string under a config's ``model`` section (through
+    ``init_args`` and nested class specs), e.g. ``("model.init_args.policy", "runs/…")``."""
     out = []
-    for m in methods:
-        for s in seeds:
-            root = f"{runs_dir}/{m.name}/seed{s}"
-            out.append(Stage(
-                name=f"{m.name}/seed{s}", config=m.config, artifact=f"{root}/model",
-                args=[f"--seed_everything={s}", f"--trainer.default_root_dir={root}",
-                      f"--model.init_args.export_dir={root}/model",
-                      *(common_args if m.common else []), *(m.args or [])],
-                env={"WANDB_NAME": f"{m.name}-seed{s}", "WANDB_RUN_GROUP": group,
-                     "WANDB_JOB_TYPE": "rl"}))
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out += _model_paths(v, f"{prefix}.{k}")
+        elif isinstance(v, str):
+            out.append((f"{prefix}.{k}", v))
     return out
+
+
+def relink(stage: Stage, artifacts: dict[str, str]) -> Stage:
+    """``stage`` reading the artifacts ``artifacts`` maps to (declared path → this seed's).
+
+    Every model-section value of the stage's config that names a declared stage-1 artifact
+    gets a command-line override to the seed's copy (put before the stage's own arguments),
+    and every ``--key=<declared artifact>`` argument is rewritten — so any config that reads
+    ``runs/sorting/sft/model`` reads ``runs/sorting/sft/seed<s>/model`` instead, with no
+    per-seed config files.
+    """
+    model = (yaml.safe_load(Path(stage.config).read_text()) or {}).get("model") or {}
+    links = [f"--{key}={artifacts[v]}" for key, v in _model_paths(model)
+             if v in artifacts and not key.endswith(".export_dir")]
+    args = []
+    for a in stage.args or []:
+        key, eq, value = a.partition("=")
+        args.append(f"{key}={artifacts[value]}" if eq and value in artifacts else a)
+    head = [a for a in args if a.startswith("--seed_everything=")]
+    rest = [a for a in args if not a.startswith("--seed_everything=")]
+    return Stage(stage.name, stage.config, stage.artifact, [*head, *links, *rest], stage.env)
+
+
+def reads(stage: Stage, artifacts) -> list[str]:
+    """The declared stage-1 artifacts (keys of ``artifacts``) that ``stage`` reads: values of
+    its config's model section (its own ``export_dir`` aside) and of its ``--key=value``
+    arguments, in first-seen order. A stage is rerun when one of them changes."""
+    model = (yaml.safe_load(Path(stage.config).read_text()) or {}).get("model") or {}
+    values = [v for k, v in _model_paths(model) if not k.endswith(".export_dir")]
+    values += [a.partition("=")[2] for a in stage.args or []
+               if not a.split("=", 1)[0].endswith(".export_dir")]
+    return list(dict.fromkeys(v for v in values if v in artifacts and v != stage.artifact))
+
+
+def own_dirs(stage: Stage) -> Stage:
+    """``stage`` writing where its ``artifact`` says: ``--model.init_args.export_dir`` is the
+    artifact and ``--trainer.default_root_dir`` its parent (checkpoints, logs), put before
+    the stage's own arguments — so two stages of one config never share a directory."""
+    root = Path(stage.artifact).parent.as_posix()
+    return Stage(stage.name, stage.config, stage.artifact,
+                 [f"--trainer.default_root_dir={root}",
+                  f"--model.init_args.export_dir={stage.artifact}", *(stage.args or [])],
+                 stage.env)
+
+
+def per_seed(value, artifacts: dict[int, dict[str, str]]):
+    """A report argument with every declared artifact path replaced by ``{seed: that seed's
+    copy}`` (recursively through dicts); other values unchanged."""
+    if isinstance(value, str) and value in next(iter(artifacts.values()), {}):
+        return {s: m[value] for s, m in artifacts.items()}
+    if isinstance(value, dict):
+        return {k: per_seed(v, artifacts) for k, v in value.items()}
+    return value
 
 
 def _checkpoint_dir(stage: Stage) -> Path:
@@ -183,7 +254,7 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
                  runs_dir: str = "runs", common_args: list[str] | None = None,
                  report: dict | None = None, group: str = "pipeline", force: bool = False,
                  only: list[str] | None = None, in_process: bool = False,
-                 skip_report: bool = False) -> dict:
+                 skip_report: bool = False, seed_scope: str = "methods") -> dict:
     """Run (or reuse) the data step, the stages, every method × seed, then the report.
 
     A pipeline file (``--config configs/pipeline.yaml``) holds these arguments; any of them
@@ -207,6 +278,10 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
             names the data step.
         in_process: run the stages in this process instead of one subprocess each (tests).
         skip_report: do not build the report.
+        seed_scope: ``methods``: the stages run once (seed 0, their configs' seed) and every
+            method once per seed from them; ``pipeline``: the stages too run once per seed,
+            into ``<runs_dir>/<stage>/seed<s>``, and each seed's methods (and the report's
+            value models) read that seed's artifacts (:func:`relink`).
 
     Returns:
         ``{stage name: {"status": "ran" | "resumed" | "reused", "seconds": float}}``.
@@ -239,21 +314,39 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
     def selected(name: str) -> bool:
         return not only or name in only or name.split("/")[0] in only
 
-    for raw in stages or []:
-        stage = Stage(**raw)
-        h = _stage_hash(stage, upstream)
-        upstream = _digest(upstream, h)  # a later stage depends on every earlier one
-        if selected(stage.name):
-            _run_or_reuse(stage, h, force, in_process, done)
+    if seed_scope not in SEED_SCOPES:
+        raise ValueError(f"seed_scope={seed_scope!r} is not one of {SEED_SCOPES}: `methods` "
+                         "trains stage 1 once, `pipeline` once per seed")
+    declared = [Stage(**raw) for raw in stages or []]
     rl = [Method(**m) for m in methods or []]
-    for stage in method_stages(rl, seeds, runs_dir, common_args or [], group):
-        if selected(stage.name):  # methods depend on the stage-1 chain, not on each other
-            _run_or_reuse(stage, _stage_hash(stage, upstream), force, in_process, done)
+    # seed → (declared artifact → this seed's copy); one entry, the identity, when stage 1 is
+    # trained once
+    scopes = {s: {st.artifact: f"{runs_dir}/{st.name}/seed{s}/model" for st in declared}
+              for s in seeds} if seed_scope == "pipeline" else {None: {}}
+    for seed, artifacts in scopes.items():
+        hashes: dict[str, str] = {}  # declared artifact → the hash of the stage that makes it
+        for raw in declared:
+            stage = (own_dirs(raw) if seed is None else
+                     relink(seeded_stage(raw.name, raw.config, seed, runs_dir,
+                                         list(raw.args or []), group, "stage1"), artifacts))
+            h = _stage_hash(stage, _digest(upstream, *(hashes[a] for a in reads(raw, hashes))))
+            hashes[raw.artifact] = h
+            if selected(stage.name):
+                _run_or_reuse(stage, h, force, in_process, done)
+        for raw in method_stages(rl, seeds if seed is None else [seed], runs_dir,
+                                 common_args or [], group):
+            # a method depends on the stage-1 artifacts it reads, not on the others'
+            h = _digest(upstream, *(hashes[a] for a in reads(raw, hashes)))
+            stage = raw if seed is None else relink(raw, artifacts)
+            if selected(stage.name):
+                _run_or_reuse(stage, _stage_hash(stage, h), force, in_process, done)
     if report and not skip_report:
         from dvpo_lightning.report.build import build_report
 
         t0 = time.time()
         runs = {m.name: {s: f"{runs_dir}/{m.name}/seed{s}/model" for s in seeds} for m in rl}
+        if seed_scope == "pipeline":
+            report = per_seed(report, scopes)
         paths = build_report(runs=runs, **{"group": group, **report})
         done["report"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
         print(f"[pipeline] report: {len(paths)} files in {report.get('out')}", flush=True)

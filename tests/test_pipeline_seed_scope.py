@@ -1,0 +1,170 @@
+"""Whole-pipeline seeds (``seed_scope: pipeline``) at a tiny size, in one process: stage 1 is
+retrained per seed and each seed's methods read that seed's artifacts; the report's
+intervals, paired differences, per-seed value models, the PPO run whose critic starts from the
+GVM, and the GVM-quality sweep are the runs' own numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from test_pipeline_e2e import QUIET, write_study
+
+from dvpo_lightning.commands.pipeline import run_pipeline_file
+from dvpo_lightning.report.stats import t975
+from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
+
+pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = [0, 1]
+GVM_HALF = "runs/sorting/gvm_half/model"
+GVM = "runs/sorting/gvm/model"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeded")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    spec = yaml.safe_load(write_study(root).read_text())
+    gvm_stage = next(s for s in spec["stages"] if s["name"] == "gvm")
+    spec["stages"].append({**gvm_stage, "name": "gvm_half", "artifact": GVM_HALF,
+                           "args": [*gvm_stage["args"], "--data.init_args.train_fraction=0.5"]})
+    ppo = next(m for m in spec["methods"] if m["name"] == "ppo")
+    dvpo = next(m for m in spec["methods"] if m["name"] == "dvpo")
+    spec["methods"] = [dvpo, ppo,
+                       {**ppo, "name": "ppo_gvm_critic",
+                        "args": [*ppo["args"], f"--model.init_args.critic_init={GVM}"]},
+                       {**dvpo, "name": "dvpo_half",
+                        "args": [*dvpo["args"], f"--model.init_args.value_model={GVM_HALF}"]}]
+    spec["seeds"] = SEEDS
+    spec["seed_scope"] = "pipeline"
+    spec["report"].update(gvm_sweep={"dvpo": GVM, "dvpo_half": GVM_HALF},
+                          wandb=False)
+    path = root / "seeded.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    first = run_pipeline_file(str(path), in_process=True)
+    yield root, path, first
+    mp.undo()
+
+
+def _artifact(root: Path, run: str) -> dict:
+    return json.loads((root / run / ARTIFACT_FILE).read_text())
+
+
+def test_stage_one_is_trained_per_seed(study):
+    root, _, first = study
+    stages = ("sft", "reward_model", "gvm", "gvm_half")
+    assert {f"{s}/seed{k}" for s in stages for k in SEEDS} <= set(first)
+    assert not (root / "runs/sorting/sft/model").exists()  # never the shared artifact
+    for name in stages:
+        weights = [load_file(str(root / f"runs/sorting/{name}/seed{k}/model/model.safetensors"))
+                   for k in SEEDS]
+        assert any(not weights[0][k].equal(weights[1][k]) for k in weights[0]), name
+
+
+def test_each_seeds_methods_read_that_seeds_artifacts(study):
+    root = study[0]
+    for k in SEEDS:
+        stage = f"runs/sorting/{{}}/seed{k}/model"
+        dvpo = json.loads((root / f"runs/sorting/dvpo/seed{k}/model/pipeline_stage.json")
+                          .read_text())["args"]
+        assert f"--model.init_args.policy={stage.format('sft')}" in dvpo
+        assert f"--model.init_args.value_model={stage.format('gvm')}" in dvpo
+        half = json.loads((root / f"runs/sorting/dvpo_half/seed{k}/model/pipeline_stage.json")
+                          .read_text())["args"]
+        assert half[-1] == f"--model.init_args.value_model={stage.format('gvm_half')}"
+        critic = json.loads((root / f"runs/sorting/ppo_gvm_critic/seed{k}/model/"
+                             "pipeline_stage.json").read_text())["args"]
+        assert critic[-1] == f"--model.init_args.critic_init={stage.format('gvm')}"
+        gvm = json.loads((root / f"runs/sorting/gvm/seed{k}/model/pipeline_stage.json")
+                         .read_text())["args"]
+        assert f"--model.init_args.backbone={stage.format('sft')}" in gvm
+        assert gvm[0] == f"--seed_everything={k}"
+
+
+def test_critic_init_from_the_gvm_loads_the_gvm(study):
+    """``critic_init: <GVM>``: PPO's critic starts as the GVM (backbone and head), not as the
+    reward model it would start from by default."""
+    from dvpo_lightning.models.loading import load_tokenizer
+    from dvpo_lightning.models.options import ModelOptions
+    from dvpo_lightning.models.value_model import ValueModel
+    from dvpo_lightning.modules.rl_models import load_rl_models
+    from dvpo_lightning.rollout.experience import Need
+
+    root = study[0]
+    art = {n: str(root / f"runs/sorting/{n}/seed0/model") for n in ("sft", "gvm", "reward_model")}
+    tok = load_tokenizer(art["sft"])
+    needs = frozenset({Need.CRITIC_VALUES, Need.SCORES})
+    start = {}
+    for init in (art["gvm"], None):
+        models = load_rl_models(needs, "GAE", tok, art["sft"], None, None, art["reward_model"],
+                                init, ModelOptions())
+        start[init] = models.trained["critic"].state_dict()
+    for name, path in (("gvm", art["gvm"]), ("reward_model", None)):
+        want = ValueModel.from_pretrained(art[name], tok).state_dict()
+        got = start[path]
+        assert set(got) == set(want)
+        assert all(got[k].equal(want[k]) for k in want), name
+    assert any(not start[art["gvm"]][k].equal(start[None][k]) for k in start[None])
+
+
+def test_report_intervals_and_paired_differences(study):
+    root = study[0]
+    report = json.loads((root / "runs/sorting/report/report.json").read_text())
+    t = report["tables"]
+    final = {(m, k): _artifact(root, f"runs/sorting/{m}/seed{k}/model")["summary"]["final_eval"]
+             for m in ("dvpo", "ppo", "ppo_gvm_critic", "dvpo_half") for k in SEEDS}
+    cell = t["quality"]["rows"]["ppo"]["gold_reward"]
+    vals = [final[("ppo", k)]["eval/gold_reward"] for k in SEEDS]
+    assert cell["values"] == vals
+    assert cell["ci95"] == pytest.approx(t975(1) * cell["std"] / 2 ** 0.5)
+    diff = t["paired"]["rows"]["ppo"]["gold_diff"]
+    assert diff["values"] == [final[("dvpo", k)]["eval/gold_reward"]
+                              - final[("ppo", k)]["eval/gold_reward"] for k in SEEDS]
+    assert t["paired"]["rows"]["ppo"]["ahead"]["text"] == f"{sum(v > 0 for v in diff['values'])}/2"
+    assert set(t["paired"]["rows"]) == {"ppo", "ppo_gvm_critic", "dvpo_half"}
+    vm = t["value_models"]["rows"]
+    assert set(vm) == {"GVM", "ScalarRM", "critic of ppo (A/C)",
+                       "critic of ppo_gvm_critic (A/C)"}
+    assert all(row["final"]["n"] == len(SEEDS) for row in vm.values())  # one per seed
+    md = (root / "runs/sorting/report/report.md").read_text()
+    assert "retrained per seed" in md and "Paired differences" in md
+
+
+def test_gvm_quality_sweep_points_are_the_runs(study):
+    root = study[0]
+    report = json.loads((root / "runs/sorting/report/report.json").read_text())
+    points = report["gvm_sweep"]["points"]
+    assert {(p["method"], p["seed"]) for p in points} == {
+        (m, k) for m in ("dvpo", "dvpo_half") for k in SEEDS}
+    for p in points:
+        s = _artifact(root, f"runs/sorting/{p['method']}/seed{p['seed']}/model")["summary"]
+        hist = sorted(s["history"], key=lambda h: h["rl_step"])
+        assert p["gain"] == pytest.approx(hist[-1]["eval/gold_reward"]
+                                          - hist[0]["eval/gold_reward"])
+        want = "gvm_half" if p["method"] == "dvpo_half" else "gvm"
+        assert p["gvm"] == f"runs/sorting/{want}/seed{p['seed']}/model"
+    assert (root / "runs/sorting/report/gvm_quality.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(report["tables"]["gvm_quality"]["rows"]) == {"dvpo", "dvpo_half"}
+
+
+def test_a_rerun_reuses_everything_and_a_new_variant_reruns_only_itself(study):
+    """Dependencies are the artifacts a stage reads: a new GVM variant does not invalidate
+    the runs that never read it."""
+    root, path, first = study
+    spec = yaml.safe_load(path.read_text())
+    gvm_stage = next(s for s in spec["stages"] if s["name"] == "gvm")
+    spec["stages"].append({**gvm_stage, "name": "gvm_quarter",
+                           "artifact": "runs/sorting/gvm_quarter/model",
+                           "args": [*gvm_stage["args"], "--data.init_args.train_fraction=0.25",
+                                    *QUIET]})
+    spec["seeds"] = [0]
+    path2 = root / "more.yaml"
+    path2.write_text(yaml.safe_dump(spec))
+    again = run_pipeline_file(str(path2), in_process=True, skip_report=True)
+    ran = {k for k, v in again.items() if v["status"] == "ran"}
+    assert ran == {"gvm_quarter/seed0"}, again
