@@ -109,3 +109,18 @@ def test_resumes_from_lightnings_versioned_last_checkpoint(workdir, monkeypatch)
     seen = _record_steps(monkeypatch, crash_at=None)
     assert run_pipeline(stages=[_stage()], in_process=True)["sft"]["status"] == "resumed"
     assert seen == [2, 3, 4, 5]
+
+
+def test_stages_in_one_process_log_to_their_own_wandb_runs(workdir, monkeypatch):
+    """In one process (``in_process``), each stage is its own W&B run, not the first's."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    stages = []
+    for name in ("sft_a", "sft_b"):
+        stage = _stage(max_steps=2)
+        stage["args"] = [a for a in stage["args"] if a != "--trainer.logger=false"]
+        stages.append({**stage, "name": name, "artifact": f"runs/{name}/model"})
+    run_pipeline(stages=stages, in_process=True)
+    for name in ("sft_a", "sft_b"):
+        runs = list(Path(f"runs/{name}/wandb").glob("offline-run-*"))
+        assert len(runs) == 1, name
+        assert list(runs[0].glob("*.wandb")), name  # the run's own log was written

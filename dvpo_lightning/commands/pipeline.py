@@ -213,6 +213,11 @@ def _run_fit(stage: Stage, in_process: bool, ckpt: Path | None = None) -> None:
     try:
         cli_main(args)
     finally:
+        # a process that ends finishes its W&B run; in one process the next stage would log
+        # into this one (Lightning's logger reuses a live run), so finish it here
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -276,7 +281,10 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
             stages named there).
         only: run just these stage or method names (the others must already exist); ``data``
             names the data step.
-        in_process: run the stages in this process instead of one subprocess each (tests).
+        in_process: run the stages in this process instead of one subprocess each: saves each
+            run's start-up (≈ 9 s of imports on 2 CPU cores) and gives the same numbers (every
+            run seeds itself; checked against subprocesses); a crash stops the pipeline as a
+            failed subprocess does.
         skip_report: do not build the report.
         seed_scope: ``methods``: the stages run once (seed 0, their configs' seed) and every
             method once per seed from them; ``pipeline``: the stages too run once per seed,
