@@ -149,6 +149,10 @@ def test_table_numbers_are_the_runs_numbers(study):
     assert all({"shift_final", "shift_mean"} <= set(row) for row in vm.values())
     shifted = report["value_model_accuracy"]["shifted"]["GVM"][0]
     assert vm["GVM"]["shift_final"]["mean"] == shifted["accuracy"]["final"]
+    # the report records what its numbers depend on besides code and seed
+    env = report["environment"]
+    assert env["torch"]["cpu_capability"] and env["packages"]["torch"]
+    assert "## Environment" in md and env["packages_digest"] in md
     assert shifted["pairs"] == len((root / "data/sorting/eval_pairs_shifted.jsonl")
                                    .read_text().splitlines())
     gvm_art = json.loads((root / "runs/sorting/gvm/model" / ARTIFACT_FILE).read_text())

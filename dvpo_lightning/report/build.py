@@ -1,7 +1,8 @@
 """The study report: every table, plot and token-value picture of one pipeline run.
 
 ``build_report`` reads the RL runs' summaries and the stage-1 artifacts and writes, into
-``out``: ``report.md`` and ``report.json`` (the four tables, and every run's raw numbers),
+``out``: ``report.md`` and ``report.json`` (the tables, every run's raw numbers, and the
+environment that made them: packages, torch's CPU kernels, threads, commit),
 ``learning_curves.png``, ``train_curves.png``, ``reward_vs_kl.png`` and the token-value
 picture ``token_values.{html,png,csv,json}``. With ``wandb`` on, the same files go to a W&B
 run (offline without an API key).
@@ -22,6 +23,7 @@ from dvpo_lightning.report import gvm_quality, plots, tables
 from dvpo_lightning.report.explain import write_token_values
 from dvpo_lightning.report.runs import by_method, load_runs
 from dvpo_lightning.report.value_accuracy import pair_accuracy
+from dvpo_lightning.runtime.environment import describe_environment, environment_markdown
 
 
 def _machine() -> str:
@@ -136,14 +138,17 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     }
     if sweep:
         notes["gvm_quality"] = gvm_quality.NOTE.format(baseline=baseline)
+    environment = describe_environment()  # what the numbers depend on besides code and seed
     md = [f"# Study report\n\nMethods {list(runs)}, seeds {seeds}, machine: {machine}.\n"]
     md += [tables.to_markdown(result[k], notes[k]) for k in result]
+    md.append(environment_markdown(environment))
     written = [out_dir / "report.md", out_dir / "report.json"]
     written[0].write_text("\n".join(md))
     raw = [{"method": r.method, "seed": r.seed, "artifact": r.artifact,
             "final_eval": r.final, "cost": r.summary["cost"], "rl_steps": r.summary["rl_steps"]}
            for r in loaded]
     written[1].write_text(json.dumps({"tables": result, "notes": notes, "machine": machine,
+                                      "environment": environment,
                                       "value_model_accuracy": accs, "gvm_sweep": sweep,
                                       "runs": raw}, indent=2))
     written += [plots.plot_learning_curves(loaded, out_dir / "learning_curves.png", reference),
