@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The README's main job: set up (idempotent), then the pipeline on the embedded sorting task.
+# The README's main job: set up (idempotent, the locked environment), then the pipeline on the
+# embedded sorting task.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
+# The same float kernels on every AVX2 machine, and the thread count the study was made with
+# (a reduction split over other thread counts adds in another order); docs/reproducibility.md
+# has the measurements. Set either variable beforehand to override it.
+export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 .venv/bin/python -m dvpo_lightning pipeline --config configs/pipeline.yaml "$@"
