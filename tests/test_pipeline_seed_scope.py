@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 from test_pipeline_e2e import QUIET, write_study
 
-from dvpo_lightning.commands.pipeline import run_pipeline_file
+from dvpo_lightning.commands.pipeline import run_pipeline, run_pipeline_file
 from dvpo_lightning.report.stats import t975
 from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
@@ -168,3 +169,25 @@ def test_a_rerun_reuses_everything_and_a_new_variant_reruns_only_itself(study):
     again = run_pipeline_file(str(path2), in_process=True, skip_report=True)
     ran = {k for k, v in again.items() if v["status"] == "ran"}
     assert ran == {"gvm_quarter/seed0"}, again
+
+
+def test_two_workers_give_the_same_numbers(study, tmp_path, monkeypatch):
+    """``workers: 2`` runs the stages in two spawned processes as soon as what they read is
+    done; at the same thread count every artifact and evaluation equals the serial run's."""
+    root, path, _ = study
+    spec = yaml.safe_load(path.read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # as this process
+    (tmp_path / "data.yaml").write_text((root / "data.yaml").read_text())
+    out = run_pipeline(**{**spec, "workers": 2, "in_process": True, "skip_report": True})
+    assert all(v["status"] == "ran" for k, v in out.items() if k != "data")
+    for name in ("sft", "reward_model", "gvm", "gvm_half"):
+        for k in SEEDS:
+            rel = f"runs/sorting/{name}/seed{k}/model/model.safetensors"
+            a, b = load_file(str(root / rel)), load_file(str(tmp_path / rel))
+            assert all(a[t].equal(b[t]) for t in a), rel
+    for m in ("dvpo", "ppo", "ppo_gvm_critic", "dvpo_half"):
+        for k in SEEDS:
+            rel = f"runs/sorting/{m}/seed{k}/model"
+            assert (_artifact(tmp_path, rel)["summary"]["history"]
+                    == _artifact(root, rel)["summary"]["history"]), rel
