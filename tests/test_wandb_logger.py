@@ -156,3 +156,23 @@ def test_rl_learning_curves_reach_the_wandb_run(artifacts, task_data, tmp_path):
              if k.endswith("/_type")}
     assert types["eval/learning_curves/_type"] == "image-file"
     assert types["eval/history/_type"] == "table-file"
+
+
+def test_a_run_after_a_change_of_directory_writes_its_log_in_its_own_folder(tmp_path,
+                                                                            monkeypatch):
+    """W&B's service outlives a run and resolves relative paths against its own working
+    directory; the logger hands it an absolute run folder, so a second run started from
+    another directory (pipeline stages in one process, tests) keeps its log."""
+    import wandb
+
+    from dvpo_lightning.runtime.loggers import AutoWandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        logger = AutoWandbLogger(project="t")
+        logger.use_save_dir("runs")
+        logger.experiment.log({"x": 1})
+        wandb.finish()
+        assert list((tmp_path / name / "runs/wandb").glob("offline-run-*/*.wandb")), name

@@ -176,7 +176,8 @@ def _log_to_wandb(out_dir: Path, files: list[Path], result: dict, group: str | N
 
     mode, _ = auto_mode()
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "dvpo_lightning"),
-                     job_type="report", name="report", group=group, dir=str(out_dir),
+                     job_type="report", name="report", group=group,
+                     dir=str(out_dir.resolve()),  # absolute: see AutoWandbLogger.use_save_dir
                      mode=mode, reinit="finish_previous")
     payload = {}
     for f in files:

@@ -114,7 +114,10 @@ class AutoWandbLogger(WandbLogger):
     def use_save_dir(self, save_dir: str) -> None:
         """Set the run's parent directory if none was given (before the run starts)."""
         if self._save_dir is None and self._experiment is None:
-            self._save_dir = self._wandb_init["dir"] = os.fspath(save_dir)
+            # absolute: W&B's service process, started by an earlier run of this process
+            # (pipeline stages in one process, tests), resolves a relative path against its
+            # own working directory and writes the run's log there
+            self._save_dir = self._wandb_init["dir"] = os.path.abspath(save_dir)
 
     @property
     def experiment(self):
