@@ -120,6 +120,13 @@ def _model_paths(tree: dict, prefix: str = "model") -> list[tuple[str, str]]:
     return out
 
 
+def _inputs(config: str) -> list[tuple[str, str]]:
+    """The model-section strings of ``config`` a stage may read (its own ``export_dir``, which
+    it writes, left out)."""
+    model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
+    return [(k, v) for k, v in _model_paths(model) if not k.endswith(".export_dir")]
+
+
 def relink(stage: Stage, artifacts: dict[str, str]) -> Stage:
     """``stage`` reading the artifacts ``artifacts`` maps to (declared path → this seed's).
 
@@ -129,9 +136,7 @@ def relink(stage: Stage, artifacts: dict[str, str]) -> Stage:
     ``runs/sorting/sft/model`` reads ``runs/sorting/sft/seed<s>/model`` instead, with no
     per-seed config files.
     """
-    model = (yaml.safe_load(Path(stage.config).read_text()) or {}).get("model") or {}
-    links = [f"--{key}={artifacts[v]}" for key, v in _model_paths(model)
-             if v in artifacts and not key.endswith(".export_dir")]
+    links = [f"--{key}={artifacts[v]}" for key, v in _inputs(stage.config) if v in artifacts]
     args = []
     for a in stage.args or []:
         key, eq, value = a.partition("=")
@@ -145,8 +150,7 @@ def reads(stage: Stage, artifacts) -> list[str]:
     """The declared stage-1 artifacts (keys of ``artifacts``) that ``stage`` reads: values of
     its config's model section (its own ``export_dir`` aside) and of its ``--key=value``
     arguments, in first-seen order. A stage is rerun when one of them changes."""
-    model = (yaml.safe_load(Path(stage.config).read_text()) or {}).get("model") or {}
-    values = [v for k, v in _model_paths(model) if not k.endswith(".export_dir")]
+    values = [v for _, v in _inputs(stage.config)]
     values += [a.partition("=")[2] for a in stage.args or []
                if not a.split("=", 1)[0].endswith(".export_dir")]
     return list(dict.fromkeys(v for v in values if v in artifacts and v != stage.artifact))
