@@ -212,3 +212,28 @@ def test_whiten_advantages_global_stats():
     split = torch.cat([whiten_advantages(adv[:3], mask[:3], stats),
                        whiten_advantages(adv[3:], mask[3:], stats)])
     assert_close(split, whiten_advantages(adv, mask))
+
+
+def test_the_base_class_checks_needs_and_groups_and_estimates_without_gradient():
+    """A new estimator implements only ``estimate``: the base class refuses an experience that
+    lacks a declared need or has a wrong group size, and no gradient reaches the advantages."""
+    from dvpo_lightning.estimators.base import AdvantageEstimator
+
+    weight = torch.ones((), requires_grad=True)
+
+    class Scaled(AdvantageEstimator):
+        needs = frozenset({Need.SCORES, Need.GROUPS})
+        group_size = 2
+
+        def estimate(self, exp):
+            adv = torch.where(exp.response_mask, exp.scores[:, None] * weight, 0.0)
+            return adv, torch.zeros_like(adv)
+
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    adv, _ = Scaled()(make_exp(mask, scores=torch.arange(4.0),
+                               group_ids=torch.tensor([0, 0, 1, 1])))
+    assert not adv.requires_grad and adv[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="Scaled needs 'scores'"):
+        Scaled()(make_exp(mask, group_ids=torch.tensor([0, 0, 1, 1])))
+    with pytest.raises(ValueError, match=r"Scaled: expected every prompt to have group_size=2"):
+        Scaled()(make_exp(mask, scores=torch.zeros(4), group_ids=torch.tensor([0, 0, 0, 1])))

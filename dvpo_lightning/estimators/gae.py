@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
@@ -55,9 +54,7 @@ class GAE(AdvantageEstimator):
         self.gamma = gamma
         self.lam = lam
 
-    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
-        self.check(exp)
-        with torch.no_grad():
-            return gae_advantages(
-                exp.values, exp.scores, exp.kl_penalty, exp.response_mask, self.gamma, self.lam
-            )
+    def estimate(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        return gae_advantages(
+            exp.values, exp.scores, exp.kl_penalty, exp.response_mask, self.gamma, self.lam
+        )

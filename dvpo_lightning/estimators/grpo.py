@@ -48,17 +48,6 @@ def group_normalized_advantages(
     return centred.to(scores.dtype)
 
 
-def check_group_sizes(group_ids: Tensor, group_size: int, who: str) -> None:
-    """Raise unless every group in the batch has exactly ``group_size`` rows."""
-    _, counts = torch.unique(group_ids, return_counts=True)
-    if (counts != group_size).any():
-        raise ValueError(
-            f"{who}: expected every prompt to have group_size={group_size} responses, got group "
-            f"sizes {sorted(set(counts.tolist()))}; the data module must repeat each prompt "
-            "group_size times"
-        )
-
-
 class GRPO(AdvantageEstimator):
     """Group-relative advantages, broadcast to every valid token of the response.
 
@@ -83,12 +72,9 @@ class GRPO(AdvantageEstimator):
         self.eps = eps
         self.scale = scale
 
-    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
-        self.check(exp)
-        check_group_sizes(exp.group_ids, self.group_size, "GRPO")
+    def estimate(self, exp: Experience) -> tuple[Tensor, Tensor]:
         mask = exp.response_mask
-        with torch.no_grad():
-            rewards = sequence_rewards(exp.scores, exp.kl_penalty, mask)
-            adv = group_normalized_advantages(rewards, exp.group_ids, self.eps, self.scale)
-            advantages = torch.where(mask, adv[:, None], 0.0)
+        rewards = sequence_rewards(exp.scores, exp.kl_penalty, mask)
+        adv = group_normalized_advantages(rewards, exp.group_ids, self.eps, self.scale)
+        advantages = torch.where(mask, adv[:, None], 0.0)
         return advantages, torch.zeros_like(advantages)

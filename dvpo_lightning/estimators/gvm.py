@@ -111,10 +111,8 @@ class GVM(AdvantageEstimator):
         self.gamma = gamma
         self.lam = lam
 
-    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
-        self.check(exp)
-        with torch.no_grad():
-            adv = gvm_advantages(
-                exp.values, exp.kl_penalty, exp.response_mask, self.version, self.gamma, self.lam
-            )
+    def estimate(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        adv = gvm_advantages(
+            exp.values, exp.kl_penalty, exp.response_mask, self.version, self.gamma, self.lam
+        )
         return adv, torch.zeros_like(adv)

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
-from dvpo_lightning.estimators.grpo import check_group_sizes
 from dvpo_lightning.ops.groups import group_sums, sizes_of_two_or_more
 from dvpo_lightning.ops.returns import lambda_returns, token_rewards
 from dvpo_lightning.rollout.experience import Experience
@@ -90,10 +89,8 @@ class REINFORCEPP(AdvantageEstimator):
         _check_gamma(gamma, "REINFORCEPP")
         self.gamma = gamma
 
-    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
-        self.check(exp)
-        with torch.no_grad():
-            g = reinforce_pp_returns(exp.scores, exp.kl_penalty, exp.response_mask, self.gamma)
+    def estimate(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        g = reinforce_pp_returns(exp.scores, exp.kl_penalty, exp.response_mask, self.gamma)
         return g, torch.zeros_like(g)
 
 
@@ -131,10 +128,7 @@ class REINFORCEPPBaseline(AdvantageEstimator):
         self.group_size = group_size
         self.gamma = gamma
 
-    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
-        self.check(exp)
-        check_group_sizes(exp.group_ids, self.group_size, "REINFORCEPPBaseline")
-        with torch.no_grad():
-            centred = group_centred_scores(exp.scores, exp.group_ids)
-            g = reinforce_pp_returns(centred, exp.kl_penalty, exp.response_mask, self.gamma)
+    def estimate(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        centred = group_centred_scores(exp.scores, exp.group_ids)
+        g = reinforce_pp_returns(centred, exp.kl_penalty, exp.response_mask, self.gamma)
         return g, torch.zeros_like(g)

@@ -38,10 +38,8 @@ class ReMax(AdvantageEstimator):
 
     needs = frozenset({Need.SCORES, Need.GREEDY_BASELINE})
 
-    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
-        self.check(exp)
-        with torch.no_grad():
-            advantages = remax_advantages(
-                exp.scores, exp.baseline_scores, exp.kl_penalty, exp.response_mask
-            )
+    def estimate(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        advantages = remax_advantages(
+            exp.scores, exp.baseline_scores, exp.kl_penalty, exp.response_mask
+        )
         return advantages, torch.zeros_like(advantages)

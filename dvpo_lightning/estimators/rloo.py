@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from dvpo_lightning.estimators.base import AdvantageEstimator, Need
-from dvpo_lightning.estimators.grpo import check_group_sizes
 from dvpo_lightning.ops.groups import group_sums, sizes_of_two_or_more
 from dvpo_lightning.ops.returns import sequence_rewards
 from dvpo_lightning.rollout.experience import Experience
@@ -47,11 +46,8 @@ class RLOO(AdvantageEstimator):
             )
         self.group_size = group_size
 
-    def __call__(self, exp: Experience) -> tuple[Tensor, Tensor]:
-        self.check(exp)
-        check_group_sizes(exp.group_ids, self.group_size, "RLOO")
+    def estimate(self, exp: Experience) -> tuple[Tensor, Tensor]:
         mask = exp.response_mask
-        with torch.no_grad():
-            adv = rloo_advantages(sequence_rewards(exp.scores, exp.kl_penalty, mask), exp.group_ids)
-            advantages = torch.where(mask, adv[:, None], 0.0)
+        adv = rloo_advantages(sequence_rewards(exp.scores, exp.kl_penalty, mask), exp.group_ids)
+        advantages = torch.where(mask, adv[:, None], 0.0)
         return advantages, torch.zeros_like(advantages)

@@ -238,7 +238,6 @@ class DVPOModule(L.LightningModule):
             seq_kl = (kl * mask).sum(1)
             if self.kl.check_bound(self._global_mean(seq_kl), step):
                 self.log("guard/kl_exceeded", 1.0, batch_size=1)
-            self.estimator.check(exp)
             advantages, returns = self.estimator(exp)
             if self.ppo.whiten_advantages or self.estimator.whitens:  # (once, never twice)
                 advantages = global_whiten(advantages, mask)
