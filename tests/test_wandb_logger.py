@@ -4,6 +4,7 @@ its history, ``--trainer.logger=false`` still turns it off. Nothing here contact
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import math
 import os
@@ -156,6 +157,58 @@ def test_rl_learning_curves_reach_the_wandb_run(artifacts, task_data, tmp_path):
              if k.endswith("/_type")}
     assert types["eval/learning_curves/_type"] == "image-file"
     assert types["eval/history/_type"] == "table-file"
+
+
+def test_a_run_without_a_judge_exports_and_draws_the_curves_it_has(artifacts, task_data,
+                                                                    tmp_path):
+    """Prompts no built-in task judges (``task: null``): the run ends with its model exported
+    and its learning curves drawn from the measures it has (no gold reward, no win rate),
+    instead of failing in the picture after training (issue 24)."""
+    from test_rl_training import make_cli
+    from transformers import AutoModelForCausalLM
+
+    logger = '{"class_path": "dvpo_lightning.runtime.loggers.AutoWandbLogger", "init_args": ' \
+             '{"offline": true}}'
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, f"--trainer.logger={logger}",
+                      "--model.init_args.task=null", rl_steps=2)
+    try:
+        cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
+    final = json.loads(next(tmp_path.rglob("summary.json")).read_text())["final_eval"]
+    assert "eval/kl_to_ref" in final and "eval/gold_reward" not in final
+    (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    types = {k: v for r in read_offline_run(run_dir)["history"] for k, v in r.items()
+             if k.endswith("/_type")}
+    assert types["eval/learning_curves/_type"] == "image-file"
+
+
+def test_a_picture_that_fails_never_costs_the_model(artifacts, task_data, tmp_path,
+                                                     monkeypatch):
+    """The export runs before the summary's tables and pictures, and a failure there is a
+    warning: the model and summary.json are written, and fit returns."""
+    from test_rl_training import make_cli
+
+    from dvpo_lightning.modules.dvpo import DVPOModule
+
+    def broken(self, log_dir, summary):
+        raise RuntimeError("no picture today")
+
+    monkeypatch.setattr(DVPOModule, "summary_pictures", broken)
+    logger = '{"class_path": "dvpo_lightning.runtime.loggers.AutoWandbLogger", "init_args": ' \
+             '{"offline": true}}'
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, f"--trainer.logger={logger}",
+                      rl_steps=1)
+    try:
+        with pytest.warns(UserWarning, match="no picture today"):
+            cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        wandb.finish()
+        wandb.teardown()
+    assert (tmp_path / "policy" / "dvpo_artifact.json").exists()
+    assert list(tmp_path.rglob("summary.json"))
 
 
 def test_a_run_after_a_change_of_directory_writes_its_log_in_its_own_folder(tmp_path,

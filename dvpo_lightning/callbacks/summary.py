@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dvpo_lightning.callbacks.cost import CostMeter
 from dvpo_lightning.runtime.loggers import has_wandb, log_files, log_table
@@ -39,11 +40,16 @@ class RunSummary(L.Callback):
         summary = run_summary(trainer, pl_module)
         out.mkdir(parents=True, exist_ok=True)
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
-        tables = getattr(pl_module, "summary_tables", dict)()
-        for key, (columns, rows) in tables.items():
-            log_table(trainer, key, columns, rows)
-        if has_wandb(trainer) and hasattr(pl_module, "summary_pictures"):
-            log_files(trainer, pl_module.summary_pictures(out, summary))
+        try:  # optional: the summary is written and the model exported whatever happens here
+            tables = getattr(pl_module, "summary_tables", dict)()
+            for key, (columns, rows) in tables.items():
+                log_table(trainer, key, columns, rows)
+            if has_wandb(trainer) and hasattr(pl_module, "summary_pictures"):
+                log_files(trainer, pl_module.summary_pictures(out, summary))
+        except Exception as e:  # noqa: BLE001 (a picture must never fail a finished run)
+            rank_zero_warn(f"the run's summary tables or pictures could not be made "
+                           f"({type(e).__name__}: {e}); {out / SUMMARY_FILE} and the exported "
+                           "model are complete. Please report this as a bug")
         line = getattr(pl_module, "summary_line", lambda s: "")(summary)
         if line:
             print(line, flush=True)

@@ -508,7 +508,8 @@ class DVPOModule(L.LightningModule):
         ref = summary["reference_eval"]
         return ("final held-out evaluation: " + ", ".join(
             f"{k} {v:.4f}" for k, v in final.items() if k != "rl_step")
-            + (f" (reference gold {ref['gold_reward']:.4f})" if ref else ""))
+            + (f" (reference gold {ref['gold_reward']:.4f})"
+               if ref and "gold_reward" in ref else ""))
 
     def export_parts(self) -> dict[str, nn.Module]:
         """The policy; the critic too (judged against the GVM after training)."""

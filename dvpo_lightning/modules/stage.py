@@ -16,9 +16,11 @@ from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights
 
 
 def stage_callbacks(export_dir: str | None) -> list[L.Callback]:
-    """Every stage's: :class:`CostMeter`, :class:`RunSummary` and, with an ``export_dir``,
-    :class:`Export` (Lightning adds a module's ``configure_callbacks`` to the trainer's)."""
-    return [CostMeter(), RunSummary(), *([Export(export_dir)] if export_dir else [])]
+    """Every stage's: :class:`CostMeter`, with an ``export_dir`` :class:`Export`, then
+    :class:`RunSummary` (Lightning adds a module's ``configure_callbacks`` to the trainer's
+    and runs their hooks in this order): the model is written before anything optional (a
+    table, a picture) can fail."""
+    return [CostMeter(), *([Export(export_dir)] if export_dir else []), RunSummary()]
 
 
 class SingleModelStage(L.LightningModule):

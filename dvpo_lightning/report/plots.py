@@ -18,8 +18,8 @@ EVAL_PANELS = [("eval/gold_reward", "held-out gold reward"), ("eval/kl_to_ref", 
 
 
 def _stack(rs: list[Run], key: str, rows: str = "history") -> tuple[np.ndarray, np.ndarray]:
-    """``(steps (S,), values (n_seeds, S))`` over the steps every seed has."""
-    per_seed = [{h["rl_step"]: h[key] for h in r.history} if rows == "history" else
+    """``(steps (S,), values (n_seeds, S))`` over the steps every seed has ``key`` at."""
+    per_seed = [{h["rl_step"]: h[key] for h in r.history if key in h} if rows == "history" else
                 {i + 1: row[key] for i, row in enumerate(r.summary["train_curve"]) if key in row}
                 for r in rs]
     steps = sorted(set.intersection(*(set(p) for p in per_seed)))
@@ -40,14 +40,24 @@ def _colors(methods: list[str]) -> dict[str, tuple]:
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
+def eval_panels(runs: list[Run]) -> list[tuple[str, str]]:
+    """The :data:`EVAL_PANELS` some run measured (a run without a judge has no gold reward
+    and no win rate)."""
+    return [(key, label) for key, label in EVAL_PANELS
+            if any(key in h for r in runs for h in r.history)]
+
+
 def plot_learning_curves(runs: list[Run], out: str | Path, reference: str = "SFT") -> Path:
     """Held-out gold reward, KL and win rate (against ``reference``, the starting policy)
-    against RL steps, mean ± std band over seeds."""
+    against RL steps, mean ± std band over seeds; a panel whose measure no run has is left
+    out."""
     groups = by_method(runs)
     colors = _colors(list(groups))
     scale = update_scale(runs)  # x in policy updates, so DPO and RL runs share the axis
-    fig, axes = plt.subplots(1, len(EVAL_PANELS), figsize=(5 * len(EVAL_PANELS), 4))
-    for ax, (key, label) in zip(axes, EVAL_PANELS):
+    panels = eval_panels(runs)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
+    for ax, (key, label) in zip(axes, panels):
         for method, rs in groups.items():
             steps, values = _stack(rs, key)
             _band(ax, steps * (scale[method] if scale else 1), values, method, colors[method])
@@ -64,10 +74,10 @@ def plot_learning_curves(runs: list[Run], out: str | Path, reference: str = "SFT
 
 def run_learning_curves(summary: dict, log_dir: Path) -> dict[str, Path]:
     """One run's learning curves from its summary (for W&B): ``{"eval/learning_curves":
-    png}``, or {} when the run has no held-out evaluation."""
-    if not summary["history"]:
-        return {}
+    png}``, or {} when the run has no held-out evaluation with a measure to draw."""
     run = Run(summary["estimator"], 0, "", summary)
+    if not summary["history"] or not eval_panels([run]):
+        return {}
     return {"eval/learning_curves": plot_learning_curves([run], log_dir / "learning_curves.png")}
 
 
