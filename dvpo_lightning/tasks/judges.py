@@ -1,0 +1,132 @@
+"""Judges: what scores a response to a prompt in held-out evaluation, win rates and the
+rollouts' gold curve, without a model of our own.
+
+A judge is named in a config (``model.init_args.judge``) by
+
+- a **registry name**: an embedded task's gold scorer (``sorting``, ``instruct``), or an entry a
+  user added with :func:`register_judge`;
+- a **callable path** ``package.module:function``: any importable function (or class with a
+  ``__call__``, instantiated without arguments) taking ``(prompt, response)`` and returning a
+  number, higher is better; it may also take ``finished``, False when the response was cut at
+  the token budget before its end token.
+
+:func:`load_judge` resolves either to a :class:`Judge`, which names itself in every error: a
+judge that raises or returns something other than a finite number on a row stops the run with
+one message naming the judge, the row and the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ScoreFn = Callable[..., float]
+"""``(prompt, response[, finished]) ↦ score``."""
+
+JUDGES: dict[str, Callable[[], ScoreFn]] = {}
+"""Registry name → a factory of the judge's scoring function (built on first use)."""
+
+
+def register_judge(name: str, factory: Callable[[], ScoreFn]) -> None:
+    """Add ``name`` to the registry: ``factory()`` returns the scoring function."""
+    JUDGES[name] = factory
+
+
+def _embedded(task: str) -> Callable[[], ScoreFn]:
+    def factory() -> ScoreFn:
+        from dvpo_lightning.tasks import get_task
+
+        return get_task(task).gold_score
+
+    return factory
+
+
+for _task in ("sorting", "instruct"):
+    register_judge(_task, _embedded(_task))
+
+
+@dataclass(frozen=True)
+class Judge:
+    """A named scoring function.
+
+    Attributes:
+        name: the config value that named it (a registry name or ``module:function``).
+        fn: ``(prompt, response[, finished]) ↦ score``.
+        takes_finished: ``fn`` accepts ``finished``.
+    """
+
+    name: str
+    fn: ScoreFn
+    takes_finished: bool
+
+    def score(self, prompt, response: str, finished: bool, row: int) -> float:
+        """``fn``'s score of one response as a float; one error naming the judge and ``row``
+        (the response's index in its batch) when it raises or returns a non-number."""
+        fix = (f"Fix the judge {self.name!r} (model.init_args.judge) so that it returns a "
+               "finite number for every (prompt, response), or set model.init_args.judge=null "
+               "to evaluate without one")
+        try:
+            value = (self.fn(prompt, response, finished) if self.takes_finished
+                     else self.fn(prompt, response))
+        except Exception as e:
+            raise ValueError(f"the judge {self.name!r} raised {type(e).__name__}: {e} on row "
+                             f"{row} (prompt {_short(prompt)}, response {_short(response)}). "
+                             f"{fix}") from e
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+                float(value)):
+            raise ValueError(f"the judge {self.name!r} returned {value!r} ({type(value).__name__})"
+                             f" on row {row} (prompt {_short(prompt)}, response "
+                             f"{_short(response)}); a judge returns a finite number. {fix}")
+        return float(value)
+
+
+def _short(text, n: int = 60) -> str:
+    text = repr(text)
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def load_judge(spec: str) -> Judge:
+    """The judge a config names: a registry name or ``package.module:function`` (see the module
+    docstring). Raises one ValueError naming the key and the fix for anything else."""
+    key = "model.init_args.judge"
+    if spec in JUDGES:
+        fn = JUDGES[spec]()
+    elif ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"{key}={spec!r}: cannot import {module_name!r} ({e}). Fix: make the "
+                             "module importable (installed, or on PYTHONPATH)") from e
+        fn = module
+        for part in attr.split("."):
+            fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"{key}={spec!r}: {module_name!r} has no {attr!r}. Fix: name a "
+                             "function defined in that module")
+        if inspect.isclass(fn):
+            fn = fn()
+        if not callable(fn):
+            raise ValueError(f"{key}={spec!r} is not callable. Fix: name a function taking "
+                             "(prompt, response) and returning a number")
+    else:
+        known = ", ".join(sorted(JUDGES))
+        raise ValueError(f"{key}={spec!r} is neither a registered judge ({known}) nor a "
+                         "'package.module:function' path. Fix: use one of those, or null for no "
+                         "judge")
+    return Judge(spec, fn, _takes_finished(fn))
+
+
+def _takes_finished(fn: ScoreFn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: two arguments
+        return False
+    positional = [p for p in params.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return "finished" in params or len(positional) >= 3 or any(
+        p.kind == p.VAR_POSITIONAL for p in params.values())
