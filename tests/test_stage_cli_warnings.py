@@ -10,11 +10,21 @@ import warnings
 from pathlib import Path
 
 import pytest
+from lightning.pytorch import Callback
 
 from dvpo_lightning.commands.pipeline import run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 ART = "runs/sorting/sft/model"
+
+
+class RecordArgv(Callback):
+    """Records ``sys.argv`` as the stage's Trainer starts fitting."""
+
+    seen: list[list[str]] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        RecordArgv.seen.append(list(sys.argv))
 
 
 @pytest.fixture
@@ -35,7 +45,9 @@ def test_in_process_stage_warns_nothing_about_its_arguments(workdir, monkeypatch
                       "--data.init_args.batch_size=8", "--trainer.max_steps=1",
                       "--trainer.limit_val_batches=0", "--trainer.logger=false",
                       "--trainer.enable_progress_bar=false",
-                      "--trainer.enable_model_summary=false"]}
+                      "--trainer.enable_model_summary=false",
+                      "--trainer.callbacks+=test_stage_cli_warnings.RecordArgv"]}
+    RecordArgv.seen.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = run_pipeline(stages=[stage], in_process=True)
@@ -43,6 +55,11 @@ def test_in_process_stage_warns_nothing_about_its_arguments(workdir, monkeypatch
     noise = [str(w.message) for w in caught if "command line arguments" in str(w.message)]
     assert noise == []
     assert "command line arguments" not in "".join(capfd.readouterr())
+    # during the stage the process's command line is the stage's, as in a subprocess (a DDP
+    # launcher re-runs sys.argv: it must start the stage, not the whole pipeline again)
+    assert len(RecordArgv.seen) == 1
+    assert RecordArgv.seen[0][1:3] == ["fit", "--config"]
+    assert RecordArgv.seen[0][-1] == "--trainer.callbacks+=test_stage_cli_warnings.RecordArgv"
     assert sys.argv == outer  # the outer command's own arguments are back
 
 
