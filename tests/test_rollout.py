@@ -1,6 +1,6 @@
 """Rollout pieces: EOS masking, generation, the forward passes' token alignment, prompt data.
 
-Alignment (ALGORITHM.md): ``logp[:, t-1] = log π(y_t | s_t)`` is read at the position before
+Alignment (docs/algorithm.md): ``logp[:, t-1] = log π(y_t | s_t)`` is read at the position before
 ``y_t``; ``values[:, k] = u_k`` with ``u_0`` at the last prompt token. Every batched result is
 compared with a plain loop over unpadded rows, so left padding of prompts and right padding of
 responses must both be handled (positions, masks, slicing).

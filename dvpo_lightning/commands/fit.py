@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -119,9 +121,42 @@ def check_rl_batch(config) -> None:
     check_rollout_batch(batch_size, estimator_group_size(estimator), mini)
 
 
+@contextmanager
+def own_command_line(args: list[str]) -> Iterator[None]:
+    """``sys.argv`` is ``[program, *args]`` inside, the caller's ``sys.argv`` again after.
+
+    A stage run inside another command (the in-process pipeline, a test, a benchmark) then
+    sees the command line it would have as a process of its own: LightningCLI parses it from
+    ``sys.argv`` and has no outer arguments to warn about ("not recommended to provide both
+    args and command line arguments", once per stage), and whatever else reads ``sys.argv``
+    during the run (a DDP launcher re-running the script, W&B's record of the command) sees
+    the stage's arguments, not the outer command's.
+    """
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "dvpo_lightning", *args]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
-    """The LightningCLI entry (also used by tests with ``args=[...]``, ``run=False``)."""
+    """The LightningCLI entry (also used by tests with ``args=[...]``, ``run=False``).
+
+    Args:
+        args: the stage's command line (``["fit", "--config", ...]``), run as the process's
+            own (:func:`own_command_line`); None: the process's ``sys.argv``.
+        run: run the subcommand; False only builds the CLI (model, data, trainer).
+    """
     quiet_libraries()
+    if args is None:
+        return _build_cli(run)
+    with own_command_line(list(args)):
+        return _build_cli(run)
+
+
+def _build_cli(run: bool) -> DVPOCLI:
+    """:class:`DVPOCLI` parsing ``sys.argv``."""
     return DVPOCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -130,7 +165,6 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DVPOCLI:
         trainer_defaults={"logger": DEFAULT_LOGGER},
         save_config_callback=LogConfigCallback,
         save_config_kwargs={"overwrite": True},
-        args=args,
         run=run,
     )
 

@@ -2,7 +2,8 @@
 
 ``[left-padded prompt (B, P) | right-padded response (B, T)]``: the last prompt token sits in
 column ``P - 1`` of every row, so ``u_0 … u_T`` are ``values[:, P-1:]`` and the logits that
-predict ``y_1 … y_T`` are ``logits[:, P-1:-1]`` — no per-row gathering (ALGORITHM.md alignment).
+predict ``y_1 … y_T`` are ``logits[:, P-1:-1]`` — no per-row gathering
+(docs/algorithm.md#token-alignment).
 """
 
 from __future__ import annotations

@@ -222,7 +222,8 @@ def load_examples(
 def pairs_to_scored(
     pairs: Iterable[dict], chosen_return: float = 1.0, rejected_return: float = -1.0
 ) -> list[dict]:
-    """Turn each preference pair into two independent scored rows (ALGORITHM.md, stage 1).
+    """Turn each preference pair into two independent scored rows
+    (docs/algorithm.md#from-data-to-rows).
 
     The chosen response gets ``chosen_return``, the rejected one ``rejected_return``; the
     pairing itself is not kept. ``policy`` (and ``id``) are carried over.

@@ -37,7 +37,8 @@ class ValueDataModule(TokenizedDataModule):
             pairwise preferences, by ``train_kind``.
         val_path: held-out pairs for pair accuracy.
         train_kind: ``scored`` (return = score) or ``pairwise`` (chosen → ``chosen_return``,
-            rejected → ``rejected_return``, as independent rows; ALGORITHM.md stage 1).
+            rejected → ``rejected_return``, as independent rows;
+            docs/algorithm.md#from-data-to-rows).
         chosen_return: return of a chosen response.
         rejected_return: return of a rejected response.
         tau_conditioning: prepend another trajectory (prompt + response) of the same behaviour

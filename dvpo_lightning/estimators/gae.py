@@ -20,8 +20,8 @@ def gae_advantages(
     """PPO advantages: GAE of the shaped rewards ``r_t = −kl_penalty_t + [t = L]·score``.
 
     ``δ_t = r_t + γ·V(s_{t+1}) − V(s_t)``, ``A_t = δ_t + γλ·A_{t+1}``, ``returns = A + V``
-    (ALGORITHM.md, "PPO (actor–critic)"; Ouyang et al. 2022). ``V(s_t) = u_{t−1}``; the value
-    after the last token is 0.
+    (docs/algorithm.md#gae-for-ppo-for-comparison; Ouyang et al. 2022). ``V(s_t) = u_{t−1}``;
+    the value after the last token is 0.
 
     Args:
         values: ``(B, T + 1)`` float, the critic's ``u_0 … u_T``.

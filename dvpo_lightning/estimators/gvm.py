@@ -1,4 +1,5 @@
-"""DVPO: advantages from a frozen Global Value Model, in the three versions of ALGORITHM.md.
+"""DVPO: advantages from a frozen Global Value Model, in three versions
+(docs/algorithm.md#the-three-advantage-versions).
 
 With ``u_0 … u_T`` the GVM's outputs (``u_{t−1} = V(s_t)``, ``u_t = Q(s_t, a_t)``):
 

@@ -11,7 +11,8 @@ from dvpo_lightning.ops.returns import gvm_value_targets
 
 
 class GVMModule(ValueHeadModule):
-    """Regress ``u_0 … u_T`` on returns with a selectable target (paper §4.1, ALGORITHM.md).
+    """Regress ``u_0 … u_T`` on returns with a selectable target (paper §4.1;
+    docs/algorithm.md#return-targets).
 
     Targets (the bootstrap always under stop-gradient, reward ``r`` on the last token):
 

@@ -1,9 +1,10 @@
 """Return recursions: λ-returns, GAE and the GVM's regression targets.
 
-Token alignment (``ALGORITHM.md``): a response ``y_1 … y_T`` is right-padded; ``values`` is
-``(B, T + 1)`` = ``u_0 … u_T`` with ``u_{t-1} = V(s_t)`` and ``u_t = Q(s_t, a_t)``. Every
-recursion treats the step after the last valid position as terminal (value 0): nothing is
-bootstrapped from padding, and masked inputs never reach an output.
+Token alignment (``docs/algorithm.md#token-alignment``): a response ``y_1 … y_T`` is
+right-padded; ``values`` is ``(B, T + 1)`` = ``u_0 … u_T`` with ``u_{t-1} = V(s_t)`` and
+``u_t = Q(s_t, a_t)``. Every recursion treats the step after the last valid position as
+terminal (value 0): nothing is bootstrapped from padding, and masked inputs never reach an
+output.
 """
 
 from __future__ import annotations

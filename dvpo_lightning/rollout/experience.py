@@ -1,6 +1,6 @@
 """The experience batch: everything one rollout produced, in one validated dataclass.
 
-Token alignment follows ``ALGORITHM.md``: a response ``y_1 … y_T`` is stored in ``response_ids``
+Token alignment (docs/algorithm.md#token-alignment): ``y_1 … y_T`` is stored in ``response_ids``
 (right-padded to ``T``); ``logp_*[:, t-1]`` is ``log π(y_t | s_t)``; ``values[:, k]`` is ``u_k``,
 with ``u_0`` read at the last prompt token and ``u_t`` at token ``y_t`` (so ``values`` is
 ``(B, T + 1)``).

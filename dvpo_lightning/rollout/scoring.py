@@ -1,7 +1,7 @@
 """Forward passes over ``[prompt | response]`` that rollouts and updates share.
 
 All take the shared layout (left-padded prompt ``(B, P)``, right-padded response ``(B, T)``)
-and return response-aligned tensors (ALGORITHM.md): log-probs ``(B, T)`` of ``y_1 … y_T``,
+and return tensors aligned as in docs/algorithm.md: log-probs ``(B, T)`` of ``y_1 … y_T``,
 values ``(B, T + 1)`` = ``u_0 … u_T``, scores ``(B,)`` at the last response token.
 """
 
