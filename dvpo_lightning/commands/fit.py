@@ -25,6 +25,7 @@ from dvpo_lightning.rollout.experience_maker import check_rollout_batch
 from dvpo_lightning.runtime.checkpointing import AtomicCheckpointIO
 from dvpo_lightning.runtime.hardware import check_trainer_config
 from dvpo_lightning.runtime.loggers import AutoWandbLogger, LogConfigCallback, quiet_libraries
+from dvpo_lightning.runtime.step_unit import count_in_steps, use_step_progress_bar
 
 DEFAULT_LOGGER = {"class_path": "dvpo_lightning.runtime.loggers.AutoWandbLogger"}
 
@@ -55,6 +56,9 @@ class DVPOCLI(LightningCLI):
         check_trainer_config(config["trainer"])
         check_rl_batch(config)
         self._checked_data = checked_datamodule(config.get("data"))
+        unit = step_unit(config)
+        if unit is not None:  # RL steps / DPO steps: one unit, across passes over the file
+            count_in_steps(config["trainer"], train_batches(self._checked_data), unit)
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, then the DataModule whose files :meth:`before_instantiate_classes`
@@ -72,6 +76,9 @@ class DVPOCLI(LightningCLI):
             if isinstance(logger, AutoWandbLogger):
                 logger.use_save_dir(trainer.default_root_dir)
         make_resumable(trainer)
+        unit = getattr(self.model, "STEP_UNIT", None)
+        if unit is not None:
+            use_step_progress_bar(trainer, unit)
         return trainer
 
 
@@ -98,6 +105,29 @@ def checked_datamodule(data) -> object | None:
     datamodule = cls(**(init.as_dict() if init is not None else {}))
     datamodule.check_files()
     return datamodule
+
+
+def step_unit(config) -> str | None:
+    """The ``STEP_UNIT`` of a parsed config's model class (``"RL step"``, DPO's ``"step"``):
+    the stage counts steps, not epochs (:mod:`dvpo_lightning.runtime.step_unit`); None for
+    the stages that count epochs, or a model not named by ``class_path``."""
+    class_path = config.get("model.class_path") if hasattr(config, "get") else None
+    if not class_path:
+        return None
+    try:
+        return getattr(_import(class_path), "STEP_UNIT", None)
+    except (ImportError, AttributeError):  # (LightningCLI reports a bad class_path itself)
+        return None
+
+
+def train_batches(datamodule) -> int | None:
+    """Batches in one pass over a checked DataModule's training file (its loader drops the
+    last, partial batch); None when it does not say."""
+    train_set, batch_size = (getattr(datamodule, "train_set", None),
+                             getattr(datamodule, "batch_size", None))
+    if train_set is None or not batch_size:
+        return None
+    return len(train_set) // batch_size
 
 
 def estimator_group_size(estimator) -> int:

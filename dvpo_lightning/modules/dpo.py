@@ -126,6 +126,8 @@ class DPOModule(SingleModelStage):
             one override evaluates every method alike. DPO samples nothing to train.
     """
 
+    STEP_UNIT = "step"  # val_check_interval and max_steps count optimizer steps
+
     def __init__(self, policy: str, tokenizer: str | None = None, task: str | None = None,
                  dpo: DPOSettings = DPOSettings(), lr: float = 1e-6, weight_decay: float = 0.0,
                  warmup_steps: int = 10, min_lr_ratio: float = 0.1,

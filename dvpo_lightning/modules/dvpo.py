@@ -57,7 +57,8 @@ from dvpo_lightning.tasks import get_task
 class DVPOModule(L.LightningModule):
     """PPO-style policy optimisation with a pluggable advantage estimator.
 
-    ``trainer.max_steps`` and ``trainer.val_check_interval`` both count RL steps (rollouts).
+    ``trainer.max_steps`` and ``trainer.val_check_interval`` both count RL steps (rollouts),
+    across passes over the prompt file (``STEP_UNIT``).
 
     Args:
         policy: the starting policy (the SFT model's directory, a GGUF file, a named model);
@@ -85,6 +86,8 @@ class DVPOModule(L.LightningModule):
         ppo: the clipped policy-gradient update.
         guards: the numerical guards.
     """
+
+    STEP_UNIT = "RL step"
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ class SingleModelStage(L.LightningModule):
     """
 
     model: nn.Module
+    STEP_UNIT: str | None = None  # a stage that counts steps, not epochs: the step's name
 
     def check_context(self, config) -> None:
         """Refuse data longer than the model's context (``data.max_length``)."""
