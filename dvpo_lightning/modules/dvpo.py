@@ -277,7 +277,7 @@ class DVPOModule(L.LightningModule):
                     s.mini_batch_size or b):
                 loss, ratio_mean, st = minibatch_loss(
                     self.policy, self.critic, exp.index(idx), advantages[idx], returns[idx], s,
-                    self.kl, self.model_options.fused_head)
+                    self.kl, self.model_options.fused_head, self.experience.policy_transform)
                 if self._skip_minibatch(loss, ratio_mean):
                     skipped += 1
                     continue
