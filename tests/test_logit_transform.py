@@ -207,3 +207,17 @@ def test_a_transform_that_changes_nothing_runs_the_untransformed_code_to_the_bit
     got[0].sum().backward()
     assert torch.equal(got[0], base[0]) and torch.equal(got[1], base[1])
     assert torch.equal(a.grad, b.grad)
+
+
+def test_a_transform_that_changes_nothing_leaves_the_fused_head_to_the_bit():
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(3, 9, 6, generator=g), torch.randn(40, 6, generator=g)
+    targets = torch.randint(0, 40, (3, 5), generator=g)
+    runs = []
+    for tr in (None, LogitTransform()):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, ent = head_token_logps(h, w, targets, 2, chunk_tokens=7, with_entropy=True,
+                                     sampling=tr)
+        logp.sum().backward()
+        runs.append((logp, ent, h.grad, w.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

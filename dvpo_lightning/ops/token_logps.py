@@ -145,10 +145,8 @@ class _HeadTokenLogps(torch.autograd.Function):
             if sampling is not None:
                 z = transform_logits(z, sampling, targets[rows])
             picked[rows] = z.gather(2, targets[rows, :, None]).squeeze(-1)
-            if sampling is None:
-                lse[rows], ent = _normaliser(z, with_entropy)
-            else:
-                lse[rows], ent = _normaliser(z, with_entropy, sampling.truncates)
+            lse[rows], ent = _normaliser(z, with_entropy,
+                                         sampling is not None and sampling.truncates)
             if with_entropy:
                 entropy[rows] = ent
         ctx.save_for_backward(hidden, weight, targets, lse)
