@@ -61,10 +61,13 @@ def test_greedy_equals_generate_and_logps_equal_a_teacher_forced_forward(tok, pr
     assert torch.equal(got.response_mask, want.response_mask)
     forced, _ = policy_logps(model, *prompts, got.response_ids, got.response_mask)
     torch.testing.assert_close(got.logps, forced, atol=1e-4, rtol=0)
-    # sampled at T = 1, forced length: the log-probs are still the model's own
-    sampled = engine.generate(model, *prompts, SamplingConfig(8, min_new_tokens=8), 0)
+    # sampled at T = 1, forced length: the log-probs of the distribution sampled from (EOS
+    # impossible before min_new_tokens), which the trainer scores too
+    cfg = SamplingConfig(8, min_new_tokens=8)
+    sampled = engine.generate(model, *prompts, cfg, 0)
     assert sampled.response_mask.all()
-    forced, _ = policy_logps(model, *prompts, sampled.response_ids, sampled.response_mask)
+    forced, _ = policy_logps(model, *prompts, sampled.response_ids, sampled.response_mask,
+                             sampling=cfg.policy_transform((tok.eos_token_id,)))
     torch.testing.assert_close(sampled.logps, forced, atol=1e-4, rtol=0)
 
 

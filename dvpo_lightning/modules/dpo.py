@@ -24,6 +24,7 @@ from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.models.value_model import freeze
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
+from dvpo_lightning.ops.sampling import LogitTransform
 from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
 from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.scoring import policy_logps
@@ -232,10 +233,13 @@ class DPOModule(SingleModelStage):
             self.task, self.reference_logps, None, self.rollout.score_batch_size,
             self.model_options.fused_head)
 
-    def reference_logps(self, policy: nn.Module, *seq: Tensor) -> Tensor:
-        """``log π_ref`` ``(B, T)`` of the responses in ``seq`` (``policy`` is ``self.model``)."""
+    def reference_logps(self, policy: nn.Module, *seq: Tensor,
+                        sampling: LogitTransform | None = None) -> Tensor:
+        """``log π_ref`` ``(B, T)`` of the responses in ``seq`` (``policy`` is ``self.model``),
+        under the held-out sampler's ``sampling`` transform (the DPO loss never passes one)."""
         with self.reference_policy() as ref:
-            return policy_logps(ref, *seq, fused_head=self.model_options.fused_head)[0]
+            return policy_logps(ref, *seq, fused_head=self.model_options.fused_head,
+                                sampling=sampling)[0]
 
     def on_validation_epoch_start(self) -> None:
         self._val_pairs: list[tuple[Tensor, ...]] = []

@@ -272,6 +272,9 @@ class DVPOModule(L.LightningModule):
         means of their diagnostics."""
         s, opt = self.ppo, self.optimizers()
         b = exp.batch_size
+        # the distribution the rollout sampled from, as logp_old (docs/sampling.md)
+        sampling = self.experience.settings.sampling.policy_transform(
+            (self.tokenizer.eos_token_id,))
         stats: dict[str, list[Tensor]] = defaultdict(list)
         skipped = pending = 0
         for _ in range(s.epochs):
@@ -279,7 +282,7 @@ class DVPOModule(L.LightningModule):
                     s.mini_batch_size or b):
                 loss, ratio_mean, st = minibatch_loss(
                     self.policy, self.critic, exp.index(idx), advantages[idx], returns[idx], s,
-                    self.kl, self.model_options.fused_head)
+                    self.kl, self.model_options.fused_head, sampling)
                 if self._skip_minibatch(loss, ratio_mean):
                     skipped += 1
                     continue

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from dvpo_lightning.modules.kl_penalty import KLPenalty
 from dvpo_lightning.ops.losses import clipped_value_loss, ppo_clip_loss
 from dvpo_lightning.ops.masked import masked_mean
+from dvpo_lightning.ops.sampling import LogitTransform
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.scoring import policy_logps, response_values
 from dvpo_lightning.runtime.distributed import loss_counts
@@ -77,7 +78,8 @@ torch.serialization.add_safe_globals([PPOSettings])  # in checkpointed hparams
 
 def minibatch_loss(policy: nn.Module, critic: nn.Module | None, sub: Experience,
                    advantages: Tensor, returns: Tensor, settings: PPOSettings, kl: KLPenalty,
-                   fused_head: bool = True) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                   fused_head: bool = True, sampling: LogitTransform | None = None
+                   ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The joint loss of one mini-batch.
 
     Args:
@@ -89,6 +91,8 @@ def minibatch_loss(policy: nn.Module, critic: nn.Module | None, sub: Experience,
         settings: the update's settings.
         kl: the run's KL penalty (adds its loss term when β acts on the loss).
         fused_head: log-probs with the output head in row chunks.
+        sampling: the rollout sampler's transform of the logits (``logp_old``'s): the ratio's
+            new log-probs are of the same distribution (docs/sampling.md); None: raw softmax.
 
     Returns:
         ``(loss, ratio_mean, stats)``: the loss to back-propagate, the mean ratio π/π_old (the
@@ -98,7 +102,8 @@ def minibatch_loss(policy: nn.Module, critic: nn.Module | None, sub: Experience,
     seq = (sub.prompt_ids, sub.prompt_mask, sub.response_ids, mask)
     agg = settings.loss_aggregation
     n_tok, n_seq = loss_counts(mask)
-    logp, entropy = policy_logps(policy, *seq, with_entropy=True, fused_head=fused_head)
+    logp, entropy = policy_logps(policy, *seq, with_entropy=True, fused_head=fused_head,
+                                 sampling=sampling)
     weights = None
     if settings.tis_cap is not None and sub.logp_sampler is not None:
         weights = torch.exp(sub.logp_old - sub.logp_sampler).clamp(max=settings.tis_cap)

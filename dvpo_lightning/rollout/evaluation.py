@@ -25,7 +25,9 @@ class HeldOutEvaluator:
     """Per-response measures of a policy's answers to held-out prompts.
 
     Every measure whose ingredients exist: ``response_len`` and ``eos_frac`` always;
-    ``kl_to_ref`` (k1 summed over the response) with ``reference_logps``; ``rm_score`` with a
+    ``kl_to_ref`` (k1 summed over the response, the policy's log-probs of the distribution
+    ``sampling`` draws from, the reference's at its temperature: docs/sampling.md) with
+    ``reference_logps``; ``rm_score`` with a
     ``reward_model``; ``gold_reward`` (float64: the gold scorer's own values) and ``exact``
     (gold score 1) with a ``task``.
 
@@ -34,7 +36,7 @@ class HeldOutEvaluator:
         sampling: how held-out responses are sampled.
         tokenizer: the policy's tokenizer.
         task: the embedded task whose gold scorer judges.
-        reference_logps: ``(policy, *seq) ↦ log π_ref (B, T)``.
+        reference_logps: ``(policy, *seq, sampling=transform) ↦ log π_ref (B, T)``.
         reward_model: a frozen reward model.
         score_batch_size: rows per scoring pass (None: the whole batch).
         fused_head: log-probs with the output head in row chunks.
@@ -70,10 +72,19 @@ class HeldOutEvaluator:
         out = {"response_len": rmask.sum(1).float(),
                "eos_frac": (resp == self.tokenizer.eos_token_id).any(1).float()}
         if self.reference_logps is not None:
-            logp = by_rows(lambda *s: policy_logps(model, *s, fused_head=self.fused_head)[0],
-                           self.rows, *seq)
-            ref = logp if is_reference else by_rows(
-                lambda *s: self.reference_logps(model, *s), self.rows, *seq)
+            policy_t = self.sampling.policy_transform((self.tokenizer.eos_token_id,))
+            ref_t = self.sampling.reference_transform()  # (docs/sampling.md)
+
+            def own(t):
+                return by_rows(lambda *s: policy_logps(model, *s, fused_head=self.fused_head,
+                                                       sampling=t)[0], self.rows, *seq)
+
+            logp = own(policy_t)
+            if is_reference:
+                ref = logp if ref_t == policy_t else own(ref_t)
+            else:
+                ref = by_rows(lambda *s: self.reference_logps(model, *s, sampling=ref_t),
+                              self.rows, *seq)
             out["kl_to_ref"] = (kl_estimate(logp, ref, "k1", rmask) * rmask).sum(1)
         if self.reward_model is not None:
             out["rm_score"] = by_rows(lambda *s: sequence_scores(self.reward_model, *s),

@@ -44,8 +44,10 @@ class Experience:
         prompt_mask: ``(B, P) bool``, True on real prompt tokens.
         response_ids: ``(B, T) long``, right-padded responses; ``y_T`` is EOS when finished.
         response_mask: ``(B, T) bool``, True on ``y_1 … y_T`` (EOS included), False after it.
-        logp_old: ``(B, T) float``, ``log π_old(y_t | s_t)`` of the policy that sampled.
-        logp_ref: ``(B, T) float``, ``log π_ref(y_t | s_t)`` of the frozen reference.
+        logp_old: ``(B, T) float``, ``log π_old(y_t | s_t)`` of the policy that sampled, under
+            the sampler's temperature, top-k and top-p (docs/sampling.md).
+        logp_ref: ``(B, T) float``, ``log π_ref(y_t | s_t)`` of the frozen reference, at the
+            sampler's temperature.
         kl_penalty: ``(B, T) float``, the per-token KL penalty ``β·k(logp_old, logp_ref)`` that
             is part of the reward; zeros when the KL is a loss term instead, or when None is
             given (the experience maker leaves it to the RL module's KL penalty).

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.models.lora import adapters_disabled
+from dvpo_lightning.ops.sampling import LogitTransform
 from dvpo_lightning.rollout.experience import NEED_FIELD, Experience, Need
 from dvpo_lightning.rollout.generation import Generator
 from dvpo_lightning.rollout.gold import gold_scores
@@ -93,9 +94,18 @@ class ExperienceMaker(nn.Module):
                                                                 offload)
 
     # ------------------------------------------------------------------ the frozen models
-    def logps(self, model: nn.Module) -> Callable[..., Tensor]:
-        """``seq ↦ log π(y | x)`` of ``model`` (the log-probs alone, for :func:`by_rows`)."""
-        return lambda *seq: policy_logps(model, *seq, fused_head=self.fused_head)[0]
+    @property
+    def policy_transform(self) -> LogitTransform | None:
+        """The rollout sampler's transform of the policy's logits: ``logp_old`` and the update's
+        log-probs are of the distribution the responses were drawn from (docs/sampling.md)."""
+        return self.settings.sampling.policy_transform((self.tokenizer.eos_token_id,))
+
+    def logps(self, model: nn.Module,
+              sampling: LogitTransform | None = None) -> Callable[..., Tensor]:
+        """``seq ↦ log π(y | x)`` of ``model`` (the log-probs alone, for :func:`by_rows`),
+        under the sampler's transform ``sampling`` (None: the model's own softmax)."""
+        return lambda *seq: policy_logps(model, *seq, fused_head=self.fused_head,
+                                         sampling=sampling)[0]
 
     @contextlib.contextmanager
     def reference(self, policy: nn.Module) -> Iterator[nn.Module]:
@@ -106,10 +116,13 @@ class ExperienceMaker(nn.Module):
         else:
             yield self.frozen["reference"]
 
-    def reference_logps(self, policy: nn.Module, *seq: Tensor) -> Tensor:
-        """``log π_ref`` of the responses in ``seq`` (see :func:`policy_logps`)."""
+    def reference_logps(self, policy: nn.Module, *seq: Tensor,
+                        sampling: LogitTransform | None = None) -> Tensor:
+        """``log π_ref`` of the responses in ``seq`` (see :func:`policy_logps`), under
+        ``sampling`` (the rollout's: its temperature alone, see
+        :meth:`~dvpo_lightning.rollout.generation.SamplingConfig.reference_transform`)."""
         with self.reference(policy) as ref:
-            return self.logps(ref)(*seq)
+            return self.logps(ref, sampling)(*seq)
 
     def place_frozen(self, device: torch.device | str) -> None:
         """With ``offload``: move the frozen models to ``device`` (``"cpu"`` parks them)."""
@@ -173,8 +186,10 @@ class ExperienceMaker(nn.Module):
         response = samples[:2]
         seq = (*prompt, *response)
         with self.frozen_on(prompt[0].device):
-            logp_old = self.by_rows(self.logps(policy), *seq)
-            logp_ref = self.by_rows(functools.partial(self.reference_logps, policy), *seq)
+            logp_old = self.by_rows(self.logps(policy, self.policy_transform), *seq)
+            logp_ref = self.by_rows(functools.partial(
+                self.reference_logps, policy,
+                sampling=self.settings.sampling.reference_transform()), *seq)
             fetch = self._fetch_table(seq, greedy, critic, batch["group_ids"])
             fetched = {NEED_FIELD[need]: fetch[need]() for need in sorted(self.needs)}
         policy.train()

@@ -15,6 +15,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor, nn
 
+from dvpo_lightning.ops.sampling import LogitTransform, active
+
 
 @dataclass
 class SamplingConfig:
@@ -36,6 +38,24 @@ class SamplingConfig:
     greedy: bool = False
     min_new_tokens: int = 0
 
+    def policy_transform(self, end_ids: tuple[int, ...]) -> LogitTransform | None:
+        """What the sampler does to the policy's logits (temperature, top-k, top-p, and the
+        ``end_ids`` suppressed before ``min_new_tokens``), so the trainer scores the
+        distribution a response was drawn from; None when that is the model's own softmax
+        (T = 1, no truncation) or when decoding greedily (scored as the model's softmax)."""
+        if self.greedy:
+            return None
+        return active(LogitTransform(self.temperature, self.top_k, self.top_p,
+                                     self.min_new_tokens, tuple(end_ids)))
+
+    def reference_transform(self) -> LogitTransform | None:
+        """The reference's logits for the KL: the temperature only, never truncated (a
+        truncated reference gives ``−∞`` to a sample outside its own kept set); None at T = 1
+        or greedy. See docs/sampling.md."""
+        if self.greedy:
+            return None
+        return active(LogitTransform(self.temperature))
+
 
 class Samples(NamedTuple):
     """What a generator returns.
@@ -44,8 +64,9 @@ class Samples(NamedTuple):
         response_ids: ``(B, T) long``, right-padded, the pad token after the first EOS.
         response_mask: ``(B, T) bool``, True on ``y_1 … y_T`` up to and including EOS.
         logps: ``(B, T) float`` or None: ``log π(y_t | s_t)`` as the engine computed it while
-            sampling (raw log-softmax of its logits, 0 where masked); None when the engine does
-            not report it (``generate``).
+            sampling, of the distribution it sampled from (log-softmax of its logits after
+            temperature, top-k, top-p and min-tokens; 0 where masked); None when the engine
+            does not report it (``generate``).
     """
 
     response_ids: Tensor

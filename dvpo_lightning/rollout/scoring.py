@@ -14,14 +14,21 @@ from torch import Tensor, nn
 
 from dvpo_lightning.data.collate import join
 from dvpo_lightning.models.loading import forward_accepts, position_ids_from_mask, unwrapped
+from dvpo_lightning.ops.sampling import LogitTransform
 from dvpo_lightning.ops.token_logps import head_token_logps, token_logps
 
 
 def policy_logps(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  response_ids: Tensor, response_mask: Tensor, with_entropy: bool = False,
-                 fused_head: bool = True) -> tuple[Tensor, Tensor | None]:
+                 fused_head: bool = True,
+                 sampling: LogitTransform | None = None) -> tuple[Tensor, Tensor | None]:
     """``log π(y_t | s_t)`` ``(B, T)`` (and the per-token entropy, without gradient, when
     asked), float32, zero where ``response_mask`` is.
+
+    ``sampling``: score the distribution a sampler draws from, ``softmax(f(logits))`` with
+    ``f`` its temperature, top-k, top-p and min-tokens
+    (:class:`~dvpo_lightning.ops.sampling.LogitTransform`); None (or a transform that changes
+    nothing): the model's own ``softmax(logits)``, computed exactly as without the argument.
 
     Logits at column ``P − 1 + (t − 1)`` predict ``y_t``. Only the response's columns get
     log-probs, computed in float32 row chunks (:mod:`dvpo_lightning.ops.token_logps`):
@@ -42,12 +49,13 @@ def policy_logps(policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
         body, weight = parts
         hidden = body(**inputs).last_hidden_state
         logp, entropy = head_token_logps(hidden, weight, response_ids, prompt_ids.shape[1] - 1,
-                                         with_entropy=with_entropy)
+                                         with_entropy=with_entropy, sampling=sampling)
         return logp * response_mask, entropy
     keep = {"logits_to_keep": t + 1} if forward_accepts(policy, "logits_to_keep") else {}
     out = policy(**inputs, **keep)
     offset = out.logits.shape[1] - t - 1  # 0 with logits_to_keep, P - 1 without
-    logp, entropy = token_logps(out.logits, response_ids, offset, with_entropy=with_entropy)
+    logp, entropy = token_logps(out.logits, response_ids, offset, with_entropy=with_entropy,
+                                sampling=sampling)
     return logp * response_mask, entropy
 
 

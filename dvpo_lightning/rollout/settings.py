@@ -22,7 +22,9 @@ class RolloutSettings:
             benchmarks set it to ``max_new_tokens`` to force every response's length).
         temperature: sampling temperature; 0 decodes greedily.
         top_p: nucleus sampling mass (1.0 disables it).
-        top_k: top-k sampling (0 disables it).
+        top_k: top-k sampling (0 disables it). The trainer's log-probs of the policy (old and
+            new) are of the distribution these three define, the reference's at the
+            temperature alone (docs/sampling.md).
         eval_greedy: decode held-out prompts greedily (else sample as rollouts do).
         score_batch_size: rows per forward pass when scoring a rollout or an evaluation batch
             (policy and reference log-probs, GVM / critic values, RM scores); None: the whole

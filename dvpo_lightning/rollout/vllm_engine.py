@@ -13,8 +13,10 @@ What it does that ``generate`` does not have to:
   reloads the policy's weights: HF names, the full state (a tied output head included), LoRA
   adapters merged tensor by tensor (no copy of the model), ZeRO-3 shards gathered; then its
   prefix cache is reset (a push does not invalidate it). Nothing is pushed when nothing changed.
-- **It reports the log-probs it sampled with** (raw ``log_softmax`` of its logits), which the
-  RL module compares with its own ``logp_old`` at every step (``rollout/sampler_logp_diff``).
+- **It reports the log-probs it sampled with**: those of the distribution it drew from
+  (``logprobs_mode="processed_logprobs"``: ``log_softmax`` of its logits after min-tokens,
+  temperature, top-k and top-p, the trainer's transform, docs/sampling.md), which the RL module
+  compares with its own ``logp_old`` at every step (``rollout/sampler_logp_diff``).
 - **Reproducible**: every sampled request gets a seed drawn from torch's global RNG (which a
   checkpoint saves), and vLLM's own use of the RNGs (it reseeds torch, NumPy and Python at
   construction; CPU sampling draws from torch's generator) is kept off the trainer's streams.
@@ -206,7 +208,7 @@ class VLLMEngine:
         kwargs = dict(model=self._scratch.name, load_format="dummy", dtype=dtype, seed=0,
                       max_model_len=self.options.max_model_len or min(context, 4096),
                       max_num_seqs=self.options.max_num_seqs, skip_tokenizer_init=True,
-                      enable_prefix_caching=False, logprobs_mode="raw_logprobs",
+                      enable_prefix_caching=False, logprobs_mode="processed_logprobs",
                       generation_config="vllm",
                       enforce_eager=(not on_gpu if self.options.enforce_eager is None
                                      else self.options.enforce_eager))
