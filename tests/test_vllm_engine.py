@@ -198,7 +198,7 @@ def test_the_cli_refuses_a_policy_vllm_cannot_serve_before_the_first_rollout(
     ("typical_p", 0.9), ("epsilon_cutoff", 3e-4), ("eta_cutoff", 3e-4),
     ("encoder_repetition_penalty", 1.2), ("length_penalty", 0.5),
     ("bad_words_ids", [[5]]), ("suppress_tokens", [5]), ("forced_eos_token_id", 2),
-    ("renormalize_logits", True), ("top_h", 0.5)])
+    ("renormalize_logits", True), ("top_h", 0.5), ("num_beams", 4), ("min_length", 12)])
 def test_generation_settings_vllm_would_ignore_are_warned_of_and_unset_ones_are_not(
         tok, caplog, field, value):
     """A policy whose generation config asks ``generate`` for anything vLLM (given explicit

@@ -62,14 +62,14 @@ MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention kernels
 # bearing on which tokens are sampled. Every other field a policy sets away from
 # transformers' default is one ``generate`` would apply and vLLM does not (warned of).
 _APPLIED_GENERATION_FIELDS = frozenset({
-    "max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample",
-    "temperature", "top_p", "top_k", "eos_token_id", "pad_token_id", "bos_token_id",
-    "decoder_start_token_id", "use_cache", "num_return_sequences", "output_scores",
-    "output_logits", "return_dict_in_generate", "output_attentions", "output_hidden_states",
+    "max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_p",
+    "top_k", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
+    "use_cache", "num_return_sequences", "output_scores", "output_logits",
+    "return_dict_in_generate", "output_attentions", "output_hidden_states",
     "transformers_version", "cache_implementation", "cache_config", "return_legacy_cache",
     "compile_config", "disable_compile", "generation_kwargs", "_from_model_config",
-    "_commit_hash", "_original_object_hash", "num_beams", "num_beam_groups", "max_time",
-    "stop_strings", "prefill_chunk_size", "trust_remote_code", "is_assistant",
+    "_commit_hash", "_original_object_hash", "prefill_chunk_size", "trust_remote_code",
+    "is_assistant",
 })
 
 
