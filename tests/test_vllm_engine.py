@@ -281,17 +281,19 @@ def test_both_engines_stop_on_the_same_end_ids_and_vllm_on_no_other(tok, prompts
 
 
 
-def test_the_training_process_stays_the_users_and_the_engine_in_it(tokenizer_dir):
+def test_the_training_process_stays_the_users_and_the_engine_in_it(tokenizer_dir, tmp_path):
     """In a fresh process (vLLM not imported yet) whose user exported
     ``VLLM_ENABLE_V1_MULTIPROCESSING=1``: usage statistics are off, the engine is in this
     process (the push reaches it), and the environment, the matmul precision, the garbage
     collector's frozen heap and the thread count are as before the build; a 0.5 GiB KV cache
-    is 0.5 GiB (not rounded to a whole GiB)."""
+    is 0.5 GiB (not rounded to a whole GiB); an engine dropped and collected leaves the
+    trainer's process group, and a next engine, working."""
     env = {k: v for k, v in os.environ.items()
            if k not in FORCED_ENV and k not in ("DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE")}
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="3")
     run = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_process_worker.py"),
-                          tokenizer_dir], env=env, capture_output=True, text=True, timeout=600)
+                          tokenizer_dir, str(tmp_path / "pg")], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.split("RESULT ", 1)[1])
     assert not got["imported_before"]
@@ -307,3 +309,4 @@ def test_the_training_process_stays_the_users_and_the_engine_in_it(tokenizer_dir
     for key in ("precision", "gc_frozen", "threads"):
         assert after[key] == before[key], key
     assert abs(got["kv_cache_bytes"] - 2**29) < got["kv_block_bytes"]
+    assert got["group_kept"] and got["second_engine_equal"]

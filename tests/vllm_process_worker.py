@@ -2,7 +2,8 @@
 environment the test gives): builds a vLLM engine, pushes new weights, and prints, as JSON, the
 process's state before and after and what the engine did.
 
-Usage: ``python tests/vllm_process_worker.py TOKENIZER_DIR``.
+Usage: ``python tests/vllm_process_worker.py TOKENIZER_DIR INIT_FILE`` (``INIT_FILE``: a path
+for the process group's file rendezvous).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ def main(tokenizer_dir: str) -> None:
     mask = torch.ones_like(ids, dtype=torch.bool)
     cfg = SamplingConfig(10, greedy=True)
     hf = HFGenerator(tok.eos_token_id, tok.pad_token_id)
+    import torch.distributed as dist  # a trainer's process group (Lightning's, under DDP)
+
+    dist.init_process_group("gloo", init_method=f"file://{sys.argv[2]}", rank=0, world_size=1)
     torch.set_float32_matmul_precision("medium")
     imported_before = "vllm" in sys.modules
     before = state()
@@ -49,14 +53,25 @@ def main(tokenizer_dir: str) -> None:
     config = model.config
     block_bytes = (2 * config.num_hidden_layers * config.num_key_value_heads
                    * (config.hidden_size // config.num_attention_heads) * cache.block_size * 4)
+    kv_cache_bytes = cache.num_gpu_blocks * block_bytes
+    client = type(engine.llm.llm_engine.engine_core).__name__
+    # what the collector runs when an engine is dropped (its client's finalizer): the trainer's
+    # process group and a next engine must survive it
+    engine.llm.llm_engine.engine_core.shutdown()
+    del engine
+    group_kept = dist.is_initialized()
+    again = VLLMEngine(tok.eos_token_id, tok.pad_token_id, VLLMOptions(kv_cache_gb=0.5))
+    second_equal = torch.equal(again.generate(model, ids, mask, cfg, weights_version=1)[0],
+                               hf.generate(model, ids, mask, cfg)[0])
     print("RESULT " + json.dumps({
         "imported_before": imported_before, "before": before, "after": after,
         "usage_stats_enabled": usage_lib.is_usage_stats_enabled(),
-        "engine_client": type(engine.llm.llm_engine.engine_core).__name__,
+        "engine_client": client,
         "pushed_equal": torch.equal(pushed.response_ids, hf.generate(model, ids, mask, cfg)[0]),
-        "kv_cache_bytes": cache.num_gpu_blocks * block_bytes,
+        "kv_cache_bytes": kv_cache_bytes, "group_kept": group_kept,
+        "second_engine_equal": second_equal,
         "kv_block_bytes": block_bytes}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1])  # (sys.argv[2]: read in main)

@@ -191,12 +191,12 @@ class DVPOModule(L.LightningModule):
                              "weights between devices. Fix: set it to false and use "
                              "configs/deepspeed/zero3_offload.yaml (DeepSpeed's own offload)")
         longest = getattr(dm, "max_length", 0) + self.experience.settings.max_new_tokens
-        # (vLLM: refuse before the first rollout, not in it)
-        self.experience.generator.check_servable(self.policy, self.trainer.strategy.root_device,
-                                                 longest)
         for part in (*self.trained.values(), *self.frozen.values()):
             check_fits_context(longest, getattr(part, "backbone", part).config,
                                "data.max_prompt_length + model.rollout.max_new_tokens")
+        # (vLLM: refuse before the first rollout, not in it)
+        self.experience.generator.check_servable(self.policy, self.trainer.strategy.root_device,
+                                                 longest)
 
     def configure_optimizers(self):
         def trainable(m: nn.Module) -> list:

@@ -52,7 +52,12 @@ from dvpo_lightning.models.loading import unwrapped
 from dvpo_lightning.models.lora import is_lora
 from dvpo_lightning.rollout.end_tokens import as_end_ids
 from dvpo_lightning.rollout.generation import Samples, SamplingConfig, mask_after_eos
-from dvpo_lightning.rollout.vllm_process import import_vllm, isolated_rngs, process_preserved
+from dvpo_lightning.rollout.vllm_process import (
+    import_vllm,
+    isolated_rngs,
+    keep_teardown_local,
+    process_preserved,
+)
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 
 _LOG = logging.getLogger(__name__)
@@ -272,6 +277,7 @@ class VLLMEngine:
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (whole GiB; would override ours)
             vllm = import_vllm()
             self.llm = vllm.LLM(**kwargs)
+        keep_teardown_local(self.llm)
         self._check_end_ids()
         self.policy = model
         from lightning.pytorch.utilities import rank_zero_info

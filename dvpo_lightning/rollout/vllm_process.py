@@ -11,7 +11,8 @@ RNGs and rewrites environment variables (``LOCAL_WORLD_SIZE``, ``LD_PRELOAD``,
 :func:`import_vllm` is the only way the package imports vLLM: it first switches the usage
 statistics off and forces the in-process engine (:data:`FORCED_ENV`, set whatever the user
 exported: a training framework does not report to anyone by itself). :func:`process_preserved`
-wraps the build and puts back everything else it changed.
+wraps the build and puts back everything else it changed; :func:`keep_teardown_local` stops a
+collected engine from tearing down process-wide state.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import gc
 import logging
 import os
 import random
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -93,3 +95,27 @@ def process_preserved(device: torch.device) -> Iterator[None]:
         torch.set_float32_matmul_precision(precision)
         if frozen == 0 and gc.get_freeze_count() > 0:
             gc.unfreeze()
+
+
+def _release(core) -> None:
+    """vLLM's ``EngineCore.shutdown`` without its last step (``cleanup_dist_env_and_memory``):
+    the engine's own workers, scheduler and structured-output backend are released."""
+    core.structured_output_manager.clear_backend()
+    if core.model_executor:
+        core.model_executor.shutdown()
+    if core.scheduler:
+        core.scheduler.shutdown()
+
+
+def keep_teardown_local(llm) -> None:
+    """When ``llm`` (an in-process ``vllm.LLM``) is collected, release only its own resources.
+
+    vLLM's own finalizer ends with ``cleanup_dist_env_and_memory``, which destroys its parallel
+    groups (shared with any engine built later in this process) and torch.distributed's default
+    process group (the trainer's, under DDP). While vLLM kept the heap frozen an engine was
+    never collected and this never ran; with the heap unfrozen (:func:`process_preserved`) a
+    dropped engine would run it.
+    """
+    client = llm.llm_engine.engine_core
+    client._finalizer.detach()
+    client._finalizer = weakref.finalize(client, _release, client.engine_core)
