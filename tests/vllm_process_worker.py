@@ -57,7 +57,7 @@ def main(tokenizer_dir: str) -> None:
     client = type(engine.llm.llm_engine.engine_core).__name__
     # what the collector runs when an engine is dropped (its client's finalizer): the trainer's
     # process group and a next engine must survive it
-    engine.llm.llm_engine.engine_core.shutdown()
+    engine.llm.llm_engine.engine_core._finalizer()
     del engine
     group_kept = dist.is_initialized()
     again = VLLMEngine(tok.eos_token_id, tok.pad_token_id, VLLMOptions(kv_cache_gb=0.5))
