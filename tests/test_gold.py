@@ -25,7 +25,7 @@ def test_gold_scores_known_answers(tokenizer_dir):
     rows = [enc("1237") + [eos], enc("12"), enc("1273") + [eos], enc("1237") + [eos] + enc("9")]
     ids, _ = pad_right(rows, tok.pad_token_id)
     mask = mask_after_eos(ids, eos) & (ids != tok.pad_token_id)
-    got = gold_scores(get_task("sorting"), tok, ["3172="] * 4, ids, mask)
+    got = gold_scores(get_task("sorting"), tok, ["3172="] * 4, ids, mask, (eos,))
     # exact + EOS; correct prefix but unfinished; wrong at the third digit; text after EOS ignored
     assert got == pytest.approx([1.0, 2 / 5, 2 / 5, 1.0])
 

@@ -35,7 +35,7 @@ from dvpo_lightning.modules.ppo import PPOSettings
 from dvpo_lightning.ops.losses import ppo_clip_loss
 from dvpo_lightning.rollout.experience import Experience, Need
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker
-from dvpo_lightning.rollout.generation import Samples
+from dvpo_lightning.rollout.generation import HFGenerator, Samples
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.runtime.guards import GuardSettings, NonFiniteError
@@ -94,6 +94,7 @@ class FakeSource(nn.Module):
         super().__init__()
         self.frozen = nn.ModuleDict({"reference": copy.deepcopy(policy).requires_grad_(False)})
         self.tokenizer = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
+        self.generator = HFGenerator(EOS, PAD)  # (what the module asks of the engine)
         self.settings = RolloutSettings(max_new_tokens=T)
         self.seq = fixed_rollout()
         self.values = torch.randn(B, T + 1, generator=torch.Generator().manual_seed(3))
@@ -220,10 +221,13 @@ def test_beta_acts_on_the_reward_or_on_the_loss(where, monkeypatch, tmp_path):
         assert (penalty == 0).all() and float(trainer.callback_metrics["train/kl_loss"]) > 0
 
 
-class FakeGenerator:
+class FakeGenerator(HFGenerator):
     """Fixed responses; the greedy (ReMax baseline) ones differ from the sampled ones."""
 
     name = "fake"
+
+    def __init__(self) -> None:
+        super().__init__(EOS, PAD)
 
     def generate(self, model, prompt_ids, prompt_mask, cfg, weights_version=None):
         _, _, resp, mask = fixed_rollout(seed=1 if cfg.greedy else 0)

@@ -10,6 +10,10 @@ logs a near-zero sampler gap, stops when the engine's weights go stale, and resu
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,11 +23,13 @@ from test_rl_training import fit, make_cli, unchanged_trainable
 from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.models import load_causal_lm, load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions, apply_lora
+from dvpo_lightning.rollout.end_tokens import end_token_ids
 from dvpo_lightning.rollout.engines import make_generator
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
-from dvpo_lightning.rollout.vllm_engine import VLLMEngine
+from dvpo_lightning.rollout.vllm_engine import VLLMEngine, VLLMOptions
+from dvpo_lightning.rollout.vllm_process import FORCED_ENV
 from dvpo_lightning.runtime.guards import SamplerMismatchError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -190,11 +196,17 @@ def test_the_cli_refuses_a_policy_vllm_cannot_serve_before_the_first_rollout(
     assert cli.trainer.global_step == 0 and cli.model.experience.generator.llm is None
 
 
+@pytest.mark.parametrize("field,value", [
+    ("repetition_penalty", 1.3), ("no_repeat_ngram_size", 3), ("min_p", 0.05),
+    ("typical_p", 0.9), ("epsilon_cutoff", 3e-4), ("eta_cutoff", 3e-4),
+    ("encoder_repetition_penalty", 1.2), ("length_penalty", 0.5),
+    ("bad_words_ids", [[5]]), ("suppress_tokens", [5]), ("forced_eos_token_id", 2),
+    ("renormalize_logits", True), ("top_h", 0.5), ("num_beams", 4), ("min_length", 12)])
 def test_generation_settings_vllm_would_ignore_are_warned_of_and_unset_ones_are_not(
-        tok, caplog):
-    """A policy whose generation config asks ``generate`` for a repetition penalty gets a
-    warning (vLLM is given explicit sampling settings and would not apply it); the unset
-    fields of a real model's config (None) do not."""
+        tok, caplog, field, value):
+    """A policy whose generation config asks ``generate`` for anything vLLM (given explicit
+    sampling settings) would not apply gets a warning naming it, whatever the field; a real
+    model's config (defaults, unset fields None, its special tokens) gets none."""
     model = model32(tok)
     engine = VLLMEngine(tok.eos_token_id, tok.pad_token_id)
     model.generation_config.repetition_penalty = None
@@ -202,7 +214,102 @@ def test_generation_settings_vllm_would_ignore_are_warned_of_and_unset_ones_are_
     with caplog.at_level("WARNING"):
         engine.check_servable(model, torch.device("cpu"))
     assert "generation config" not in caplog.text
-    model.generation_config.repetition_penalty = 1.3
+    if not hasattr(model.generation_config, field):
+        pytest.skip(f"this transformers has no generation setting {field}")
+    setattr(model.generation_config, field, value)
     with caplog.at_level("WARNING"):
         engine.check_servable(model, torch.device("cpu"))
-    assert "repetition_penalty" in caplog.text
+    assert field in caplog.text
+
+
+def test_a_rollout_longer_than_the_engine_serves_is_refused_naming_the_setting(tok):
+    """vLLM cuts a prompt + response past its ``max_model_len`` silently: refused before the
+    build (no engine needed), naming the key and the length to set."""
+    model = model32(tok)  # context 512
+    cpu = torch.device("cpu")
+    VLLMEngine(tok.eos_token_id, tok.pad_token_id).check_servable(model, cpu, longest=512)
+    with pytest.raises(ValueError, match=r"at most 512 tokens.*asks for up to 513.*"
+                                         r"rollout.vllm.max_model_len=513"):
+        VLLMEngine(tok.eos_token_id, tok.pad_token_id).check_servable(model, cpu, 513)
+    short = VLLMEngine(tok.eos_token_id, tok.pad_token_id, VLLMOptions(max_model_len=20))
+    with pytest.raises(ValueError, match=r"at most 20 tokens.*max_model_len=20\).*up to 21"):
+        short.check_servable(model, cpu, longest=21)
+
+
+def test_the_cli_refuses_a_rollout_longer_than_the_engine_serves_before_the_first_rollout(
+        artifacts32, task_data, tmp_path):
+    cli, _ = make_cli("dvpo", tmp_path, artifacts32, task_data, *VLLM,
+                      "--model.init_args.rollout.vllm.max_model_len=8")
+    with pytest.raises(ValueError, match=r"model.init_args.rollout.vllm.max_model_len"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0 and cli.model.experience.generator.llm is None
+
+
+def test_lora_modules_to_save_on_a_tied_head_are_refused_with_the_fix(tok):
+    """A trained copy of a tied output head (or input embeddings) would never reach the
+    engine, which ties the two as the config says: refused before the build."""
+    cpu = torch.device("cpu")
+    engine = VLLMEngine(tok.eos_token_id, tok.pad_token_id)
+    for module in ("lm_head", "embed_tokens"):
+        model = apply_lora(model32(tok), LoraOptions(r=4, alpha=8, modules_to_save=[module]))
+        with pytest.raises(ValueError, match=rf"modules_to_save \['.*{module}'\].*tied.*"
+                                             r"models.lora.modules_to_save.*engine=hf"):
+            engine.check_servable(model, cpu)
+    engine.check_servable(apply_lora(model32(tok), LoraOptions(r=4, alpha=8)), cpu)
+
+
+def test_both_engines_stop_on_the_same_end_ids_and_vllm_on_no_other(tok, prompts):
+    """A policy whose config lists a second end token: vLLM, built from that config, would
+    stop on it while ``generate`` does not. Each engine stops on exactly the set it is given:
+    the tokenizer's EOS alone, or :func:`end_token_ids` (EOS and the config's ids); responses
+    and masks agree token for token."""
+    model = model32(tok)
+    hf = HFGenerator(tok.eos_token_id, tok.pad_token_id)
+    free = hf.generate(model, *prompts, greedy())
+    inside = free.response_ids[:, 1:-1][free.response_mask[:, 1:-1]]
+    x = int(inside[inside != tok.eos_token_id].mode().values)  # ends some responses early
+    model.config.eos_token_id = model.generation_config.eos_token_id = [tok.eos_token_id, x]
+    ends = end_token_ids(tok, model)
+    assert ends == (tok.eos_token_id, x)
+    only_eos = VLLMEngine(tok.eos_token_id, tok.pad_token_id).generate(model, *prompts,
+                                                                       greedy(), 0)
+    assert torch.equal(only_eos.response_ids, free.response_ids)
+    assert torch.equal(only_eos.response_mask, free.response_mask)
+    want = HFGenerator(ends, tok.pad_token_id).generate(model, *prompts, greedy())
+    assert want.response_mask.sum() < free.response_mask.sum()  # x did end some early
+    got = VLLMEngine(ends, tok.pad_token_id, VLLMOptions(kv_cache_gb=0.5)).generate(
+        model, *prompts, greedy(), 0)
+    assert torch.equal(got.response_ids, want.response_ids)
+    assert torch.equal(got.response_mask, want.response_mask)
+
+
+
+def test_the_training_process_stays_the_users_and_the_engine_in_it(tokenizer_dir, tmp_path):
+    """In a fresh process (vLLM not imported yet) whose user exported
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=1``: usage statistics are off, the engine is in this
+    process (the push reaches it), and the environment, the matmul precision, the garbage
+    collector's frozen heap and the thread count are as before the build; a 0.5 GiB KV cache
+    is 0.5 GiB (not rounded to a whole GiB); an engine dropped and collected leaves the
+    trainer's process group, and a next engine, working."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in FORCED_ENV and k not in ("DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE")}
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_KVCACHE_SPACE="3")
+    run = subprocess.run([sys.executable, str(Path(__file__).parent / "vllm_process_worker.py"),
+                          tokenizer_dir, str(tmp_path / "pg")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.split("RESULT ", 1)[1])
+    assert not got["imported_before"]
+    assert got["usage_stats_enabled"] is False
+    assert got["engine_client"] == "InprocClient" and got["pushed_equal"]
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING=1 overridden with 0" in run.stderr
+    before, after = got["before"], got["after"]
+    changed = {k for k in set(before["env"]) | set(after["env"])
+               if before["env"].get(k) != after["env"].get(k)
+               and not k.startswith("_TORCHINDUCTOR_")}  # (torch's, as it loads a kernel)
+    assert changed == set(FORCED_ENV)
+    assert {k: after["env"][k] for k in FORCED_ENV} == FORCED_ENV
+    for key in ("precision", "gc_frozen", "threads"):
+        assert after[key] == before[key], key
+    assert abs(got["kv_cache_bytes"] - 2**29) < got["kv_block_bytes"]
+    assert got["group_kept"] and got["second_engine_equal"], run.stderr[-3000:]

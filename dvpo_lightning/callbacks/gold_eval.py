@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.tokenize import encode_prompt
+from dvpo_lightning.rollout.end_tokens import end_token_ids
 from dvpo_lightning.rollout.evaluation import HeldOutEvaluator, concat_rows
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
 from dvpo_lightning.tasks import get_task
@@ -24,7 +25,8 @@ def evaluate_policy(model, tokenizer, task_name: str, prompts: list,
                     cfg: SamplingConfig, batch_size: int = 128) -> dict[str, float]:
     """Mean gold reward, exact-answer rate, EOS rate and response length of ``model``'s
     responses to ``prompts`` (``generate``, ``batch_size`` prompts at a time)."""
-    evaluator = HeldOutEvaluator(HFGenerator(tokenizer.eos_token_id, tokenizer.pad_token_id),
+    evaluator = HeldOutEvaluator(HFGenerator(end_token_ids(tokenizer, model),
+                                             tokenizer.pad_token_id),
                                  cfg, tokenizer, get_task(task_name))
     device = next(model.parameters()).device
     was_training = model.training

@@ -25,6 +25,7 @@ from dvpo_lightning.models.value_model import freeze
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
 from dvpo_lightning.ops.sampling import LogitTransform
+from dvpo_lightning.rollout.end_tokens import end_token_ids
 from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
 from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.scoring import policy_logps
@@ -229,7 +230,8 @@ class DPOModule(SingleModelStage):
         the reference."""
         tok = self.tokenizer
         return HeldOutEvaluator(
-            HFGenerator(tok.eos_token_id, tok.pad_token_id), self.rollout.eval_sampling, tok,
+            HFGenerator(end_token_ids(tok, self.model), tok.pad_token_id),
+            self.rollout.eval_sampling, tok,
             self.task, self.reference_logps, None, self.rollout.score_batch_size,
             self.model_options.fused_head)
 

@@ -29,6 +29,7 @@ from dvpo_lightning.modules.ppo import PPOSettings, minibatch_loss
 from dvpo_lightning.modules.rl_models import load_rl_models
 from dvpo_lightning.modules.stage import stage_callbacks
 from dvpo_lightning.ops.masked import masked_mean
+from dvpo_lightning.rollout.end_tokens import end_token_ids, finished
 from dvpo_lightning.rollout.engines import make_generator
 from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
 from dvpo_lightning.rollout.experience import Experience
@@ -116,7 +117,8 @@ class DVPOModule(L.LightningModule):
                                 reference, value_model, reward_model, critic_init, models)
         experience = ExperienceMaker(
             estimator.needs, estimator.group_size, loaded.frozen,
-            make_generator(rollout, tok.eos_token_id, tok.pad_token_id), rollout, tok,
+            make_generator(rollout, end_token_ids(tok, loaded.trained["policy"]),
+                           tok.pad_token_id), rollout, tok,
             get_task(task) if task else None, loaded.shared_reference, models.fused_head,
             models.offload_frozen)
         self._assemble(loaded.trained, experience, estimator, loaded.identity, models, kl, ppo,
@@ -191,13 +193,13 @@ class DVPOModule(L.LightningModule):
             raise ValueError("model.models.offload_frozen=true cannot move ZeRO-3 partitioned "
                              "weights between devices. Fix: set it to false and use "
                              "configs/deepspeed/zero3_offload.yaml (DeepSpeed's own offload)")
-        check_engine = getattr(getattr(self.experience, "generator", None), "check_servable", None)
-        if check_engine is not None:  # (vLLM: refuse before the first rollout, not in it)
-            check_engine(self.policy, self.trainer.strategy.root_device)
         longest = getattr(dm, "max_length", 0) + self.experience.settings.max_new_tokens
         for part in (*self.trained.values(), *self.frozen.values()):
             check_fits_context(longest, getattr(part, "backbone", part).config,
                                "data.max_prompt_length + model.rollout.max_new_tokens")
+        # (vLLM: refuse before the first rollout, not in it)
+        self.experience.generator.check_servable(self.policy, self.trainer.strategy.root_device,
+                                                 longest)
 
     def configure_optimizers(self):
         def trainable(m: nn.Module) -> list:
@@ -273,8 +275,7 @@ class DVPOModule(L.LightningModule):
         s, opt = self.ppo, self.optimizers()
         b = exp.batch_size
         # the distribution the rollout sampled from, as logp_old (docs/sampling.md)
-        sampling = self.experience.settings.sampling.policy_transform(
-            (self.tokenizer.eos_token_id,))
+        sampling = self.experience.policy_transform
         stats: dict[str, list[Tensor]] = defaultdict(list)
         skipped = pending = 0
         for _ in range(s.epochs):
@@ -372,8 +373,8 @@ class DVPOModule(L.LightningModule):
         logs = {
             "rollout/kl_to_ref": seq_kl.mean(),
             "rollout/response_len": mask.sum(1).float().mean(),
-            "rollout/eos_frac": (exp.response_ids == self.tokenizer.eos_token_id).any(1)
-            .float().mean(),
+            "rollout/eos_frac": finished(exp.response_ids, mask,
+                                         self.experience.generator.end_ids).float().mean(),
             "adv/mean": adv_mean,
             "adv/std": (masked_mean(advantages ** 2, mask) - adv_mean ** 2).clamp(min=0).sqrt(),
             "train/kl_coef": self.kl.coef,
@@ -410,7 +411,7 @@ class DVPOModule(L.LightningModule):
         """Held-out evaluation with the rollout's engine and the run's frozen models."""
         x = self.experience
         reference_generator = (None if x.generator.name == "hf" else  # serves the policy only
-                               HFGenerator(x.tokenizer.eos_token_id, x.tokenizer.pad_token_id))
+                               HFGenerator(x.generator.end_ids, x.tokenizer.pad_token_id))
         return HeldOutEvaluator(
             x.generator, x.settings.eval_sampling, x.tokenizer, x.task, x.reference_logps,
             x.frozen["reward_model"] if "reward_model" in x.frozen else None,

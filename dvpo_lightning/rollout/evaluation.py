@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.ops.kl import kl_estimate
+from dvpo_lightning.rollout.end_tokens import finished
 from dvpo_lightning.rollout.generation import Generator, SamplingConfig
 from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.rollout.scoring import by_rows, policy_logps, sequence_scores
@@ -70,9 +71,9 @@ class HeldOutEvaluator:
                                          weights_version)[:2]
         seq = (prompt_ids, prompt_mask, resp, rmask)
         out = {"response_len": rmask.sum(1).float(),
-               "eos_frac": (resp == self.tokenizer.eos_token_id).any(1).float()}
+               "eos_frac": finished(resp, rmask, generator.end_ids).float()}
         if self.reference_logps is not None:
-            policy_t = self.sampling.policy_transform((self.tokenizer.eos_token_id,))
+            policy_t = self.sampling.policy_transform(generator.end_ids)
             ref_t = self.sampling.reference_transform()  # (docs/sampling.md)
 
             def own(t):
@@ -90,7 +91,8 @@ class HeldOutEvaluator:
             out["rm_score"] = by_rows(lambda *s: sequence_scores(self.reward_model, *s),
                                       self.rows, *seq)
         if self.task is not None:
-            gold = torch.tensor(gold_scores(self.task, self.tokenizer, prompts, resp, rmask),
+            gold = torch.tensor(gold_scores(self.task, self.tokenizer, prompts, resp, rmask,
+                                            generator.end_ids),
                                 dtype=torch.float64, device=resp.device)
             out["gold_reward"], out["exact"] = gold, (gold == 1.0).float()
         return out

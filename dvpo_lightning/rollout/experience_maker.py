@@ -98,7 +98,7 @@ class ExperienceMaker(nn.Module):
     def policy_transform(self) -> LogitTransform | None:
         """The rollout sampler's transform of the policy's logits: ``logp_old`` and the update's
         log-probs are of the distribution the responses were drawn from (docs/sampling.md)."""
-        return self.settings.sampling.policy_transform((self.tokenizer.eos_token_id,))
+        return self.settings.sampling.policy_transform(self.generator.end_ids)
 
     def logps(self, model: nn.Module,
               sampling: LogitTransform | None = None) -> Callable[..., Tensor]:
@@ -144,9 +144,7 @@ class ExperienceMaker(nn.Module):
 
     def sleep_engine(self) -> None:
         """Let a rollout engine that can free its memory between rollouts do so."""
-        sleep = getattr(self.generator, "sleep", None)
-        if sleep is not None:
-            sleep()
+        self.generator.sleep()
 
     def by_rows(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
         """``fn(*tensors)`` in slices of ``score_batch_size`` rows (:func:`by_rows`)."""
@@ -177,7 +175,7 @@ class ExperienceMaker(nn.Module):
         with gathered_for_generation(policy):
             samples = self.generator.generate(policy, *prompt, self.settings.sampling,
                                               weights_version)
-            sync_s = getattr(self.generator, "last_push_s", 0.0)
+            sync_s = self.generator.last_push_s
             greedy = (self.generator.generate(policy, *prompt, self.settings.greedy_sampling,
                                               weights_version)[:2]
                       if Need.GREEDY_BASELINE in self.needs else None)
@@ -194,7 +192,8 @@ class ExperienceMaker(nn.Module):
             fetched = {NEED_FIELD[need]: fetch[need]() for need in sorted(self.needs)}
         policy.train()
         exp = Experience(*seq, logp_old, logp_ref, **fetched, logp_sampler=samples.logps)
-        gold = (torch.tensor(gold_scores(self.task, self.tokenizer, batch["prompts"], *response),
+        gold = (torch.tensor(gold_scores(self.task, self.tokenizer, batch["prompts"], *response,
+                                         self.generator.end_ids),
                              device=logp_old.device) if self.task is not None else None)
         return exp, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1,
                      "weight_sync_s": sync_s, "gold": gold}

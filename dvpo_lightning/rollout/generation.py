@@ -1,7 +1,8 @@
 """Generation behind one interface, and the reference engine (Hugging Face ``generate``).
 
 A generator (a rollout engine) takes left-padded prompts and returns right-padded responses
-whose mask is True on ``y_1 … y_T`` up to and including the first EOS and False after it, and,
+whose mask is True on ``y_1 … y_T`` up to and including the first end token (any id of
+:func:`~dvpo_lightning.rollout.end_tokens.end_token_ids`) and False after it, and,
 when the engine reports them, the log-probs it sampled with (:class:`Samples`). Engines:
 :class:`HFGenerator` here (the exact reference) and
 :class:`~dvpo_lightning.rollout.vllm_engine.VLLMEngine` (a colocated vLLM engine).
@@ -9,6 +10,7 @@ when the engine reports them, the log-probs it sampled with (:class:`Samples`). 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from dvpo_lightning.ops.sampling import LogitTransform, active
+from dvpo_lightning.rollout.end_tokens import as_end_ids, is_end
 
 
 @dataclass
@@ -75,9 +78,32 @@ class Samples(NamedTuple):
 
 
 class Generator(Protocol):
-    """A rollout engine."""
+    """A rollout engine: what the RL module and the experience maker use of one.
+
+    Attributes:
+        name: ``hf`` or ``vllm`` (``model.init_args.rollout.engine``).
+        end_ids: the token ids that end a response, the tokenizer's EOS first
+            (:func:`~dvpo_lightning.rollout.end_tokens.end_token_ids`).
+        last_push_s: seconds the last :meth:`generate` spent loading weights into the engine
+            (0.0 for an engine that samples from the model itself).
+    """
 
     name: str
+    end_ids: tuple[int, ...]
+    last_push_s: float
+
+    def check_servable(self, model: nn.Module, device: torch.device, longest: int) -> None:
+        """Refuse, before the first rollout, what this engine cannot serve (raises ValueError
+        naming the fix).
+
+        Args:
+            model: the policy.
+            device: where it runs.
+            longest: the longest prompt + response a rollout asks for, in tokens.
+        """
+
+    def sleep(self) -> None:
+        """Free the engine's memory until the next rollout, where it can (else nothing)."""
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
@@ -94,27 +120,39 @@ class Generator(Protocol):
         """
 
 
-def mask_after_eos(response_ids: Tensor, eos_id: int) -> Tensor:
-    """``(B, T) bool``: True up to and including the first EOS of each row, False after."""
-    is_eos = response_ids == eos_id
+def mask_after_eos(response_ids: Tensor, eos_id: int | Sequence[int]) -> Tensor:
+    """``(B, T) bool``: True up to and including the first end token of each row (any id of
+    ``eos_id``: one id or a set), False after."""
+    is_eos = is_end(response_ids, eos_id)
     after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     return ~after
 
 
 class HFGenerator:
-    """``model.generate`` with a KV cache; masks and pads after the first EOS. It samples from
-    ``model`` itself, so there are no weights to keep in sync.
+    """``model.generate`` with a KV cache; masks and pads after the first end token. It samples
+    from ``model`` itself, so there are no weights to keep in sync, nothing to check before the
+    first rollout and no memory to free between rollouts.
 
     Args:
-        eos_token_id: the token that ends a response.
-        pad_token_id: written after EOS.
+        end_ids: the tokens that end a response (one id, or the set of
+            :func:`~dvpo_lightning.rollout.end_tokens.end_token_ids`, the tokenizer's EOS
+            first); ``generate`` is given exactly these, never the model config's own.
+        pad_token_id: written after the end token.
     """
 
     name = "hf"
+    last_push_s = 0.0  # (no weights to push)
 
-    def __init__(self, eos_token_id: int, pad_token_id: int) -> None:
-        self.eos_token_id = eos_token_id
+    def __init__(self, end_ids: int | Sequence[int], pad_token_id: int) -> None:
+        self.end_ids = as_end_ids(end_ids)
+        self.eos_token_id = self.end_ids[0]  # the tokenizer's EOS
         self.pad_token_id = pad_token_id
+
+    def check_servable(self, model: nn.Module, device: torch.device, longest: int) -> None:
+        """``generate`` serves any model here (the context is checked by the RL module)."""
+
+    def sleep(self) -> None:
+        """Nothing to free: ``generate`` holds no memory between rollouts."""
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
@@ -126,7 +164,7 @@ class HFGenerator:
             # Always passed: with min == max the min-length processor then suppresses EOS and
             # the length is forced (None fell back to the model's config and EOS still ended
             # responses early).
-            eos_token_id=self.eos_token_id,
+            eos_token_id=(self.eos_token_id if len(self.end_ids) == 1 else list(self.end_ids)),
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )
@@ -137,5 +175,5 @@ class HFGenerator:
         if response.shape[1] == 0:
             response = torch.full((prompt_ids.shape[0], 1), self.eos_token_id,
                                   dtype=prompt_ids.dtype, device=prompt_ids.device)
-        mask = mask_after_eos(response, self.eos_token_id)
+        mask = mask_after_eos(response, self.end_ids)
         return Samples(response.masked_fill(~mask, self.pad_token_id), mask)

