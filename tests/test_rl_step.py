@@ -103,6 +103,10 @@ class FakeSource(nn.Module):
     def place_frozen(self, device) -> None:
         pass
 
+    @property
+    def policy_transform(self):
+        return self.settings.sampling.policy_transform(self.generator.end_ids)
+
     @torch.no_grad()
     def forward(self, policy, batch, critic=None, weights_version=None) -> tuple[Experience, dict]:
         self.calls += 1
