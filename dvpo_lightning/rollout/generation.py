@@ -72,6 +72,10 @@ class Generator(Protocol):
                 version it holds (None: reload unconditionally).
         """
 
+    def forget_weights(self) -> None:
+        """Assume nothing about the weights held (a checkpoint was loaded into the policy):
+        an engine that keeps its own copy reloads it at the next rollout."""
+
 
 def mask_after_eos(response_ids: Tensor, eos_id: int) -> Tensor:
     """``(B, T) bool``: True up to and including the first EOS of each row, False after."""
@@ -94,6 +98,9 @@ class HFGenerator:
     def __init__(self, eos_token_id: int, pad_token_id: int) -> None:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
+
+    def forget_weights(self) -> None:
+        """Nothing to forget: it samples from the model itself."""
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,

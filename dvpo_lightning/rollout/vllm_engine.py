@@ -97,7 +97,7 @@ class VLLMOptions:
     enforce_eager: bool | None = None
     max_num_seqs: int = 256
     max_model_len: int | None = None
-    logp_tolerance: float | Literal["auto"] | None = "auto"
+    logp_tolerance: Literal["auto"] | float | None = "auto"
     push_check: bool = True
     prefix_caching: bool = True
 
