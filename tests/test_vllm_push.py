@@ -211,3 +211,26 @@ def test_after_a_level_2_sleep_the_weights_are_pushed_before_the_kv_cache_wakes(
     assert calls == ["sleep 2", "wake ['weights']", "collective_rpc", "wake ['kv_cache']",
                      "reset_prefix_cache"]
     assert engine.version == 0 and not engine.asleep and engine.last_push_s > 0
+
+
+def test_the_same_weights_pushed_again_must_give_the_same_engine(tok, monkeypatch):
+    """After ``forget_weights`` the next rollout pushes the weights the engine already holds;
+    an engine left with other weights by that push (here: loaded scaled) stops the run."""
+    model, prompts = model32(tok), group_prompts(tok, length=8, groups=1, size=2)
+    engine = VLLMEngine(tok.eos_token_id, tok.pad_token_id)
+    engine.generate(model, *prompts, SamplingConfig(4, greedy=True), weights_version=0)
+    engine.forget_weights()
+    engine.generate(model, *prompts, SamplingConfig(4, greedy=True), weights_version=0)
+    assert engine.last_push_s > 0  # pushed again, and passed the check
+    rpc = vllm.LLM.collective_rpc
+
+    def scaled(self, method, *args, **kwargs):
+        if method == "reload_weights":
+            weights = kwargs["kwargs"]["weights_iterator"]
+            kwargs["kwargs"]["weights_iterator"] = ((n, t * 1.5) for n, t in weights)
+        return rpc(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(vllm.LLM, "collective_rpc", scaled)
+    engine.forget_weights()
+    with pytest.raises(SamplerMismatchError, match=r"pushed the weights it held before.*moved"):
+        engine.generate(model, *prompts, SamplingConfig(4, greedy=True), weights_version=0)

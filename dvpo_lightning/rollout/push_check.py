@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from dvpo_lightning.runtime.distributed import all_reduce_max
 from dvpo_lightning.runtime.guards import SamplerMismatchError
 
 PROBE_LENGTH = 32
@@ -63,13 +64,14 @@ class Fingerprinted:
         for name, value in self._weights:
             cast = value.detach().to(self.dtype)
             self.rows.append(torch.stack([cast.sum(dtype=torch.float64),
-                                          cast.abs().sum(dtype=torch.float64)]).cpu())
+                                          cast.abs().sum(dtype=torch.float64)]))
             yield name, value
         self.exhausted = True
 
     def fingerprint(self) -> Tensor:
         """``(n_tensors, 2) float64``."""
-        return torch.stack(self.rows) if self.rows else torch.zeros(0, 2, dtype=torch.float64)
+        return (torch.stack(self.rows).cpu() if self.rows  # (one device sync per push)
+                else torch.zeros(0, 2, dtype=torch.float64))
 
 
 class PushCheck:
@@ -81,24 +83,36 @@ class PushCheck:
 
     def __init__(self, score_probe) -> None:
         self.score_probe = score_probe
-        self.fingerprint: Tensor | None = None  # None: unknown (dummy weights, or forgotten)
+        self.fingerprint: Tensor | None = None  # None: none pushed yet (dummy weights)
         self.probe: Tensor | None = None
 
     def baseline(self) -> None:
         """Score the probe on what the engine holds now (e.g. its dummy weights)."""
         self.probe = self.score_probe()
 
-    def after_push(self, pushed: Fingerprinted) -> None:
-        """Raise :class:`SamplerMismatchError` if the push was not taken (see the rules)."""
+    def after_push(self, pushed: Fingerprinted, device: torch.device) -> None:
+        """Raise :class:`SamplerMismatchError` if the push was not taken (see the rules), on
+        every process when any one's engine did not take it (``device``: the policy's, for the
+        all-reduce of the verdict; pushes happen on all processes at the same rollouts)."""
+        problem = self._verdict(pushed)
+        failed = all_reduce_max(torch.tensor(float(problem is not None), device=device))
+        if problem is not None:
+            raise SamplerMismatchError(problem)
+        if float(failed) > 0:
+            raise SamplerMismatchError("another process's rollout engine did not take the "
+                                       "weights pushed to it (its error says how). " + FIX)
+
+    def _verdict(self, pushed: Fingerprinted) -> str | None:
+        """What is wrong with this push (None: nothing); updates the verified state."""
         if not pushed.exhausted:
-            raise SamplerMismatchError(
+            return (
                 f"the rollout engine did not read the weights pushed to it (it read "
                 f"{len(pushed.rows)} tensors and stopped): it is sampling from stale weights. "
                 + FIX)
         new_fp, new_probe = pushed.fingerprint(), self.score_probe()
         changed = self.fingerprint is None or not torch.equal(new_fp, self.fingerprint)
         if changed and self.probe is not None and torch.equal(new_probe, self.probe):
-            raise SamplerMismatchError(
+            return (
                 "the rollout engine did not take the weights pushed to it: they differ from "
                 "the ones it held (in its dtype, "
                 f"{str(pushed.dtype).removeprefix('torch.')}), yet its log-probs of a fixed "
@@ -107,9 +121,10 @@ class PushCheck:
         if not changed and self.probe is not None:
             moved = float((new_probe - self.probe).abs().mean())
             if moved > SAME_WEIGHTS_TOLERANCE:
-                raise SamplerMismatchError(
+                return (
                     f"the rollout engine was pushed the weights it held before, yet its "
                     f"log-probs of a fixed probe sequence moved by {moved:.4g} per token "
                     f"(more than {SAME_WEIGHTS_TOLERANCE}): the push left it with other weights "
                     "(partly loaded, or not restored after sleep). " + FIX)
         self.fingerprint, self.probe = new_fp, new_probe
+        return None

@@ -12,7 +12,9 @@ What it does that ``generate`` does not have to:
   one it holds (every optimizer update bumps it), and after every wake from sleep, the engine
   reloads the policy's weights: HF names, the full state (a tied output head included), LoRA
   adapters merged tensor by tensor (no copy of the model), ZeRO-3 shards gathered; then its
-  prefix cache is reset (a push does not invalidate it). Nothing is pushed when nothing changed.
+  prefix cache is reset (a push does not invalidate it), and the push is checked: a push the
+  engine did not take stops the run (:mod:`~dvpo_lightning.rollout.push_check`). Nothing is
+  pushed when nothing changed.
 - **It reports the log-probs it sampled with** (raw ``log_softmax`` of its logits), which the
   RL module compares with its own ``logp_old`` at every step (``rollout/sampler_logp_diff``).
 - **Reproducible**: every sampled request gets a seed drawn from torch's global RNG (which a
@@ -263,7 +265,7 @@ class VLLMEngine:
                                "weight push (requests still running): rollouts would reuse "
                                "KV computed with the old weights")
         if self._check is not None:
-            self._check.after_push(pushed)
+            self._check.after_push(pushed, next(model.parameters()).device)
         self.last_push_s += time.perf_counter() - t0
 
     def forget_weights(self) -> None:
