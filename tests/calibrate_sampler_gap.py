@@ -1,10 +1,11 @@
 """Measure the sampler probe's gap: healthy vs one skipped push (docs/reliability.md).
 
 Not collected by default (no ``test_`` file prefix); run it with
-``python -m pytest -s -q tests/calibrate_sampler_gap.py`` (about 10 min on 2 CPU cores).
-Per (trainer precision, engine dtype, full / LoRA): a 4-RL-step run with the real CPU vLLM
-engine, one optimizer step per rollout, the push before RL step 3 read and dropped by the
-engine; prints the per-step mean |Δ log p| (step 3: one update behind).
+``python -m pytest -s -q tests/calibrate_sampler_gap.py`` (45 s for the tiny model, 5 min for
+SmolLM2 on 2 CPU cores). Per (trainer precision, engine dtype, full / LoRA), ``test_measure``:
+a 4-RL-step run with the real CPU vLLM engine, one optimizer step per rollout, the push before
+RL step 3 read and dropped by the engine; prints the per-step mean |Δ log p| (step 3: one
+update behind). ``test_measure_smollm2``: the same gaps on SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 
 import pytest
 import vllm
+from conftest import requires_smollm2
 from lightning.pytorch import Callback
 from test_rl_training import make_cli
 
@@ -78,6 +80,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "How do I boil an egg?", "Why is the sky blue?"]
 
 
+@requires_smollm2
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("lora", [False, True])
