@@ -35,7 +35,7 @@ from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker, check_rollout_batch
 from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.settings import RolloutSettings
-from dvpo_lightning.rollout.tolerance import resolve_logp_tolerance
+from dvpo_lightning.rollout.tolerance import engine_dtype, resolve_logp_tolerance
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 from dvpo_lightning.runtime.checkpointing import (
     drop_reloaded,
@@ -343,15 +343,17 @@ class DVPOModule(L.LightningModule):
         total = all_reduce_sum(torch.stack([gap.sum(), mask.sum().to(gap.dtype)]))
         mean = float(total[0] / total[1].clamp(min=1))
         largest = float(all_reduce_max(gap.max()))
-        tolerance, setting = self.logp_tolerance, self.experience.settings.vllm.logp_tolerance
+        tolerance, options = self.logp_tolerance, self.experience.settings.vllm
         if tolerance is not None and mean > tolerance:
+            device = self.trainer.strategy.root_device
+            chosen = (f" (auto for a {self.trainer.precision} trainer beside a "
+                      f"{engine_dtype(options.dtype, device)} engine on {device.type})"
+                      if options.logp_tolerance == "auto" else "")
             raise SamplerMismatchError(
                 f"the rollout engine's log-probs of its own samples differ from the trainer's "
                 f"by {mean:.4g} per token on average (max {largest:.4g}) at RL step {step}, "
-                f"past model.rollout.vllm.logp_tolerance={tolerance:g}"
-                f"{f' ({setting}: {self.trainer.precision} trainer)' if setting == 'auto' else ''}"
-                ": the engine is likely "
-                "sampling from stale or partly loaded weights (a missed push), or its "
+                f"past model.rollout.vllm.logp_tolerance={tolerance:g}{chosen}: the engine "
+                "is likely sampling from stale or partly loaded weights (a missed push), or its "
                 "precision differs from the trainer's. Fix: check the weight sync; for a known "
                 "precision gap (bf16 kernels) raise the tolerance and set model.ppo.tis_cap; "
                 "the last checkpoint is the last good one")
