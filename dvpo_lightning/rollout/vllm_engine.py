@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from dvpo_lightning.models.loading import unwrapped
 from dvpo_lightning.models.lora import is_lora
 from dvpo_lightning.rollout.generation import Samples, SamplingConfig, mask_after_eos
-from dvpo_lightning.rollout.push_check import Fingerprinted, PushCheck, probe_tokens
+from dvpo_lightning.rollout.push_check import PROBE_LENGTH, Fingerprinted, PushCheck, probe_tokens
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 
 _LOG = logging.getLogger(__name__)
@@ -279,7 +279,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         config = self.llm.llm_engine.model_config
-        length = min(len(probe_tokens(2)), config.max_model_len - 1)
+        length = min(PROBE_LENGTH, config.max_model_len - 1)
         tokens = probe_tokens(config.get_vocab_size(), length)
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                 detokenize=False)
