@@ -36,6 +36,7 @@ from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker, check_rollout_batch
 from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.settings import RolloutSettings
+from dvpo_lightning.rollout.tolerance import engine_dtype, resolve_logp_tolerance
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 from dvpo_lightning.runtime.checkpointing import (
     drop_reloaded,
@@ -193,6 +194,11 @@ class DVPOModule(L.LightningModule):
             raise ValueError("model.models.offload_frozen=true cannot move ZeRO-3 partitioned "
                              "weights between devices. Fix: set it to false and use "
                              "configs/deepspeed/zero3_offload.yaml (DeepSpeed's own offload)")
+        vllm_options = self.experience.settings.vllm  # the sampler probe's tolerance (auto:
+        # calibrated by the trainer's precision, the engine's dtype and the device)
+        self.logp_tolerance = resolve_logp_tolerance(
+            vllm_options.logp_tolerance, self.trainer.precision, vllm_options.dtype,
+            self.trainer.strategy.root_device)
         longest = getattr(dm, "max_length", 0) + self.experience.settings.max_new_tokens
         for part in (*self.trained.values(), *self.frozen.values()):
             check_fits_context(longest, getattr(part, "backbone", part).config,
@@ -334,7 +340,8 @@ class DVPOModule(L.LightningModule):
     def _sampler_gap(self, exp: Experience, step: int) -> dict[str, float]:
         """How far the rollout engine's log-probs of its samples are from the trainer's
         ``logp_old`` (mean and max of ``|Δ|`` over the tokens of every process); past
-        ``rollout.vllm.logp_tolerance`` the run stops. {} for an engine that reports none."""
+        ``rollout.vllm.logp_tolerance`` (``auto``: see :mod:`~dvpo_lightning.rollout.tolerance`)
+        the run stops. {} for an engine that reports none."""
         if exp.logp_sampler is None:
             return {}
         mask = exp.response_mask
@@ -342,13 +349,17 @@ class DVPOModule(L.LightningModule):
         total = all_reduce_sum(torch.stack([gap.sum(), mask.sum().to(gap.dtype)]))
         mean = float(total[0] / total[1].clamp(min=1))
         largest = float(all_reduce_max(gap.max()))
-        tolerance = self.experience.settings.vllm.logp_tolerance
+        tolerance, options = self.logp_tolerance, self.experience.settings.vllm
         if tolerance is not None and mean > tolerance:
+            device = self.trainer.strategy.root_device
+            chosen = (f" (auto for a {self.trainer.precision} trainer beside a "
+                      f"{engine_dtype(options.dtype, device)} engine on {device.type})"
+                      if options.logp_tolerance == "auto" else "")
             raise SamplerMismatchError(
                 f"the rollout engine's log-probs of its own samples differ from the trainer's "
                 f"by {mean:.4g} per token on average (max {largest:.4g}) at RL step {step}, "
-                f"past model.rollout.vllm.logp_tolerance={tolerance}: the engine is likely "
-                "sampling from stale or partly loaded weights (a missed push), or its "
+                f"past model.rollout.vllm.logp_tolerance={tolerance:g}{chosen}: the engine "
+                "is likely sampling from stale or partly loaded weights (a missed push), or its "
                 "precision differs from the trainer's. Fix: check the weight sync; for a known "
                 "precision gap (bf16 kernels) raise the tolerance and set model.ppo.tis_cap; "
                 "the last checkpoint is the last good one")
@@ -481,6 +492,7 @@ class DVPOModule(L.LightningModule):
         self.evals.load_state_dict(state["evals"])
         self.guard.load_state_dict(state["guard"])
         self.weights_version = state.get("policy_updates", 0)
+        self.experience.generator.forget_weights()  # other weights, maybe the same count
         self._rng_to_restore = state.get("rng")
 
     # ------------------------------------------------------------------ summary and export

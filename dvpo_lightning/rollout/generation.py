@@ -119,6 +119,10 @@ class Generator(Protocol):
                 version it holds (None: reload unconditionally).
         """
 
+    def forget_weights(self) -> None:
+        """Assume nothing about the weights held (a checkpoint was loaded into the policy):
+        an engine that keeps its own copy reloads it at the next rollout."""
+
 
 def mask_after_eos(response_ids: Tensor, eos_id: int | Sequence[int]) -> Tensor:
     """``(B, T) bool``: True up to and including the first end token of each row (any id of
@@ -153,6 +157,9 @@ class HFGenerator:
 
     def sleep(self) -> None:
         """Nothing to free: ``generate`` holds no memory between rollouts."""
+
+    def forget_weights(self) -> None:
+        """Nothing to forget: it samples from the model itself."""
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,

@@ -12,7 +12,9 @@ What it does that ``generate`` does not have to:
   one it holds (every optimizer update bumps it), and after every wake from sleep, the engine
   reloads the policy's weights: HF names, the full state (a tied output head included), LoRA
   adapters merged tensor by tensor (no copy of the model), ZeRO-3 shards gathered; then its
-  prefix cache is reset (a push does not invalidate it). Nothing is pushed when nothing changed.
+  prefix cache is reset (a push does not invalidate it), and the push is checked: a push the
+  engine did not take stops the run (:mod:`~dvpo_lightning.rollout.push_check`). Nothing is
+  pushed when nothing changed.
 - **It reports the log-probs it sampled with**: those of the distribution it drew from
   (``logprobs_mode="processed_logprobs"``: ``log_softmax`` of its logits after min-tokens,
   temperature, top-k and top-p, the trainer's transform, docs/sampling.md), which the RL module
@@ -54,6 +56,7 @@ from dvpo_lightning.models.loading import unwrapped
 from dvpo_lightning.models.lora import is_lora
 from dvpo_lightning.rollout.end_tokens import as_end_ids
 from dvpo_lightning.rollout.generation import Samples, SamplingConfig, mask_after_eos
+from dvpo_lightning.rollout.push_check import PROBE_LENGTH, Fingerprinted, PushCheck, probe_tokens
 from dvpo_lightning.rollout.vllm_process import (
     import_vllm,
     isolated_rngs,
@@ -78,6 +81,7 @@ _APPLIED_GENERATION_FIELDS = frozenset({
     "_commit_hash", "_original_object_hash", "prefill_chunk_size", "trust_remote_code",
     "is_assistant",
 })
+SLEEP_LEVEL = 2  # weights discarded while asleep, not offloaded: they are pushed at every wake
 
 
 @dataclass(frozen=True)
@@ -93,9 +97,9 @@ class VLLMOptions:
             override).
         gpu_memory_utilization: on a GPU, the share of its memory the engine takes (weights
             and KV cache); the rest is the trainer's.
-        sleep: on a GPU, free the engine's memory between rollouts (vLLM's sleep mode: weights
-            offloaded, KV cache dropped) so the update can use it; the weights are pushed again
-            after every wake. Not supported by vLLM on a CPU.
+        sleep: on a GPU, free the engine's memory between rollouts (vLLM's sleep mode, level
+            2: weights and KV cache discarded, not offloaded) so the update can use it; the
+            weights are pushed again after every wake. Not supported by vLLM on a CPU.
         enforce_eager: run eagerly (no torch.compile / CUDA graphs); None: eager on a CPU
             (compiling costs ~25 s there), graphs on a GPU.
         max_num_seqs: sequences the engine schedules at once.
@@ -103,8 +107,14 @@ class VLLMOptions:
             most 4096. A run whose ``data.max_prompt_length + rollout.max_new_tokens`` exceeds
             it is refused before the first rollout.
         logp_tolerance: stop the run when a rollout's mean |engine log-prob − trainer log-prob|
-            over its tokens exceeds this (stale or partial weights in the engine); None: only
-            log the gap. Float32 on a CPU gives about 1e-6; bfloat16 kernels on a GPU more.
+            over its tokens exceeds this (stale or partial weights in the engine); ``auto``:
+            calibrated by the trainer's precision, the engine's dtype and the device (see
+            :func:`~dvpo_lightning.rollout.tolerance.auto_logp_tolerance`); None: only log it.
+        push_check: after every push, check that the engine took it (its log-probs of a fixed
+            probe must move when the weights it should hold changed; see
+            :mod:`~dvpo_lightning.rollout.push_check`): exact in any dtype, one 32-token prefill.
+        prefix_caching: reuse the KV cache of prompts the engine has already seen in this
+            rollout (GRPO / RLOO groups repeat each prompt); every push resets the cache.
     """
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -114,7 +124,9 @@ class VLLMOptions:
     enforce_eager: bool | None = None
     max_num_seqs: int = 256
     max_model_len: int | None = None
-    logp_tolerance: float | None = 0.05
+    logp_tolerance: Literal["auto"] | float | None = "auto"
+    push_check: bool = True
+    prefix_caching: bool = True
 
 
 torch.serialization.add_safe_globals([VLLMOptions])  # in checkpointed hparams
@@ -195,6 +207,7 @@ class VLLMEngine:
         self.asleep = False
         self.last_push_s = 0.0  # seconds the last weight push took (0: none this rollout)
         self._scratch: tempfile.TemporaryDirectory | None = None
+        self._check: PushCheck | None = None
 
     # ------------------------------------------------------------------ building
     def max_model_len(self, model: nn.Module) -> int:
@@ -265,7 +278,8 @@ class VLLMEngine:
         kwargs = dict(model=self._scratch.name, load_format="dummy", dtype=dtype, seed=0,
                       max_model_len=self.max_model_len(model),
                       max_num_seqs=self.options.max_num_seqs, skip_tokenizer_init=True,
-                      enable_prefix_caching=False, logprobs_mode="processed_logprobs",
+                      enable_prefix_caching=self.options.prefix_caching,
+                      logprobs_mode="processed_logprobs",
                       generation_config="vllm",
                       enforce_eager=(not on_gpu if self.options.enforce_eager is None
                                      else self.options.enforce_eager))
@@ -302,32 +316,66 @@ class VLLMEngine:
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
     def push(self, model: nn.Module) -> None:
-        """Load ``model``'s current weights into the engine (see :func:`policy_weights`)."""
+        """Load ``model``'s current weights into the engine (see :func:`policy_weights`), reset
+        its prefix cache, and (``options.push_check``) check that it took them."""
         t0 = time.perf_counter()
+        pushed = Fingerprinted(policy_weights(model), self.llm.llm_engine.model_config.dtype)
         with gathered_for_generation(model):
-            self.llm.collective_rpc("reload_weights",
-                                    kwargs={"weights_iterator": policy_weights(model)})
-        self.llm.reset_prefix_cache()  # cached prompt KV of the old weights
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(pushed)})
+        if self.asleep:  # level 2: the weights are back; now the KV cache
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        if not self.llm.reset_prefix_cache():  # cached prompt KV of the old weights
+            raise RuntimeError("the vLLM engine could not reset its prefix cache after a "
+                               "weight push (requests still running): rollouts would reuse "
+                               "KV computed with the old weights")
+        if self._check is not None:
+            self._check.after_push(pushed, next(model.parameters()).device)
         self.last_push_s += time.perf_counter() - t0
+
+    def forget_weights(self) -> None:
+        """Assume nothing about the weights the engine holds (a checkpoint was loaded into the
+        policy): the next rollout pushes."""
+        self.version = None
+
+    def _score_probe(self) -> Tensor:
+        """``(L,)``: the engine's raw log-probs of the fixed probe sequence (one prefill)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        config = self.llm.llm_engine.model_config
+        length = min(PROBE_LENGTH, config.max_model_len - 1)
+        tokens = probe_tokens(config.get_vocab_size(), length)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                detokenize=False)
+        with isolated_rngs(torch.device("cpu")):
+            out = self.llm.generate([TokensPrompt(prompt_token_ids=tokens)], params,
+                                    use_tqdm=False)[0]
+        return torch.tensor([pos[tok].logprob for pos, tok in
+                             zip(out.prompt_logprobs[1:], tokens[1:])], dtype=torch.float64)
 
     def _ready(self, model: nn.Module, weights_version: int | None) -> None:
         device = next(model.parameters()).device
         if self.llm is None:
             self._build(model, device)
+            if self.options.push_check:
+                self._check = PushCheck(self._score_probe)
+                self._check.baseline()  # the dummy weights: the first push must move it
         elif model is not self.policy:
             raise ValueError("the vLLM engine serves the policy it was built for, and was "
                              "handed another model (a reference is evaluated with `generate`)")
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep, self.version = False, None  # after a wake, never assume the weights
+        if self.asleep:  # level 2: weights memory back (contents undefined), KV after the push
+            self.llm.wake_up(tags=["weights"])
+            self.version = None  # after a wake, never assume the weights
         if weights_version is None or weights_version != self.version:
             self.push(model)
             self.version = weights_version
 
     def sleep(self) -> None:
-        """With ``options.sleep``: free the engine's memory until the next rollout."""
+        """With ``options.sleep``: free the engine's memory until the next rollout (level 2:
+        weights and KV cache discarded; the next rollout wakes it and pushes)."""
         if self.options.sleep and self.llm is not None and not self.asleep:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=SLEEP_LEVEL)
             self.asleep = True
 
     # ------------------------------------------------------------------ generation
