@@ -9,11 +9,14 @@ when the engine reports them, the log-probs it sampled with (:class:`Samples`). 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from dvpo_lightning.runtime.distributed import rank_rng
 
 
 @dataclass
@@ -111,7 +114,10 @@ class HFGenerator:
         )
         if not cfg.greedy:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(), **kwargs)
+        # sampled: each data-parallel rank from its own stream (one process: the global RNG)
+        with contextlib.nullcontext() if cfg.greedy else rank_rng(prompt_ids.device):
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
+                                 **kwargs)
         response = out[:, prompt_ids.shape[1]:]
         if response.shape[1] == 0:
             response = torch.full((prompt_ids.shape[0], 1), self.eos_token_id,
