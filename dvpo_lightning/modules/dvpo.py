@@ -43,7 +43,12 @@ from dvpo_lightning.runtime.checkpointing import (
     rng_states,
     set_rng_states,
 )
-from dvpo_lightning.runtime.distributed import all_reduce_max, all_reduce_sum, global_whiten
+from dvpo_lightning.runtime.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    global_mean,
+    global_whiten,
+)
 from dvpo_lightning.runtime.guards import (
     GuardSettings,
     SamplerMismatchError,
@@ -235,8 +240,10 @@ class DVPOModule(L.LightningModule):
                     "kl": kl}, {"values": _with_first_column(mask), "logp_old": mask,
                                 "logp_ref": mask, "kl": mask}, reduce_on=self.device):
                 return self._skipped()
-            seq_kl = (kl * mask).sum(1)
-            if self.kl.check_bound(self._global_mean(seq_kl), step):
+            # one observation of the rollout's KL per response, over every process's
+            # responses: the bound, the controller and the log all read it
+            kl_mean, n_responses = global_mean((kl * mask).sum(1))
+            if self.kl.check_bound(kl_mean, step):
                 self.log("guard/kl_exceeded", 1.0, batch_size=1)
             self.estimator.check(exp)
             advantages, returns = self.estimator(exp)
@@ -249,8 +256,8 @@ class DVPOModule(L.LightningModule):
             t_update = time.perf_counter()
             stats = self.ppo_update(exp, advantages, returns)
             info["update_s"] = time.perf_counter() - t_update
-            self.kl.update(float(seq_kl.mean()), exp.batch_size)
-        return self._log_step(exp, advantages, returns, seq_kl, info, stats)
+            self.kl.update(kl_mean, n_responses)
+        return self._log_step(exp, advantages, returns, kl_mean, info, stats)
 
     def make_experience(self, batch: dict, step: int) -> tuple[Experience | None, dict]:
         """The experience maker's rollout; (None, {}) when sampling met NaN / inf logits and
@@ -348,24 +355,20 @@ class DVPOModule(L.LightningModule):
                 "the last checkpoint is the last good one")
         return {"sampler_logp_diff_mean": mean, "sampler_logp_diff_max": largest}
 
-    def _global_mean(self, x: Tensor) -> float:
-        """The mean of ``x (B,)`` over every process's rows."""
-        return float(all_reduce_sum(x.sum()) / all_reduce_sum(
-            torch.tensor(float(x.shape[0]), device=x.device)))
-
     def _skipped(self) -> None:
         """A rollout the guards skipped still counts as an RL step (its prompts are not
         replayed); it is logged, and nothing is returned for the per-step curve."""
         self.log("guard/skipped_steps", float(self.guard.skips), batch_size=1)
 
-    def _log_step(self, exp: Experience, advantages: Tensor, returns: Tensor, seq_kl: Tensor,
+    def _log_step(self, exp: Experience, advantages: Tensor, returns: Tensor, kl_mean: float,
                   info: dict, stats: dict) -> dict[str, float]:
-        """Log the step's dashboard; return its record for the per-step curve and the cost."""
+        """Log the step's dashboard; return its record for the per-step curve and the cost.
+        ``kl_mean``: the rollout's KL per response over every process's responses."""
         mask = exp.response_mask
         tokens = mask.sum()
         adv_mean = masked_mean(advantages, mask)
         logs = {
-            "rollout/kl_to_ref": seq_kl.mean(),
+            "rollout/kl_to_ref": kl_mean,
             "rollout/response_len": mask.sum(1).float().mean(),
             "rollout/eos_frac": (exp.response_ids == self.tokenizer.eos_token_id).any(1)
             .float().mean(),
@@ -386,7 +389,7 @@ class DVPOModule(L.LightningModule):
         for key in ("sampler_logp_diff_mean", "sampler_logp_diff_max"):
             if key in info:
                 logs[f"rollout/{key}"] = info[key]
-        record["kl"] = float(seq_kl.mean())
+        record["kl"] = kl_mean
         if exp.scores is not None:
             logs["rollout/score_mean"] = record["score"] = float(exp.scores.mean())
             logs["rollout/score_std"] = float(exp.scores.std()) if exp.batch_size > 1 else 0.0
