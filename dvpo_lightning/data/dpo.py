@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from dvpo_lightning.data.base import ListDataset
 from dvpo_lightning.data.pairwise import PairwiseDataModule
-from dvpo_lightning.data.rollout import collate_prompts, encode_prompts
+from dvpo_lightning.data.rollout import Numbered, collate_numbered_prompts, encode_prompts
 from dvpo_lightning.data.tokenize import LengthReport
 
 
@@ -17,7 +17,8 @@ class DPODataModule(PairwiseDataModule):
     Training batches are :class:`PairwiseDataModule`'s: ``2N`` rows of the shared layout, the
     ``N`` chosen rows first, then the ``N`` rejected ones, and ``n_pairs = N``. Validation has
     two loaders: ``[0]`` the held-out pairs (the DPO metrics), ``[1]`` the held-out prompts
-    (``prompt_ids`` / ``prompt_mask`` left-padded and the raw ``prompts``, the batches of
+    (``prompt_ids`` / ``prompt_mask`` left-padded, the raw ``prompts`` and each one's
+    ``prompt_index``, the batches of
     :class:`~dvpo_lightning.data.rollout.RolloutDataModule`'s evaluation), which the policy
     answers for the gold evaluation; without ``eval_path`` only the first.
 
@@ -75,14 +76,15 @@ class DPODataModule(PairwiseDataModule):
             self.prompt_set = ListDataset(self._encode_prompts(self.eval_path))
         return train, val
 
-    def collate_prompts(self, items: list[tuple[list[int], object]]) -> dict:
-        """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)`` and the raw ``prompts``."""
-        return collate_prompts(items, self.tokenizer.pad_token_id)
+    def collate_prompts(self, items: list[tuple[int, tuple[list[int], object]]]) -> dict:
+        """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)``, the raw ``prompts`` and
+        each one's ``prompt_index`` in the held-out file."""
+        return collate_numbered_prompts(items, self.tokenizer.pad_token_id)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         pairs = super().val_dataloader()
         if self.prompt_set is None:
             return pairs
-        return [pairs, DataLoader(self.prompt_set, batch_size=self.eval_batch_size,
+        return [pairs, DataLoader(Numbered(self.prompt_set), batch_size=self.eval_batch_size,
                                   shuffle=False, num_workers=self.num_workers,
                                   collate_fn=self.collate_prompts)]

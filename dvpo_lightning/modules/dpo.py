@@ -24,7 +24,7 @@ from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.models.value_model import freeze
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
-from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
+from dvpo_lightning.rollout.evaluation import EvalHistory, EvalRows, HeldOutEvaluator
 from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
@@ -237,8 +237,7 @@ class DPOModule(SingleModelStage):
 
     def on_validation_epoch_start(self) -> None:
         self._val_pairs: list[tuple[Tensor, ...]] = []
-        self._val_rows: list[dict[str, Tensor]] = []
-        self._ref_rows: list[dict[str, Tensor]] = []
+        self._val_rows, self._ref_rows = EvalRows(), EvalRows()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "n_pairs" in batch:  # held-out pairs
@@ -246,19 +245,22 @@ class DPOModule(SingleModelStage):
             return
         prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
         with gathered_for_generation(self.model):
-            self._val_rows.append(self.evaluator.evaluate(self.model, *prompts))
+            self._val_rows.add(self.evaluator.evaluate(self.model, *prompts), batch)
         if self.evals.reference is None and self.task is not None:
             with self.reference_policy() as ref, gathered_for_generation(ref):
-                self._ref_rows.append(self.evaluator.evaluate(ref, *prompts, is_reference=True))
+                self._ref_rows.add(self.evaluator.evaluate(ref, *prompts, is_reference=True),
+                                   batch)
 
     def on_validation_epoch_end(self) -> None:
         final = not self.trainer.sanity_checking
         if self._val_pairs:
             self._log_pairs(final)
-        if self._val_rows:
-            if final and self._ref_rows and self.evals.reference is None:
-                self.evals.set_reference(concat_rows(self._ref_rows))
-            metrics = self.evals.metrics(concat_rows(self._val_rows))
+        if self._val_rows:  # every process's rows, each prompt once (as in the RL module)
+            if self._ref_rows:
+                ref_rows = self._ref_rows.gathered()  # (collective: every rank)
+                if final and self.evals.reference is None:
+                    self.evals.set_reference(ref_rows)
+            metrics = self.evals.metrics(self._val_rows.gathered())
             for k, v in metrics.items():
                 self.log(k, v, prog_bar=k == "eval/gold_reward", add_dataloader_idx=False)
             if final:

@@ -30,7 +30,7 @@ from dvpo_lightning.modules.rl_models import load_rl_models
 from dvpo_lightning.modules.stage import stage_callbacks
 from dvpo_lightning.ops.masked import masked_mean
 from dvpo_lightning.rollout.engines import make_generator
-from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
+from dvpo_lightning.rollout.evaluation import EvalHistory, EvalRows, HeldOutEvaluator
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker, check_rollout_batch
 from dvpo_lightning.rollout.generation import HFGenerator
@@ -422,25 +422,29 @@ class DVPOModule(L.LightningModule):
         self.experience.sleep_engine()
 
     def on_validation_epoch_start(self) -> None:
-        self._val_rows: list[dict[str, Tensor]] = []
-        self._ref_rows: list[dict[str, Tensor]] = []
+        self._val_rows, self._ref_rows = EvalRows(), EvalRows()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
         self.policy.eval()
         with gathered_for_generation(self.policy):
-            self._val_rows.append(self.evaluator.evaluate(
-                self.policy, *prompts, weights_version=self.weights_version))
+            self._val_rows.add(self.evaluator.evaluate(
+                self.policy, *prompts, weights_version=self.weights_version), batch)
         if self.evals.reference is None and self.experience.task is not None:
             with self.experience.reference(self.policy) as ref, gathered_for_generation(ref):
-                self._ref_rows.append(self.evaluator.evaluate(ref, *prompts, is_reference=True))
+                self._ref_rows.add(self.evaluator.evaluate(ref, *prompts, is_reference=True),
+                                   batch)
         self.policy.train()
 
     def on_validation_epoch_end(self) -> None:
+        # every process's rows, each prompt once: the means and the win rate are over the
+        # whole held-out set, the same on every rank
         final = not self.trainer.sanity_checking
-        if final and self._ref_rows and self.evals.reference is None:
-            self.evals.set_reference(concat_rows(self._ref_rows))
-        metrics = self.evals.metrics(concat_rows(self._val_rows))
+        if self._ref_rows:
+            ref_rows = self._ref_rows.gathered()  # (collective: every rank, sanity check too)
+            if final and self.evals.reference is None:
+                self.evals.set_reference(ref_rows)
+        metrics = self.evals.metrics(self._val_rows.gathered())
         for k, v in metrics.items():
             self.log(k, v, prog_bar=k == "eval/gold_reward")
         if final:
