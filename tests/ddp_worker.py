@@ -2,9 +2,10 @@
 
     python tests/ddp_worker.py OUT_DIR DEVICES KIND TASK_DATA POLICY GVM RM [ENGINE [REFERENCE]]
 
-KIND: ``gvm`` (DVPO, greedy rollouts), ``grpo`` (GRPO, two sampled responses per prompt) or
+KIND: ``gvm`` (DVPO, greedy rollouts), ``grpo`` (GRPO, two sampled responses per prompt),
 ``kl_eval`` (DVPO with greedy rollouts, an adaptive KL to REFERENCE — another policy, so the KL
-is not 0 — then the held-out evaluation of 5 prompts, greedy, judged by the sorting task).
+is not 0 — then the held-out evaluation of 5 prompts, greedy, judged by the sorting task) or
+``sft_gold`` (one SFT step of POLICY with the GoldEval callback; GVM and RM unused).
 Greedy rollouts (``temperature=0``) make the experience of a prompt independent of how prompts
 are spread over processes. Each rank writes ``rank{r}.pt``: per prompt, the advantages it
 computed and the responses; the gradient of the first update (after DDP's all-reduce) and the
@@ -57,8 +58,38 @@ class Recording(DVPOModule):
         return super()._clip_and_step(opt)
 
 
+def sft_gold_eval(out: str, devices: int, data: str, policy: str) -> dict:
+    """One SFT step (lr 0: the policy does not move) of ``policy`` with the GoldEval callback
+    sampling answers to 5 held-out prompts at the validation and at the end of ``fit``; the
+    rank's logged and final numbers."""
+    from dvpo_lightning.callbacks import GoldEval
+    from dvpo_lightning.data.sft import SFTDataModule
+    from dvpo_lightning.modules import SFTModule
+
+    gold = GoldEval(prompts_path=f"{data}/eval_prompts.jsonl", max_prompts=5, max_new_tokens=6)
+    trainer = L.Trainer(accelerator="cpu", devices=devices,
+                        strategy="ddp" if devices > 1 else "auto", max_steps=1,
+                        val_check_interval=1, check_val_every_n_epoch=None, limit_val_batches=1,
+                        num_sanity_val_steps=0, callbacks=[gold], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out)
+    trainer.fit(SFTModule(backbone=policy, tokenizer=f"{data}/tokenizer", lr=0.0),
+                SFTDataModule(train_path=f"{data}/sft.jsonl", tokenizer=f"{data}/tokenizer",
+                              batch_size=4, max_length=32))
+    return {"rank": trainer.global_rank, "world_size": trainer.world_size, "final": gold.last,
+            "logged": {k: float(v) for k, v in trainer.callback_metrics.items()
+                       if k.startswith("eval/")}}
+
+
 def main() -> None:
     out, devices, kind, data, policy, gvm, rm = sys.argv[1:8]
+    if kind == "sft_gold":
+        torch.set_num_threads(1)
+        L.seed_everything(0)
+        record = sft_gold_eval(out, int(devices), data, policy)
+        torch.save(record, os.path.join(out, f"rank{record['rank']}.pt"))
+        _leave_process_group()
+        return
     engine = sys.argv[8] if len(sys.argv) > 8 else "hf"  # each rank drives its own engine
     reference = sys.argv[9] if len(sys.argv) > 9 else None
     devices = int(devices)
@@ -100,6 +131,10 @@ def main() -> None:
                 "evals": model.evals.rows, "reference_eval": model.evals.reference,
                 "rng": torch.get_rng_state()},
                os.path.join(out, f"rank{rank}.pt"))
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
     # Leave the process group before the interpreter exits: gloo's threads torn down at exit
     # while the group is alive can abort the process ("terminate called without an active
     # exception", seen once in CI after the results were written).

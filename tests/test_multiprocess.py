@@ -143,3 +143,17 @@ def test_held_out_evaluation_covers_every_prompt(kl_eval_runs):
         for got, want in zip(rank["evals"], one[0]["evals"]):
             assert set(got) == set(want) and "eval/win_rate_vs_ref" in got
             assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_gold_eval_is_one_evaluation_over_the_ranks(tmp_path, task_data, sft_model_dir,
+                                                    artifacts):
+    """The SFT stage's GoldEval samples its answers (each rank from its own stream): every rank
+    answers its share of the prompts and logs the same numbers, at the validation and at the
+    end of ``fit``."""
+    art = SimpleNamespace(policy=sft_model_dir, gvm=artifacts.gvm,
+                          reward_model=artifacts.reward_model)
+    two = _run(tmp_path / "two", 2, "sft_gold", task_data, art)
+    assert two[0]["world_size"] == 2
+    assert set(two[0]["logged"]) == {f"eval/{k}" for k in two[0]["final"]}
+    assert two[0]["logged"] == two[1]["logged"] and two[0]["final"] == two[1]["final"]
+    assert 0 < two[0]["final"]["gold_reward"] < 1, "some answers partly right, none all"
