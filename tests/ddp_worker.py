@@ -5,7 +5,8 @@
 KIND: ``gvm`` (DVPO, greedy rollouts), ``grpo`` (GRPO, two sampled responses per prompt),
 ``kl_eval`` (DVPO with greedy rollouts, an adaptive KL to REFERENCE — another policy, so the KL
 is not 0 — then the held-out evaluation of 5 prompts, greedy, judged by the sorting task) or
-``sft_gold`` (one SFT step of POLICY with the GoldEval callback; GVM and RM unused).
+``sft_gold`` (one SFT step of POLICY with the GoldEval callback) or ``dpo_eval`` (one DPO step
+of POLICY, then its held-out pairs and prompts); the last two use neither GVM nor RM.
 Greedy rollouts (``temperature=0``) make the experience of a prompt independent of how prompts
 are spread over processes. Each rank writes ``rank{r}.pt``: per prompt, the advantages it
 computed and the responses; the gradient of the first update (after DDP's all-reduce) and the
@@ -81,12 +82,38 @@ def sft_gold_eval(out: str, devices: int, data: str, policy: str) -> dict:
                        if k.startswith("eval/")}}
 
 
+def dpo_eval(out: str, devices: int, data: str, policy: str) -> dict:
+    """One DPO step on 8 pairs, then the held-out pairs' metrics and the held-out evaluation
+    of 5 prompts (greedy, judged by the sorting task); the rank's records."""
+    from dvpo_lightning.data.dpo import DPODataModule
+    from dvpo_lightning.modules import DPOModule
+
+    module = DPOModule(policy=policy, tokenizer=f"{data}/tokenizer", task="sorting", lr=1e-2,
+                       warmup_steps=0, rollout=RolloutSettings(max_new_tokens=6,
+                                                               eval_greedy=True))
+    dm = DPODataModule(train_path=f"{data}/pairs.jsonl", val_path=f"{data}/eval_pairs.jsonl",
+                       tokenizer=f"{data}/tokenizer", eval_path=f"{data}/eval_prompts.jsonl",
+                       max_eval_prompts=5, batch_size=8 // devices, val_batch_size=2,
+                       max_length=32)
+    trainer = L.Trainer(accelerator="cpu", devices=devices,
+                        strategy="ddp" if devices > 1 else "auto", max_steps=1,
+                        val_check_interval=1, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=out)
+    trainer.fit(module, datamodule=dm)
+    return {"rank": trainer.global_rank, "world_size": trainer.world_size,
+            "evals": module.evals.rows, "reference_eval": module.evals.reference,
+            "pair_history": module.pair_history}
+
+
 def main() -> None:
     out, devices, kind, data, policy, gvm, rm = sys.argv[1:8]
-    if kind == "sft_gold":
+    if kind in ("sft_gold", "dpo_eval"):
         torch.set_num_threads(1)
         L.seed_everything(0)
-        record = sft_gold_eval(out, int(devices), data, policy)
+        record = (sft_gold_eval if kind == "sft_gold" else dpo_eval)(out, int(devices), data,
+                                                                     policy)
         torch.save(record, os.path.join(out, f"rank{record['rank']}.pt"))
         _leave_process_group()
         return

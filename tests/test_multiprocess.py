@@ -157,3 +157,27 @@ def test_gold_eval_is_one_evaluation_over_the_ranks(tmp_path, task_data, sft_mod
     assert set(two[0]["logged"]) == {f"eval/{k}" for k in two[0]["final"]}
     assert two[0]["logged"] == two[1]["logged"] and two[0]["final"] == two[1]["final"]
     assert 0 < two[0]["final"]["gold_reward"] < 1, "some answers partly right, none all"
+
+
+def test_dpo_held_out_evaluation_covers_every_pair_and_prompt(tmp_path, task_data,
+                                                              sft_model_dir, artifacts):
+    """DPO's held-out pair metrics (7 pairs) and held-out evaluation (5 prompts): over every
+    item once, on every rank, as in one process (odd counts: the sampler repeats one)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("pairs.jsonl", 8), ("eval_pairs.jsonl", 7)):
+        lines = open(f"{task_data}/{name}").readlines()[:rows]
+        (data / name).write_text("".join(lines))
+    (data / "eval_prompts.jsonl").symlink_to(f"{task_data}/eval_prompts.jsonl")
+    (data / "tokenizer").symlink_to(f"{task_data}/tokenizer")
+    art = SimpleNamespace(policy=sft_model_dir, gvm=artifacts.gvm,
+                          reward_model=artifacts.reward_model)
+    one, two = (_run(tmp_path / name, n, "dpo_eval", str(data), art)
+                for name, n in (("one", 1), ("two", 2)))
+    assert two[0]["world_size"] == 2 and len(one[0]["pair_history"]) == 1
+    for rank in two:
+        assert rank["reference_eval"] == pytest.approx(one[0]["reference_eval"], rel=1e-5)
+        for key in ("evals", "pair_history"):
+            assert len(rank[key]) == len(one[0][key])
+            for got, want in zip(rank[key], one[0][key]):
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-6), key

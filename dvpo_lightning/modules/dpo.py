@@ -84,6 +84,9 @@ def check_dpo_options(models: ModelOptions, rollout: RolloutSettings) -> None:
                          "from model.init_args")
 
 
+SIDES = ("logp_c", "logp_r", "ref_c", "ref_r", "len_c", "len_r")  # by_side's, in order
+
+
 def by_side(logp: Tensor, ref_logp: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, ...]:
     """``2N`` rows, the ``n = N`` chosen ones first → ``(logp_c, logp_r, ref_c, ref_r, len_c,
     len_r)``, each ``(N,)``."""
@@ -236,12 +239,13 @@ class DPOModule(SingleModelStage):
             return policy_logps(ref, *seq, fused_head=self.model_options.fused_head)[0]
 
     def on_validation_epoch_start(self) -> None:
-        self._val_pairs: list[tuple[Tensor, ...]] = []
+        self._val_pairs = EvalRows("pair_index")  # by_side's six (N,) of every pair
         self._val_rows, self._ref_rows = EvalRows(), EvalRows()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "n_pairs" in batch:  # held-out pairs
-            self._val_pairs.append(by_side(*self.pair_logps(batch), int(batch["n_pairs"])))
+            self._val_pairs.add(dict(zip(SIDES, by_side(*self.pair_logps(batch),
+                                                        int(batch["n_pairs"])))), batch)
             return
         prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
         with gathered_for_generation(self.model):
@@ -267,8 +271,10 @@ class DPOModule(SingleModelStage):
                 self.evals.append(self.global_step, metrics)
 
     def _log_pairs(self, final: bool) -> None:
-        """The loss and DPO metrics over every held-out pair at once (exact means)."""
-        loss, stats = self.objective(*(torch.cat(side) for side in zip(*self._val_pairs)))
+        """The loss and DPO metrics over every held-out pair at once (exact means), every
+        process's pairs each once."""
+        sides = self._val_pairs.gathered()  # (collective: every rank)
+        loss, stats = self.objective(*(sides[k] for k in SIDES))
         logged = {"val/loss": loss, **{f"val/{k}": v for k, v in stats.items()}}
         for k, v in logged.items():
             self.log(k, v, prog_bar=k == "val/rewards/accuracies", add_dataloader_idx=False)

@@ -93,16 +93,20 @@ def concat_rows(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
 
 
 class EvalRows:
-    """One validation's per-response measures, batch by batch, each row with its prompt's
-    index in the held-out set; :meth:`gathered` merges every process's rows.
+    """One validation's per-item measures, batch by batch, each row with its item's index in
+    the held-out set; :meth:`gathered` merges every process's rows.
 
-    With several processes each evaluates its shard of the prompts (Lightning's
-    ``DistributedSampler``, which repeats a few prompts to give every shard as many); the
-    means, the win-rate pairing and the reference's scores must be over the whole set, once
-    each, as in one process.
+    With several processes each evaluates its shard of the held-out prompts (or pairs):
+    Lightning's ``DistributedSampler``, which repeats a few items to give every shard as
+    many. The means, the win-rate pairing and the reference's scores must be over the whole
+    set, once each, as in one process.
+
+    Args:
+        key: the batch entry holding each item's index (``prompt_index``, ``pair_index``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, key: str = "prompt_index") -> None:
+        self.key = key
         self.batches: list[dict[str, Tensor]] = []
         self.index: list[Tensor] = []
 
@@ -110,27 +114,27 @@ class EvalRows:
         return bool(self.batches)
 
     def add(self, measures: dict[str, Tensor], batch: dict) -> None:
-        """Keep ``measures`` (``{measure: (B,)}``) of ``batch``'s prompts (its
-        ``prompt_index``; without one, the rows count on from the previous batch's, which is
-        right in one process only)."""
-        index = batch.get("prompt_index")
+        """Keep ``measures`` (``{measure: (B,)}``) of ``batch``'s items, indexed by its
+        ``key`` entry; without one, the rows count on from the previous batch's, which is
+        right in one process only."""
+        index = batch.get(self.key)
         if index is None:
             rank, world = rank_and_world()
             if world > 1:
                 raise ValueError(
-                    f"the held-out evaluation over {world} processes needs each prompt's "
-                    "'prompt_index' in its validation batch, to merge the processes' rows and "
-                    "drop the prompts Lightning's DistributedSampler repeats. Fix: use "
+                    f"the held-out evaluation over {world} processes needs each item's "
+                    f"'{self.key}' in its validation batch, to merge the processes' rows and "
+                    "drop the items Lightning's DistributedSampler repeats. Fix: use "
                     "RolloutDataModule / DPODataModule, or collate held-out prompts with "
                     "dvpo_lightning.data.rollout.collate_numbered_prompts")
             start = sum(len(i) for i in self.index)
-            index = torch.arange(start, start + len(batch["prompts"]))
+            index = torch.arange(start, start + len(next(iter(measures.values()))))
         self.batches.append(measures)
         self.index.append(index)
 
     def gathered(self) -> dict[str, Tensor]:
-        """``{measure: (N,)}`` over every process's prompts, one row per prompt, in the
-        held-out set's order."""
+        """``{measure: (N,)}`` over every process's items, one row per item, in the held-out
+        set's order (collective: every rank calls it)."""
         first = next(iter(self.batches[0].values()))
         return gather_by_index(concat_rows(self.batches),
                                torch.cat(self.index).to(first.device))
