@@ -4,7 +4,9 @@ Where the math says so the results must agree: with advantages whitened over *al
 and the loss normalised by the global token count, the per-prompt advantages and the
 all-reduced gradient of the first update equal the single-process ones; the logged policy loss
 averaged over ranks equals the single-process loss. Group estimators must never see a group
-split across processes.
+split across processes. Each rank samples from its own stream while the global RNGs stay in
+step; adaptive KL moves β by one all-reduced observation; the held-out evaluations (RL, DPO,
+GoldEval) are over every prompt once, on every rank.
 """
 
 from __future__ import annotations
