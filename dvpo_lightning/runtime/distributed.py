@@ -35,8 +35,8 @@ def rank_seeds(n: int) -> Tensor:
 def rank_rng(device: torch.device) -> Iterator[None]:
     """Within the block, torch's generators of the CPU and of ``device`` (a GPU) draw from
     this process's own stream; after it they are as before. Every process draws ``world``
-    seeds from the global RNG (the same on every process, which stays in step with the
-    others) and seeds the block with its own. With one process it does nothing: sampling
+    seeds from the global RNG (the same draw on every process, so the global RNGs stay in
+    step) and seeds the block with the rank's. With one process it does nothing: sampling
     draws from the global RNG, as it always has."""
     rank, world = rank_and_world()
     if world == 1:
