@@ -216,7 +216,8 @@ def test_datamodule_reads_every_file_first(task_data, tokenizer_dir, tmp_path):
     pairs, prompts = dm.val_dataloader()
     assert "n_pairs" in next(iter(pairs))
     batch = next(iter(prompts))
-    assert set(batch) == {"prompt_ids", "prompt_mask", "prompts"} and len(batch["prompts"]) == 8
+    assert set(batch) == {"prompt_ids", "prompt_mask", "prompts", "prompt_index"}
+    assert batch["prompt_index"].tolist() == list(range(8))
     missing = make_data(task_data, tokenizer_dir, f"{task_data}/pairs.jsonl", batch_size=4)
     missing.eval_path = str(tmp_path / "nope.jsonl")
     with pytest.raises((FileNotFoundError, ValueError), match="nope.jsonl"):

@@ -1,6 +1,7 @@
 """Held-out gold evaluation of a stage's policy (the SFT policy in the study): a callback that
 drives the one held-out evaluator (:class:`~dvpo_lightning.rollout.evaluation.HeldOutEvaluator`)
-over a prompts file at every validation and at the end of ``fit``."""
+over a prompts file at every validation and at the end of ``fit``; with several processes each
+answers its share of the prompts and the means are over all of them."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dvpo_lightning.data.tokenize import encode_prompt
 from dvpo_lightning.rollout.end_tokens import end_token_ids
 from dvpo_lightning.rollout.evaluation import HeldOutEvaluator, concat_rows
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+from dvpo_lightning.runtime.distributed import gather_by_index, rank_and_world
 from dvpo_lightning.tasks import get_task
 
 
@@ -24,21 +26,31 @@ from dvpo_lightning.tasks import get_task
 def evaluate_policy(model, tokenizer, task_name: str, prompts: list,
                     cfg: SamplingConfig, batch_size: int = 128) -> dict[str, float]:
     """Mean gold reward, exact-answer rate, EOS rate and response length of ``model``'s
-    responses to ``prompts`` (``generate``, ``batch_size`` prompts at a time)."""
+    responses to ``prompts`` (``generate``, ``batch_size`` prompts at a time).
+
+    With several processes it is collective (every rank calls it): rank ``r`` answers every
+    ``world``-th prompt from the ``r``-th (the first few repeated to give every rank as many,
+    as Lightning's ``DistributedSampler`` does), and the means are over every rank's answers,
+    each prompt once: the same numbers on every rank."""
     evaluator = HeldOutEvaluator(HFGenerator(end_token_ids(tokenizer, model),
                                              tokenizer.pad_token_id),
                                  cfg, tokenizer, get_task(task_name))
     device = next(model.parameters()).device
+    rank, world = rank_and_world()
+    n = len(prompts)
+    padded = [i % n for i in range(n + -n % world)]  # (one process: every prompt, in order)
+    mine = padded[rank::world]
     was_training = model.training
     model.eval()
-    rows = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+    rows, index = [], []
+    for i in range(0, len(mine), batch_size):
+        chunk = [prompts[j] for j in mine[i:i + batch_size]]
         ids, mask = pad_left([encode_prompt(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
         rows.append(evaluator.evaluate(model, ids.to(device), mask.to(device), chunk))
+        index.append(torch.tensor(mine[i:i + batch_size], device=device))
     if was_training:
         model.train()
-    measures = concat_rows(rows)
+    measures = gather_by_index(concat_rows(rows), torch.cat(index))
     return {k: sum(measures[k].tolist()) / len(prompts)  # in Python floats, the scorer's own
             for k in ("gold_reward", "exact", "eos_frac", "response_len")}
 
@@ -79,9 +91,9 @@ class GoldEval(L.Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         out = Path(trainer.log_dir or trainer.default_root_dir)  # collective: every rank
+        self.last = self._run(pl_module)  # collective: every rank answers its share
         if not trainer.is_global_zero:
             return
-        self.last = self._run(pl_module)
         rank_zero_info("held-out gold evaluation: " + ", ".join(
             f"{k} {v:.4f}" for k, v in self.last.items()))
         out.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,12 @@ held-out prompts the RL runs are evaluated on."""
 
 from __future__ import annotations
 
+import torch
 from torch.utils.data import DataLoader
 
 from dvpo_lightning.data.base import ListDataset
 from dvpo_lightning.data.pairwise import PairwiseDataModule
-from dvpo_lightning.data.rollout import collate_prompts, encode_prompts
+from dvpo_lightning.data.rollout import Numbered, collate_numbered_prompts, encode_prompts
 from dvpo_lightning.data.tokenize import LengthReport
 
 
@@ -16,10 +17,12 @@ class DPODataModule(PairwiseDataModule):
 
     Training batches are :class:`PairwiseDataModule`'s: ``2N`` rows of the shared layout, the
     ``N`` chosen rows first, then the ``N`` rejected ones, and ``n_pairs = N``. Validation has
-    two loaders: ``[0]`` the held-out pairs (the DPO metrics), ``[1]`` the held-out prompts
-    (``prompt_ids`` / ``prompt_mask`` left-padded and the raw ``prompts``, the batches of
+    two loaders: ``[0]`` the held-out pairs (the DPO metrics; each pair's ``pair_index`` too),
+    ``[1]`` the held-out prompts (``prompt_ids`` / ``prompt_mask`` left-padded, the raw
+    ``prompts`` and each one's ``prompt_index``, the batches of
     :class:`~dvpo_lightning.data.rollout.RolloutDataModule`'s evaluation), which the policy
-    answers for the gold evaluation; without ``eval_path`` only the first.
+    answers for the gold evaluation; without ``eval_path`` only the first. The indices let
+    several processes merge their rows, each item once.
 
     Args:
         train_path: pairwise file (``{prompt, chosen, rejected}``, binarized UltraFeedback
@@ -75,14 +78,24 @@ class DPODataModule(PairwiseDataModule):
             self.prompt_set = ListDataset(self._encode_prompts(self.eval_path))
         return train, val
 
-    def collate_prompts(self, items: list[tuple[list[int], object]]) -> dict:
-        """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)`` and the raw ``prompts``."""
-        return collate_prompts(items, self.tokenizer.pad_token_id)
+    def collate_prompts(self, items: list[tuple[int, tuple[list[int], object]]]) -> dict:
+        """Left-padded ``prompt_ids`` / ``prompt_mask`` ``(n, P)``, the raw ``prompts`` and
+        each one's ``prompt_index`` in the held-out file."""
+        return collate_numbered_prompts(items, self.tokenizer.pad_token_id)
+
+    def collate_numbered_pairs(self, items: list[tuple[int, tuple]]) -> dict:
+        """:meth:`collate` of :class:`Numbered` pairs, plus ``pair_index (N,) long``: each
+        pair's row in the held-out file (several processes' rows are merged by it)."""
+        batch = self.collate([item for _, item in items])
+        batch["pair_index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+        return batch
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        pairs = super().val_dataloader()
+        pairs = DataLoader(Numbered(self.val_set), batch_size=self.val_batch_size,
+                           shuffle=False, num_workers=self.num_workers,
+                           collate_fn=self.collate_numbered_pairs)
         if self.prompt_set is None:
             return pairs
-        return [pairs, DataLoader(self.prompt_set, batch_size=self.eval_batch_size,
+        return [pairs, DataLoader(Numbered(self.prompt_set), batch_size=self.eval_batch_size,
                                   shuffle=False, num_workers=self.num_workers,
                                   collate_fn=self.collate_prompts)]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from dvpo_lightning.data.base import TokenizedDataModule
 from dvpo_lightning.data.collate import pad_left
@@ -32,6 +33,30 @@ def collate_prompts(items: list[tuple[list[int], object]], pad_token_id: int) ->
     prompt_ids, prompt_mask = pad_left([p for p, _ in items], pad_token_id)
     return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
             "prompts": [raw for _, raw in items]}
+
+
+class Numbered(Dataset):
+    """``(i, item)`` for item ``i`` of ``items``: held-out prompts carry their index so an
+    evaluation over several processes can merge the processes' rows and drop the repeats
+    Lightning's ``DistributedSampler`` adds to even out the shards."""
+
+    def __init__(self, items: Dataset) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, object]:
+        return i, self.items[i]
+
+
+def collate_numbered_prompts(items: list[tuple[int, tuple[list[int], object]]],
+                             pad_token_id: int) -> dict:
+    """:func:`collate_prompts` of :class:`Numbered` prompts, plus ``prompt_index (n,) long``:
+    each prompt's row in the held-out file."""
+    batch = collate_prompts([item for _, item in items], pad_token_id)
+    batch["prompt_index"] = torch.tensor([i for i, _ in items], dtype=torch.long)
+    return batch
 
 
 class RolloutDataModule(TokenizedDataModule):
@@ -87,10 +112,14 @@ class RolloutDataModule(TokenizedDataModule):
                           drop_last=True, num_workers=self.num_workers,
                           collate_fn=self.collate)
 
+    def collate_eval(self, items: list[tuple[int, tuple[list[int], object]]]) -> dict:
+        return collate_numbered_prompts(items, self.tokenizer.pad_token_id)
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False,
-                          num_workers=self.num_workers,
-                          collate_fn=self.collate)
+        """Held-out prompts, in order, each with its ``prompt_index``."""
+        return DataLoader(Numbered(self.val_set), batch_size=self.val_batch_size,
+                          shuffle=False, num_workers=self.num_workers,
+                          collate_fn=self.collate_eval)
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()} if self.sampler else {}

@@ -26,7 +26,7 @@ from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
 from dvpo_lightning.ops.sampling import LogitTransform
 from dvpo_lightning.rollout.end_tokens import end_token_ids
-from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
+from dvpo_lightning.rollout.evaluation import EvalHistory, EvalRows, HeldOutEvaluator
 from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
@@ -84,6 +84,9 @@ def check_dpo_options(models: ModelOptions, rollout: RolloutSettings) -> None:
     if named:
         raise ValueError(f"DPOModule cannot use {'; '.join(named)}. Fix: remove these keys "
                          "from model.init_args")
+
+
+SIDES = ("logp_c", "logp_r", "ref_c", "ref_r", "len_c", "len_r")  # by_side's, in order
 
 
 def by_side(logp: Tensor, ref_logp: Tensor, lengths: Tensor, n: int) -> tuple[Tensor, ...]:
@@ -244,37 +247,42 @@ class DPOModule(SingleModelStage):
                                 sampling=sampling)[0]
 
     def on_validation_epoch_start(self) -> None:
-        self._val_pairs: list[tuple[Tensor, ...]] = []
-        self._val_rows: list[dict[str, Tensor]] = []
-        self._ref_rows: list[dict[str, Tensor]] = []
+        self._val_pairs = EvalRows("pair_index")  # by_side's six (N,) of every pair
+        self._val_rows, self._ref_rows = EvalRows(), EvalRows()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "n_pairs" in batch:  # held-out pairs
-            self._val_pairs.append(by_side(*self.pair_logps(batch), int(batch["n_pairs"])))
+            self._val_pairs.add(dict(zip(SIDES, by_side(*self.pair_logps(batch),
+                                                        int(batch["n_pairs"])))), batch)
             return
         prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
         with gathered_for_generation(self.model):
-            self._val_rows.append(self.evaluator.evaluate(self.model, *prompts))
+            self._val_rows.add(self.evaluator.evaluate(self.model, *prompts), batch)
         if self.evals.reference is None and self.task is not None:
             with self.reference_policy() as ref, gathered_for_generation(ref):
-                self._ref_rows.append(self.evaluator.evaluate(ref, *prompts, is_reference=True))
+                self._ref_rows.add(self.evaluator.evaluate(ref, *prompts, is_reference=True),
+                                   batch)
 
     def on_validation_epoch_end(self) -> None:
         final = not self.trainer.sanity_checking
         if self._val_pairs:
             self._log_pairs(final)
-        if self._val_rows:
-            if final and self._ref_rows and self.evals.reference is None:
-                self.evals.set_reference(concat_rows(self._ref_rows))
-            metrics = self.evals.metrics(concat_rows(self._val_rows))
+        if self._val_rows:  # every process's rows, each prompt once (as in the RL module)
+            if self._ref_rows:
+                ref_rows = self._ref_rows.gathered()  # (collective: every rank)
+                if final and self.evals.reference is None:
+                    self.evals.set_reference(ref_rows)
+            metrics = self.evals.metrics(self._val_rows.gathered())
             for k, v in metrics.items():
                 self.log(k, v, prog_bar=k == "eval/gold_reward", add_dataloader_idx=False)
             if final:
                 self.evals.append(self.global_step, metrics)
 
     def _log_pairs(self, final: bool) -> None:
-        """The loss and DPO metrics over every held-out pair at once (exact means)."""
-        loss, stats = self.objective(*(torch.cat(side) for side in zip(*self._val_pairs)))
+        """The loss and DPO metrics over every held-out pair at once (exact means), every
+        process's pairs each once."""
+        sides = self._val_pairs.gathered()  # (collective: every rank)
+        loss, stats = self.objective(*(sides[k] for k in SIDES))
         logged = {"val/loss": loss, **{f"val/{k}": v for k, v in stats.items()}}
         for k, v in logged.items():
             self.log(k, v, prog_bar=k == "val/rewards/accuracies", add_dataloader_idx=False)

@@ -31,7 +31,7 @@ from dvpo_lightning.modules.stage import stage_callbacks
 from dvpo_lightning.ops.masked import masked_mean
 from dvpo_lightning.rollout.end_tokens import end_token_ids, finished
 from dvpo_lightning.rollout.engines import make_generator
-from dvpo_lightning.rollout.evaluation import EvalHistory, HeldOutEvaluator, concat_rows
+from dvpo_lightning.rollout.evaluation import EvalHistory, EvalRows, HeldOutEvaluator
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker, check_rollout_batch
 from dvpo_lightning.rollout.generation import HFGenerator
@@ -45,7 +45,12 @@ from dvpo_lightning.runtime.checkpointing import (
     rng_states,
     set_rng_states,
 )
-from dvpo_lightning.runtime.distributed import all_reduce_max, all_reduce_sum, global_whiten
+from dvpo_lightning.runtime.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    global_mean,
+    global_whiten,
+)
 from dvpo_lightning.runtime.guards import (
     GuardSettings,
     SamplerMismatchError,
@@ -246,8 +251,10 @@ class DVPOModule(L.LightningModule):
                     "kl": kl}, {"values": _with_first_column(mask), "logp_old": mask,
                                 "logp_ref": mask, "kl": mask}, reduce_on=self.device):
                 return self._skipped()
-            seq_kl = (kl * mask).sum(1)
-            if self.kl.check_bound(self._global_mean(seq_kl), step):
+            # one observation of the rollout's KL per response, over every process's
+            # responses: the bound, the controller and the log all read it
+            kl_mean, n_responses = global_mean((kl * mask).sum(1))
+            if self.kl.check_bound(kl_mean, step):
                 self.log("guard/kl_exceeded", 1.0, batch_size=1)
             advantages, returns = self.estimator(exp)
             if self.ppo.whiten_advantages or self.estimator.whitens:  # (once, never twice)
@@ -259,8 +266,8 @@ class DVPOModule(L.LightningModule):
             t_update = time.perf_counter()
             stats = self.ppo_update(exp, advantages, returns)
             info["update_s"] = time.perf_counter() - t_update
-            self.kl.update(float(seq_kl.mean()), exp.batch_size)
-        return self._log_step(exp, advantages, returns, seq_kl, info, stats)
+            self.kl.update(kl_mean, n_responses)
+        return self._log_step(exp, advantages, returns, kl_mean, info, stats)
 
     def make_experience(self, batch: dict, step: int) -> tuple[Experience | None, dict]:
         """The experience maker's rollout; (None, {}) when sampling met NaN / inf logits and
@@ -365,24 +372,20 @@ class DVPOModule(L.LightningModule):
                 "the last checkpoint is the last good one")
         return {"sampler_logp_diff_mean": mean, "sampler_logp_diff_max": largest}
 
-    def _global_mean(self, x: Tensor) -> float:
-        """The mean of ``x (B,)`` over every process's rows."""
-        return float(all_reduce_sum(x.sum()) / all_reduce_sum(
-            torch.tensor(float(x.shape[0]), device=x.device)))
-
     def _skipped(self) -> None:
         """A rollout the guards skipped still counts as an RL step (its prompts are not
         replayed); it is logged, and nothing is returned for the per-step curve."""
         self.log("guard/skipped_steps", float(self.guard.skips), batch_size=1)
 
-    def _log_step(self, exp: Experience, advantages: Tensor, returns: Tensor, seq_kl: Tensor,
+    def _log_step(self, exp: Experience, advantages: Tensor, returns: Tensor, kl_mean: float,
                   info: dict, stats: dict) -> dict[str, float]:
-        """Log the step's dashboard; return its record for the per-step curve and the cost."""
+        """Log the step's dashboard; return its record for the per-step curve and the cost.
+        ``kl_mean``: the rollout's KL per response over every process's responses."""
         mask = exp.response_mask
         tokens = mask.sum()
         adv_mean = masked_mean(advantages, mask)
         logs = {
-            "rollout/kl_to_ref": seq_kl.mean(),
+            "rollout/kl_to_ref": kl_mean,
             "rollout/response_len": mask.sum(1).float().mean(),
             "rollout/eos_frac": finished(exp.response_ids, mask,
                                          self.experience.generator.end_ids).float().mean(),
@@ -403,7 +406,7 @@ class DVPOModule(L.LightningModule):
         for key in ("sampler_logp_diff_mean", "sampler_logp_diff_max"):
             if key in info:
                 logs[f"rollout/{key}"] = info[key]
-        record["kl"] = float(seq_kl.mean())
+        record["kl"] = kl_mean
         if exp.scores is not None:
             logs["rollout/score_mean"] = record["score"] = float(exp.scores.mean())
             logs["rollout/score_std"] = float(exp.scores.std()) if exp.batch_size > 1 else 0.0
@@ -436,25 +439,29 @@ class DVPOModule(L.LightningModule):
         self.experience.sleep_engine()
 
     def on_validation_epoch_start(self) -> None:
-        self._val_rows: list[dict[str, Tensor]] = []
-        self._ref_rows: list[dict[str, Tensor]] = []
+        self._val_rows, self._ref_rows = EvalRows(), EvalRows()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
         self.policy.eval()
         with gathered_for_generation(self.policy):
-            self._val_rows.append(self.evaluator.evaluate(
-                self.policy, *prompts, weights_version=self.weights_version))
+            self._val_rows.add(self.evaluator.evaluate(
+                self.policy, *prompts, weights_version=self.weights_version), batch)
         if self.evals.reference is None and self.experience.task is not None:
             with self.experience.reference(self.policy) as ref, gathered_for_generation(ref):
-                self._ref_rows.append(self.evaluator.evaluate(ref, *prompts, is_reference=True))
+                self._ref_rows.add(self.evaluator.evaluate(ref, *prompts, is_reference=True),
+                                   batch)
         self.policy.train()
 
     def on_validation_epoch_end(self) -> None:
+        # every process's rows, each prompt once: the means and the win rate are over the
+        # whole held-out set, the same on every rank
         final = not self.trainer.sanity_checking
-        if final and self._ref_rows and self.evals.reference is None:
-            self.evals.set_reference(concat_rows(self._ref_rows))
-        metrics = self.evals.metrics(concat_rows(self._val_rows))
+        if self._ref_rows:
+            ref_rows = self._ref_rows.gathered()  # (collective: every rank, sanity check too)
+            if final and self.evals.reference is None:
+                self.evals.set_reference(ref_rows)
+        metrics = self.evals.metrics(self._val_rows.gathered())
         for k, v in metrics.items():
             self.log(k, v, prog_bar=k == "eval/gold_reward")
         if final:

@@ -2,6 +2,7 @@
 each validation, and :class:`~dvpo_lightning.callbacks.GoldEval` for the SFT policy.
 
 :class:`HeldOutEvaluator` generates responses to held-out prompts and measures each of them;
+:class:`EvalRows` merges the rows of every process (several processes each evaluate a shard);
 :class:`EvalHistory` turns an RL run's evaluations into its learning curve, with the reference
 policy as step 0 and the win rate against it.
 """
@@ -19,6 +20,7 @@ from dvpo_lightning.rollout.end_tokens import finished
 from dvpo_lightning.rollout.generation import Generator, SamplingConfig
 from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.rollout.scoring import by_rows, policy_logps, sequence_scores
+from dvpo_lightning.runtime.distributed import gather_by_index, rank_and_world
 from dvpo_lightning.tasks.base import Task
 
 
@@ -101,6 +103,54 @@ class HeldOutEvaluator:
 def concat_rows(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Batches of per-response measures → one ``(N,)`` tensor per measure."""
     return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+
+class EvalRows:
+    """One validation's per-item measures, batch by batch, each row with its item's index in
+    the held-out set; :meth:`gathered` merges every process's rows.
+
+    With several processes each evaluates its shard of the held-out prompts (or pairs):
+    Lightning's ``DistributedSampler``, which repeats a few items to give every shard as
+    many. The means, the win-rate pairing and the reference's scores must be over the whole
+    set, once each, as in one process.
+
+    Args:
+        key: the batch entry holding each item's index (``prompt_index``, ``pair_index``).
+    """
+
+    def __init__(self, key: str = "prompt_index") -> None:
+        self.key = key
+        self.batches: list[dict[str, Tensor]] = []
+        self.index: list[Tensor] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.batches)
+
+    def add(self, measures: dict[str, Tensor], batch: dict) -> None:
+        """Keep ``measures`` (``{measure: (B,)}``) of ``batch``'s items, indexed by its
+        ``key`` entry; without one, the rows count on from the previous batch's, which is
+        right in one process only."""
+        index = batch.get(self.key)
+        if index is None:
+            rank, world = rank_and_world()
+            if world > 1:
+                raise ValueError(
+                    f"the held-out evaluation over {world} processes needs each item's "
+                    f"'{self.key}' in its validation batch, to merge the processes' rows and "
+                    "drop the items Lightning's DistributedSampler repeats. Fix: use "
+                    "RolloutDataModule / DPODataModule, or collate held-out prompts with "
+                    "dvpo_lightning.data.rollout.collate_numbered_prompts")
+            start = sum(len(i) for i in self.index)
+            index = torch.arange(start, start + len(next(iter(measures.values()))))
+        self.batches.append(measures)
+        self.index.append(index)
+
+    def gathered(self) -> dict[str, Tensor]:
+        """``{measure: (N,)}`` over every process's items, one row per item, in the held-out
+        set's order (collective: every rank calls it)."""
+        first = next(iter(self.batches[0].values()))
+        return gather_by_index(concat_rows(self.batches),
+                               torch.cat(self.index).to(first.device))
 
 
 class EvalHistory:

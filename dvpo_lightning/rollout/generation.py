@@ -10,6 +10,7 @@ when the engine reports them, the log-probs it sampled with (:class:`Samples`). 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from dvpo_lightning.ops.sampling import LogitTransform, active
 from dvpo_lightning.rollout.end_tokens import as_end_ids, is_end
+from dvpo_lightning.runtime.distributed import rank_rng
 
 
 @dataclass
@@ -177,7 +179,10 @@ class HFGenerator:
         )
         if not cfg.greedy:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
-        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(), **kwargs)
+        # sampled: each data-parallel rank from its own stream (one process: the global RNG)
+        with contextlib.nullcontext() if cfg.greedy else rank_rng(prompt_ids.device):
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
+                                 **kwargs)
         response = out[:, prompt_ids.shape[1]:]
         if response.shape[1] == 0:
             response = torch.full((prompt_ids.shape[0], 1), self.eos_token_id,

@@ -64,6 +64,7 @@ from dvpo_lightning.rollout.vllm_process import (
     process_preserved,
 )
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
+from dvpo_lightning.runtime.distributed import rank_seeds
 
 _LOG = logging.getLogger(__name__)
 MIN_CPU_HEAD_DIM = 32  # vLLM's CPU attention kernels
@@ -390,10 +391,9 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         prompts = [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask.bool())]
-        # one seed per request from the trainer's RNG: reproducible, checkpointed, and the
-        # same response for a prompt whatever else is in the batch
-        seeds = ([None] * len(prompts) if cfg.greedy
-                 else torch.randint(0, 2**31 - 1, (len(prompts),)).tolist())
+        # one seed per request from the trainer's RNG: reproducible, checkpointed, the same
+        # response for a prompt whatever else is in the batch, and each rank its own seeds
+        seeds = [None] * len(prompts) if cfg.greedy else rank_seeds(len(prompts)).tolist()
         params = [SamplingParams(
             temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p,
             top_k=cfg.top_k if cfg.top_k > 0 else 0, max_tokens=cfg.max_new_tokens,
