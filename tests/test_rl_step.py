@@ -86,26 +86,19 @@ def fixed_rollout(seed: int = 0) -> tuple[torch.Tensor, ...]:
     return prompt_ids, prompt_mask, response_ids, response_mask
 
 
-class FakeSource(nn.Module):
+class FakeSource(ExperienceMaker):
     """A stand-in experience source: the same responses every step, scored by the policy
-    (``logp_old``), a frozen reference copy and fixed GVM values; NaN values at ``nan_step``."""
+    (``logp_old``), a frozen reference copy and fixed GVM values; NaN values at ``nan_step``.
+    Everything but the rollout (``forward``) is the real experience maker's."""
 
     def __init__(self, policy: nn.Module, nan_step: int | None = None) -> None:
-        super().__init__()
-        self.frozen = nn.ModuleDict({"reference": copy.deepcopy(policy).requires_grad_(False)})
-        self.tokenizer = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
-        self.generator = HFGenerator(EOS, PAD)  # (what the module asks of the engine)
-        self.settings = RolloutSettings(max_new_tokens=T)
+        super().__init__(frozenset({Need.GVM_VALUES}), 1,
+                         nn.ModuleDict({"reference": copy.deepcopy(policy).requires_grad_(False)}),
+                         HFGenerator(EOS, PAD), RolloutSettings(max_new_tokens=T),
+                         SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD))
         self.seq = fixed_rollout()
         self.values = torch.randn(B, T + 1, generator=torch.Generator().manual_seed(3))
         self.nan_step, self.calls = nan_step, 0
-
-    def place_frozen(self, device) -> None:
-        pass
-
-    @property
-    def policy_transform(self):
-        return self.settings.sampling.policy_transform(self.generator.end_ids)
 
     @torch.no_grad()
     def forward(self, policy, batch, critic=None, weights_version=None) -> tuple[Experience, dict]:

@@ -34,9 +34,7 @@ from dvpo_lightning.rollout.engines import make_generator
 from dvpo_lightning.rollout.evaluation import EvalHistory, EvalRows, HeldOutEvaluator
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker, check_rollout_batch
-from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.settings import RolloutSettings
-from dvpo_lightning.rollout.tolerance import engine_dtype, resolve_logp_tolerance
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 from dvpo_lightning.runtime.checkpointing import (
     drop_reloaded,
@@ -139,8 +137,8 @@ class DVPOModule(L.LightningModule):
         Args:
             trained: ``policy`` (and ``critic``), modules that
                 :func:`~dvpo_lightning.rollout.scoring.policy_logps` can run.
-            experience: ``(policy, batch, critic) ↦ (Experience, info)`` with a ``tokenizer``
-                and (for evaluation) the :class:`ExperienceMaker` parts.
+            experience: an :class:`ExperienceMaker` (a test's subclass overrides ``forward``,
+                ``(policy, batch, critic, weights_version) ↦ (Experience, info)``).
             estimator: the advantage estimator.
             **settings: ``lr``, ``critic_lr``, ``weight_decay``, ``kl``, ``ppo``, ``guards``,
                 ``models`` as in ``__init__``.
@@ -199,18 +197,15 @@ class DVPOModule(L.LightningModule):
             raise ValueError("model.models.offload_frozen=true cannot move ZeRO-3 partitioned "
                              "weights between devices. Fix: set it to false and use "
                              "configs/deepspeed/zero3_offload.yaml (DeepSpeed's own offload)")
-        vllm_options = self.experience.settings.vllm  # the sampler probe's tolerance (auto:
-        # calibrated by the trainer's precision, the engine's dtype and the device)
-        self.logp_tolerance = resolve_logp_tolerance(
-            vllm_options.logp_tolerance, self.trainer.precision, vllm_options.dtype,
-            self.trainer.strategy.root_device)
-        longest = getattr(dm, "max_length", 0) + self.experience.settings.max_new_tokens
+        device, prompt_length = self.trainer.strategy.root_device, getattr(dm, "max_length", 0)
+        self.logp_tolerance, self._tolerance_origin = self.experience.sampler_tolerance(
+            self.trainer.precision, device)
+        longest = self.experience.longest_sequence(prompt_length)
         for part in (*self.trained.values(), *self.frozen.values()):
             check_fits_context(longest, getattr(part, "backbone", part).config,
                                "data.max_prompt_length + model.rollout.max_new_tokens")
         # (vLLM: refuse before the first rollout, not in it)
-        self.experience.generator.check_servable(self.policy, self.trainer.strategy.root_device,
-                                                 longest)
+        self.experience.check_servable(self.policy, device, prompt_length)
 
     def configure_optimizers(self):
         def trainable(m: nn.Module) -> list:
@@ -243,31 +238,42 @@ class DVPOModule(L.LightningModule):
             if exp is None:
                 return self._skipped()
             exp, kl = self.kl.in_reward(exp)
-            mask = exp.response_mask
             info.update(self._sampler_gap(exp, step))
-            if self.guard.check("the rollout", step, {
-                    "scores": exp.scores, "baseline_scores": exp.baseline_scores,
-                    "values": exp.values, "logp_old": exp.logp_old, "logp_ref": exp.logp_ref,
-                    "kl": kl}, {"values": _with_first_column(mask), "logp_old": mask,
-                                "logp_ref": mask, "kl": mask}, reduce_on=self.device):
+            if self._rollout_is_bad(exp, kl, step):
                 return self._skipped()
             # one observation of the rollout's KL per response, over every process's
             # responses: the bound, the controller and the log all read it
-            kl_mean, n_responses = global_mean((kl * mask).sum(1))
+            kl_mean, n_responses = global_mean((kl * exp.response_mask).sum(1))
             if self.kl.check_bound(kl_mean, step):
                 self.log("guard/kl_exceeded", 1.0, batch_size=1)
-            advantages, returns = self.estimator(exp)
-            if self.ppo.whiten_advantages or self.estimator.whitens:  # (once, never twice)
-                advantages = global_whiten(advantages, mask)
+            advantages, returns = self.advantages(exp)
             if self.guard.check("the advantage estimate", step, {
                     "advantages": advantages, "returns": returns},
-                    {"advantages": mask, "returns": mask}, reduce_on=self.device):
+                    {"advantages": exp.response_mask, "returns": exp.response_mask},
+                    reduce_on=self.device):
                 return self._skipped()
             t_update = time.perf_counter()
             stats = self.ppo_update(exp, advantages, returns)
             info["update_s"] = time.perf_counter() - t_update
             self.kl.update(kl_mean, n_responses)
         return self._log_step(exp, advantages, returns, kl_mean, info, stats)
+
+    def _rollout_is_bad(self, exp: Experience, kl: Tensor, step: int) -> bool:
+        """The step guard on everything the rollout produced (True: skip the step)."""
+        mask = exp.response_mask
+        return self.guard.check("the rollout", step, {
+            "scores": exp.scores, "baseline_scores": exp.baseline_scores, "values": exp.values,
+            "logp_old": exp.logp_old, "logp_ref": exp.logp_ref, "kl": kl},
+            {"values": _with_first_column(mask), "logp_old": mask, "logp_ref": mask,
+             "kl": mask}, reduce_on=self.device)
+
+    def advantages(self, exp: Experience) -> tuple[Tensor, Tensor]:
+        """The estimator's ``(advantages, returns)``, whitened over every process's tokens
+        when the estimator or ``ppo.whiten_advantages`` asks (once, never twice)."""
+        advantages, returns = self.estimator(exp)
+        if self.ppo.whiten_advantages or self.estimator.whitens:
+            advantages = global_whiten(advantages, exp.response_mask)
+        return advantages, returns
 
     def make_experience(self, batch: dict, step: int) -> tuple[Experience | None, dict]:
         """The experience maker's rollout; (None, {}) when sampling met NaN / inf logits and
@@ -356,12 +362,8 @@ class DVPOModule(L.LightningModule):
         total = all_reduce_sum(torch.stack([gap.sum(), mask.sum().to(gap.dtype)]))
         mean = float(total[0] / total[1].clamp(min=1))
         largest = float(all_reduce_max(gap.max()))
-        tolerance, options = self.logp_tolerance, self.experience.settings.vllm
+        tolerance, chosen = self.logp_tolerance, self._tolerance_origin
         if tolerance is not None and mean > tolerance:
-            device = self.trainer.strategy.root_device
-            chosen = (f" (auto for a {self.trainer.precision} trainer beside a "
-                      f"{engine_dtype(options.dtype, device)} engine on {device.type})"
-                      if options.logp_tolerance == "auto" else "")
             raise SamplerMismatchError(
                 f"the rollout engine's log-probs of its own samples differ from the trainer's "
                 f"by {mean:.4g} per token on average (max {largest:.4g}) at RL step {step}, "
@@ -388,7 +390,7 @@ class DVPOModule(L.LightningModule):
             "rollout/kl_to_ref": kl_mean,
             "rollout/response_len": mask.sum(1).float().mean(),
             "rollout/eos_frac": finished(exp.response_ids, mask,
-                                         self.experience.generator.end_ids).float().mean(),
+                                         self.experience.end_ids).float().mean(),
             "adv/mean": adv_mean,
             "adv/std": (masked_mean(advantages ** 2, mask) - adv_mean ** 2).clamp(min=0).sqrt(),
             "train/kl_coef": self.kl.coef,
@@ -420,16 +422,11 @@ class DVPOModule(L.LightningModule):
         return record
 
     # ------------------------------------------------------------------ evaluation
-    @functools.cached_property
+    @property
     def evaluator(self) -> HeldOutEvaluator:
-        """Held-out evaluation with the rollout's engine and the run's frozen models."""
-        x = self.experience
-        reference_generator = (None if x.generator.name == "hf" else  # serves the policy only
-                               HFGenerator(x.generator.end_ids, x.tokenizer.pad_token_id))
-        return HeldOutEvaluator(
-            x.generator, x.settings.eval_sampling, x.tokenizer, x.task, x.reference_logps,
-            x.frozen["reward_model"] if "reward_model" in x.frozen else None,
-            x.settings.score_batch_size, x.fused_head, reference_generator)
+        """Held-out evaluation with the rollout's engine and the run's frozen models (the
+        experience maker's)."""
+        return self.experience.evaluator
 
     def on_validation_start(self) -> None:  # the whole evaluation uses them: move once
         self.experience.place_frozen(self.device)
@@ -499,7 +496,7 @@ class DVPOModule(L.LightningModule):
         self.evals.load_state_dict(state["evals"])
         self.guard.load_state_dict(state["guard"])
         self.weights_version = state.get("policy_updates", 0)
-        self.experience.generator.forget_weights()  # other weights, maybe the same count
+        self.experience.forget_weights()  # other weights, maybe the same count
         self._rng_to_restore = state.get("rng")
 
     # ------------------------------------------------------------------ summary and export

@@ -18,11 +18,13 @@ from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.models.lora import adapters_disabled
 from dvpo_lightning.ops.sampling import LogitTransform
+from dvpo_lightning.rollout.evaluation import HeldOutEvaluator
 from dvpo_lightning.rollout.experience import NEED_FIELD, Experience, Need
-from dvpo_lightning.rollout.generation import Generator
+from dvpo_lightning.rollout.generation import Generator, HFGenerator
 from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.rollout.scoring import by_rows, policy_logps, response_values, sequence_scores
 from dvpo_lightning.rollout.settings import RolloutSettings
+from dvpo_lightning.rollout.tolerance import engine_dtype, resolve_logp_tolerance
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
 from dvpo_lightning.tasks.base import Task
 
@@ -93,6 +95,56 @@ class ExperienceMaker(nn.Module):
         self.shared_reference, self.fused_head, self.offload = (shared_reference, fused_head,
                                                                 offload)
 
+    # ------------------------------------------------------------------ the engine
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """The tokens that end a response (the engine's set,
+        :mod:`~dvpo_lightning.rollout.end_tokens`)."""
+        return self.generator.end_ids
+
+    def longest_sequence(self, prompt_length: int) -> int:
+        """Tokens of the longest prompt + response a rollout can hold."""
+        return prompt_length + self.settings.max_new_tokens
+
+    def check_servable(self, policy: nn.Module, device: torch.device, prompt_length: int) -> None:
+        """Refuse, before the first rollout, what the engine cannot serve here (naming the
+        fix): a prompt of ``prompt_length`` tokens and its longest response included."""
+        self.generator.check_servable(policy, device, self.longest_sequence(prompt_length))
+
+    def sampler_tolerance(self, precision: str, device: torch.device) -> tuple[float | None, str]:
+        """The sampler probe's tolerance (``rollout.vllm.logp_tolerance``, ``auto`` resolved by
+        the trainer's ``precision``, the engine's dtype and ``device``) and how it was chosen,
+        for the error that names it."""
+        options = self.settings.vllm
+        tolerance = resolve_logp_tolerance(options.logp_tolerance, precision, options.dtype,
+                                           device)
+        chosen = (f" (auto for a {precision} trainer beside a "
+                  f"{engine_dtype(options.dtype, device)} engine on {device.type})"
+                  if options.logp_tolerance == "auto" else "")
+        return tolerance, chosen
+
+    def forget_weights(self) -> None:
+        """The policy's weights changed under the engine (a checkpoint was loaded): push them
+        before the next rollout whatever the update count says."""
+        self.generator.forget_weights()
+
+    def sleep_engine(self) -> None:
+        """Let a rollout engine that can free its memory between rollouts do so."""
+        self.generator.sleep()
+
+    @functools.cached_property
+    def evaluator(self) -> HeldOutEvaluator:
+        """Held-out evaluation with the rollout's engine and these frozen models: the policy
+        answers through the engine, the reference through ``generate`` when the engine serves
+        only the policy (vLLM)."""
+        reference_generator = (None if self.generator.name == "hf" else
+                               HFGenerator(self.end_ids, self.tokenizer.pad_token_id))
+        return HeldOutEvaluator(
+            self.generator, self.settings.eval_sampling, self.tokenizer, self.task,
+            self.reference_logps,
+            self.frozen["reward_model"] if "reward_model" in self.frozen else None,
+            self.settings.score_batch_size, self.fused_head, reference_generator)
+
     # ------------------------------------------------------------------ the frozen models
     @property
     def policy_transform(self) -> LogitTransform | None:
@@ -141,10 +193,6 @@ class ExperienceMaker(nn.Module):
         finally:
             if move:
                 self.place_frozen("cpu")
-
-    def sleep_engine(self) -> None:
-        """Let a rollout engine that can free its memory between rollouts do so."""
-        self.generator.sleep()
 
     def by_rows(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
         """``fn(*tensors)`` in slices of ``score_batch_size`` rows (:func:`by_rows`)."""
