@@ -30,7 +30,6 @@ from dvpo_lightning.runtime.hardware import check_strategy, check_trainer_config
 from dvpo_lightning.tasks.tokenizer import build_char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -15,8 +15,6 @@ from dvpo_lightning.commands.fit import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_YAML = str(REPO / "configs" / "sft.yaml")
-# cli_main(args=...) run under pytest: LightningCLI warns that sys.argv holds pytest's args
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 def flat(text: str) -> str:

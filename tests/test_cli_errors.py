@@ -29,8 +29,6 @@ MISSING = "/does/not/exist"
 ENGLISH = [{"prompt": "Write a poem about the sea",
             "response": "The waves roll in and out, and the gulls cry over the grey water."},
            {"prompt": "Name a colour", "response": "Blue, like the sky at noon."}]
-# cli_main / main(args=...) under pytest: LightningCLI warns that sys.argv holds pytest's args
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 @pytest.fixture(autouse=True)

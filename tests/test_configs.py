@@ -45,8 +45,6 @@ from dvpo_lightning.commands.fit import cli_main
 from dvpo_lightning.data.base import TokenizedDataModule
 
 REPO = Path(__file__).resolve().parents[1]
-# cli_main(args=...) run under pytest: LightningCLI warns that sys.argv holds pytest's args
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 CONFIG_DIR = REPO / "configs"
 ALL_CONFIGS = sorted(p for ext in ("*.yaml", "*.yml") for p in CONFIG_DIR.rglob(ext))
 
@@ -288,7 +286,6 @@ def test_pipeline_overrides_parse(config, args, capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(REPO / config), *args, "--print_config"])
     assert e.value.code in (0, None), capsys.readouterr().err[-2000:]
-
 
 
 @pytest.mark.parametrize("path", configs_of("strategy"))

@@ -18,7 +18,6 @@ from dvpo_lightning.commands.fit import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 RL_STEPS = 8
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 def rl_args(root: Path, art, task_data: str) -> list[str]:

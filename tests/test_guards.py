@@ -13,7 +13,6 @@ from test_rl_training import make_cli
 from dvpo_lightning.callbacks import CostMeter
 from dvpo_lightning.runtime.guards import KLBoundError, NonFiniteError, nonfinite_names
 
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 NAN = float("nan")
 
 

@@ -23,8 +23,6 @@ from dvpo_lightning.models.lora import LoraOptions, merged_copy
 from dvpo_lightning.modules import GVMModule, SFTModule
 from dvpo_lightning.rollout.scoring import policy_logps
 
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
-
 
 def pair_data(task_data: str, tokenizer: str) -> ValueDataModule:
     """The task's preference pairs for a value stage (16 per batch)."""

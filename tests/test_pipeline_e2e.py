@@ -17,7 +17,6 @@ from dvpo_lightning.report.tables import format_cell
 from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false",
          "--trainer.enable_model_summary=false"]

@@ -14,7 +14,6 @@ from dvpo_lightning.commands.pipeline import run_pipeline
 from dvpo_lightning.modules.sft import SFTModule
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 ART = "runs/sorting/sft/model"
 CKPT = Path("runs/sorting/sft/checkpoints/last.ckpt")
 TRAINING_STEP = SFTModule.training_step

@@ -18,7 +18,6 @@ from dvpo_lightning.commands.pipeline import run_pipeline, run_pipeline_file
 from dvpo_lightning.report.stats import t975
 from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]
 GVM_HALF = "runs/sorting/gvm_half/model"

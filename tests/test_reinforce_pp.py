@@ -33,7 +33,6 @@ from dvpo_lightning.rollout import Experience
 from dvpo_lightning.rollout.experience import Need
 from dvpo_lightning.runtime.distributed import global_whiten
 
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 IDS = torch.tensor([3, 7, 3, 1, 7, 1, 3, 1, 7, 42, 42, 42])  # 4 prompts × 3, unordered
 
 

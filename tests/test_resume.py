@@ -20,7 +20,6 @@ from test_rl_training import make_cli
 
 from dvpo_lightning.commands.fit import make_resumable
 
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 CHECKPOINTING = ["--trainer.enable_checkpointing=true"]
 
 

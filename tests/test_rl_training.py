@@ -28,8 +28,6 @@ from dvpo_lightning.models import ValueModel, load_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MAX_NEW_TOKENS = 8
-# cli_main(args=...) under pytest: sys.argv holds pytest's own arguments, which it ignores
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 def _config(name: str) -> dict:

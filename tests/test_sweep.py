@@ -27,7 +27,6 @@ from dvpo_lightning.commands.sweep.spec import SweepConfigError, expand_trials, 
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 def tiny_overrides(art: SimpleNamespace, task_data: str, root: Path) -> list[str]:

@@ -19,7 +19,6 @@ from dvpo_lightning.runtime.loggers import AutoWandbLogger, auto_mode
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_YAML = str(REPO / "configs" / "sft.yaml")
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 @pytest.fixture()
