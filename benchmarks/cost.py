@@ -123,7 +123,7 @@ def run_method(args) -> dict:
         f"--data.init_args.train_path={root / 'prompts.jsonl'}",
         f"--data.init_args.eval_path={root / 'prompts.jsonl'}",
         f"--data.init_args.tokenizer={root / 'tokenizer'}", f"--data.init_args.batch_size={batch}",
-        "--data.init_args.chat_template=false", "--model.init_args.task=null",
+        "--data.init_args.chat_template=false", "--model.init_args.judge=null",
         f"--model.init_args.rollout.max_new_tokens={args.length}",
         f"--model.init_args.rollout.min_new_tokens={args.length}",
         f"--model.init_args.ppo.mini_batch_size={n_resp // args.minibatches}",

@@ -88,7 +88,7 @@ def dpo_eval(out: str, devices: int, data: str, policy: str) -> dict:
     from dvpo_lightning.data.dpo import DPODataModule
     from dvpo_lightning.modules import DPOModule
 
-    module = DPOModule(policy=policy, tokenizer=f"{data}/tokenizer", task="sorting", lr=1e-2,
+    module = DPOModule(policy=policy, tokenizer=f"{data}/tokenizer", judge="sorting", lr=1e-2,
                        warmup_steps=0, rollout=RolloutSettings(max_new_tokens=6,
                                                                eval_greedy=True))
     dm = DPODataModule(train_path=f"{data}/pairs.jsonl", val_path=f"{data}/eval_pairs.jsonl",
@@ -133,7 +133,7 @@ def main() -> None:
         whiten, temperature = False, 1.0
     evaluate = kind == "kl_eval"
     if evaluate:  # β moves by the rollout's KL to another policy; the task judges the answers
-        extra.update(reference=reference, task="sorting",
+        extra.update(reference=reference, judge="sorting",
                      kl=KLSettings(adaptive=True, target=3.15, horizon=8))
         # (target: near the rollout's KL of about 3.15 per response, so that neither rank's
         # error is clipped to ±0.2: β would move alike on both ranks whatever they observed)

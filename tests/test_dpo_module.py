@@ -58,7 +58,7 @@ def make_module(sft_model_dir: str, tokenizer_dir: str, lora: bool = False,
     models = ModelOptions(lora=LoraOptions(r=4) if lora else None)
     # (12 steps on 16 pairs: full weights margin 0.29 (IPO 0.30), every seed alike; LoRA
     # 0.10–0.14 over 8 seeds of the adapters' init)
-    return DPOModule(policy=sft_model_dir, tokenizer=tokenizer_dir, task="sorting",
+    return DPOModule(policy=sft_model_dir, tokenizer=tokenizer_dir, judge="sorting",
                      lr=5e-3 if lora else 1e-2, warmup_steps=0, models=models,
                      rollout=RolloutSettings(max_new_tokens=8), **kwargs)
 

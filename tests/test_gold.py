@@ -15,7 +15,7 @@ from dvpo_lightning.models import load_tokenizer
 from dvpo_lightning.modules import SFTModule
 from dvpo_lightning.rollout.generation import mask_after_eos
 from dvpo_lightning.rollout.gold import gold_scores
-from dvpo_lightning.tasks import get_task
+from dvpo_lightning.tasks.judges import load_judge
 
 
 def test_gold_scores_known_answers(tokenizer_dir):
@@ -25,7 +25,7 @@ def test_gold_scores_known_answers(tokenizer_dir):
     rows = [enc("1237") + [eos], enc("12"), enc("1273") + [eos], enc("1237") + [eos] + enc("9")]
     ids, _ = pad_right(rows, tok.pad_token_id)
     mask = mask_after_eos(ids, eos) & (ids != tok.pad_token_id)
-    got = gold_scores(get_task("sorting"), tok, ["3172="] * 4, ids, mask, (eos,))
+    got = gold_scores(load_judge("sorting"), tok, ["3172="] * 4, ids, mask, (eos,))
     # exact + EOS; correct prefix but unfinished; wrong at the third digit; text after EOS ignored
     assert got == pytest.approx([1.0, 2 / 5, 2 / 5, 1.0])
 

@@ -90,3 +90,56 @@ def test_a_judge_that_cannot_be_found_names_the_key_and_the_fix(user_module, spe
     with pytest.raises(ValueError, match=message) as err:
         load_judge(spec)
     assert str(err.value).startswith(f"model.init_args.judge={spec!r}")
+
+
+SORTED_JUDGE = '''
+def sorted_digits(prompt, response):
+    digits = prompt.rstrip("=")
+    return float(response == "".join(sorted(digits)))
+
+def broken(prompt, response):
+    raise KeyError("no score for " + prompt)
+'''
+
+
+def test_an_rl_run_is_judged_by_a_users_function(artifacts, task_data, tmp_path, monkeypatch):
+    """``judge: my_judge:sorted_digits`` scores the rollouts and the held-out answers (gold
+    reward, win rate against the reference); no exact-answer rate, which only an embedded
+    task's scale defines."""
+    from test_rl_training import make_cli
+
+    (tmp_path / "my_judge.py").write_text(SORTED_JUDGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
+                      "--model.init_args.judge=my_judge:sorted_digits")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    final = cli.model.evals.rows[-1]
+    assert {"eval/gold_reward", "eval/win_rate_vs_ref"} <= set(final)
+    assert "eval/exact" not in final and 0.0 <= final["eval/gold_reward"] <= 1.0
+    assert "rollout/gold_reward" in cli.trainer.callback_metrics
+
+
+def test_a_judge_that_fails_in_a_run_stops_it_naming_the_judge_and_row(artifacts, task_data,
+                                                                        tmp_path, monkeypatch):
+    from test_rl_training import make_cli
+
+    (tmp_path / "my_judge.py").write_text(SORTED_JUDGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
+                      "--model.init_args.judge=my_judge:broken")
+    with pytest.raises(ValueError, match=r"judge 'my_judge:broken' raised KeyError: .* on row 0"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+
+
+def test_an_unknown_judge_is_refused_before_any_model_loads(artifacts, task_data, tmp_path,
+                                                            monkeypatch):
+    from test_rl_training import make_cli
+
+    import dvpo_lightning.modules.dvpo as dvpo
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("a model was loaded before the judge was checked")
+
+    monkeypatch.setattr(dvpo, "load_rl_models", no_models)
+    with pytest.raises(ValueError, match=r"model.init_args.judge='sortin' is neither"):
+        make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.judge=sortin")

@@ -160,7 +160,7 @@ def test_rl_learning_curves_reach_the_wandb_run(artifacts, task_data, tmp_path):
 
 def test_a_run_without_a_judge_exports_and_draws_the_curves_it_has(artifacts, task_data,
                                                                     tmp_path):
-    """Prompts no built-in task judges (``task: null``): the run ends with its model exported
+    """Prompts no built-in task judges (``judge: null``): the run ends with its model exported
     and its learning curves drawn from the measures it has (no gold reward, no win rate),
     instead of failing in the picture after training (issue 24)."""
     from test_rl_training import make_cli
@@ -169,15 +169,19 @@ def test_a_run_without_a_judge_exports_and_draws_the_curves_it_has(artifacts, ta
     logger = '{"class_path": "dvpo_lightning.runtime.loggers.AutoWandbLogger", "init_args": ' \
              '{"offline": true}}'
     cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, f"--trainer.logger={logger}",
-                      "--model.init_args.task=null", rl_steps=2)
+                      "--model.init_args.judge=null", rl_steps=2)
     try:
         cli.trainer.fit(cli.model, cli.datamodule)
     finally:
         wandb.finish()
         wandb.teardown()
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "policy"))
-    final = json.loads(next(tmp_path.rglob("summary.json")).read_text())["final_eval"]
-    assert "eval/kl_to_ref" in final and "eval/gold_reward" not in final
+    summary = json.loads(next(tmp_path.rglob("summary.json")).read_text())
+    first, final = summary["history"][0], summary["final_eval"]
+    assert first["rl_step"] == 0 and first["eval/kl_to_ref"] == 0.0  # the reference itself
+    for row in (first, final):  # what can be measured without a judge, named as what it is
+        assert {"eval/kl_to_ref", "eval/response_len", "eval/gvm_value"} <= set(row)
+        assert not {"eval/gold_reward", "eval/win_rate_vs_ref", "eval/exact"} & set(row)
     (run_dir,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
     types = {k: v for r in read_offline_run(run_dir)["history"] for k, v in r.items()
              if k.endswith("/_type")}

@@ -19,14 +19,15 @@ from dvpo_lightning.rollout.end_tokens import end_token_ids
 from dvpo_lightning.rollout.evaluation import HeldOutEvaluator, concat_rows
 from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
 from dvpo_lightning.runtime.distributed import gather_by_index, rank_and_world
-from dvpo_lightning.tasks import get_task
+from dvpo_lightning.tasks.judges import Judge, load_judge
 
 
 @torch.no_grad()
-def evaluate_policy(model, tokenizer, task_name: str, prompts: list,
+def evaluate_policy(model, tokenizer, judge: Judge, prompts: list,
                     cfg: SamplingConfig, batch_size: int = 128) -> dict[str, float]:
-    """Mean gold reward, exact-answer rate, EOS rate and response length of ``model``'s
-    responses to ``prompts`` (``generate``, ``batch_size`` prompts at a time).
+    """Mean gold reward (``judge``'s score), exact-answer rate (an embedded task's judge),
+    EOS rate and response length of ``model``'s responses to ``prompts`` (``generate``,
+    ``batch_size`` prompts at a time).
 
     With several processes it is collective (every rank calls it): rank ``r`` answers every
     ``world``-th prompt from the ``r``-th (the first few repeated to give every rank as many,
@@ -34,7 +35,7 @@ def evaluate_policy(model, tokenizer, task_name: str, prompts: list,
     each prompt once: the same numbers on every rank."""
     evaluator = HeldOutEvaluator(HFGenerator(end_token_ids(tokenizer, model),
                                              tokenizer.pad_token_id),
-                                 cfg, tokenizer, get_task(task_name))
+                                 cfg, tokenizer, judge)
     device = next(model.parameters()).device
     rank, world = rank_and_world()
     n = len(prompts)
@@ -52,14 +53,15 @@ def evaluate_policy(model, tokenizer, task_name: str, prompts: list,
         model.train()
     measures = gather_by_index(concat_rows(rows), torch.cat(index))
     return {k: sum(measures[k].tolist()) / len(prompts)  # in Python floats, the scorer's own
-            for k in ("gold_reward", "exact", "eos_frac", "response_len")}
+            for k in ("gold_reward", "exact", "eos_frac", "response_len") if k in measures}
 
 
 class GoldEval(L.Callback):
     """Evaluate the module's ``model`` on held-out prompts at every validation and at the end.
 
     Args:
-        task: embedded task name whose gold scorer judges (``sorting``).
+        judge: what scores the answers (a registered judge such as ``sorting``, or
+            ``package.module:function``, :mod:`dvpo_lightning.tasks.judges`).
         prompts_path: held-out prompts file.
         max_prompts: evaluate on the first this-many prompts.
         max_new_tokens: longest response.
@@ -67,10 +69,12 @@ class GoldEval(L.Callback):
         summary_file: JSON file name written into the log directory at the end of ``fit``.
     """
 
-    def __init__(self, task: str = "sorting", prompts_path: str = "data/sorting/eval_prompts.jsonl",
-                 max_prompts: int = 256, max_new_tokens: int = 16, greedy: bool = False,
+    def __init__(self, judge: str = "sorting",
+                 prompts_path: str = "data/sorting/eval_prompts.jsonl", max_prompts: int = 256,
+                 max_new_tokens: int = 16, greedy: bool = False,
                  summary_file: str = "gold_eval.json") -> None:
-        self.task, self.prompts_path, self.max_prompts = task, prompts_path, max_prompts
+        self.judge = load_judge(judge)
+        self.prompts_path, self.max_prompts = prompts_path, max_prompts
         self.cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=greedy)
         self.summary_file = summary_file
         self.last: dict[str, float] = {}
@@ -79,7 +83,7 @@ class GoldEval(L.Callback):
         return [r["prompt"] for r in load_examples(self.prompts_path, "prompt")][: self.max_prompts]
 
     def _run(self, pl_module) -> dict[str, float]:
-        return evaluate_policy(pl_module.model, pl_module.tokenizer, self.task, self._prompts(),
+        return evaluate_policy(pl_module.model, pl_module.tokenizer, self.judge, self._prompts(),
                                self.cfg)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:

@@ -38,7 +38,7 @@ from dvpo_lightning.runtime.checkpointing import (
     rng_states,
     set_rng_states,
 )
-from dvpo_lightning.tasks import get_task
+from dvpo_lightning.tasks.judges import load_judge
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,9 @@ class DPOModule(SingleModelStage):
         policy: the starting policy (the SFT model's directory, a GGUF file, a named model);
             also the reference.
         tokenizer: the tokenizer; None: the policy's. The CLI links it to ``data.tokenizer``.
-        task: an embedded task whose gold scorer judges the held-out answers (None for data
-            without one: no gold reward nor win rate).
+        judge: what scores the held-out answers (as the RL module's ``judge``: a registered
+            judge or ``package.module:function``); None for data without one: no gold reward
+            nor win rate.
         dpo: the preference objective.
         lr: peak learning rate (AdamW); TRL's default.
         weight_decay: AdamW weight decay.
@@ -133,7 +134,7 @@ class DPOModule(SingleModelStage):
 
     STEP_UNIT = "step"  # val_check_interval and max_steps count optimizer steps
 
-    def __init__(self, policy: str, tokenizer: str | None = None, task: str | None = None,
+    def __init__(self, policy: str, tokenizer: str | None = None, judge: str | None = None,
                  dpo: DPOSettings = DPOSettings(), lr: float = 1e-6, weight_decay: float = 0.0,
                  warmup_steps: int = 10, min_lr_ratio: float = 0.1,
                  export_dir: str | None = None, models: ModelOptions = ModelOptions(),
@@ -141,6 +142,7 @@ class DPOModule(SingleModelStage):
         super().__init__()
         self.save_hyperparameters()
         check_dpo_options(models, rollout)
+        self.judge = load_judge(judge) if judge else None  # (before the models load)
         self.tokenizer = load_tokenizer(tokenizer or policy)
         check_compatible(self.tokenizer, policy, "policy")
         attn = models.attn_implementation
@@ -156,7 +158,6 @@ class DPOModule(SingleModelStage):
                 self.reference.to(resolve_dtype(models.frozen_dtype))
         # (settings kept as objects: under LightningCLI self.hparams holds the config dict)
         self.settings, self.model_options, self.rollout = dpo, models, rollout
-        self.task = get_task(task) if task else None
         self.evals = EvalHistory()
         self.pair_history: list[dict] = []  # the held-out pair metrics at every validation
         self._rng_to_restore: dict | None = None
@@ -229,13 +230,13 @@ class DPOModule(SingleModelStage):
     # ------------------------------------------------------------------ evaluation
     @functools.cached_property
     def evaluator(self) -> HeldOutEvaluator:
-        """The RL runs' held-out evaluation: ``generate``, the task's gold scorer, the KL to
+        """The RL runs' held-out evaluation: ``generate``, the judge, the KL to
         the reference."""
         tok = self.tokenizer
         return HeldOutEvaluator(
             HFGenerator(end_token_ids(tok, self.model), tok.pad_token_id),
             self.rollout.eval_sampling, tok,
-            self.task, self.reference_logps, None, self.rollout.score_batch_size,
+            self.judge, self.reference_logps, None, self.rollout.score_batch_size,
             self.model_options.fused_head)
 
     def reference_logps(self, policy: nn.Module, *seq: Tensor,
@@ -258,7 +259,7 @@ class DPOModule(SingleModelStage):
         prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
         with gathered_for_generation(self.model):
             self._val_rows.add(self.evaluator.evaluate(self.model, *prompts), batch)
-        if self.evals.reference is None and self.task is not None:
+        if self.evals.reference is None:  # the curves' step 0, judge or not
             with self.reference_policy() as ref, gathered_for_generation(ref):
                 self._ref_rows.add(self.evaluator.evaluate(ref, *prompts, is_reference=True),
                                    batch)

@@ -56,7 +56,7 @@ from dvpo_lightning.runtime.guards import (
     nonfinite_names,
 )
 from dvpo_lightning.runtime.steps import one_global_step
-from dvpo_lightning.tasks import get_task
+from dvpo_lightning.tasks.judges import load_judge
 
 
 class DVPOModule(L.LightningModule):
@@ -78,8 +78,11 @@ class DVPOModule(L.LightningModule):
         critic_init: the PPO critic's starting weights; None: the reward model (as in the
             paper's PPO), else the policy.
         tokenizer: the tokenizer; None: the policy's. The CLI links it to ``data.tokenizer``.
-        task: an embedded task whose gold scorer judges every rollout and evaluation (None
-            for data without one).
+        judge: what scores every rollout and held-out answer as the gold reward: a registered
+            judge (the embedded tasks' ``sorting``, ``instruct``) or a ``package.module:function``
+            taking ``(prompt, response)`` (:mod:`dvpo_lightning.tasks.judges`); None for data
+            without one (evaluation then reports the KL, lengths and the run's own GVM / reward
+            model scores).
         lr: the policy's learning rate (AdamW).
         critic_lr: the critic's learning rate (its own parameter group); None: ``lr``.
         weight_decay: AdamW weight decay.
@@ -103,7 +106,7 @@ class DVPOModule(L.LightningModule):
         reward_model: str | None = None,
         critic_init: str | None = None,
         tokenizer: str | None = None,
-        task: str | None = None,
+        judge: str | None = None,
         lr: float = 1e-5,
         critic_lr: float | None = None,
         weight_decay: float = 0.0,
@@ -116,6 +119,7 @@ class DVPOModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator"])
+        scorer = load_judge(judge) if judge else None  # (a bad name fails before models load)
         tok = load_tokenizer(tokenizer or policy)
         loaded = load_rl_models(estimator.needs, type(estimator).__name__, tok, policy,
                                 reference, value_model, reward_model, critic_init, models)
@@ -123,7 +127,7 @@ class DVPOModule(L.LightningModule):
             estimator.needs, estimator.group_size, loaded.frozen,
             make_generator(rollout, end_token_ids(tok, loaded.trained["policy"]),
                            tok.pad_token_id), rollout, tok,
-            get_task(task) if task else None, loaded.shared_reference, models.fused_head,
+            scorer, loaded.shared_reference, models.fused_head,
             models.offload_frozen)
         self._assemble(loaded.trained, experience, estimator, loaded.identity, models, kl, ppo,
                        guards)
@@ -444,7 +448,7 @@ class DVPOModule(L.LightningModule):
         with gathered_for_generation(self.policy):
             self._val_rows.add(self.evaluator.evaluate(
                 self.policy, *prompts, weights_version=self.weights_version), batch)
-        if self.evals.reference is None and self.experience.task is not None:
+        if self.evals.reference is None:  # the curves' step 0, judge or not
             with self.experience.reference(self.policy) as ref, gathered_for_generation(ref):
                 self._ref_rows.add(self.evaluator.evaluate(ref, *prompts, is_reference=True),
                                    batch)

@@ -21,7 +21,7 @@ from dvpo_lightning.rollout.generation import Generator, SamplingConfig
 from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.rollout.scoring import by_rows, policy_logps, sequence_scores
 from dvpo_lightning.runtime.distributed import gather_by_index, rank_and_world
-from dvpo_lightning.tasks.base import Task
+from dvpo_lightning.tasks.judges import Judge
 
 
 class HeldOutEvaluator:
@@ -30,17 +30,20 @@ class HeldOutEvaluator:
     Every measure whose ingredients exist: ``response_len`` and ``eos_frac`` always;
     ``kl_to_ref`` (k1 summed over the response, the policy's log-probs of the distribution
     ``sampling`` draws from, the reference's at its temperature: docs/sampling.md) with
-    ``reference_logps``; ``rm_score`` with a
-    ``reward_model``; ``gold_reward`` (float64: the gold scorer's own values) and ``exact``
-    (gold score 1) with a ``task``.
+    ``reference_logps``; ``rm_score`` (the reward model's score) with a ``reward_model``;
+    ``gvm_value`` (the GVM's value of the finished response, ``u_L``) with a ``value_model``;
+    ``gold_reward`` (float64: the judge's own values) with a ``judge``, and ``exact`` (score
+    1) when that judge is an embedded task's. Without a judge there is no gold reward: the
+    run's own models' scores are named as theirs.
 
     Args:
         generator: the rollout engine (it answers for the policy).
         sampling: how held-out responses are sampled.
         tokenizer: the policy's tokenizer.
-        task: the embedded task whose gold scorer judges.
+        judge: what scores a response (:func:`~dvpo_lightning.tasks.judges.load_judge`).
         reference_logps: ``(policy, *seq, sampling=transform) ↦ log π_ref (B, T)``.
         reward_model: a frozen reward model.
+        value_model: a frozen Global Value Model.
         score_batch_size: rows per scoring pass (None: the whole batch).
         fused_head: log-probs with the output head in row chunks.
         reference_generator: the engine that answers for the reference (``generate``, when the
@@ -48,14 +51,16 @@ class HeldOutEvaluator:
     """
 
     def __init__(self, generator: Generator, sampling: SamplingConfig,
-                 tokenizer: PreTrainedTokenizerBase, task: Task | None = None,
+                 tokenizer: PreTrainedTokenizerBase, judge: Judge | None = None,
                  reference_logps: Callable[..., Tensor] | None = None,
                  reward_model: nn.Module | None = None, score_batch_size: int | None = None,
-                 fused_head: bool = True, reference_generator: Generator | None = None) -> None:
-        self.generator, self.sampling, self.tokenizer, self.task = (generator, sampling,
-                                                                   tokenizer, task)
+                 fused_head: bool = True, reference_generator: Generator | None = None,
+                 value_model: nn.Module | None = None) -> None:
+        self.generator, self.sampling, self.tokenizer, self.judge = (generator, sampling,
+                                                                    tokenizer, judge)
         self.reference_generator = reference_generator or generator
         self.reference_logps, self.reward_model = reference_logps, reward_model
+        self.value_model = value_model
         self.rows, self.fused_head = score_batch_size, fused_head
 
     @torch.no_grad()
@@ -92,11 +97,16 @@ class HeldOutEvaluator:
         if self.reward_model is not None:
             out["rm_score"] = by_rows(lambda *s: sequence_scores(self.reward_model, *s),
                                       self.rows, *seq)
-        if self.task is not None:
-            gold = torch.tensor(gold_scores(self.task, self.tokenizer, prompts, resp, rmask,
+        if self.value_model is not None:
+            out["gvm_value"] = by_rows(lambda *s: sequence_scores(self.value_model, *s),
+                                       self.rows, *seq)
+        if self.judge is not None:
+            gold = torch.tensor(gold_scores(self.judge, self.tokenizer, prompts, resp, rmask,
                                             generator.end_ids),
                                 dtype=torch.float64, device=resp.device)
-            out["gold_reward"], out["exact"] = gold, (gold == 1.0).float()
+            out["gold_reward"] = gold
+            if self.judge.embedded:
+                out["exact"] = (gold == 1.0).float()
         return out
 
 
@@ -168,8 +178,10 @@ class EvalHistory:
         gold = measures.get("gold_reward")
         self.reference_gold = gold.float() if gold is not None else None
         self.reference = {k: float(v.float().mean()) for k, v in measures.items()}
-        self.rows.insert(0, {"rl_step": 0, **{f"eval/{k}": v for k, v in self.reference.items()},
-                             "eval/win_rate_vs_ref": 0.5})
+        first = {"rl_step": 0, **{f"eval/{k}": v for k, v in self.reference.items()}}
+        if gold is not None:  # (a win rate needs a judge)
+            first["eval/win_rate_vs_ref"] = 0.5
+        self.rows.insert(0, first)
 
     def metrics(self, measures: dict[str, Tensor]) -> dict[str, Tensor]:
         """``eval/<measure>`` means, and ``eval/win_rate_vs_ref`` once the reference's gold

@@ -26,7 +26,7 @@ from dvpo_lightning.rollout.scoring import by_rows, policy_logps, response_value
 from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.rollout.tolerance import engine_dtype, resolve_logp_tolerance
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
-from dvpo_lightning.tasks.base import Task
+from dvpo_lightning.tasks.judges import Judge
 
 
 def check_rollout_batch(batch_size: int, group_size: int,
@@ -76,7 +76,7 @@ class ExperienceMaker(nn.Module):
         generator: the generation engine.
         settings: the rollout settings.
         tokenizer: the policy's tokenizer.
-        task: an embedded task whose gold scorer judges every rollout (None: no gold).
+        judge: what scores every rollout and evaluation (None: no gold reward).
         shared_reference: the reference is the policy with its LoRA adapters off.
         fused_head: log-probs with the output head in row chunks (:func:`policy_logps`).
         offload: keep ``frozen`` in CPU memory outside :meth:`frozen_on`.
@@ -84,14 +84,14 @@ class ExperienceMaker(nn.Module):
 
     def __init__(self, needs: frozenset[Need], group_size: int, frozen: nn.ModuleDict,
                  generator: Generator, settings: RolloutSettings,
-                 tokenizer: PreTrainedTokenizerBase, task: Task | None = None,
+                 tokenizer: PreTrainedTokenizerBase, judge: Judge | None = None,
                  shared_reference: bool = False, fused_head: bool = True,
                  offload: bool = False) -> None:
         super().__init__()
         self.needs, self.group_size = needs, group_size
         self.frozen = frozen
-        self.generator, self.settings, self.tokenizer, self.task = (generator, settings,
-                                                                   tokenizer, task)
+        self.generator, self.settings, self.tokenizer, self.judge = (generator, settings,
+                                                                    tokenizer, judge)
         self.shared_reference, self.fused_head, self.offload = (shared_reference, fused_head,
                                                                 offload)
 
@@ -140,10 +140,10 @@ class ExperienceMaker(nn.Module):
         reference_generator = (None if self.generator.name == "hf" else
                                HFGenerator(self.end_ids, self.tokenizer.pad_token_id))
         return HeldOutEvaluator(
-            self.generator, self.settings.eval_sampling, self.tokenizer, self.task,
-            self.reference_logps,
-            self.frozen["reward_model"] if "reward_model" in self.frozen else None,
-            self.settings.score_batch_size, self.fused_head, reference_generator)
+            self.generator, self.settings.eval_sampling, self.tokenizer, self.judge,
+            self.reference_logps, self.frozen["reward_model"] if "reward_model" in self.frozen
+            else None, self.settings.score_batch_size, self.fused_head, reference_generator,
+            self.frozen["gvm"] if "gvm" in self.frozen else None)
 
     # ------------------------------------------------------------------ the frozen models
     @property
@@ -240,9 +240,9 @@ class ExperienceMaker(nn.Module):
             fetched = {NEED_FIELD[need]: fetch[need]() for need in sorted(self.needs)}
         policy.train()
         exp = Experience(*seq, logp_old, logp_ref, **fetched, logp_sampler=samples.logps)
-        gold = (torch.tensor(gold_scores(self.task, self.tokenizer, batch["prompts"], *response,
+        gold = (torch.tensor(gold_scores(self.judge, self.tokenizer, batch["prompts"], *response,
                                          self.generator.end_ids),
-                             device=logp_old.device) if self.task is not None else None)
+                             device=logp_old.device) if self.judge is not None else None)
         return exp, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1,
                      "weight_sync_s": sync_s, "gold": gold}
 

@@ -45,7 +45,8 @@ def _embedded(task: str) -> Callable[[], ScoreFn]:
     return factory
 
 
-for _task in ("sorting", "instruct"):
+EMBEDDED = ("sorting", "instruct")
+for _task in EMBEDDED:
     register_judge(_task, _embedded(_task))
 
 
@@ -57,11 +58,14 @@ class Judge:
         name: the config value that named it (a registry name or ``module:function``).
         fn: ``(prompt, response[, finished]) ↦ score``.
         takes_finished: ``fn`` accepts ``finished``.
+        embedded: an embedded task's gold scorer (scores in ``[0, 1]``, 1 for a right answer:
+            the evaluation also reports the exact-answer rate).
     """
 
     name: str
     fn: ScoreFn
     takes_finished: bool
+    embedded: bool = False
 
     def score(self, prompt, response: str, finished: bool, row: int) -> float:
         """``fn``'s score of one response as a float; one error naming the judge and ``row``
@@ -95,6 +99,7 @@ def load_judge(spec: str) -> Judge:
     key = "model.init_args.judge"
     if spec in JUDGES:
         fn = JUDGES[spec]()
+        return Judge(spec, fn, _takes_finished(fn), embedded=spec in EMBEDDED)
     elif ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
