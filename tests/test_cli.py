@@ -131,3 +131,19 @@ def test_invalid_value_states_the_rule(sft_model_dir, task_data, tmp_path):
     with pytest.raises(ValueError, match=r"model.target='td2' is not one of \('td0', "
                                          r"'td_lambda', 'mc'\)"):
         cli_main(args=args, run=False)
+
+
+def test_a_null_reaches_a_setting_in_a_group_inside_a_group(capsys):
+    """``--model.init_args.rollout.vllm.logp_tolerance=null`` (a dataclass inside a dataclass)
+    sets that field to null and keeps the settings around it (jsonargparse alone refuses it)."""
+    dvpo_yaml = str(REPO / "configs" / "dvpo.yaml")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", dvpo_yaml, "--model.init_args.rollout.vllm.dtype=bfloat16",
+              "--model.init_args.rollout.vllm.logp_tolerance=null",
+              "--model.init_args.ppo.max_grad_norm", "null", "--print_config"])
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+logp_tolerance: null$", out, re.M), out
+    assert re.search(r"^\s+max_grad_norm: null$", out, re.M)
+    assert re.search(r"^\s+dtype: bfloat16$", out, re.M)  # the group's earlier override stays
+    assert re.search(r"^\s+max_new_tokens: 16$", out, re.M)  # and the outer group's values

@@ -116,12 +116,15 @@ _NULLS = ("null", "none", "~")
 
 def nested_nulls(args: list[str]) -> list[str]:
     """``--model.init_args.ppo.max_grad_norm=null`` → ``--model.init_args.ppo={"max_grad_norm":
-    null}`` (also the two-token form ``--key null``).
+    null}``, and a group inside a group the same way from its outer group:
+    ``--model.init_args.rollout.vllm.logp_tolerance=null`` → ``--model.init_args.rollout={"vllm":
+    {"logp_tolerance": null}}`` (also the two-token form ``--key null``).
 
     jsonargparse 4.53 reads a null given to a field of a dataclass inside a class's
-    ``init_args`` as the string ``"None"`` and then refuses it ("Expected a <class 'float'>");
-    the dict form sets the field and keeps the group's other values. Keys with fewer than three
-    parts besides ``init_args`` (``--model.init_args.reference=null``) are left as they are.
+    ``init_args`` as the string ``"None"`` and then refuses it ("Expected a <class 'float'>"),
+    at any depth; the dict form given to the outermost group sets the field and keeps the
+    group's other values. Keys with fewer than three parts besides ``init_args``
+    (``--model.init_args.reference=null``) are left as they are.
     """
     out: list[str] = []
     i = 0
@@ -133,7 +136,12 @@ def nested_nulls(args: list[str]) -> list[str]:
             value = args[i + 1]
         parts = key[2:].split(".") if key.startswith("--") else []
         if value.lower() in _NULLS and len([p for p in parts if p != "init_args"]) >= 3:
-            out.append(f"--{'.'.join(parts[:-1])}={{\"{parts[-1]}\": null}}")
+            # the group right after init_args (else the key's parent) takes a nested dict
+            cut = parts.index("init_args") + 2 if "init_args" in parts[:-2] else len(parts) - 1
+            nested = "null"
+            for name in reversed(parts[cut:]):
+                nested = f'{{"{name}": {nested}}}'
+            out.append(f"--{'.'.join(parts[:cut])}={nested}")
             i += 2 if two_tokens else 1
             continue
         out.append(arg)
