@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import vllm
 from conftest import requires_smollm2
 from lightning.pytorch import Callback
 from test_rl_training import make_cli
+from test_vllm_push import skip_one_push
 
 from dvpo_lightning.rollout.vllm_engine import VLLMEngine
 
@@ -29,26 +29,6 @@ class Gaps(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.gaps.append(float(trainer.callback_metrics["rollout/sampler_logp_diff_mean"]))
-
-
-def skip_one_push(monkeypatch, version: int) -> None:
-    """The engine reads the push at ``version`` and loads nothing (the weights stay old)."""
-    state = {"skip": False}
-    ready, rpc = VLLMEngine._ready, vllm.LLM.collective_rpc
-
-    def _ready(self, model, weights_version):
-        state["skip"] = weights_version == version
-        return ready(self, model, weights_version)
-
-    def collective_rpc(self, method, *args, **kwargs):
-        if method == "reload_weights" and state["skip"]:
-            for _ in kwargs["kwargs"]["weights_iterator"]:
-                pass
-            return [None]
-        return rpc(self, method, *args, **kwargs)
-
-    monkeypatch.setattr(VLLMEngine, "_ready", _ready)
-    monkeypatch.setattr(vllm.LLM, "collective_rpc", collective_rpc)
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
