@@ -99,3 +99,15 @@ def test_rl_data_takes_the_preference_files_a_gvm_trains_on(tmp_path, tokenizer_
     dm.check_files()
     assert [raw for _, raw in dm.train_set] == ["31", "52"]
     assert [raw for _, raw in dm.val_set] == ["74"]
+
+
+def test_explain_takes_a_scored_file_each_prompts_responses_with_their_scores(tmp_path):
+    from dvpo_lightning.data.examples import file_examples
+
+    path = write_jsonl(tmp_path / "uf.jsonl", PREFERENCE_FILES["ultrafeedback"])
+    assert file_examples(path, 8) == [
+        {"prompt": "Name a colour.", "responses": {"response 1 (score 8)": "Blue.",
+                                                   "response 2 (score 2)": "No.",
+                                                   "response 3 (score 7)": "Red."}},
+        {"prompt": "Name a fruit.", "responses": {"response 1 (score 9)": "A pear."}}]
+    assert [e["prompt"] for e in file_examples(path, 1)] == ["Name a colour."]

@@ -41,9 +41,9 @@ RL = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_ar
       "--model.init_args.ppo.epochs=1", "--model.init_args.ppo.mini_batch_size=2"]
 DPO = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.batch_size=2",
        "--data.init_args.max_eval_prompts=4", "--model.init_args.rollout.max_new_tokens=8"]
-SIZES = {"convert": [], "gvm": STAGE1, "gvm-pairs": STAGE1, "dvpo": RL, "dvpo-judge": RL,
-         "compare": [], "reward-model": STAGE1, "ppo": RL, "grpo": RL, "reinforce-pp": RL,
-         "dpo": DPO}
+SIZES = {"convert": [], "gvm": STAGE1, "gvm-pairs": STAGE1, "explain": [], "dvpo": RL,
+         "dvpo-judge": RL, "compare": [], "reward-model": STAGE1, "ppo": RL, "grpo": RL,
+         "reinforce-pp": RL, "dpo": DPO}
 # The steps' exports: value models (the project's loader) and policies (plain transformers).
 VALUE_MODELS = {"gvm": "runs/mine/gvm/model", "gvm-pairs": "runs/mine/gvm_pairs/model",
                 "reward-model": "runs/mine/reward_model/model"}
@@ -185,6 +185,7 @@ def test_every_stage_exits_0_and_exports_a_model_that_loads(tiny_journey):
     for run in POLICIES.values():
         check_policy_export(tiny_journey / run / "model")
     assert (tiny_journey / "runs/mine/ppo/model/critic").is_dir()
+    assert (tiny_journey / "runs/mine/gvm/explain/token_values.html").exists()
 
 
 @pytest.mark.parametrize("method", sorted(OWN_SCORE))
