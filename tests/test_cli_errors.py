@@ -323,6 +323,5 @@ def test_a_file_smaller_than_one_batch_is_one_error_before_models_load(config, t
     [line] = error_lines(err)
     rows, batch = 5, (64 if config == "gvm.yaml" else 32)
     assert line == (f"error: data.init_args.train_path={small} gives {rows} training rows, "
-                    "fewer rows than data.batch_size, so not one optimizer step can be formed "
-                    f"with data.batch_size={batch}. Fix: set --data.init_args.batch_size={rows} "
-                    "(or less), or add rows")
+                    f"fewer than data.batch_size={batch}, so not one optimizer step can be "
+                    f"formed. Fix: set --data.init_args.batch_size={rows} (or less), or add rows")

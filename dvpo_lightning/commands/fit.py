@@ -148,10 +148,9 @@ def check_one_batch(datamodule, unit: str) -> None:
     rows, batch_size = len(datamodule.train_set), datamodule.batch_size
     path = getattr(datamodule, "train_path", "the training file")
     what = "prompts" if unit == "RL step" else "training rows"
-    raise ValueError(f"data.init_args.train_path={path} gives {rows} {what}, fewer rows than "
-                     f"data.batch_size, so not one {unit} can be formed with data.batch_size="
-                     f"{batch_size}. Fix: set --data.init_args.batch_size={rows} (or less), or "
-                     "add rows")
+    raise ValueError(f"data.init_args.train_path={path} gives {rows} {what}, fewer than "
+                     f"data.batch_size={batch_size}, so not one {unit} can be formed. Fix: set "
+                     f"--data.init_args.batch_size={rows} (or less), or add rows")
 
 
 def estimator_group_size(estimator) -> int:
