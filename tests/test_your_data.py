@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import string
 import subprocess
 import sys
@@ -198,6 +199,8 @@ def test_a_run_without_a_judge_compares_with_the_start_by_its_own_scores(tiny_jo
     assert set(start) == expected
     assert set(end) == {"rl_step"} | {f"eval/{k}" for k in expected}
     assert (tiny_journey / POLICIES[method] / "learning_curves.png").exists()
+    if method == "dpo":  # and its own measure on the held-out pairs
+        assert "val/rewards/accuracies" in summary["pair_eval"]
 
 
 def test_a_users_judge_adds_its_score_and_the_win_rate(tiny_journey):
@@ -218,6 +221,70 @@ def test_the_pages_snippet_answers_with_the_start_and_the_trained_model(tiny_jou
     exec(compile(page_python("AutoModelForCausalLM"), str(PAGE), "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in printed] == ["models/smollm2", "runs/mine/dvpo/model"]
+
+
+# --- every format in every step that reads it ---------------------------------------------
+
+USER = [{"role": "user", "content": "Name a colour."}]
+# The other formats a user's file may be in (the journey above runs UltraFeedback's scored
+# rows, binarised message-list pairs and HH-RLHF transcripts); two rows each.
+OTHER_FORMATS = {
+    "scored.jsonl": {
+        "flat scored": [{"prompt": "Name a colour.", "response": "Blue.", "score": 0.9},
+                        {"prompt": "Name a colour.", "response": "Soup.", "score": 0.1}]},
+    "pairs.jsonl": {
+        "flat pairs": [{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Soup."},
+                       {"prompt": "Name a fruit.", "chosen": "A pear.", "rejected": "No."}],
+        "hh": [{"chosen": "\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+                "rejected": "\n\nHuman: Name a colour.\n\nAssistant: Soup."},
+               {"chosen": "\n\nHuman: Name a fruit.\n\nAssistant: A pear.",
+                "rejected": "\n\nHuman: Name a fruit.\n\nAssistant: No."}],
+        "binarised, prompt field only": [
+            {"prompt": "Name a colour.", "chosen": [{"role": "assistant", "content": "Blue."}],
+             "rejected": [{"role": "assistant", "content": "Soup."}]},
+            {"prompt": "Name a fruit.", "chosen": [{"role": "assistant", "content": "A pear."}],
+             "rejected": [{"role": "assistant", "content": "No."}]}]},
+    "test_pairs.jsonl": {
+        "flat pairs": [{"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "Soup."}],
+        "binarised": [{"prompt": "Name a colour.",
+                       "chosen": USER + [{"role": "assistant", "content": "Blue."}],
+                       "rejected": USER + [{"role": "assistant", "content": "Soup."}]}]},
+}
+VARIANTS = [(f, v) for f, variants in OTHER_FORMATS.items() for v in variants]
+
+
+def step_datamodule(command: str, extra: list[str]):
+    """The DataModule a page step builds: its config's ``data`` section with the command's (and
+    ``extra``'s) ``--data.init_args`` overrides, files not yet read."""
+    import importlib
+
+    import yaml
+
+    args = shlex.split(command)
+    data = yaml.safe_load((REPO / args[args.index("--config") + 1]).read_text())["data"]
+    init = dict(data["init_args"])
+    for arg in [*args, *extra]:
+        if arg.startswith("--data.init_args."):
+            key, _, value = arg[len("--data.init_args."):].partition("=")
+            init[key] = yaml.safe_load(value)
+    module, _, name = data["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**init)
+
+
+@pytest.mark.parametrize("file,variant", VARIANTS, ids=[f"{f}:{v}" for f, v in VARIANTS])
+def test_every_format_reads_in_every_step_that_takes_it(tmp_path, monkeypatch, file, variant):
+    write_user_files(tmp_path)
+    build_tiny_model(tmp_path / "models" / "smollm2")
+    rows = OTHER_FORMATS[file][variant]
+    (tmp_path / "data/mine" / file).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    readers = [name for name, command in page_steps().items()
+               if f"data/mine/{file}" in command and "--data.init_args." in command]
+    assert readers, f"no step of the page reads data/mine/{file}"
+    for name in readers:
+        dm = step_datamodule(page_steps()[name], ["--data.init_args.batch_size=1"])
+        dm.check_files()  # the stage's own reading, validation and tokenisation
+        assert len(dm.train_set) > 0 and len(dm.val_set) > 0, name
 
 
 # --- the real SmolLM2-135M-Instruct, once --------------------------------------------------
