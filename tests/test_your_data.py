@@ -199,6 +199,9 @@ def test_a_run_without_a_judge_compares_with_the_start_by_its_own_scores(tiny_jo
     assert set(start) == expected
     assert set(end) == {"rl_step"} | {f"eval/{k}" for k in expected}
     assert (tiny_journey / POLICIES[method] / "learning_curves.png").exists()
+    # no advice to all-reduce the held-out metrics, which are merged already (vLLM starts
+    # torch.distributed in one process, and Lightning gave it for every metric)
+    assert "self.log('eval/" not in (tiny_journey / f"{method}.log").read_text()
     if method == "dpo":  # and its own measure on the held-out pairs
         assert "val/rewards/accuracies" in summary["pair_eval"]
 
