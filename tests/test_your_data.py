@@ -293,7 +293,10 @@ def test_every_format_reads_in_every_step_that_takes_it(tmp_path, monkeypatch, f
 # --- the real SmolLM2-135M-Instruct, once --------------------------------------------------
 
 REAL_STEPS = ("convert", "gvm", "dvpo")
-CPU = ["--trainer.precision=32-true"]  # the page's advice for a CPU
+# The page's advice for a CPU, and one step (the last of repeated settings wins).
+REAL = {"convert": [], "gvm": ["--trainer.precision=32-true", "--trainer.max_steps=1"],
+        "dvpo": ["--trainer.precision=32-true", "--trainer.max_steps=1",
+                 "--trainer.val_check_interval=1"]}
 
 
 @requires_smollm2
@@ -301,8 +304,7 @@ def test_the_real_smollm2_converts_trains_a_gvm_and_dvpo_on_vllm(tmp_path, monke
     write_user_files(tmp_path)
     steps = page_steps()
     for name in REAL_STEPS:
-        sizes = SIZES[name] + (CPU if name != "convert" else [])
-        run_step(tmp_path, name, steps[name], sizes)
+        run_step(tmp_path, name, steps[name], SIZES[name] + REAL[name])
     assert json.loads((tmp_path / "models/smollm2/config.json").read_text())[
         "num_hidden_layers"] == 30
     check_value_export(tmp_path / VALUE_MODELS["gvm"])
