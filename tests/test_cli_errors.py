@@ -301,3 +301,27 @@ def test_sft_run_given_pairs_names_the_pairwise_datamodule(tmp_path, task_data, 
     assert line.endswith("Fix: pairs belong to PairwiseDataModule (configs/reward_model.yaml), "
                          "or to ValueDataModule with data.init_args.train_kind=pairwise "
                          "(configs/gvm_pairs.yaml)")
+
+
+@pytest.mark.parametrize("config", ["gvm.yaml", "reward_model.yaml"])
+def test_a_file_smaller_than_one_batch_is_one_error_before_models_load(config, tmp_path,
+                                                                     task_data, tokenizer_dir,
+                                                                     capsys):
+    # A stage counted in epochs (the GVM, the reward model) on a user's small file with the
+    # shipped batch of 32: refused before the (missing) backbone loads, naming the fix.
+    kind = "trajectories" if config == "gvm.yaml" else "pairs"
+    rows = Path(task_data, f"{kind}.jsonl").read_text().splitlines()[:5]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(rows) + "\n")
+    code, err = run_main(["fit", "--config", str(CONFIGS / config),
+                          f"--model.init_args.backbone={MISSING}",
+                          f"--data.init_args.train_path={small}",
+                          f"--data.init_args.val_path={Path(task_data) / 'eval_pairs.jsonl'}",
+                          f"--data.init_args.tokenizer={tokenizer_dir}",
+                          f"--trainer.default_root_dir={tmp_path}"], capsys)
+    assert code == 2
+    [line] = error_lines(err)
+    rows, batch = 5, (64 if config == "gvm.yaml" else 32)
+    assert line == (f"error: data.init_args.train_path={small} gives {rows} training rows, "
+                    f"fewer than data.batch_size={batch}, so not one optimizer step can be "
+                    f"formed. Fix: set --data.init_args.batch_size={rows} (or less), or add rows")

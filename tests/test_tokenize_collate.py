@@ -381,9 +381,10 @@ def test_setup_reuses_the_checked_files(task_data, tokenizer_dir, monkeypatch):
     import dvpo_lightning.data.base as base
 
     reads = []
-    real = base.load_examples
-    monkeypatch.setattr(base, "load_examples",
-                        lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    for reader in ("load_examples", "load_prompts"):  # (prompts: a prompt or preference file)
+        real = getattr(base, reader)
+        monkeypatch.setattr(base, reader, lambda path, *a, _real=real, **k:
+                            reads.append(path) or _real(path, *a, **k))
     prompts = os.path.join(task_data, "rl_prompts.jsonl")
     evals = os.path.join(task_data, "eval_prompts.jsonl")
     rd = RolloutDataModule(prompts, evals, tokenizer_dir, batch_size=4)

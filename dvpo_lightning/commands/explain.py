@@ -59,8 +59,9 @@ def explain(gvm: str, prompt: str | None = None, responses: list[str] | None = N
             runs/sorting/gvm/model.
         prompt: one prompt, explained with --responses (excludes --file).
         responses: responses to --prompt, shown side by side (--responses A B ...).
-        file: a pairwise file (chosen and rejected side by side), or rows with a prompt and a
-            'responses' list (excludes --prompt).
+        file: a pairwise file (chosen and rejected side by side), a scored file (each prompt's
+            responses with their scores), or rows with a prompt and a 'responses' list
+            (excludes --prompt).
         out: directory for token_values.{html,png,csv,json}.
         tokenizer: the tokenizer directory (default: the GVM's own, or the one it records).
         color_by: colour tokens by 'delta' (u_t − u_{t−1}) or 'value' (u_t).

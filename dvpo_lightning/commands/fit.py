@@ -57,6 +57,7 @@ class DVPOCLI(LightningCLI):
         check_rl_batch(config)
         self._checked_data = checked_datamodule(config.get("data"))
         unit = step_unit(config)
+        check_one_batch(self._checked_data, unit or "optimizer step")
         if unit is not None:  # RL steps / DPO steps: one unit, across passes over the file
             count_in_steps(config["trainer"], train_batches(self._checked_data), unit)
 
@@ -128,6 +129,28 @@ def train_batches(datamodule) -> int | None:
     if train_set is None or not batch_size:
         return None
     return len(train_set) // batch_size
+
+
+def check_one_batch(datamodule, unit: str) -> None:
+    """Refuse a training file with fewer rows than one batch, before any model loads: every
+    stage's loader drops the last, partial batch, so such a file trains on nothing (a stage
+    counted in epochs would otherwise stop in its sampler after the models loaded).
+
+    Args:
+        datamodule: a checked DataModule (:func:`checked_datamodule`), or None.
+        unit: the stage's step (``"RL step"``, ``"optimizer step"``), for the message.
+
+    Raises:
+        ValueError: naming the file, its rows, ``data.batch_size`` and the fix.
+    """
+    if train_batches(datamodule) != 0:
+        return
+    rows, batch_size = len(datamodule.train_set), datamodule.batch_size
+    path = getattr(datamodule, "train_path", "the training file")
+    what = "prompts" if unit == "RL step" else "training rows"
+    raise ValueError(f"data.init_args.train_path={path} gives {rows} {what}, fewer than "
+                     f"data.batch_size={batch_size}, so not one {unit} can be formed. Fix: set "
+                     f"--data.init_args.batch_size={rows} (or less), or add rows")
 
 
 def estimator_group_size(estimator) -> int:

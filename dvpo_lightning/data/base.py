@@ -10,6 +10,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from dvpo_lightning.data.formats import load_examples
+from dvpo_lightning.data.prompts import load_prompts
 from dvpo_lightning.data.sampler import EpochShuffleSampler
 from dvpo_lightning.data.tokenize import LengthReport, check_length_policy, check_unknown_share
 from dvpo_lightning.models.loading import load_tokenizer
@@ -92,6 +93,12 @@ class TokenizedDataModule(L.LightningDataModule):
         kind belongs (:data:`KIND_LOADERS`, updated by ``other_kinds``)."""
         return load_examples(path, kind, split=split, format=format,
                              other_kinds={**KIND_LOADERS, **(other_kinds or {})})
+
+    def load_prompts(self, path: str, format: str = "auto",
+                     split: str | None = None) -> list[dict]:
+        """:func:`~dvpo_lightning.data.prompts.load_prompts`: a prompt file's rows, or the
+        distinct prompts of a scored or pairwise file."""
+        return load_prompts(path, format, split, other_kinds=KIND_LOADERS)
 
     def check_vocabulary(self, path: str, sequences: Iterable[Sequence[int]]) -> None:
         """Refuse ``path`` when its tokens are mostly the tokenizer's unknown token

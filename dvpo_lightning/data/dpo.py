@@ -29,8 +29,8 @@ class DPODataModule(PairwiseDataModule):
             message lists, or HH-RLHF transcripts).
         val_path: held-out pairs (the DPO metrics on pairs not trained on).
         tokenizer: the policy's tokenizer directory.
-        eval_path: held-out prompts (the RL configs' ``data.eval_path``); None: no policy
-            evaluation.
+        eval_path: held-out prompts (the RL configs' ``data.eval_path``), or a scored or pairwise
+            file whose distinct prompts are taken; None: no policy evaluation.
         max_eval_prompts: evaluate on the first this-many held-out prompts.
         max_prompt_length: held-out prompts longer than this keep their last tokens.
         eval_batch_size: held-out prompts per batch; None: ``val_batch_size``.
@@ -66,7 +66,7 @@ class DPODataModule(PairwiseDataModule):
     def _encode_prompts(self, path: str) -> list[tuple[list[int], object]]:
         """``(ids, raw prompt)`` of the first ``max_eval_prompts`` rows; a longer prompt keeps
         its last ``max_prompt_length`` tokens (counted in the length report), as in RL."""
-        rows = self.load(path, "prompt")[:self.max_eval_prompts]
+        rows = self.load_prompts(path)[:self.max_eval_prompts]
         report = LengthReport(path, self.max_prompt_length, "truncate")
         self.length_reports.append(report)
         return encode_prompts(self, rows, path, report, self.max_prompt_length)

@@ -64,8 +64,10 @@ class RolloutDataModule(TokenizedDataModule):
     experience maker samples the estimator's ``group_size`` responses to each).
 
     Args:
-        train_path: RL prompts (``{prompt}`` or chat ``messages``).
-        eval_path: held-out prompts for evaluation during and after training.
+        train_path: RL prompts (``{prompt}`` or chat ``messages``), or a scored or pairwise
+            file whose distinct prompts are taken (:mod:`dvpo_lightning.data.prompts`).
+        eval_path: held-out prompts for evaluation during and after training (the same kinds
+            of file).
         tokenizer: the policy's tokenizer directory.
         batch_size: distinct prompts per RL step (per process).
         max_eval_prompts: evaluate on the first this-many held-out prompts.
@@ -89,7 +91,7 @@ class RolloutDataModule(TokenizedDataModule):
         self.sampler: EpochShuffleSampler | None = None
 
     def _encode(self, path: str, limit: int | None = None) -> list[tuple[list[int], object]]:
-        rows = self.load(path, "prompt", self.format, self.split)[:limit]
+        rows = self.load_prompts(path, self.format, self.split)[:limit]
         return encode_prompts(self, rows, path, self.new_report(path), self.max_length)
 
     def read_files(self) -> tuple[list, list]:

@@ -181,13 +181,18 @@ def log_files(trainer: Trainer, files: dict[str, str | Path]) -> None:
 
 def quiet_libraries() -> None:
     """Silence what every command would otherwise print: tokenizers' fork warning,
-    Lightning's note on frozen modules in eval mode, transformers' progress bars."""
+    Lightning's note on frozen modules in eval mode and its advice to all-reduce the held-out
+    metrics (already merged over the processes), transformers' progress bars."""
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Frozen parts (reference, GVM, RM) are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Held-out metrics are merged over every process's rows before they are logged (the same
+    # value on every rank): Lightning's advice to all-reduce them, printed whenever
+    # torch.distributed is up (a vLLM engine starts it even in one process), does not apply.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('eval/")
     try:
         from transformers.utils import logging as hf_logging
 
