@@ -59,7 +59,7 @@ class DVPOCLI(LightningCLI):
         unit = step_unit(config)
         check_one_batch(self._checked_data, unit or "optimizer step")
         if unit is not None:  # RL steps / DPO steps: one unit, across passes over the file
-            count_in_steps(config["trainer"], train_batches(self._checked_data), unit)
+            count_in_steps(config["trainer"], unit)
 
     def instantiate_classes(self) -> None:
         """LightningCLI's, then the DataModule whose files :meth:`before_instantiate_classes`

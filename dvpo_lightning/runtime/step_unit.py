@@ -16,24 +16,20 @@ from typing import Any
 from lightning.pytorch.callbacks import RichProgressBar
 
 
-def count_in_steps(trainer: Any, train_batches: int | None, unit: str) -> None:
+def count_in_steps(trainer: Any, unit: str) -> None:
     """Make an integer ``trainer.val_check_interval`` count ``unit``s across epochs (Lightning
     counts it within one epoch unless ``check_val_every_n_epoch`` is None, and refuses an
-    interval longer than the prompt file); refuse settings that cannot work with the files.
+    interval longer than the prompt file); refuse an interval the run cannot reach. (A file
+    too small for one batch is refused for every stage by the CLI's ``check_one_batch``.)
 
     Args:
         trainer: the parsed ``trainer`` section (a jsonargparse Namespace); edited in place.
-        train_batches: batches of one pass over the training file per process (None: unknown).
         unit: the stage's step (``"RL step"``), for the messages.
 
     Raises:
-        ValueError: an empty pass (fewer rows than ``data.batch_size``), or an evaluation
-            interval past ``trainer.max_steps`` (the run would end without an evaluation).
+        ValueError: an evaluation interval past ``trainer.max_steps`` (the run would end
+            without an evaluation).
     """
-    if train_batches == 0:
-        raise ValueError(f"the training file has fewer rows than data.batch_size, so not one "
-                         f"{unit} can be formed. Fix: lower data.init_args.batch_size to at most "
-                         "the file's rows, or add rows")
     interval, max_steps = trainer.val_check_interval, trainer.max_steps
     if not isinstance(interval, int) or isinstance(interval, bool):
         return
