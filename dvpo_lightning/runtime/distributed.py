@@ -65,7 +65,7 @@ def all_reduce_max(x: Tensor) -> Tensor:
 
 
 def _all_reduce(x: Tensor, op: str) -> Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if rank_and_world()[1] > 1:
         x = x.clone()
         dist.all_reduce(x, op=getattr(dist.ReduceOp, op))
     return x
@@ -75,7 +75,7 @@ def global_mean(x: Tensor) -> tuple[float, int]:
     """The mean of ``x (B,)`` over every process's rows, and how many rows that is. One
     process: ``x.mean()`` itself; several: the all-reduced sum (float64) over the all-reduced
     count, the same number on every rank."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if rank_and_world()[1] == 1:
         return float(x.mean()), int(x.shape[0])
     total, count = all_reduce_sum(torch.stack([x.detach().double().sum(), torch.tensor(
         float(x.shape[0]), dtype=torch.float64, device=x.device)])).tolist()
@@ -95,7 +95,7 @@ def loss_counts(mask: Tensor) -> tuple[float, float]:
     ranks is the single-process loss ``Σ S / N`` of the whole mini-batch."""
     counts = torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64,
                           device=mask.device)
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = rank_and_world()[1]
     counts = all_reduce_sum(counts) / world
     return float(counts[0]), float(counts[1])
 
@@ -113,8 +113,9 @@ def gather_by_index(rows: dict[str, Tensor], index: Tensor) -> dict[str, Tensor]
         even out the shards) keeps its first row, the lowest rank's.
     """
     parts = [(index, rows)]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
+    world = rank_and_world()[1]
+    if world > 1:
+        parts = [None] * world
         dist.all_gather_object(parts, (index.cpu(), {k: v.cpu() for k, v in rows.items()}))
     every = torch.cat([i.to(index.device) for i, _ in parts])
     distinct, inverse = torch.unique(every, return_inverse=True)  # sorted
