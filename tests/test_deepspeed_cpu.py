@@ -9,6 +9,7 @@ that optimisation, only that it gives the same result.)
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,14 +24,14 @@ WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
 
 def _run(tmp_path: Path, strategy: str, task_data: str, art, devices: int = 1,
-         engine: str = "hf") -> dict:
-    out = tmp_path / f"{strategy}-{devices}-{engine}"
+         engine: str = "hf", **options) -> dict:
+    out = tmp_path / f"{strategy}-{devices}-{engine}-{len(list(tmp_path.iterdir()))}"
     out.mkdir()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   str(Path.home() / ".cache" / "torch_extensions"))}
     proc = subprocess.run([sys.executable, str(WORKER), str(out), strategy, task_data,
-                           art.policy, art.gvm, str(devices), engine],
+                           art.policy, art.gvm, str(devices), engine, json.dumps(options)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return torch.load(out / "result.pt")
@@ -78,3 +79,61 @@ def test_two_process_zero3_with_vllm_equals_generate(tmp_path, task_data, artifa
     assert vllm["steps"] == 1 and vllm["partitioned"] and vllm["world_size"] == 2
     for k, v in hf["state"].items():
         assert torch.equal(vllm["state"][k], v), k
+
+
+# ---------------------------------------------------------------- clipping and the guard
+# Clipping to a norm far below Adam's eps (1e-8) puts the first Adam step in its linear regime
+# (update = lr·g/(√v + eps) ≈ lr·g/eps): the update then depends on the clipped gradient itself,
+# not on its signs, so a missing clip shows (the unclipped step is about ±lr per weight) and
+# two strategies that clip alike agree to float32 rounding.
+CLIP = {"max_grad_norm": 1e-9, "lr": 1.0}
+
+
+def _deltas(result: dict, start: dict) -> dict:
+    return {k: v - start[k.removeprefix("policy.")] for k, v in result["state"].items()}
+
+
+@pytest.fixture(scope="module")
+def start_weights(artifacts) -> dict:
+    return load_causal_lm(artifacts.policy, load_tokenizer(artifacts.policy)).state_dict()
+
+
+@pytest.fixture(scope="module")
+def plain_clipped(tmp_path_factory, task_data, artifacts) -> dict:
+    return _run(tmp_path_factory.mktemp("plain_clipped"), "plain", task_data, artifacts, **CLIP)
+
+
+@pytest.mark.parametrize("stage", ["1", "2", "3"])
+def test_zero_clips_and_accumulates_as_the_plain_strategy_does(
+        stage, plain_clipped, start_weights, tmp_path, task_data, artifacts):
+    """``model.ppo.max_grad_norm`` reaches DeepSpeed's engine (Lightning's ``clip_gradients`` is
+    a no-op under DeepSpeed), and two mini-batches accumulated into one step (two backward
+    passes, one ``engine.step``; the loss is normalised by the whole rollout's tokens) add up:
+    the ZeRO-1/2/3 update equals the plain strategy's clipped one-mini-batch update, which is
+    far from an unclipped one."""
+    zero = _run(tmp_path, stage, task_data, artifacts, grad_accum=2, **CLIP)
+    assert zero["error"] is None and zero["steps"] == 1, zero["error"]
+    want = _deltas(plain_clipped, start_weights)
+    unclipped = _deltas(_run(tmp_path, "plain", task_data, artifacts, lr=CLIP["lr"]),
+                        start_weights)
+    got = _deltas(zero, start_weights)
+    for k, v in want.items():
+        assert v.abs().max() < 0.1 * unclipped[k].abs().max(), k  # the clip decided the step
+        torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("stage,modes", [("2", ("stop", "skip")), ("3", ("stop",))])
+def test_zero_gradient_guard_sees_a_nonfinite_gradient(stage, modes, start_weights, tmp_path,
+                                                       task_data, artifacts):
+    """Under ZeRO the gradients are partitioned (``p.grad`` is None): the guard reads DeepSpeed's
+    global norm, so a NaN gradient stops the run with the step untaken; with
+    ``on_nonfinite=skip`` the step is skipped, counted, and the weights stay the start's."""
+    if "stop" in modes:
+        stop = _run(tmp_path, stage, task_data, artifacts, nan_grad=True)
+        assert stop["error"] and stop["error"].startswith("NonFiniteError"), stop["error"]
+        assert "grad_norm" in stop["error"]
+    if "skip" in modes:
+        skip = _run(tmp_path, stage, task_data, artifacts, nan_grad=True, on_nonfinite="skip")
+        assert skip["error"] is None and skip["skips"] == 1 and skip["steps"] == 1
+        for k, v in skip["state"].items():
+            assert torch.equal(v, start_weights[k.removeprefix("policy.")]), k

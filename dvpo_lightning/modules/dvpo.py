@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from dvpo_lightning.estimators.base import AdvantageEstimator
@@ -43,6 +44,13 @@ from dvpo_lightning.runtime.checkpointing import (
     rng_states,
     set_rng_states,
 )
+from dvpo_lightning.runtime.deepspeed import (
+    configure_deepspeed,
+    deepspeed_engine,
+    deepspeed_step,
+    local_grad_norm,
+    start_forward,
+)
 from dvpo_lightning.runtime.distributed import (
     all_reduce_max,
     all_reduce_sum,
@@ -51,8 +59,10 @@ from dvpo_lightning.runtime.distributed import (
 )
 from dvpo_lightning.runtime.guards import (
     GuardSettings,
+    NonFiniteError,
     SamplerMismatchError,
     StepGuard,
+    nonfinite_message,
     nonfinite_names,
 )
 from dvpo_lightning.runtime.steps import one_global_step
@@ -210,6 +220,11 @@ class DVPOModule(L.LightningModule):
                                "data.max_prompt_length + model.rollout.max_new_tokens")
         # (vLLM: refuse before the first rollout, not in it)
         self.experience.check_servable(self.policy, device, prompt_length)
+        self._deepspeed = configure_deepspeed(
+            self.trainer.strategy, self.trainer.precision, self.ppo.max_grad_norm,
+            self.ppo.grad_accum, self.model_options.frozen_dtype, len(self.frozen) > 0)
+        if self._deepspeed is not None:
+            rank_zero_info(self._deepspeed.message(list(self.frozen)))
 
     def configure_optimizers(self):
         def trainable(m: nn.Module) -> list:
@@ -301,9 +316,11 @@ class DVPOModule(L.LightningModule):
         sampling = self.experience.policy_transform
         stats: dict[str, list[Tensor]] = defaultdict(list)
         skipped = pending = 0
+        engine = deepspeed_engine(self.trainer)
         for _ in range(s.epochs):
             for idx in torch.randperm(b, device=exp.response_ids.device).split(
                     s.mini_batch_size or b):
+                start_forward(engine)
                 loss, ratio_mean, st = minibatch_loss(
                     self.policy, self.critic, exp.index(idx), advantages[idx], returns[idx], s,
                     self.kl, self.model_options.fused_head, sampling)
@@ -336,18 +353,35 @@ class DVPOModule(L.LightningModule):
         return bool(nonfinite or explode)
 
     def _clip_and_step(self, opt) -> Tensor:
-        """Clip (Lightning's way: right under AMP, a no-op under DeepSpeed, which clips
-        itself) and step; returns the gradient norm before clipping, for the log. A
-        non-finite gradient stops the run or, with ``on_nonfinite=skip``, drops the step."""
-        grads = [p.grad for p in self.trained.parameters() if p.grad is not None]
-        norm = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                if grads else torch.zeros(()))
+        """Clip to ``ppo.max_grad_norm`` and step; returns the gradient norm before clipping,
+        for the log. A non-finite gradient stops the run or, with ``on_nonfinite=skip``,
+        drops the step.
+
+        Under a plain strategy or DDP the norm comes from ``p.grad`` and Lightning clips.
+        Under DeepSpeed ZeRO the engine holds the gradients (``p.grad`` is None), clips to the
+        ``gradient_clipping`` :func:`configure_deepspeed` set, and skips a non-finite step
+        itself: the norm and the verdict are read from it after its step."""
+        step = self.global_step + 1
+        engine = deepspeed_engine(self.trainer)
+        if engine is not None and engine.zero_optimization_stage() > 0:
+            norm, stepped = deepspeed_step(opt, engine)
+            if not torch.isfinite(norm):
+                if stepped:
+                    raise NonFiniteError(nonfinite_message(
+                        ["grad_norm"], "the PPO update", step,
+                        "DeepSpeed applied that step (its overflow check is off), so the "
+                        "weights are lost: the last checkpoint is the last good one"))
+                self.guard.on_nonfinite(["grad_norm"], "the PPO update", step)
+                return torch.zeros(())
+            self.weights_version += 1
+            return norm
+        norm = local_grad_norm(self.trained.parameters())
         # decided locally: after DDP's all-reduce every rank holds the same gradient
-        if self.guard.check("the PPO update", self.global_step + 1, {"grad_norm": norm}):
+        if self.guard.check("the PPO update", step, {"grad_norm": norm}):
             opt.zero_grad(set_to_none=True)
             return torch.zeros(())
-        if self.ppo.max_grad_norm is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm,
+        if self.ppo.max_grad_norm is not None:  # (DeepSpeed without ZeRO: a no-op, the engine
+            self.clip_gradients(opt, gradient_clip_val=self.ppo.max_grad_norm,  # clips)
                                 gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
