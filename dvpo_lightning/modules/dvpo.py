@@ -212,6 +212,7 @@ class DVPOModule(L.LightningModule):
                              "weights between devices. Fix: set it to false and use "
                              "configs/deepspeed/zero3_offload.yaml (DeepSpeed's own offload)")
         device, prompt_length = self.trainer.strategy.root_device, getattr(dm, "max_length", 0)
+        self.experience.follow_precision(self.trainer.precision)  # (vllm.dtype: auto)
         self.logp_tolerance, self._tolerance_origin = self.experience.sampler_tolerance(
             self.trainer.precision, device)
         longest = self.experience.longest_sequence(prompt_length)

@@ -119,9 +119,14 @@ class ExperienceMaker(nn.Module):
         tolerance = resolve_logp_tolerance(options.logp_tolerance, precision, options.dtype,
                                            device)
         chosen = (f" (auto for a {precision} trainer beside a "
-                  f"{engine_dtype(options.dtype, device)} engine on {device.type})"
+                  f"{engine_dtype(options.dtype, precision)} engine on {device.type})"
                   if options.logp_tolerance == "auto" else "")
         return tolerance, chosen
+
+    def follow_precision(self, precision: str) -> None:
+        """Tell the engine the trainer's ``precision`` (``rollout.vllm.dtype: auto`` follows
+        it; ``generate`` computes in the trainer's precision anyway)."""
+        self.generator.follow_precision(precision)
 
     def forget_weights(self) -> None:
         """The policy's weights changed under the engine (a checkpoint was loaded): push them

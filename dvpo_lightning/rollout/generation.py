@@ -107,6 +107,11 @@ class Generator(Protocol):
     def sleep(self) -> None:
         """Free the engine's memory until the next rollout, where it can (else nothing)."""
 
+    def follow_precision(self, precision: str) -> None:
+        """The trainer's precision (Lightning's ``trainer.precision``), which an engine with a
+        dtype of its own follows (``rollout.vllm.dtype: auto``); given before the first
+        rollout."""
+
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
         """Responses of ``model`` to ``(B, P)`` left-padded prompts.
@@ -159,6 +164,9 @@ class HFGenerator:
 
     def sleep(self) -> None:
         """Nothing to free: ``generate`` holds no memory between rollouts."""
+
+    def follow_precision(self, precision: str) -> None:
+        """Nothing to follow: ``generate`` runs the model itself, in the trainer's precision."""
 
     def forget_weights(self) -> None:
         """Nothing to forget: it samples from the model itself."""

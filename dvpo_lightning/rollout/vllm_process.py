@@ -13,6 +13,12 @@ statistics off and forces the in-process engine (:data:`FORCED_ENV`, set whateve
 exported: a training framework does not report to anyone by itself). :func:`process_preserved`
 wraps the build and puts back everything else it changed; :func:`keep_teardown_local` stops a
 collected engine from tearing down process-wide state.
+
+The trainer's autocast stays the trainer's: Lightning runs the training and validation steps
+(and so every rollout) under ``torch.autocast`` at a ``*-mixed`` precision, which would cast
+what the engine computes in this process — vLLM's GPU linear layers are ``F.linear``, and a
+LoRA policy's merged weight ``W + B A`` is a matmul of the push — to 16 bits whatever the
+engine's dtype. :func:`autocast_off` is around every entry point of the engine.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ _LOG = logging.getLogger(__name__)
 # ours to set); VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the engine core in this process.
 FORCED_ENV = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1",
               "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+AUTOCAST_DEVICE_TYPES = ("cpu", "cuda")  # where vLLM runs (and Lightning's autocast with it)
 
 
 def force_env() -> None:
@@ -58,6 +65,18 @@ def import_vllm():
     # (it caches its answer: a vLLM imported and asked before us keeps no stale "yes")
     usage_lib._USAGE_STATS_ENABLED = False
     return vllm
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """No autocast in the block on any device type it was on for (CPU, CUDA): the engine's
+    build, weight push, push check and sampling compute in the engine's dtype, not in the
+    trainer's autocast dtype. Also a decorator (``@autocast_off()``)."""
+    with contextlib.ExitStack() as stack:
+        for device_type in AUTOCAST_DEVICE_TYPES:
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 @contextlib.contextmanager
