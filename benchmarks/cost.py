@@ -20,6 +20,12 @@ With ``--trl on`` (``auto``, the default: when ``import trl`` works) TRL's ``GRP
 too, in a child process of its own, on the same artifacts, prompts, batch, forced length, KL and
 precision (``benchmarks/trl_grpo.py``); ``cost.json`` then has a ``trl`` record and, per method,
 ``throughput_ratio_to_trl``: generated tokens per second of RL-step wall time, ours ÷ TRL's.
+
+Every row is written (``cost.json`` and ``cost.md`` rewritten) as soon as its child ends, TRL's
+right after the first method's. A child that fails (no vLLM, out of memory) becomes a row with
+``"status": "failed"`` and its ``error`` (exit code, last lines of stderr); the other rows stand,
+ratios are computed among the rows that finished, and the parent exits non-zero once everything
+is written.
 """
 
 from __future__ import annotations

@@ -136,8 +136,11 @@ else
         --prompt_len 64 --rl_steps 3 --methods dvpo --deepspeed zero2 --out "$OUT/zero2"
 fi
 
-# --- 5. vLLM, only where it imports
-if timeout 60 "$PY" -c "import vllm" >>"$log" 2>&1; then
+# --- 5. vLLM, only where it imports (and time is left)
+left=$((BUDGET - (SECONDS - start)))
+if ((left < 30)); then
+    say "vllm: skipped, ${left} s left of the ${BUDGET} s budget"
+elif timeout $((left < 60 ? left : 60)) "$PY" -c "import vllm" >>"$log" 2>&1; then
     step decode $((BUDGET - (SECONDS - start))) "$PY" -m benchmarks.decode "${decode_args[@]}" \
         --paths hf vllm --out "$OUT/decode"
 else
