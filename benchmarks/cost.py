@@ -108,6 +108,23 @@ def make_artifacts(root: Path, shape: str, n_prompts: int, prompt_len: int, seed
             f.write(json.dumps({"prompt": words}) + "\n")
 
 
+def cuda_sync_callback():
+    """A callback that synchronises the GPU at each RL step's start and end; placed before
+    ``CostMeter``, whose clock then times finished work (a step's last kernels are otherwise
+    counted in the next one)."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class CudaSync(Callback):
+        def on_train_batch_start(self, *args, **kwargs) -> None:
+            torch.cuda.synchronize()
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            torch.cuda.synchronize()
+
+    return CudaSync()
+
+
 def run_method(args) -> dict:
     """One method's RL steps in this process; returns its cost record."""
     import importlib.util
@@ -160,6 +177,9 @@ def run_method(args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cli = cli_main(overrides, run=False)
+    if torch.cuda.is_available():  # the step's clock reads a finished GPU at both ends
+        meter = next(i for i, cb in enumerate(cli.trainer.callbacks) if isinstance(cb, CostMeter))
+        cli.trainer.callbacks.insert(meter, cuda_sync_callback())
     cli.trainer.fit(cli.model, cli.datamodule)
     c = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CostMeter)).summary(cli.model)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
