@@ -20,11 +20,18 @@ With ``--trl on`` (``auto``, the default: when ``import trl`` works) TRL's ``GRP
 too, in a child process of its own, on the same artifacts, prompts, batch, forced length, KL and
 precision (``benchmarks/trl_grpo.py``); ``cost.json`` then has a ``trl`` record and, per method,
 ``throughput_ratio_to_trl``: generated tokens per second of RL-step wall time, ours ÷ TRL's.
+
+Every row is written (``cost.json`` and ``cost.md`` rewritten) as soon as its child ends, TRL's
+right after the first method's. A child that fails (no vLLM, out of memory) becomes a row with
+``"status": "failed"`` and its ``error`` (exit code, last lines of stderr); the other rows stand,
+ratios are computed among the rows that finished, and the parent exits non-zero once everything
+is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -101,8 +108,26 @@ def make_artifacts(root: Path, shape: str, n_prompts: int, prompt_len: int, seed
             f.write(json.dumps({"prompt": words}) + "\n")
 
 
+def cuda_sync_callback():
+    """A callback that synchronises the GPU at each RL step's start and end; placed before
+    ``CostMeter``, whose clock then times finished work (a step's last kernels are otherwise
+    counted in the next one)."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    class CudaSync(Callback):
+        def on_train_batch_start(self, *args, **kwargs) -> None:
+            torch.cuda.synchronize()
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            torch.cuda.synchronize()
+
+    return CudaSync()
+
+
 def run_method(args) -> dict:
     """One method's RL steps in this process; returns its cost record."""
+    import importlib.util
     import resource
 
     import torch
@@ -110,6 +135,9 @@ def run_method(args) -> dict:
     from dvpo_lightning.callbacks import CostMeter
     from dvpo_lightning.commands.fit import cli_main
 
+    if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise SystemExit("benchmarks.cost --generation vllm: vllm is not installed here (pip "
+                         "install vllm); this row fails, the others stand")
     root = Path(args.workdir)
     group = args.group if args.method in GROUP_METHODS else 1
     batch = args.prompts if args.method in GROUP_METHODS else args.prompts * args.group
@@ -149,6 +177,9 @@ def run_method(args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     cli = cli_main(overrides, run=False)
+    if torch.cuda.is_available():  # the step's clock reads a finished GPU at both ends
+        meter = next(i for i, cb in enumerate(cli.trainer.callbacks) if isinstance(cb, CostMeter))
+        cli.trainer.callbacks.insert(meter, cuda_sync_callback())
     cli.trainer.fit(cli.model, cli.datamodule)
     c = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CostMeter)).summary(cli.model)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
@@ -175,22 +206,34 @@ def _label(record: dict, with_engine: bool) -> str:
     return f"{record['method']} ({record['engine']})" if with_engine else record["method"]
 
 
+def _error(r: dict) -> str:
+    """A failed row's reason in one line: its exit code and the last line of its stderr."""
+    e = r["error"]
+    last = next((x for x in reversed(e["stderr_tail"]) if x.strip()), "no stderr")
+    code = "" if e["returncode"] is None else f"exit {e['returncode']}: "
+    return (code + last).replace("|", "/")[:300]
+
+
 def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
-    """The cost table with ratios to PPO (and, with a TRL record, its row and ratios to it)."""
-    engines = list(dict.fromkeys(r["engine"] for r in records))
+    """The cost table with ratios to PPO (and, with a TRL record, its row and ratios to it);
+    failed rows are listed under it with their error."""
+    good = [r for r in records if ok(r)]
+    engines = list(dict.fromkeys(r["engine"] for r in good))
     several = len(engines) > 1
+    trl_ok = trl if ok(trl) else None
+    kind = good[0]["memory_kind"] if good else (trl_ok or {}).get("memory_kind", "—")
     lines = [f"# Cost per RL step — {meta['device']}, shape {meta['shape']}, "
              f"{meta['responses_per_step']} responses × {meta['length']} tokens, "
              f"{meta['precision']}", "",
              "| method | engine | s / step | generate s | score s | update s | gen tok/s | "
-             f"train tok/s | peak mem (GB, {records[0]['memory_kind']}) | params loaded (M) | "
+             f"train tok/s | peak mem (GB, {kind}) | params loaded (M) | "
              "params trained (M) | time ÷ PPO | mem ÷ PPO |"
              + (" step ÷ hf | generate ÷ hf |" if several else "")
-             + (" throughput ÷ TRL |" if trl else ""),
-             "|---|" + "---|" * (12 + 2 * several + bool(trl))]
-    rows = [(r["method"], r) for r in records]
-    if trl:
-        rows.append((f"TRL GRPOTrainer {trl['trl_version']}", {**trl, "engine": "hf"}))
+             + (" throughput ÷ TRL |" if trl_ok else ""),
+             "|---|" + "---|" * (12 + 2 * several + bool(trl_ok))]
+    rows = [(r["method"], r) for r in good]
+    if trl_ok:
+        rows.append((f"TRL GRPOTrainer {trl_ok['trl_version']}", {**trl_ok, "engine": "hf"}))
     for name, r in rows:
         line = (f"| {name} | {r['engine']} | {r['step_s']:.3f} | {_fmt(r['generate_s'], '.3f')} | "
                 f"{_fmt(r['score_s'], '.3f')} | {r['update_s']:.3f} | "
@@ -202,19 +245,24 @@ def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
         if several:
             line += (f" {_fmt(r.get('step_ratio_to_hf'), '.2f')} |"
                      f" {_fmt(r.get('generate_ratio_to_hf'), '.2f')} |")
-        if trl:
-            line += f" {r['e2e_tokens_per_s'] / trl['e2e_tokens_per_s']:.2f} |"
+        if trl_ok:
+            line += f" {r['e2e_tokens_per_s'] / trl_ok['e2e_tokens_per_s']:.2f} |"
         lines.append(line)
+    bad = [r for r in records if not ok(r)] + ([trl] if trl and not ok(trl) else [])
+    if bad:
+        lines += ["", "Failed (no figures; ratios are among the rows above only):", ""]
+        lines += [f"- {'TRL GRPOTrainer' if r is trl else r['method']} ({r['engine']}): "
+                  f"{_error(r)}" for r in bad]
     lines += ["", f"Step times exclude the first step (warm-up); {meta['rl_steps']} RL steps "
               "per method and engine, each in its own process, one after another. Ratios to "
               "PPO are within an engine."]
-    grpo = [r for r in records if "per_prompt_ratio_to_grpo" in r]
+    grpo = [r for r in good if "per_prompt_ratio_to_grpo" in r]
     if grpo:
         lines += ["", "Time per prompt ÷ GRPO (the paper's per-prompt comparison: GRPO samples "
                   "a group per prompt, the others one response): " + ", ".join(
                       f"{_label(r, several)} {r['per_prompt_ratio_to_grpo']:.2f}"
                       for r in grpo) + "."]
-    if trl:
+    if trl_ok:
         lines += ["", "Throughput ÷ TRL: generated tokens per second of RL-step wall time "
                   "(tokens per step ÷ s / step), ours ÷ TRL GRPOTrainer's, on the same policy, "
                   "prompts, batch and forced length with KL on. TRL generates with HF "
@@ -233,17 +281,17 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def trl_version(mode: str) -> str | None:
-    """``trl.__version__`` when the TRL comparison runs (``--trl``), else None."""
+def trl_version(mode: str) -> tuple[str | None, str | None]:
+    """``(trl.__version__, None)`` when the TRL comparison runs (``--trl``); ``(None, None)``
+    when it does not; ``(None, error)`` when ``--trl on`` asked for it and TRL does not import
+    (the TRL row then fails and the others stand)."""
     if mode == "off":
-        return None
+        return None, None
     try:
         import trl
     except ImportError as e:
-        if mode == "on":
-            raise SystemExit(f"--trl on needs TRL (pip install trl): {e}") from e
-        return None
-    return trl.__version__
+        return None, (f"--trl on needs TRL (pip install trl): {e}" if mode == "on" else None)
+    return trl.__version__, None
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -289,7 +337,75 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+STDERR_TAIL = 40  # lines of a failed child's stderr kept in its row
+
+
+def run_child(cmd: list[str], env: dict) -> tuple[int, list[str]]:
+    """Run one child to its end, its stderr passed through as it comes; return its exit code
+    and the last :data:`STDERR_TAIL` lines of its stderr."""
+    tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True,
+                          errors="replace") as proc:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line.rstrip("\n")[:500])
+    return proc.returncode, list(tail)
+
+
+def failed_row(method: str, engine: str, returncode: int | None, lines: list[str]) -> dict:
+    """A row for a child that did not finish: what ran and why it stopped."""
+    return {"method": method, "engine": engine, "status": "failed",
+            "error": {"returncode": returncode, "stderr_tail": lines}}
+
+
+def ok(r: dict | None) -> bool:
+    return r is not None and r.get("status", "ok") == "ok"
+
+
+def derive(records: list[dict], trl: dict | None) -> None:
+    """Ratios between rows that finished (in place; a failed row gets none and is no one's
+    reference)."""
+    good = [r for r in records if ok(r)]
+    for r in good + ([trl] if ok(trl) else []):
+        # end to end: generated tokens per second of RL-step wall time
+        r["e2e_tokens_per_s"] = r["gen_tokens_per_step"] / max(r["step_s"], 1e-9)
+    for r in good:  # ratios within an engine; a method's engines against each other
+        same = {x["method"]: x for x in good if x["engine"] == r["engine"]}
+        if "ppo" in same:
+            r["time_ratio_to_ppo"] = r["step_s"] / same["ppo"]["step_s"]
+            r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / same["ppo"]["peak_mem_gb"]
+        if "grpo" in same:  # the paper's "time per prompt": one response vs GRPO's group
+            r["per_prompt_ratio_to_grpo"] = r["s_per_prompt"] / same["grpo"]["s_per_prompt"]
+        hf = next((x for x in good if x["method"] == r["method"] and x["engine"] == "hf"), None)
+        if hf is not None and r["engine"] != "hf":
+            r["step_ratio_to_hf"] = r["step_s"] / hf["step_s"]
+            r["generate_ratio_to_hf"] = r["generate_s"] / max(hf["generate_s"], 1e-9)
+        if ok(trl):
+            r["throughput_ratio_to_trl"] = r["e2e_tokens_per_s"] / trl["e2e_tokens_per_s"]
+            if r["gen_tokens_per_s"] and trl["gen_tokens_per_s"]:  # generation alone
+                r["gen_throughput_ratio_to_trl"] = r["gen_tokens_per_s"] / trl["gen_tokens_per_s"]
+
+
+def write(out: Path, meta: dict, records: list[dict], trl: dict | None, t0: float) -> dict:
+    """``cost.json`` and ``cost.md`` with every row so far (rewritten after each child)."""
+    derive(records, trl)
+    meta["seconds"] = round(time.time() - t0, 1)
+    doc = {"meta": meta, "methods": records, **({"trl": trl} if trl else {})}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(doc, indent=2))
+    (out / "cost.md").write_text(markdown(records, meta, trl))
+    return doc
+
+
+def failures(doc: dict) -> list[dict]:
+    """The rows of ``doc`` (ours and TRL's) that failed."""
+    rows = doc["methods"] + ([doc["trl"]] if "trl" in doc else [])
+    return [r for r in rows if not ok(r)]
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; return the ``cost.json`` document. Every row is written when its child
+    ends; a child that fails becomes a row with its error, and the others stand."""
     args = parse(argv)
     if args.method:  # child
         if args.method == "trl":
@@ -313,32 +429,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit("benchmarks.cost: --trl on and --deepspeed do not go together (TRL "
                              "would run without DeepSpeed); drop one")
         args.trl = "off"
-    version = trl_version(args.trl)
+    version, trl_error = trl_version(args.trl)
     t0 = time.time()
-    records = []
-    trl = None
-    with tempfile.TemporaryDirectory(prefix="dvpo-cost-") as tmp:
-        root = Path(tmp)
-        n_prompts = max(args.prompts * args.group * (args.rl_steps + 1), 8)
-        make_artifacts(root, args.shape, n_prompts, args.prompt_len)
-        child = [a for a in (argv if argv is not None else sys.argv[1:])]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        for engine in args.generation:
-            for m in args.methods:
-                subprocess.run([sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
-                                "--engine", engine, "--workdir", str(root)], check=True, env=env)
-                records.append(json.loads((root / f"{m}.json").read_text()))
-                print(f"[cost] {m} ({engine}): {records[-1]['step_s']:.3f} s / RL step",
-                      flush=True)
-        if version:
-            from benchmarks.trl_grpo import prepare
-
-            prepare(root, args, Path(__file__).resolve().parents[1] / "configs" / "grpo.yaml")
-            subprocess.run([sys.executable, "-m", "benchmarks.cost", *child, "--method", "trl",
-                            "--workdir", str(root)], check=True, env=env)
-            trl = json.loads((root / "trl.json").read_text())
-            print(f"[cost] TRL GRPOTrainer {version}: {trl['step_s']:.3f} s / RL step",
-                  flush=True)
     device = "CPU " + (platform.processor() or platform.machine())
     if args.mode == "gpu":
         import torch
@@ -350,36 +442,63 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_flags": cpu_flags(), "threads": torch_threads(),
             "gradient_checkpointing": args.gradient_checkpointing,
             "score_batch_size": args.score_batch_size, "deepspeed": args.deepspeed,
-            "seconds": round(time.time() - t0, 1),
-            "date": time.strftime("%Y-%m-%d"), "trl_version": version}
-    for r in records + ([trl] if trl else []):
-        # end to end: generated tokens per second of RL-step wall time
-        r["e2e_tokens_per_s"] = r["gen_tokens_per_step"] / max(r["step_s"], 1e-9)
-    for r in records:  # ratios within an engine; a method's engines against each other
-        same = {x["method"]: x for x in records if x["engine"] == r["engine"]}
-        if "ppo" in same:
-            r["time_ratio_to_ppo"] = r["step_s"] / same["ppo"]["step_s"]
-            r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / same["ppo"]["peak_mem_gb"]
-        if "grpo" in same:  # the paper's "time per prompt": one response vs GRPO's group
-            r["per_prompt_ratio_to_grpo"] = r["s_per_prompt"] / same["grpo"]["s_per_prompt"]
-        hf = next((x for x in records if x["method"] == r["method"] and x["engine"] == "hf"),
-                  None)
-        if hf is not None and r["engine"] != "hf":
-            r["step_ratio_to_hf"] = r["step_s"] / hf["step_s"]
-            r["generate_ratio_to_hf"] = r["generate_s"] / max(hf["generate_s"], 1e-9)
-    if trl:
-        for r in records:
-            r["throughput_ratio_to_trl"] = r["e2e_tokens_per_s"] / trl["e2e_tokens_per_s"]
-            if r["gen_tokens_per_s"] and trl["gen_tokens_per_s"]:  # generation alone
-                r["gen_throughput_ratio_to_trl"] = r["gen_tokens_per_s"] / trl["gen_tokens_per_s"]
-    doc = {"meta": meta, "methods": records, **({"trl": trl} if trl else {})}
+            "seconds": 0.0, "date": time.strftime("%Y-%m-%d"), "trl_version": version}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cost.json").write_text(json.dumps(doc, indent=2))
-    (out / "cost.md").write_text(markdown(records, meta, trl))
+    records: list[dict] = []
+    trl = failed_row("trl", "hf", None, [trl_error]) if trl_error else None
+    with tempfile.TemporaryDirectory(prefix="dvpo-cost-") as tmp:
+        root = Path(tmp)
+        n_prompts = max(args.prompts * args.group * (args.rl_steps + 1), 8)
+        make_artifacts(root, args.shape, n_prompts, args.prompt_len)
+        child = [a for a in (argv if argv is not None else sys.argv[1:])]
+        # the children find this checkout first, and whatever the parent's path had after it
+        path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+        jobs = [(m, engine) for engine in args.generation for m in args.methods]
+        if version:  # right after the first method: a run cut short still has the comparison
+            jobs.insert(1, ("trl", "hf"))
+        for m, engine in jobs:
+            if m == "trl":
+                try:
+                    from benchmarks.trl_grpo import prepare
+
+                    prepare(root, args, Path(__file__).resolve().parents[1] / "configs"
+                            / "grpo.yaml")
+                except (Exception, SystemExit) as e:  # noqa: BLE001 (its row says why)
+                    trl = failed_row("trl", "hf", None, [f"{type(e).__name__}: {e}"])
+                    write(out, meta, records, trl, t0)
+                    continue
+                cmd = [sys.executable, "-m", "benchmarks.cost", *child, "--method", "trl",
+                       "--workdir", str(root)]
+            else:
+                cmd = [sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
+                       "--engine", engine, "--workdir", str(root)]
+            name = f"TRL GRPOTrainer {version}" if m == "trl" else f"{m} ({engine})"
+            result = root / f"{m}.json"
+            result.unlink(missing_ok=True)
+            rc, tail = run_child(cmd, env)
+            if rc == 0 and result.exists():
+                rec = {**json.loads(result.read_text()), "status": "ok"}
+                print(f"[cost] {name}: {rec['step_s']:.3f} s / RL step", flush=True)
+            else:
+                rec = failed_row(m, engine, rc, tail)
+                print(f"[cost] {name} FAILED (exit {rc}): {tail[-1] if tail else 'no stderr'}",
+                      flush=True)
+            if m == "trl":
+                trl = rec
+            else:
+                records.append(rec)
+            write(out, meta, records, trl, t0)
+    doc = write(out, meta, records, trl, t0)
     print(markdown(records, meta, trl))
     return doc
 
 
 if __name__ == "__main__":
-    main()
+    result = main()
+    bad = failures(result) if "methods" in result else []  # (a child returns its record)
+    if bad:
+        raise SystemExit(f"benchmarks.cost: {len(bad)} row(s) failed: "
+                         + ", ".join(f"{r['method']} ({r['engine']}) exit "
+                                     f"{r['error']['returncode']}" for r in bad)
+                         + "; the others are in cost.json")

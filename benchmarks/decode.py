@@ -20,7 +20,10 @@ of a step is the bytes a step must read — every weight once (tied embeddings c
 the KV cache at the mean context length, ``prompt_len + new_tokens / 2`` — divided by the
 device's measured copy bandwidth (a large device-to-device tensor copy; on a CPU a memcpy;
 read + write bytes ÷ time). "Fraction of the floor" = floor ÷ measured step time (1.0 would be
-bandwidth-bound perfection). Writes ``decode.json`` and ``decode.md`` into ``--out``.
+bandwidth-bound perfection). Writes ``decode.json`` and ``decode.md`` into ``--out`` after
+every row. ``hf`` is timed first, before the vLLM engine is built, so a vLLM that fails (not
+installed, out of memory) cannot lose its rows: the vLLM rows then carry the error, and the
+command exits non-zero once everything is written.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 PAD, BOS, EOS = 0, 1, 2
@@ -121,64 +125,106 @@ def timed(fn, device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(args) -> dict:
+def make_generator(path: str, args):
+    """The generator of ``path`` (vLLM's engine is built here, before any timing of it)."""
+    from dvpo_lightning.rollout.generation import HFGenerator
+    from dvpo_lightning.rollout.vllm_engine import VLLMEngine, VLLMOptions
+
+    if path == "hf":
+        return HFGenerator(EOS, PAD)
+    return VLLMEngine(EOS, PAD, VLLMOptions(
+        dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
+        max_model_len=args.prompt_len + args.new_tokens + 8))
+
+
+def failed_row(batch: int, path: str, error: BaseException) -> dict:
+    """A row for a path that raised: which one, and why (the traceback goes to stderr)."""
+    traceback.print_exception(error)
+    return {"batch_size": batch, "path": path, "status": "failed",
+            "error": f"{type(error).__name__}: {error}"[:1000]}
+
+
+def measure(args, on_record=None) -> dict:
+    """Every path over every batch size, ``hf`` first (so a path that fails later cannot lose
+    its rows); ``on_record(records, params_m)`` is called after each row. A path that raises
+    (vLLM not installed, out of memory) gets a failed row per batch size, and the rest run."""
     import torch
 
-    from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
-    from dvpo_lightning.rollout.vllm_engine import VLLMEngine, VLLMOptions
+    from dvpo_lightning.rollout.generation import SamplingConfig
 
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[args.dtype]
     model = build_model(args.shape, device, dtype)
-    config = model.config
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
     w_bytes = weight_bytes(model)
     bandwidth = copy_bandwidth(device, args.copy_mib * 2**20)
-    generators = {"hf": HFGenerator(EOS, PAD)}
-    if "vllm" in args.paths:
-        generators["vllm"] = VLLMEngine(EOS, PAD, VLLMOptions(
-            dtype=args.dtype, max_num_seqs=max(args.batch_sizes),
-            max_model_len=args.prompt_len + args.new_tokens + 8))
     full = SamplingConfig(args.new_tokens, min_new_tokens=args.new_tokens)
     one = SamplingConfig(1, min_new_tokens=1)
-    records = []
-    for batch in args.batch_sizes:
-        g = torch.Generator().manual_seed(batch)
-        ids = torch.randint(3, config.vocab_size, (batch, args.prompt_len), generator=g)
-        ids = ids.to(device)
-        mask = torch.ones_like(ids, dtype=torch.bool)
-        context = args.prompt_len + args.new_tokens / 2
-        kv = kv_bytes_per_step(config, batch, context, torch.finfo(dtype).bits // 8)
-        floor_s = (w_bytes + kv) / bandwidth
-        by_path = {}
-        for path in args.paths:
-            gen = generators[path]
-
-            def run(cfg, gen=gen):
-                resp, rmask = gen.generate(model, ids, mask, cfg, weights_version=0)[:2]
-                assert resp.shape == (batch, cfg.max_new_tokens) and bool(rmask.all())
-
-            for _ in range(args.warmup):
-                run(full)
-                run(one)
-            graphs_before = _unique_graphs()
-            total = timed(lambda: run(full), device, args.repeats)
-            prefill = timed(lambda: run(one), device, args.repeats)
-            step = max(total - prefill, 1e-9) / max(args.new_tokens - 1, 1)
-            rec = {"batch_size": batch, "path": path, "step_ms": step * 1e3, "total_s": total,
-                   "prefill_s": prefill, "tokens_per_s": batch * args.new_tokens / total,
-                   "floor_ms": floor_s * 1e3, "fraction_of_floor": floor_s / step,
-                   "weight_bytes": w_bytes, "kv_bytes_per_step": kv,
-                   "bandwidth_gb_s": bandwidth / 1e9,
-                   "graphs_compiled_while_timed": _unique_graphs() - graphs_before}
-            by_path[path] = rec
+    records: list[dict] = []
+    hf_rows: dict[int, dict] = {}
+    for path in sorted(args.paths, key=lambda x: x != "hf"):
+        try:
+            gen = make_generator(path, args)
+        except Exception as e:  # noqa: BLE001 (its rows say why)
+            gen, error = None, e
+        for batch in args.batch_sizes:
+            if gen is None:
+                rec = failed_row(batch, path, error)
+            else:
+                try:
+                    rec = time_path(gen, model, batch, path, args, full, one, device, dtype,
+                                    w_bytes, bandwidth)
+                except Exception as e:  # noqa: BLE001
+                    rec = failed_row(batch, path, e)
             records.append(rec)
-            print(f"[decode] batch {batch} {path}: {rec['step_ms']:.3f} ms / step, floor "
-                  f"{rec['floor_ms']:.3f} ms ({rec['fraction_of_floor']:.1%})", flush=True)
-        if "hf" in by_path and "vllm" in by_path:
-            for key, name in (("step_ms", "speedup_vs_hf"), ("total_s", "total_speedup_vs_hf")):
-                by_path["vllm"][name] = by_path["hf"][key] / by_path["vllm"][key]
-    return {"records": records, "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+            if rec["status"] == "ok":
+                print(f"[decode] batch {batch} {path}: {rec['step_ms']:.3f} ms / step, floor "
+                      f"{rec['floor_ms']:.3f} ms ({rec['fraction_of_floor']:.1%})", flush=True)
+                hf = hf_rows.setdefault(batch, rec) if path == "hf" else hf_rows.get(batch)
+                if path == "vllm" and hf is not None:
+                    for key, name in (("step_ms", "speedup_vs_hf"),
+                                      ("total_s", "total_speedup_vs_hf")):
+                        rec[name] = hf[key] / rec[key]
+            else:
+                print(f"[decode] batch {batch} {path} FAILED: {rec['error']}", flush=True)
+            if on_record is not None:
+                on_record(records, params_m)
+    return {"records": records, "params_m": params_m}
+
+
+def time_path(gen, model, batch: int, path: str, args, full, one, device, dtype, w_bytes: int,
+              bandwidth: float) -> dict:
+    """One path's record at one batch size: warm-up, then the medians."""
+    import torch
+
+    config = model.config
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(3, config.vocab_size, (batch, args.prompt_len), generator=g)
+    ids = ids.to(device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    context = args.prompt_len + args.new_tokens / 2
+    kv = kv_bytes_per_step(config, batch, context, torch.finfo(dtype).bits // 8)
+    floor_s = (w_bytes + kv) / bandwidth
+
+    def run(cfg):
+        resp, rmask = gen.generate(model, ids, mask, cfg, weights_version=0)[:2]
+        assert resp.shape == (batch, cfg.max_new_tokens) and bool(rmask.all())
+
+    for _ in range(args.warmup):
+        run(full)
+        run(one)
+    graphs_before = _unique_graphs()
+    total = timed(lambda: run(full), device, args.repeats)
+    prefill = timed(lambda: run(one), device, args.repeats)
+    step = max(total - prefill, 1e-9) / max(args.new_tokens - 1, 1)
+    return {"batch_size": batch, "path": path, "status": "ok", "step_ms": step * 1e3,
+            "total_s": total, "prefill_s": prefill,
+            "tokens_per_s": batch * args.new_tokens / total,
+            "floor_ms": floor_s * 1e3, "fraction_of_floor": floor_s / step,
+            "weight_bytes": w_bytes, "kv_bytes_per_step": kv,
+            "bandwidth_gb_s": bandwidth / 1e9,
+            "graphs_compiled_while_timed": _unique_graphs() - graphs_before}
 
 
 def _unique_graphs() -> int:
@@ -197,6 +243,11 @@ def markdown(records: list[dict], meta: dict) -> str:
              "floor ÷ step | step speed-up vs hf | whole speed-up vs hf |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        if r.get("status", "ok") != "ok":
+            error = r["error"].replace("|", "/").replace("\n", " ")[:200]
+            lines.append(f"| {r['batch_size']} | {r['path']} | failed: {error} | — | — | — | — "
+                         "| — | — |")
+            continue
         speedup = f"{r['speedup_vs_hf']:.2f}" if "speedup_vs_hf" in r else "—"
         whole = f"{r['total_speedup_vs_hf']:.2f}" if "total_speedup_vs_hf" in r else "—"
         lines.append(f"| {r['batch_size']} | {r['path']} | {r['total_s']:.2f} | "
@@ -206,7 +257,8 @@ def markdown(records: list[dict], meta: dict) -> str:
               f"of {meta['repeats']} runs after {meta['warmup']} warm-up run(s). Floor = "
               "(weight bytes + KV bytes at the mean context) ÷ measured copy bandwidth "
               f"({meta['bandwidth_gb_s']:.0f} GB/s, read + write). {meta['threads']} torch "
-              f"thread(s); CPU flags: {meta['cpu_flags']}."]
+              f"thread(s); CPU flags: {meta['cpu_flags']}. The hf path is timed first, before "
+              "the vLLM engine is built."]
     return "\n".join(lines) + "\n"
 
 
@@ -260,6 +312,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; return the ``decode.json`` document, rewritten after each row."""
     args = parse(argv)
     import torch
 
@@ -268,26 +321,36 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("benchmarks.decode --device cuda needs a CUDA GPU")
     t0 = time.time()
-    result = measure(args)
-    records = result["records"]
     device = ("CPU " + (platform.processor() or platform.machine())
               if not args.device.startswith("cuda") else torch.cuda.get_device_name(0))
-    meta = {"device": device, "shape": args.shape, "dtype": args.dtype,
-            "params_m": result["params_m"], "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "batch_sizes": args.batch_sizes,
-            "warmup": args.warmup, "repeats": args.repeats,
-            "bandwidth_gb_s": records[0]["bandwidth_gb_s"] if records else 0.0,
-            "threads": torch.get_num_threads(), "cpu_flags": cpu_flags(),
-            "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
-            "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": meta, "records": records}
-    (out / "decode.json").write_text(json.dumps(doc, indent=2))
-    (out / "decode.md").write_text(markdown(records, meta))
-    print(markdown(records, meta))
+    flags = cpu_flags()
+
+    def write(records: list[dict], params_m: float) -> dict:
+        ok = [r for r in records if r.get("status", "ok") == "ok"]
+        meta = {"device": device, "shape": args.shape, "dtype": args.dtype,
+                "params_m": params_m, "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens, "batch_sizes": args.batch_sizes,
+                "warmup": args.warmup, "repeats": args.repeats,
+                "bandwidth_gb_s": ok[0]["bandwidth_gb_s"] if ok else 0.0,
+                "threads": torch.get_num_threads(), "cpu_flags": flags,
+                "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
+                "date": time.strftime("%Y-%m-%d")}
+        doc = {"meta": meta, "records": records}
+        (out / "decode.json").write_text(json.dumps(doc, indent=2))
+        (out / "decode.md").write_text(markdown(records, meta))
+        return doc
+
+    result = measure(args, on_record=write)
+    doc = write(result["records"], result["params_m"])
+    print(markdown(doc["records"], doc["meta"]))
     return doc
 
 
 if __name__ == "__main__":
-    main()
+    failed = [r for r in main()["records"] if r["status"] != "ok"]
+    if failed:
+        raise SystemExit(f"benchmarks.decode: {len(failed)} row(s) failed ("
+                         + ", ".join(f"batch {r['batch_size']} {r['path']}" for r in failed)
+                         + "); the others are in decode.json")

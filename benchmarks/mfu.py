@@ -158,12 +158,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--matmul_size", type=int, default=None)
     p.add_argument("--out", default="benchmarks/results/mfu")
+    p.add_argument("--append", default=None, metavar="FILE",
+                   help="also append the record to FILE as one JSON line (one file for several "
+                        "runs: benchmarks/gpu_session.sh)")
     args = p.parse_args(argv)
     r = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "mfu.json").write_text(json.dumps(r, indent=2))
     (out / "mfu.md").write_text(markdown(r))
+    if args.append:
+        with open(args.append, "a") as f:
+            f.write(json.dumps(r) + "\n")
     print(markdown(r))
     return r
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from benchmarks.cost import FIELDS, METHODS, main  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -116,3 +119,41 @@ def test_cpu_cost_benchmark_puts_hf_and_vllm_side_by_side(tmp_path):
                                                           ["step_s"])
     md = (out / "cost.md").read_text()
     assert "| dvpo | vllm |" in md and "step ÷ hf" in md and "CPU flags" in md
+
+
+def without_vllm() -> dict:
+    """An environment in which vLLM is not there, as on the GPU image (tests/no_vllm)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "no_vllm"), str(ROOT)])}
+
+
+def test_cpu_cost_benchmark_keeps_the_hf_rows_when_vllm_fails(tmp_path):
+    """A child that fails (here: no vLLM) becomes a row with its error; the rows
+    that finished stand, with ratios among themselves; the parent writes everything, then
+    exits non-zero."""
+    out = tmp_path / "cost"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cost", "--mode", "cpu", "--shape", "tiny32",
+         "--rl_steps", str(RL_STEPS), "--length", str(LENGTH), "--prompts", str(PROMPTS),
+         "--group", str(GROUP), "--prompt_len", str(PROMPT_LEN), "--methods", "dvpo", "ppo",
+         "--generation", "hf", "vllm", "--trl", "off", "--out", str(out)],
+        cwd=ROOT, env=without_vllm(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "2 row(s) failed" in proc.stderr, proc.stderr[-2000:]
+    doc = json.loads((out / "cost.json").read_text())
+    rows = {(r["method"], r["engine"]): r for r in doc["methods"]}
+    assert set(rows) == {(m, e) for m in ("dvpo", "ppo") for e in ("hf", "vllm")}
+    for m in ("dvpo", "ppo"):
+        hf, vllm = rows[(m, "hf")], rows[(m, "vllm")]
+        assert hf["status"] == "ok" and hf["gen_tokens_per_step"] == float(PROMPTS * GROUP
+                                                                             * LENGTH)
+        assert all(isinstance(hf[f], float) for f in FIELDS), m
+        assert hf["time_ratio_to_ppo"] == pytest.approx(hf["step_s"]
+                                                        / rows[("ppo", "hf")]["step_s"])
+        assert vllm["status"] == "failed" and vllm["error"]["returncode"] != 0
+        assert "vllm is not installed here" in "\n".join(vllm["error"]["stderr_tail"])
+        assert "step_s" not in vllm and "time_ratio_to_ppo" not in vllm
+        assert "step_ratio_to_hf" not in hf
+    md = (out / "cost.md").read_text()
+    assert "| dvpo | hf |" in md and "| ppo | hf |" in md and "| dvpo | vllm |" not in md
+    assert "- dvpo (vllm): exit" in md and "- ppo (vllm): exit" in md

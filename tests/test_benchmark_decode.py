@@ -4,13 +4,16 @@ positive."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from benchmarks.decode import FIELDS, PATHS, main  # noqa: E402
 
 
@@ -40,3 +43,26 @@ def test_cpu_decode_benchmark_writes_every_field(tmp_path):
     assert by[(3, "hf")]["weight_bytes"] == by[(2, "vllm")]["weight_bytes"]
     md = (out / "decode.md").read_text()
     assert "| 2 | hf |" in md and "| 3 | vllm |" in md and "floor" in md
+
+
+def test_cpu_decode_benchmark_keeps_the_hf_rows_when_vllm_fails(tmp_path):
+    """hf is timed before the vLLM engine exists: without vLLM (tests/no_vllm hides it) the hf
+    rows are written, the vllm rows carry the error, and the command exits non-zero after
+    writing."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "no_vllm"), str(ROOT)])}
+    out = tmp_path / "decode"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.decode", "--shape", "test", "--device", "cpu",
+         "--batch_sizes", "2", "--prompt_len", "5", "--new_tokens", "4", "--repeats", "1",
+         "--copy_mib", "8", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "1 row(s) failed" in proc.stderr, proc.stderr[-2000:]
+    records = {r["path"]: r for r in json.loads((out / "decode.json").read_text())["records"]}
+    assert set(records) == set(PATHS)
+    assert records["hf"]["status"] == "ok"
+    assert all(records["hf"][f] > 0 for f in FIELDS)
+    assert records["vllm"]["status"] == "failed"
+    assert "not installed" in records["vllm"]["error"]  # (the engine's own message)
+    md = (out / "decode.md").read_text()
+    assert "| 2 | hf | " in md and "| 2 | vllm | failed: " in md
