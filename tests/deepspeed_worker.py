@@ -84,6 +84,8 @@ def main() -> None:
                     "skips": model.guard.skips,
                     "frozen_dtypes": {k: str(next(m.parameters()).dtype)
                                       for k, m in model.frozen.items()},
+                    "frozen_sums": {k: sum(float(p.double().sum()) for p in m.parameters())
+                                    for k, m in model.frozen.items()},
                     "policy_dtype": str(params[0].dtype)}, Path(out) / "result.pt")
     # Leave the process group before the interpreter exits: gloo's threads torn down at exit
     # while the group is alive can abort the process ("terminate called without an active

@@ -121,6 +121,7 @@ def test_dpo_trains_evaluates_and_exports(loss_type, lora, task_data, tokenizer_
     for key in ("val/rewards/margins", "train/rewards/margins", "train/rewards/accuracies",
                 "train/logps/chosen", "eval/gold_reward", "eval/win_rate_vs_ref"):
         assert key in trainer.callback_metrics, (key, sorted(trainer.callback_metrics))
+    assert float(trainer.callback_metrics["train/grad_norm"]) > 0  # (callbacks/grad_norm.py)
 
     # the summary has the RL module's shape; the study report loads the run as an RL run
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -127,6 +127,7 @@ def fit(module, dm, root, make_trainer, val: bool):
     assert trainer.global_step == STEPS
     assert len(rec.losses) == STEPS
     assert all(math.isfinite(x) for x in rec.losses), rec.losses
+    assert float(trainer.callback_metrics["train/grad_norm"]) > 0  # (callbacks/grad_norm.py)
     return trainer, rec.losses
 
 

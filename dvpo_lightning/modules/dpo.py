@@ -220,13 +220,6 @@ class DPOModule(SingleModelStage):
         return {"loss": loss, "margin": float(stats["rewards/margins"]),
                 "accuracy": float(stats["rewards/accuracies"])}
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:  # before clipping (Lightning clips after this hook)
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g)
-                                                         for g in grads]))
-            self.log("train/grad_norm", norm, batch_size=1)
-
     # ------------------------------------------------------------------ evaluation
     @functools.cached_property
     def evaluator(self) -> HeldOutEvaluator:

@@ -45,11 +45,13 @@ from dvpo_lightning.runtime.checkpointing import (
     set_rng_states,
 )
 from dvpo_lightning.runtime.deepspeed import (
+    FrozenInFloat32,
     configure_deepspeed,
     deepspeed_engine,
     deepspeed_step,
     local_grad_norm,
     start_forward,
+    zero_engine,
 )
 from dvpo_lightning.runtime.distributed import (
     all_reduce_max,
@@ -226,6 +228,14 @@ class DVPOModule(L.LightningModule):
             self.ppo.grad_accum, self.model_options.frozen_dtype, len(self.frozen) > 0)
         if self._deepspeed is not None:
             rank_zero_info(self._deepspeed.message(list(self.frozen)))
+            if self._deepspeed.keeps_frozen_float32:  # (the engine is built after setup)
+                self._frozen_fp32 = FrozenInFloat32(self.frozen)
+
+    def on_fit_start(self) -> None:
+        keeper = getattr(self, "_frozen_fp32", None)
+        if keeper is not None:  # DeepSpeed has cast the whole module by now
+            keeper.restore()
+            self._frozen_fp32 = None
 
     def configure_optimizers(self):
         def trainable(m: nn.Module) -> list:
@@ -235,7 +245,7 @@ class DVPOModule(L.LightningModule):
         groups = [{"params": trainable(self.policy), "lr": hp.lr}]
         if self.critic is not None:
             groups.append({"params": trainable(self.critic), "lr": hp.critic_lr or hp.lr})
-        return adamw(groups, hp.lr, hp.weight_decay)
+        return adamw(groups, hp.lr, hp.weight_decay, strategy=self.trainer.strategy)
 
     def configure_callbacks(self) -> list[L.Callback]:
         return stage_callbacks(self.hparams.export_dir)
@@ -363,8 +373,8 @@ class DVPOModule(L.LightningModule):
         ``gradient_clipping`` :func:`configure_deepspeed` set, and skips a non-finite step
         itself: the norm and the verdict are read from it after its step."""
         step = self.global_step + 1
-        engine = deepspeed_engine(self.trainer)
-        if engine is not None and engine.zero_optimization_stage() > 0:
+        engine = zero_engine(self.trainer)
+        if engine is not None:
             norm, stepped = deepspeed_step(opt, engine)
             if not torch.isfinite(norm):
                 if stepped:

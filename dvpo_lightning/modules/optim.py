@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from dvpo_lightning.runtime.deepspeed import offloads_optimizer
+
 
 def adamw(params: Iterable, lr: float, weight_decay: float = 0.0,
-          betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW over ``params`` (parameters, or parameter-group dicts)."""
+          betas: tuple[float, float] = (0.9, 0.95),
+          strategy: Any = None) -> torch.optim.Optimizer:
+    """AdamW over ``params`` (parameters, or parameter-group dicts).
+
+    Under a DeepSpeed strategy that offloads the optimizer to CPU memory
+    (``configs/deepspeed/zero3_offload.yaml``) the update runs on the CPU, where DeepSpeed
+    takes only its own vectorised ``DeepSpeedCPUAdam`` (the same AdamW update; its kernel is
+    compiled on first use, about a minute): it is chosen then, else ``torch.optim.AdamW``.
+    """
+    if offloads_optimizer(strategy):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=lr, weight_decay=weight_decay, betas=betas,
+                                adamw_mode=True)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
 

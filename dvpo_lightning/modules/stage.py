@@ -9,6 +9,7 @@ from torch import nn
 
 from dvpo_lightning.callbacks.cost import CostMeter
 from dvpo_lightning.callbacks.export import Export
+from dvpo_lightning.callbacks.grad_norm import GradNorm
 from dvpo_lightning.callbacks.summary import RunSummary
 from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.modules.optim import adamw, warmup_cosine
@@ -16,11 +17,13 @@ from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights
 
 
 def stage_callbacks(export_dir: str | None) -> list[L.Callback]:
-    """Every stage's: :class:`CostMeter`, with an ``export_dir`` :class:`Export`, then
+    """Every stage's: :class:`CostMeter`, :class:`GradNorm` (the stages Lightning optimises),
+    with an ``export_dir`` :class:`Export`, then
     :class:`RunSummary` (Lightning adds a module's ``configure_callbacks`` to the trainer's
     and runs their hooks in this order): the model is written before anything optional (a
     table, a picture) can fail."""
-    return [CostMeter(), *([Export(export_dir)] if export_dir else []), RunSummary()]
+    return [CostMeter(), GradNorm(), *([Export(export_dir)] if export_dir else []),
+            RunSummary()]
 
 
 class SingleModelStage(L.LightningModule):
@@ -49,7 +52,7 @@ class SingleModelStage(L.LightningModule):
         """AdamW on the trainable weights (LoRA: the adapters), linear warm-up then cosine."""
         hp = self.hparams
         opt = adamw([p for p in self.model.parameters() if p.requires_grad], hp.lr,
-                    hp.weight_decay)
+                    hp.weight_decay, strategy=self.trainer.strategy)
         total = int(self.trainer.estimated_stepping_batches)
         sched = warmup_cosine(opt, hp.warmup_steps, total, hp.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -16,7 +16,8 @@ LightningModule therefore do nothing there:
   overflow check); :func:`deepspeed_step` reads both after the step.
 - With ``bf16-mixed`` the engine casts every parameter of the LightningModule, the frozen
   reference, GVM and reward model included. :func:`configure_deepspeed` makes that a choice
-  (``model.models.frozen_dtype``) and logs it.
+  (``model.models.frozen_dtype``) and logs it; :class:`FrozenInFloat32` gives them float32
+  back when that is the choice.
 
 ``docs/deepspeed.md`` tells the same story for users.
 """
@@ -44,6 +45,14 @@ def is_deepspeed(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
+def offloads_optimizer(strategy: Any) -> bool:
+    """True when ``strategy`` is DeepSpeed with its optimizer state offloaded to CPU / NVMe."""
+    if not is_deepspeed(strategy):
+        return False
+    zero = (strategy.config or {}).get("zero_optimization") or {}
+    return (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
+
+
 def deepspeed_engine(trainer: Any) -> Any | None:
     """The trainer's ``deepspeed.DeepSpeedEngine`` once the strategy has built it, else None."""
     strategy = getattr(trainer, "strategy", None)
@@ -51,6 +60,13 @@ def deepspeed_engine(trainer: Any) -> Any | None:
         return None
     engine = getattr(strategy, "model", None)
     return engine if hasattr(engine, "get_global_grad_norm") else None
+
+
+def zero_engine(trainer: Any) -> Any | None:
+    """:func:`deepspeed_engine` when it partitions the gradients (ZeRO stage 1-3), else None
+    (no DeepSpeed, or stage 0, where ``p.grad`` holds the whole gradient)."""
+    engine = deepspeed_engine(trainer)
+    return engine if engine is not None and engine.zero_optimization_stage() > 0 else None
 
 
 def local_grad_norm(params) -> Tensor:
@@ -70,11 +86,14 @@ class DeepSpeedChoices:
         clipping: the ``gradient_clipping`` the engine applies (0: none).
         frozen_dtype: the dtype the frozen models will hold (None: there are none).
         why: how that dtype was chosen, with the key that changes it.
+        keeps_frozen_float32: the engine will cast the frozen models to 16 bits and the RL
+            module is to give them float32 back (:class:`FrozenInFloat32`).
     """
 
     clipping: float
     frozen_dtype: str | None
     why: str
+    keeps_frozen_float32: bool = False
 
     def message(self, frozen: list[str]) -> str:
         clip = f"gradient clipping at norm {self.clipping:g}" if self.clipping else \
@@ -146,17 +165,41 @@ def configure_deepspeed(strategy: Any, precision: str, max_grad_norm: float | No
                f"DeepSpeed casts them with the policy under trainer.precision={precision}; "
                "set model.models.frozen_dtype=float32 to keep them in float32")
         return DeepSpeedChoices(wanted, half, how)
-    # keep them in their own dtype: DeepSpeed's keep_in_fp32_modules spares the names matched
-    data_types = config.setdefault("data_types", {})
-    keep = list(data_types.get("keep_in_fp32_modules") or [])
     if frozen_dtype != "float32":
         raise ValueError(
             f"model.models.frozen_dtype={frozen_dtype} under DeepSpeed with "
-            f"trainer.precision={precision}: DeepSpeed holds the module in {half} and can "
-            f"spare parts of it only in float32. Fix: set model.models.frozen_dtype to "
-            f"float32 or {half}")
-    data_types["keep_in_fp32_modules"] = [*keep, FROZEN_PATTERN]
-    return DeepSpeedChoices(wanted, "float32", "model.models.frozen_dtype")
+            f"trainer.precision={precision}: DeepSpeed holds the module's parameters in {half}, "
+            f"and the RL module can give the frozen models back only float32. Fix: set "
+            f"model.models.frozen_dtype to float32 or {half}")
+    if (config.get("zero_optimization") or {}).get("stage", 0) >= 3:
+        raise ValueError(
+            f"model.models.frozen_dtype=float32 under DeepSpeed ZeRO-3 with "
+            f"trainer.precision={precision}: ZeRO-3 partitions and casts every parameter of "
+            f"the module, the frozen models' included, to {half}. Fix: set "
+            f"model.models.frozen_dtype={half} (or leave it unset), or use ZeRO-1/2")
+    # DeepSpeed casts every parameter (its keep_in_fp32_modules spares buffers only): the RL
+    # module keeps a float32 copy across the engine's construction (FrozenInFloat32)
+    return DeepSpeedChoices(wanted, "float32", "model.models.frozen_dtype", True)
+
+
+class FrozenInFloat32:
+    """The frozen models' float32 weights kept (in CPU memory) across DeepSpeed's cast of the
+    whole module, and put back after it: ``frozen_dtype=float32`` under ZeRO-1/2 with a
+    16-bit precision.
+
+    Args:
+        frozen: the frozen models' container, before the engine is built.
+    """
+
+    def __init__(self, frozen: torch.nn.Module) -> None:
+        self.frozen = frozen
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in frozen.state_dict().items()}
+
+    def restore(self) -> None:
+        """Back to float32, with the weights as loaded (call after the engine is built)."""
+        self.frozen.float()
+        self.frozen.load_state_dict(self.state)
+        self.state = {}
 
 
 def _caller_owned_accumulation(config: dict, grad_accum: int) -> None:

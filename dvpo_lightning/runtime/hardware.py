@@ -83,9 +83,10 @@ def check_strategy(strategy: Any, precision: str | int | None, accelerator: str 
                          f"{', '.join(map(str, ZERO_STAGES))}. Fix: use strategy "
                          "deepspeed_stage_1, deepspeed_stage_2 or deepspeed_stage_3")
     if cpu_test:
-        if prec != "32-true":
-            raise ValueError(f"the CPU DeepSpeed test strategy runs only precision 32-true, got "
-                             f"trainer.precision={precision!r}. Fix: set trainer.precision=32-true")
+        if prec not in ("32-true", "bf16-mixed", "bf16-true"):
+            raise ValueError(f"the CPU DeepSpeed test strategy runs precision 32-true or "
+                             f"bf16-mixed, got trainer.precision={precision!r}. Fix: set "
+                             "trainer.precision=32-true")
         return
     if is_ds and not on_gpu:
         raise ValueError(f"DeepSpeed (ZeRO stage {stage}) needs a CUDA GPU, but the run is on CPU "
