@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu_image_venv.sh [DIR]     # default DIR: /tmp/dvpo-gpu-image
 #   . DIR/env.sh && $PY -m pytest -q tests/test_deepspeed_cpu.py
+#   bash scripts/gpu_image_venv.sh --wheels  # only fill ./.whl, the wheels a GPU run carries
 #
 # It installs what the GPU run will have, the same way:
 # - DIR/venv: Python 3.12 with the image's packages, requirements/gpu-image.txt (--no-deps: a
@@ -20,6 +21,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
+mkdir -p .whl
+if ! ls .whl/*.whl >/dev/null 2>&1; then
+    syspip=("${PYTHON:-python3}" -m pip)
+    "${syspip[@]}" wheel -q --no-deps "$(grep '^deepspeed==' requirements/gpu-carry.txt)" -w .whl
+    "${syspip[@]}" download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl \
+        -r <(grep -v -e '^#' -e '^deepspeed==' requirements/gpu-carry.txt)
+fi
+echo "gpu_image_venv: $(ls .whl/*.whl | wc -l) carried wheels, $(du -sm .whl | cut -f1) MiB in .whl"
+[ "${1:-}" = --wheels ] && exit 0
 dir=${1:-/tmp/dvpo-gpu-image}
 case $dir in "$repo"|"$repo"/*)
     echo "gpu_image_venv: DIR=$dir is inside the repository; a GPU run carries the working" \
@@ -47,16 +59,6 @@ pip=("$dir/venv/bin/python" -m pip)
 "${pip[@]}" install -q --no-deps -r requirements/gpu-image.txt
 "${pip[@]}" check
 
-mkdir -p .whl
-if ! ls .whl/*.whl >/dev/null 2>&1; then
-    ds=$(grep '^deepspeed==' requirements/gpu-carry.txt)
-    "${pip[@]}" wheel -q --no-deps "$ds" -w .whl
-    grep -v -e '^#' -e '^deepspeed==' requirements/gpu-carry.txt > "$dir/carry-rest.txt"
-    "${pip[@]}" download -q --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 -d .whl -r "$dir/carry-rest.txt"
-fi
-echo "gpu_image_venv: $(ls .whl/*.whl | wc -l) carried wheels, $(du -sm .whl | cut -f1) MiB in .whl"
 rm -rf "$dir/site"
 # The GPU run's install line, with DIR/site for /tmp/site.
 "${pip[@]}" install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
