@@ -16,7 +16,7 @@
 # - DIR/site: those wheels installed with the GPU run's own command (pip --target, no index,
 #   no deps), and DIR/env.sh puts DIR/site and the source tree on PYTHONPATH, as the GPU run
 #   does: the project itself is not pip-installed.
-# Needs Python 3.12 (python3.12 on PATH, PYTHON312=..., or pyenv) and about 6 GB of disk (the
+# Needs Python 3.12 (python3.12 on PATH, PYTHON312=..., or pyenv) and about 5.3 GB of disk (the
 # CUDA libraries torch 2.11 depends on). Takes about 2 minutes on a fast network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
