@@ -19,6 +19,7 @@
 # Needs Python 3.12 (python3.12 on PATH, PYTHON312=..., or pyenv) and about 5.3 GB of disk (the
 # CUDA libraries torch 2.11 depends on). Took 4 min 18 s on the project's machine (2026-12-06).
 set -euo pipefail
+dir=$(realpath -m "${1:-/tmp/dvpo-gpu-image}")  # (relative to where it was called from)
 cd "$(dirname "$0")/.."
 repo=$PWD
 mkdir -p .whl
@@ -32,7 +33,6 @@ if ! ls .whl/*.whl >/dev/null 2>&1; then
 fi
 echo "gpu_image_venv: $(ls .whl/*.whl | wc -l) carried wheels, $(du -sm .whl | cut -f1) MiB in .whl"
 [ "${1:-}" = --wheels ] && exit 0
-dir=${1:-/tmp/dvpo-gpu-image}
 case $dir in "$repo"|"$repo"/*)
     echo "gpu_image_venv: DIR=$dir is inside the repository; a GPU run carries the working" \
          "tree (64 MiB at most), so put the venv elsewhere (e.g. /tmp/dvpo-gpu-image)" >&2
@@ -52,7 +52,6 @@ if [ -z "$py312" ]; then
     fi
 fi
 mkdir -p "$dir"
-dir=$(cd "$dir" && pwd)
 [ -x "$dir/venv/bin/python" ] || "$py312" -m venv "$dir/venv"
 pip=("$dir/venv/bin/python" -m pip)
 "${pip[@]}" install -q --upgrade pip
