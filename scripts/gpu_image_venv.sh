@@ -19,7 +19,7 @@
 # Needs Python 3.12 (python3.12 on PATH, PYTHON312=..., or pyenv) and about 5.3 GB of disk (the
 # CUDA libraries torch 2.11 depends on). Took 4 min 18 s on the project's machine (2026-12-06).
 set -euo pipefail
-dir=$(realpath -m "${1:-/tmp/dvpo-gpu-image}")  # (relative to where it was called from)
+dir=$(realpath -m -- "${1:-/tmp/dvpo-gpu-image}")  # (relative to where it was called from)
 cd "$(dirname "$0")/.."
 repo=$PWD
 mkdir -p .whl
