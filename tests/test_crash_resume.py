@@ -38,7 +38,9 @@ def rl_args(root: Path, art, task_data: str) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # This checkout first; the rest of PYTHONPATH stays (the GPU route's carried wheels live there).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def _ckpt_step(path: Path) -> int:

@@ -44,7 +44,10 @@ def test_torch_facts_are_torchs(env):
 
 def test_package_versions_are_installed_ones(env):
     pkgs = env["packages"]
-    assert pkgs["torch"] == importlib.metadata.version("torch") == env["torch"]["version"]
+    assert pkgs["torch"] == importlib.metadata.version("torch")
+    # PyPI's CUDA torch (the GPU image's 2.11) is distribution 2.11.0 and __version__
+    # 2.11.0+cu130; the lock's CPU build has +cpu in both: the local tag may be only in the latter.
+    assert env["torch"]["version"].split("+")[0] == pkgs["torch"].split("+")[0]
     assert pkgs["transformers"] == importlib.metadata.version("transformers")
     assert list(pkgs) == sorted(pkgs, key=str.lower)
     assert env["packages_digest"] == packages_digest(pkgs)
@@ -82,7 +85,8 @@ def test_markdown_has_kernels_threads_and_key_packages(env):
     assert md.startswith("## Environment")
     assert f"kernels {env['torch']['cpu_capability']}" in md
     assert f"{torch.get_num_threads()} threads" in md
-    assert f"torch {torch.__version__}" in md
+    assert f"**torch** {torch.__version__}:" in md
+    assert f"torch {importlib.metadata.version('torch')}" in md
     assert f"transformers {importlib.metadata.version('transformers')}" in md
     assert env["packages_digest"] in md
     assert len(md.splitlines()) < 12  # the key lines, not every package

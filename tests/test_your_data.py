@@ -130,7 +130,8 @@ def run_step(root: Path, name: str, command: str, extra: list[str] = ()) -> None
     """One page step in ``root`` via ``bash``, ``python`` being this interpreter and this
     checkout's package first on the path; fails with the output's tail unless it exits 0."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO), "DVPO_DEBUG": "1"}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "DVPO_DEBUG": "1"}
     line = " ".join([command, *(extra or SIZES[name])])
     proc = subprocess.run(["bash", "-c", line], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)

@@ -5,11 +5,12 @@ for RL, the per-step rollout curve (gold reward, KL, reward-model score)."""
 from __future__ import annotations
 
 import resource
-import time
 
 import lightning as L
 import torch
 from torch import nn
+
+from dvpo_lightning.runtime.timing import phase_clock
 
 
 def _mean(rows: list[dict], key: str) -> float:
@@ -36,12 +37,12 @@ class CostMeter(L.Callback):
         self._t0 = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+        self._t0 = phase_clock(pl_module.device)  # (a GPU: the previous step's work done)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not outputs:  # None, or {} from a manual-optimisation step that returned nothing
             return
-        step_s = time.perf_counter() - self._t0
+        step_s = phase_clock(pl_module.device) - self._t0
         extra = {k: float(v) for k, v in outputs.items()
                  if k != "loss" and isinstance(v, (int, float, torch.Tensor))}
         self.records.append({"step_s": step_s, **extra})

@@ -10,7 +10,6 @@ summary, cost accounting, export).
 from __future__ import annotations
 
 import functools
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -68,6 +67,7 @@ from dvpo_lightning.runtime.guards import (
     nonfinite_names,
 )
 from dvpo_lightning.runtime.steps import one_global_step
+from dvpo_lightning.runtime.timing import phase_clock
 from dvpo_lightning.tasks.judges import load_judge
 
 
@@ -282,9 +282,9 @@ class DVPOModule(L.LightningModule):
                     {"advantages": exp.response_mask, "returns": exp.response_mask},
                     reduce_on=self.device):
                 return self._skipped()
-            t_update = time.perf_counter()
+            t_update = phase_clock(self.device)
             stats = self.ppo_update(exp, advantages, returns)
-            info["update_s"] = time.perf_counter() - t_update
+            info["update_s"] = phase_clock(self.device) - t_update
             self.kl.update(kl_mean, n_responses)
         return self._log_step(exp, advantages, returns, kl_mean, info, stats)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -26,6 +25,7 @@ from dvpo_lightning.rollout.scoring import by_rows, policy_logps, response_value
 from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.rollout.tolerance import engine_dtype, resolve_logp_tolerance
 from dvpo_lightning.rollout.zero3 import gathered_for_generation
+from dvpo_lightning.runtime.timing import phase_clock
 from dvpo_lightning.tasks.judges import Judge
 
 
@@ -223,7 +223,7 @@ class ExperienceMaker(nn.Module):
         """
         batch = repeat_prompts(batch, self.group_size)
         prompt = (batch["prompt_ids"], batch["prompt_mask"])
-        t0 = time.perf_counter()
+        t0 = phase_clock(prompt[0].device)  # (a GPU: synchronised at each phase boundary)
         policy.eval()
         with gathered_for_generation(policy):
             samples = self.generator.generate(policy, *prompt, self.settings.sampling,
@@ -233,7 +233,7 @@ class ExperienceMaker(nn.Module):
                                               weights_version)[:2]
                       if Need.GREEDY_BASELINE in self.needs else None)
         self.sleep_engine()  # (vLLM on a GPU: its memory is the update's until the next rollout)
-        t1 = time.perf_counter()
+        t1 = phase_clock(prompt[0].device)
         response = samples[:2]
         seq = (*prompt, *response)
         with self.frozen_on(prompt[0].device):
@@ -248,7 +248,7 @@ class ExperienceMaker(nn.Module):
         gold = (torch.tensor(gold_scores(self.judge, self.tokenizer, batch["prompts"], *response,
                                          self.generator.end_ids),
                              device=logp_old.device) if self.judge is not None else None)
-        return exp, {"generate_s": t1 - t0, "score_s": time.perf_counter() - t1,
+        return exp, {"generate_s": t1 - t0, "score_s": phase_clock(prompt[0].device) - t1,
                      "weight_sync_s": sync_s, "gold": gold}
 
     def _fetch_table(self, seq: tuple, greedy: tuple | None, critic: nn.Module | None,
