@@ -24,7 +24,9 @@ class ModelOptions:
         gradient_checkpointing: recompute the trained models' activations in the backward
             pass (less memory, ~30 % more update time).
         frozen_dtype: dtype of the frozen reference, GVM and reward model; None keeps the
-            loaded dtype (half precision halves their memory on a GPU).
+            loaded dtype (half precision halves their memory on a GPU). Under DeepSpeed with
+            a 16-bit precision None follows the policy into it (DeepSpeed casts the whole
+            module) and ``float32`` keeps them in float32 (ZeRO-1/2); docs/deepspeed.md.
         offload_frozen: keep the frozen models in CPU memory except while they score a rollout
             or evaluate (frees their accelerator memory during generation and the update; a
             host-device copy per step). Not with DeepSpeed ZeRO-3, whose partitioned weights
