@@ -164,6 +164,11 @@ def run_method(args) -> dict:
         f"--trainer.accelerator={'gpu' if args.mode == 'gpu' else 'cpu'}", "--trainer.devices=1",
         f"--model.init_args.rollout.engine={args.engine}",
     ]
+    if args.deepspeed and args.mode == "cpu":  # Lightning's strategy needs CUDA: on CPU (a
+        # dry run of benchmarks/gpu_session.sh) the tests' DeepSpeed-over-gloo strategy
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        overrides += ["--trainer.strategy.class_path=cpu_deepspeed.CPUDeepSpeedStrategy",
+                      "--trainer.strategy.init_args.process_group_backend=gloo"]
     if args.gradient_checkpointing:
         overrides.append("--model.init_args.models.gradient_checkpointing=true")
     if args.score_batch_size:
@@ -421,10 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         if not torch.cuda.is_available():
             raise SystemExit("benchmarks.cost --mode gpu needs a CUDA GPU; use --mode cpu here")
-    if args.deepspeed:
-        if args.mode != "gpu":
-            raise SystemExit("benchmarks.cost --deepspeed runs Lightning's DeepSpeed strategy on "
-                             "a GPU: add --mode gpu (on CPU the tests use a test-only strategy)")
+    if args.deepspeed:  # (--mode cpu: through the tests' CPU strategy, for dry runs)
         if args.trl == "on":
             raise SystemExit("benchmarks.cost: --trl on and --deepspeed do not go together (TRL "
                              "would run without DeepSpeed); drop one")

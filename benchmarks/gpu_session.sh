@@ -20,8 +20,8 @@
 # It installs .whl/*.whl (jsonargparse, deepspeed, trl, ...; the image has no network) itself.
 # On CPU, the same script with tiny shapes in about a minute (tests/test_gpu_session.py):
 #     DRY_RUN=1 OUT=/tmp/gpu_dry PYTHON=.venv/bin/python bash benchmarks/gpu_session.sh
-# A dry run installs no wheels, needs no nvidia-smi and skips the DeepSpeed step (Lightning's
-# DeepSpeed strategy needs CUDA; tests/test_deepspeed_cpu.py covers ZeRO-2 on CPU).
+# A dry run installs no wheels and needs no nvidia-smi; its ZeRO-2 step runs through the tests'
+# DeepSpeed-over-gloo CPU strategy (Lightning's needs CUDA).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 DRY_RUN=${DRY_RUN:-0}
@@ -128,13 +128,14 @@ for shape in "${mfu_shapes[@]}"; do
         --out "/tmp/gpu_session_mfu/$shape" --append "$OUT/mfu.jsonl"
 done
 
-# --- 4. DVPO under DeepSpeed ZeRO-2
+# --- 4. DVPO under DeepSpeed ZeRO-2 (a dry run: the tests' DeepSpeed-over-gloo CPU strategy)
 if [[ $DRY_RUN == 1 ]]; then
-    say "zero2: skipped in a dry run (Lightning's DeepSpeed strategy needs CUDA)"
+    zero_shape=("${cost_shape[@]}")
 else
-    step zero2 100 "$PY" -m benchmarks.cost "${mode[@]}" --prompts 16 --group 4 --length 128 \
-        --prompt_len 64 --rl_steps 3 --methods dvpo --deepspeed zero2 --out "$OUT/zero2"
+    zero_shape=(--prompts 16 --group 4 --length 128 --prompt_len 64 --rl_steps 3)
 fi
+step zero2 100 "$PY" -m benchmarks.cost "${mode[@]}" "${zero_shape[@]}" --methods dvpo \
+    --deepspeed zero2 --trl off --out "$OUT/zero2"
 
 # --- 5. vLLM, only where it imports (and time is left)
 left=$((BUDGET - (SECONDS - start)))

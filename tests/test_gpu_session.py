@@ -25,16 +25,20 @@ def test_gpu_session_dry_run_writes_every_result_into_out(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     log = (out / "session.log").read_text()
     # every step ran (or was skipped with its reason), in priority order, each with its rc
-    for line in ("env: rc=0", "cost: rc=", "mfu tiny: rc=0", "zero2: skipped in a dry run",
+    for line in ("env: rc=0", "cost: rc=", "mfu tiny: rc=0", "zero2: rc=0",
                  "vllm: does not import here"):
         assert line in log, (line, proc.stdout[-3000:])
     assert log.index("env: rc") < log.index("cost: rc") < log.index("mfu tiny: rc") \
-        < log.index("zero2: skipped")
+        < log.index("zero2: rc")
     assert "cost: rc=0" in log or not HAS_TRL, log[-3000:]  # (the TRL row fails without TRL)
     assert proc.returncode == (0 if HAS_TRL else 1), proc.stdout[-3000:]
     # what comes back: at most the 8 files the device returns, the hf rows among them
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == ["cost/cost.json", "cost/cost.md", "mfu.jsonl", "session.log"]
+    assert files == ["cost/cost.json", "cost/cost.md", "mfu.jsonl", "session.log",
+                     "zero2/cost.json", "zero2/cost.md"]
+    zero2 = json.loads((out / "zero2" / "cost.json").read_text())
+    assert [(r["method"], r["status"]) for r in zero2["methods"]] == [("dvpo", "ok")]
+    assert zero2["methods"][0]["step_s"] > 0
     doc = json.loads((out / "cost" / "cost.json").read_text())
     rows = {(r["method"], r["engine"]): r for r in doc["methods"]}
     assert set(rows) == {("dvpo", "hf"), ("ppo", "hf"), ("grpo", "hf")}
