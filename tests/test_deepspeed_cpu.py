@@ -165,6 +165,21 @@ def test_zero_frozen_models_dtype_is_a_choice(frozen_dtype, tmp_path, task_data,
 
 REPO = Path(__file__).resolve().parents[1]
 DEEPSPEED_CONFIGS = sorted((REPO / "configs" / "deepspeed").glob("*.yaml"))
+CPU_STRATEGY = ["--trainer.accelerator=cpu", "--trainer.devices=1",
+                "--trainer.strategy.class_path=cpu_deepspeed.CPUDeepSpeedStrategy",
+                "--trainer.strategy.init_args.process_group_backend=gloo"]
+
+
+def _fit(tmp_path: Path, *args: str) -> str:
+    """``python -m dvpo_lightning fit ARGS`` with the CPU DeepSpeed strategy importable; its
+    output (the test fails with its stderr when the run does)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(WORKER.parent), str(REPO),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "dvpo_lightning", "fit", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("config", DEEPSPEED_CONFIGS, ids=lambda p: p.stem)
@@ -175,30 +190,19 @@ def test_every_shipped_deepspeed_config_takes_an_rl_step(config, tmp_path, task_
     ``ppo.max_grad_norm``. Only the strategy class is swapped for the CPU test one (Lightning's
     refuses to start without CUDA); ``zero3_offload`` needs DeepSpeed's CPU Adam, which the
     module picks (its kernel compiles on first use)."""
-    cmd = [sys.executable, "-m", "dvpo_lightning", "fit",
-           "--config", str(REPO / "configs" / "dvpo.yaml"), "--config", str(config),
-           "--trainer.accelerator=cpu", "--trainer.devices=1",
-           "--trainer.strategy.class_path=cpu_deepspeed.CPUDeepSpeedStrategy",
-           "--trainer.strategy.init_args.process_group_backend=gloo",
-           "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-           "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-           "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-           f"--model.init_args.policy={artifacts.policy}",
-           f"--model.init_args.value_model={artifacts.gvm}",
-           "--model.init_args.rollout.max_new_tokens=6",
-           "--model.init_args.ppo.mini_batch_size=4", "--model.init_args.ppo.epochs=1",
-           f"--model.init_args.export_dir={tmp_path / 'policy'}",
-           f"--data.init_args.train_path={task_data}/rl_prompts.jsonl",
-           f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
-           f"--data.init_args.tokenizer={task_data}/tokenizer",
-           "--data.init_args.batch_size=4"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(WORKER.parent), str(REPO),
-                                          os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    log = proc.stdout + proc.stderr
+    log = _fit(tmp_path, "--config", str(REPO / "configs" / "dvpo.yaml"), "--config", str(config),
+               *CPU_STRATEGY, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+               "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+               "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+               f"--model.init_args.policy={artifacts.policy}",
+               f"--model.init_args.value_model={artifacts.gvm}",
+               "--model.init_args.rollout.max_new_tokens=6",
+               "--model.init_args.ppo.mini_batch_size=4", "--model.init_args.ppo.epochs=1",
+               f"--model.init_args.export_dir={tmp_path / 'policy'}",
+               f"--data.init_args.train_path={task_data}/rl_prompts.jsonl",
+               f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
+               f"--data.init_args.tokenizer={task_data}/tokenizer",
+               "--data.init_args.batch_size=4")
     assert "DeepSpeed: gradient clipping at norm 1 (model.ppo.max_grad_norm)" in log, log[-3000:]
     assert "frozen models (reference, gvm) in bfloat16" in log
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -211,28 +215,18 @@ def test_dpo_under_zero2_logs_deepspeeds_gradient_norm(tmp_path, task_data, arti
     DeepSpeed's global norm (``p.grad`` is None there, so a norm of it would be missing)."""
     import csv
 
-    cmd = [sys.executable, "-m", "dvpo_lightning", "fit",
-           "--config", str(REPO / "configs" / "dpo.yaml"),
-           "--config", str(REPO / "configs" / "deepspeed" / "zero2.yaml"),
-           "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
-           "--trainer.strategy.class_path=cpu_deepspeed.CPUDeepSpeedStrategy",
-           "--trainer.strategy.init_args.process_group_backend=gloo",
-           "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-           "--trainer.log_every_n_steps=1", "--trainer.enable_checkpointing=false",
-           "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-           f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.name=csv",
-           "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-           f"--model.init_args.policy={artifacts.policy}", "--model.init_args.export_dir=null",
-           f"--data.init_args.train_path={task_data}/pairs.jsonl",
-           f"--data.init_args.val_path={task_data}/eval_pairs.jsonl",
-           f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
-           f"--data.init_args.tokenizer={task_data}/tokenizer", "--data.init_args.batch_size=4"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(WORKER.parent), str(REPO),
-                                          os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    _fit(tmp_path, "--config", str(REPO / "configs" / "dpo.yaml"),
+         "--config", str(REPO / "configs" / "deepspeed" / "zero2.yaml"), *CPU_STRATEGY,
+         "--trainer.precision=32-true", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+         "--trainer.log_every_n_steps=1", "--trainer.enable_checkpointing=false",
+         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+         f"--trainer.logger.save_dir={tmp_path}", "--trainer.logger.name=csv",
+         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+         f"--model.init_args.policy={artifacts.policy}", "--model.init_args.export_dir=null",
+         f"--data.init_args.train_path={task_data}/pairs.jsonl",
+         f"--data.init_args.val_path={task_data}/eval_pairs.jsonl",
+         f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
+         f"--data.init_args.tokenizer={task_data}/tokenizer", "--data.init_args.batch_size=4")
     rows = list(csv.DictReader(next(tmp_path.glob("csv/*/metrics.csv")).open()))
     norms = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
     assert len(norms) == 2 and all(n > 0 for n in norms), rows
