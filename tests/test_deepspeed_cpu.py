@@ -24,8 +24,8 @@ WORKER = Path(__file__).with_name("deepspeed_worker.py")
 
 
 def _run(tmp_path: Path, strategy: str, task_data: str, art, devices: int = 1,
-         engine: str = "hf", **options) -> dict:
-    out = tmp_path / f"{strategy}-{devices}-{engine}-{len(list(tmp_path.iterdir()))}"
+         engine: str = "hf", name: str | None = None, **options) -> dict:
+    out = tmp_path / (name or f"{strategy}-{devices}-{engine}-{len(list(tmp_path.iterdir()))}")
     out.mkdir()
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
@@ -37,23 +37,45 @@ def _run(tmp_path: Path, strategy: str, task_data: str, art, devices: int = 1,
     return torch.load(out / "result.pt")
 
 
+def _run_together(tmp_path: Path, task_data: str, art, runs: dict[str, tuple]) -> dict:
+    """``{name: (strategy, options)}`` → ``{name: result}``: one-process runs, two at a time
+    (each worker is single-threaded; the machine the suite runs on has two cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(item):
+        name, (strategy, options) = item
+        return name, _run(tmp_path, strategy, task_data, art, name=name, **options)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(one, runs.items()))
+
+
 @pytest.fixture(scope="module")
-def plain(tmp_path_factory, task_data, artifacts) -> dict:
-    return _run(tmp_path_factory.mktemp("plain"), "plain", task_data, artifacts)
+def one_process(tmp_path_factory, task_data, artifacts) -> dict:
+    """One process each: the plain strategy, ZeRO-2 and ZeRO-3 (``{"plain", "2", "3"}``)."""
+    return _run_together(tmp_path_factory.mktemp("one_process"), task_data, artifacts,
+                         {name: (name, {}) for name in ("plain", "2", "3")})
 
 
-@pytest.mark.parametrize("stage", ["2", "3"])
-def test_zero_matches_plain_strategy(stage, plain, tmp_path, task_data, artifacts):
-    zero = _run(tmp_path, stage, task_data, artifacts)
-    assert plain["steps"] == zero["steps"] == 1
-    assert zero["partitioned"] == (stage == "3")
+@pytest.fixture(scope="module")
+def plain(one_process) -> dict:
+    return one_process["plain"]
+
+
+def test_zero_matches_plain_strategy(one_process, artifacts):
+    plain = one_process["plain"]
     policy = load_causal_lm(artifacts.policy, load_tokenizer(artifacts.policy))
     start = policy.state_dict()
     moved = [k for k in plain["state"] if not torch.equal(plain["state"][k],
                                                           start[k.removeprefix("policy.")])]
     assert len(moved) == len(start), "the plain run must change every policy tensor"
-    for k, v in plain["state"].items():
-        torch.testing.assert_close(zero["state"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+    for stage in ("2", "3"):
+        zero = one_process[stage]
+        assert plain["steps"] == zero["steps"] == 1
+        assert zero["partitioned"] == (stage == "3")
+        for k, v in plain["state"].items():
+            torch.testing.assert_close(zero["state"][k], v, rtol=1e-4, atol=1e-6,
+                                       msg=f"ZeRO-{stage} {k}")
 
 
 @pytest.mark.parametrize("stage", ["2", "3"])
@@ -98,69 +120,67 @@ def start_weights(artifacts) -> dict:
     return load_causal_lm(artifacts.policy, load_tokenizer(artifacts.policy)).state_dict()
 
 
-@pytest.fixture(scope="module")
-def plain_clipped(tmp_path_factory, task_data, artifacts) -> dict:
-    return _run(tmp_path_factory.mktemp("plain_clipped"), "plain", task_data, artifacts, **CLIP)
-
-
-@pytest.mark.parametrize("stage", ["1", "2", "3"])
-def test_zero_clips_and_accumulates_as_the_plain_strategy_does(
-        stage, plain_clipped, start_weights, tmp_path, task_data, artifacts):
+def test_zero_clips_and_accumulates_as_the_plain_strategy_does(start_weights, tmp_path,
+                                                               task_data, artifacts):
     """``model.ppo.max_grad_norm`` reaches DeepSpeed's engine (Lightning's ``clip_gradients`` is
     a no-op under DeepSpeed), and two mini-batches accumulated into one step (two backward
     passes, one ``engine.step``; the loss is normalised by the whole rollout's tokens) add up:
     the ZeRO-1/2/3 update equals the plain strategy's clipped one-mini-batch update, which is
     far from an unclipped one."""
-    zero = _run(tmp_path, stage, task_data, artifacts, grad_accum=2, **CLIP)
-    assert zero["error"] is None and zero["steps"] == 1, zero["error"]
-    want = _deltas(plain_clipped, start_weights)
-    unclipped = _deltas(_run(tmp_path, "plain", task_data, artifacts, lr=CLIP["lr"]),
-                        start_weights)
-    got = _deltas(zero, start_weights)
+    runs = _run_together(tmp_path, task_data, artifacts, {
+        "plain": ("plain", CLIP), "unclipped": ("plain", {"lr": CLIP["lr"]}),
+        **{f"zero{z}": (z, {"grad_accum": 2, **CLIP}) for z in ("1", "2", "3")}})
+    want = _deltas(runs["plain"], start_weights)
+    unclipped = _deltas(runs["unclipped"], start_weights)
     for k, v in want.items():
         assert v.abs().max() < 0.1 * unclipped[k].abs().max(), k  # the clip decided the step
-        torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-6, msg=k)
+    for z in ("1", "2", "3"):
+        zero = runs[f"zero{z}"]
+        assert zero["error"] is None and zero["steps"] == 1, (z, zero["error"])
+        got = _deltas(zero, start_weights)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-6, msg=f"ZeRO-{z} {k}")
 
 
-@pytest.mark.parametrize("stage,modes", [("2", ("stop", "skip")), ("3", ("stop",))])
-def test_zero_gradient_guard_sees_a_nonfinite_gradient(stage, modes, start_weights, tmp_path,
-                                                       task_data, artifacts):
+def test_zero_gradient_guard_sees_a_nonfinite_gradient(start_weights, tmp_path, task_data,
+                                                       artifacts):
     """Under ZeRO the gradients are partitioned (``p.grad`` is None): the guard reads DeepSpeed's
-    global norm, so a NaN gradient stops the run with the step untaken; with
+    global norm, so a NaN gradient stops the run with the step untaken (ZeRO-2 and 3); with
     ``on_nonfinite=skip`` the step is skipped, counted, and the weights stay the start's."""
-    if "stop" in modes:
-        stop = _run(tmp_path, stage, task_data, artifacts, nan_grad=True)
-        assert stop["error"] and stop["error"].startswith("NonFiniteError"), stop["error"]
-        assert "grad_norm" in stop["error"]
-    if "skip" in modes:
-        skip = _run(tmp_path, stage, task_data, artifacts, nan_grad=True, on_nonfinite="skip")
-        assert skip["error"] is None and skip["skips"] == 1 and skip["steps"] == 1
-        for k, v in skip["state"].items():
-            assert torch.equal(v, start_weights[k.removeprefix("policy.")]), k
+    runs = _run_together(tmp_path, task_data, artifacts, {
+        "stop2": ("2", {"nan_grad": True}), "stop3": ("3", {"nan_grad": True}),
+        "skip2": ("2", {"nan_grad": True, "on_nonfinite": "skip"})})
+    for name in ("stop2", "stop3"):
+        error = runs[name]["error"]
+        assert error and error.startswith("NonFiniteError") and "grad_norm" in error, error
+    skip = runs["skip2"]
+    assert skip["error"] is None and skip["skips"] == 1 and skip["steps"] == 1
+    for k, v in skip["state"].items():
+        assert torch.equal(v, start_weights[k.removeprefix("policy.")]), k
 
 
-@pytest.mark.parametrize("frozen_dtype", [None, "float32"])
-def test_zero_frozen_models_dtype_is_a_choice(frozen_dtype, tmp_path, task_data, artifacts):
+def test_zero_frozen_models_dtype_is_a_choice(tmp_path, task_data, artifacts):
     """Under bf16-mixed DeepSpeed casts every parameter of the module: unset, the frozen
     reference and GVM follow the policy into bfloat16 (and the start-up log says so); with
     ``frozen_dtype=float32`` they hold their loaded float32 weights, exactly."""
     from dvpo_lightning.models import ValueModel
 
-    got = _run(tmp_path, "2", task_data, artifacts, precision="bf16-mixed",
-               frozen_dtype=frozen_dtype)
-    assert got["error"] is None, got["error"]
-    assert got["policy_dtype"] == "torch.bfloat16"
-    want = "torch.float32" if frozen_dtype else "torch.bfloat16"
-    assert got["frozen_dtypes"] == {"reference": want, "gvm": want}
+    runs = _run_together(tmp_path, task_data, artifacts, {
+        str(d): ("2", {"precision": "bf16-mixed", "frozen_dtype": d}) for d in (None, "float32")})
     tok = load_tokenizer(artifacts.policy)
     loaded = {"reference": load_causal_lm(artifacts.policy, tok),
               "gvm": ValueModel.from_pretrained(artifacts.gvm, tok)}
-    for name, model in loaded.items():
-        total = sum(float(p.double().sum()) for p in model.parameters())
-        if frozen_dtype:
-            assert got["frozen_sums"][name] == total, name
-        else:
-            assert got["frozen_sums"][name] != total, name  # rounded to bfloat16
+    for frozen_dtype, got in runs.items():
+        assert got["error"] is None, got["error"]
+        assert got["policy_dtype"] == "torch.bfloat16"
+        want = "torch.float32" if frozen_dtype == "float32" else "torch.bfloat16"
+        assert got["frozen_dtypes"] == {"reference": want, "gvm": want}
+        for name, model in loaded.items():
+            total = sum(float(p.double().sum()) for p in model.parameters())
+            if frozen_dtype == "float32":
+                assert got["frozen_sums"][name] == total, name
+            else:
+                assert got["frozen_sums"][name] != total, name  # rounded to bfloat16
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,32 +202,39 @@ def _fit(tmp_path: Path, *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("config", DEEPSPEED_CONFIGS, ids=lambda p: p.stem)
-def test_every_shipped_deepspeed_config_takes_an_rl_step(config, tmp_path, task_data,
-                                                         artifacts):
+def test_every_shipped_deepspeed_config_takes_an_rl_step(tmp_path, task_data, artifacts):
     """Each ``configs/deepspeed/*.yaml`` as shipped (its ZeRO stage, offload, bf16-mixed),
     after ``configs/dvpo.yaml``, through the real CLI: one RL step, clipped at
     ``ppo.max_grad_norm``. Only the strategy class is swapped for the CPU test one (Lightning's
     refuses to start without CUDA); ``zero3_offload`` needs DeepSpeed's CPU Adam, which the
-    module picks (its kernel compiles on first use)."""
-    log = _fit(tmp_path, "--config", str(REPO / "configs" / "dvpo.yaml"), "--config", str(config),
-               *CPU_STRATEGY, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-               "--trainer.logger=false", "--trainer.enable_checkpointing=false",
-               "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
-               f"--model.init_args.policy={artifacts.policy}",
-               f"--model.init_args.value_model={artifacts.gvm}",
-               "--model.init_args.rollout.max_new_tokens=6",
-               "--model.init_args.ppo.mini_batch_size=4", "--model.init_args.ppo.epochs=1",
-               f"--model.init_args.export_dir={tmp_path / 'policy'}",
-               f"--data.init_args.train_path={task_data}/rl_prompts.jsonl",
-               f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
-               f"--data.init_args.tokenizer={task_data}/tokenizer",
-               "--data.init_args.batch_size=4")
-    assert "DeepSpeed: gradient clipping at norm 1 (model.ppo.max_grad_norm)" in log, log[-3000:]
-    assert "frozen models (reference, gvm) in bfloat16" in log
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["rl_steps"] == 1
-    assert (tmp_path / "policy" / "config.json").exists()
+    module picks (its kernel compiles on first use). Two runs at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(config: Path) -> tuple[Path, str]:
+        root = tmp_path / config.stem
+        root.mkdir()
+        return root, _fit(
+            root, "--config", str(REPO / "configs" / "dvpo.yaml"), "--config", str(config),
+            *CPU_STRATEGY, "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+            "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}",
+            f"--model.init_args.policy={artifacts.policy}",
+            f"--model.init_args.value_model={artifacts.gvm}",
+            "--model.init_args.rollout.max_new_tokens=6",
+            "--model.init_args.ppo.mini_batch_size=4", "--model.init_args.ppo.epochs=1",
+            f"--model.init_args.export_dir={root / 'policy'}",
+            f"--data.init_args.train_path={task_data}/rl_prompts.jsonl",
+            f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
+            f"--data.init_args.tokenizer={task_data}/tokenizer", "--data.init_args.batch_size=4")
+
+    assert [p.stem for p in DEEPSPEED_CONFIGS] == ["zero1", "zero2", "zero3", "zero3_offload"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for root, log in pool.map(one, DEEPSPEED_CONFIGS):
+            assert "DeepSpeed: gradient clipping at norm 1 (model.ppo.max_grad_norm)" in log, \
+                (root.name, log[-3000:])
+            assert "frozen models (reference, gvm) in bfloat16" in log, root.name
+            assert json.loads((root / "summary.json").read_text())["rl_steps"] == 1, root.name
+            assert (root / "policy" / "config.json").exists(), root.name
 
 
 def test_dpo_under_zero2_logs_deepspeeds_gradient_norm(tmp_path, task_data, artifacts):
