@@ -108,23 +108,6 @@ def make_artifacts(root: Path, shape: str, n_prompts: int, prompt_len: int, seed
             f.write(json.dumps({"prompt": words}) + "\n")
 
 
-def cuda_sync_callback():
-    """A callback that synchronises the GPU at each RL step's start and end; placed before
-    ``CostMeter``, whose clock then times finished work (a step's last kernels are otherwise
-    counted in the next one)."""
-    import torch
-    from lightning.pytorch.callbacks import Callback
-
-    class CudaSync(Callback):
-        def on_train_batch_start(self, *args, **kwargs) -> None:
-            torch.cuda.synchronize()
-
-        def on_train_batch_end(self, *args, **kwargs) -> None:
-            torch.cuda.synchronize()
-
-    return CudaSync()
-
-
 def run_method(args) -> dict:
     """One method's RL steps in this process; returns its cost record."""
     import importlib.util
@@ -181,10 +164,8 @@ def run_method(args) -> dict:
         overrides.append(f"--model.init_args.estimator.init_args.group_size={group}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    cli = cli_main(overrides, run=False)
-    if torch.cuda.is_available():  # the step's clock reads a finished GPU at both ends
-        meter = next(i for i, cb in enumerate(cli.trainer.callbacks) if isinstance(cb, CostMeter))
-        cli.trainer.callbacks.insert(meter, cuda_sync_callback())
+    cli = cli_main(overrides, run=False)  # (CostMeter's clock waits for the GPU at both ends
+    # of a step, and the module's at each phase boundary: runtime/timing.py)
     cli.trainer.fit(cli.model, cli.datamodule)
     c = next(cb for cb in cli.trainer.callbacks if isinstance(cb, CostMeter)).summary(cli.model)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
@@ -452,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = Path(tmp)
         n_prompts = max(args.prompts * args.group * (args.rl_steps + 1), 8)
         make_artifacts(root, args.shape, n_prompts, args.prompt_len)
-        child = [a for a in (argv if argv is not None else sys.argv[1:])]
+        child = list(argv if argv is not None else sys.argv[1:])
         # the children find this checkout first, and whatever the parent's path had after it
         path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}

@@ -61,6 +61,15 @@ def sft_fit(tmp_path: Path, train_path: str, tokenizer: str, *extra: str) -> lis
             *extra]
 
 
+def value_fit(config: str, root, train_path, task_data, tokenizer_dir) -> list[str]:
+    """``fit`` of a value-model stage (GVM, reward model) on ``train_path``, its backbone
+    missing: what is refused must be refused before it loads."""
+    return ["fit", "--config", str(CONFIGS / config), f"--model.init_args.backbone={MISSING}",
+            f"--data.init_args.train_path={train_path}",
+            f"--data.init_args.val_path={Path(task_data) / 'eval_pairs.jsonl'}",
+            f"--data.init_args.tokenizer={tokenizer_dir}", f"--trainer.default_root_dir={root}"]
+
+
 def rl_fit(config: str, task_data: str, tmp_path: Path, *extra: str) -> list[str]:
     """``fit`` of an RL config on the tiny prompts, every model path missing."""
     return ["fit", "--config", str(CONFIGS / config),
@@ -275,12 +284,8 @@ def test_text_of_another_tokenizer_is_refused(tmp_path, tokenizer_dir, capsys):
 
 def test_scored_run_given_pairs_names_train_kind(tmp_path, task_data, tokenizer_dir, capsys):
     pairs = str(Path(task_data) / "pairs.jsonl")
-    code, err = run_main(["fit", "--config", str(CONFIGS / "gvm.yaml"),
-                          f"--model.init_args.backbone={MISSING}",
-                          f"--data.init_args.train_path={pairs}",
-                          f"--data.init_args.val_path={Path(task_data) / 'eval_pairs.jsonl'}",
-                          f"--data.init_args.tokenizer={tokenizer_dir}",
-                          f"--trainer.default_root_dir={tmp_path}"], capsys)
+    code, err = run_main(value_fit("gvm.yaml", tmp_path, pairs, task_data, tokenizer_dir),
+                         capsys)
     assert code == 2
     [line] = error_lines(err)
     assert line.startswith(f"error: {pairs}, row 0 (line 1): field 'response' is missing")
@@ -308,17 +313,12 @@ def test_a_file_smaller_than_one_batch_is_one_error_before_models_load(config, t
                                                                      task_data, tokenizer_dir,
                                                                      capsys):
     # A stage counted in epochs (the GVM, the reward model) on a user's small file with the
-    # shipped batch of 32: refused before the (missing) backbone loads, naming the fix.
+    # shipped batch (64 / 32): refused before the (missing) backbone loads, naming the fix.
     kind = "trajectories" if config == "gvm.yaml" else "pairs"
     rows = Path(task_data, f"{kind}.jsonl").read_text().splitlines()[:5]
     small = tmp_path / "small.jsonl"
     small.write_text("\n".join(rows) + "\n")
-    code, err = run_main(["fit", "--config", str(CONFIGS / config),
-                          f"--model.init_args.backbone={MISSING}",
-                          f"--data.init_args.train_path={small}",
-                          f"--data.init_args.val_path={Path(task_data) / 'eval_pairs.jsonl'}",
-                          f"--data.init_args.tokenizer={tokenizer_dir}",
-                          f"--trainer.default_root_dir={tmp_path}"], capsys)
+    code, err = run_main(value_fit(config, tmp_path, small, task_data, tokenizer_dir), capsys)
     assert code == 2
     [line] = error_lines(err)
     rows, batch = 5, (64 if config == "gvm.yaml" else 32)
