@@ -10,7 +10,11 @@ Writes, under ``out``::
                           prompt whose annotated scores differ, labelled by those scores (how
                           UltraFeedback is binarized) — the same information as the scores
     rl_prompts.jsonl      {prompt}: prompts for policy optimisation
-    eval_prompts.jsonl    {prompt}: held-out prompts for evaluating policies
+    eval_prompts.jsonl    {prompt}: held-out *test* prompts for evaluating policies (the final
+                          numbers only)
+    val_prompts.jsonl     {prompt}: held-out *validation* prompts, disjoint from the test
+                          prompts: learning curves, tuning and every choice a study makes
+                          (docs/study.md); not written when ``n_val_prompts`` is 0
     eval_pairs.jsonl      {prompt, chosen, rejected, policy}: held-out pairs, noise-free labels
     eval_pairs_shifted.jsonl
                           {prompt, chosen, rejected, policy}: held-out pairs like eval_pairs, from
@@ -19,8 +23,9 @@ Writes, under ``out``::
                           not written when ``n_shifted_pair_prompts`` is 0
     manifest.json         the arguments, counts and mean gold score of every split
 
-Every split draws from its own prompts: no prompt appears in two splits. The shifted split is
-drawn after all the others, from the same random stream, so adding it changes no other file.
+Every split draws from its own prompts: no prompt appears in two splits. The shifted split and
+then the validation prompts are drawn after all the others, from the same random stream, so
+adding them changes no other file.
 """
 
 from __future__ import annotations
@@ -137,6 +142,7 @@ def make_task_data(
     n_eval_pair_prompts: int = 1000,
     shifted_behaviour: dict[str, tuple[float, ...]] | None = None,
     n_shifted_pair_prompts: int = 1000,
+    n_val_prompts: int = 256,
     seed: int = 0,
 ) -> dict:
     """Generate all splits of an embedded task (see the module docstring for the files).
@@ -168,6 +174,9 @@ def make_task_data(
         n_shifted_pair_prompts: held-out prompts for the shifted pairs
             (``eval_pairs_shifted.jsonl``, noise-free labels); 0: no shifted split, the file
             is not written (one left by an earlier run in ``out`` is removed).
+        n_val_prompts: held-out validation prompts (``val_prompts.jsonl``), disjoint from the
+            test prompts (``eval_prompts.jsonl``) and from every other split: what a study
+            tunes and watches on; 0: none (the file is not written, a stale one removed).
         seed: random seed; the same arguments give the same files.
 
     Returns:
@@ -179,6 +188,8 @@ def make_task_data(
     _check_rates("shifted_behaviour", shifted)
     if responses_per_prompt < 2:
         raise ValueError(f"responses_per_prompt={responses_per_prompt} must be >= 2")
+    if n_val_prompts < 0:
+        raise ValueError(f"n_val_prompts={n_val_prompts} must be >= 0 (0: no validation split)")
     if n_shifted_pair_prompts < 0:
         raise ValueError(f"n_shifted_pair_prompts={n_shifted_pair_prompts} must be >= 0 "
                          "(0: no shifted split)")
@@ -234,6 +245,8 @@ def make_task_data(
     # Drawn last, from the same stream: every split above is what it is without this one.
     shifted_prompts = _unique_prompts(t, n_shifted_pair_prompts, rng, seen)
     shifted_pairs = _held_out_pairs(t, shifted_prompts, shifted, rng)
+    # Drawn after that, likewise: the validation prompts change no split above either.
+    val_prompts = _unique_prompts(t, n_val_prompts, rng, seen)
 
     splits = {
         "sft": sft,
@@ -249,6 +262,10 @@ def make_task_data(
         _write_jsonl(root / "eval_pairs_shifted.jsonl", shifted_pairs)
     else:  # no shifted split: leave no stale file of an earlier run
         (root / "eval_pairs_shifted.jsonl").unlink(missing_ok=True)
+    if n_val_prompts:
+        _write_jsonl(root / "val_prompts.jsonl", [{"prompt": p} for p in val_prompts])
+    else:
+        (root / "val_prompts.jsonl").unlink(missing_ok=True)
 
     def mean_gold(rows: list[dict], key: str) -> float | None:
         vals = [t.gold_score(r["prompt"], r[key]) for r in rows]
@@ -271,9 +288,11 @@ def make_task_data(
             "n_eval_pair_prompts": n_eval_pair_prompts,
             "shifted_behaviour": shifted,
             "n_shifted_pair_prompts": n_shifted_pair_prompts,
+            "n_val_prompts": n_val_prompts,
             "seed": seed,
         },
         "counts": {name: len(rows) for name, rows in splits.items()},
+        "val_prompts": len(val_prompts),  # (apart from "counts", like the shifted split)
         "mean_gold": {
             "sft_teacher": mean_gold(sft, "response"),
             "trajectories": mean_gold(trajectories, "response"),
