@@ -27,9 +27,13 @@ from dvpo_lightning.data.sft import SFTDataModule
 from dvpo_lightning.data.value import ValueDataModule
 from dvpo_lightning.metrics import AGGREGATIONS
 from dvpo_lightning.models import ValueModel, freeze, load_tokenizer, position_ids_from_mask
-from dvpo_lightning.modules import GVMModule, RewardModelModule, SFTModule
+from dvpo_lightning.modules import GVMModule, RewardModelModule, ScoreRewardModelModule, SFTModule
 from dvpo_lightning.modules.reward_model import final_scores
-from dvpo_lightning.ops.losses import bradley_terry_loss, value_regression_loss
+from dvpo_lightning.ops.losses import (
+    bradley_terry_loss,
+    score_regression_loss,
+    value_regression_loss,
+)
 from dvpo_lightning.ops.returns import gvm_value_targets
 from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
@@ -217,6 +221,45 @@ def test_reward_model_trains_reports_and_exports(task_data, sft_model_dir, tmp_p
     assert_parameters_moved(module, before)
     assert_accuracy_report(capsys, module, trainer, len(dm.val_set))
     assert_value_export(module, batch)
+
+
+def test_score_reward_model_regresses_the_final_score_and_exports(task_data, sft_model_dir,
+                                                                   tmp_path, make_trainer, capsys):
+    # the information 2 × 2's fourth cell: a reward model (one score per finished response) fit
+    # to the annotated scores the GVM regresses, not to the pairs derived from them
+    L.seed_everything(0, verbose=False)
+    train = head_file(os.path.join(task_data, "trajectories.jsonl"), tmp_path / "t.jsonl", 32)
+    dm = ValueDataModule(train_path=train, val_path=os.path.join(task_data, "eval_pairs.jsonl"),
+                         tokenizer=sft_model_dir, train_kind="scored", batch_size=16,
+                         val_batch_size=32, max_length=32)
+    module = ScoreRewardModelModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0,
+                                    export_dir=str(tmp_path / "model"))
+    batch = fixed_batch(dm, dm.collate_train)
+    # zero-initialised head: every score is 0, so the loss is mean ½·s² (hand-computed)
+    err0, before = terminal_error(module, batch), snapshot(module)
+    assert err0 == pytest.approx(float((0.5 * batch["returns"] ** 2).mean()), abs=1e-6)
+
+    trainer, _ = fit(module, dm, tmp_path, make_trainer, val=True)
+
+    assert terminal_error(module, batch) < 0.5 * err0
+    assert_parameters_moved(module, before)
+    assert_accuracy_report(capsys, module, trainer, len(dm.val_set))
+    assert_value_export(module, batch)
+    assert module.kind == "reward"  # (RL runs load it as a reward model)
+
+
+def test_score_reward_model_refuses_pairs_and_a_margin(task_data, sft_model_dir):
+    with pytest.raises(ValueError, match="margin belongs to the Bradley–Terry"):
+        ScoreRewardModelModule(backbone=sft_model_dir, margin=0.5)
+    module = ScoreRewardModelModule(backbone=sft_model_dir)
+    with pytest.raises(ValueError, match="train_kind: scored"):
+        module.training_step({"n_pairs": 1}, 0)
+
+
+def test_score_regression_loss_by_hand():
+    scores, targets = torch.tensor([1.0, -0.5, 0.25]), torch.tensor([0.5, 0.5, 0.25])
+    assert float(score_regression_loss(scores, targets)) == pytest.approx(
+        (0.5 * 0.25 + 0.5 * 1.0 + 0.0) / 3)
 
 
 # --- GVM ------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 from dvpo_lightning.modules.dpo import DPOModule, DPOSettings
 from dvpo_lightning.modules.dvpo import DVPOModule
 from dvpo_lightning.modules.gvm import GVMModule
-from dvpo_lightning.modules.reward_model import RewardModelModule
+from dvpo_lightning.modules.reward_model import RewardModelModule, ScoreRewardModelModule
 from dvpo_lightning.modules.sft import SFTModule
 
-__all__ = ["DPOModule", "DPOSettings", "DVPOModule", "GVMModule", "RewardModelModule", "SFTModule"]
+__all__ = ["DPOModule", "DPOSettings", "DVPOModule", "GVMModule", "RewardModelModule",
+           "SFTModule", "ScoreRewardModelModule"]

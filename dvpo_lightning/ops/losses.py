@@ -78,6 +78,21 @@ def bradley_terry_loss(
     return -F.logsigmoid(diff).mean()
 
 
+def score_regression_loss(scores: Tensor, targets: Tensor) -> Tensor:
+    """Reward model regressed on annotated scores: ``mean ½·(r − s)²`` over responses (the
+    GVM's :func:`value_regression_loss` at the final token only; docs/study.md, the
+    information 2 × 2).
+
+    Args:
+        scores: ``(B,)`` float, ``r(x, y)`` at the last response token.
+        targets: ``(B,)`` float, the annotated scores ``s``.
+
+    Returns:
+        0-d float.
+    """
+    return (0.5 * (scores - targets.to(scores.dtype)) ** 2).mean()
+
+
 def value_regression_loss(
     pred: Tensor, target: Tensor, mask: Tensor, num_tokens: float | None = None
 ) -> Tensor:
