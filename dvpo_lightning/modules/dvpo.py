@@ -26,6 +26,7 @@ from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.modules.kl_penalty import KLPenalty, KLSettings
 from dvpo_lightning.modules.optim import adamw
 from dvpo_lightning.modules.ppo import PPOSettings, minibatch_loss
+from dvpo_lightning.modules.reward_scale import RewardScale, RewardSettings
 from dvpo_lightning.modules.rl_models import load_rl_models
 from dvpo_lightning.modules.stage import stage_callbacks
 from dvpo_lightning.ops.masked import masked_mean
@@ -105,6 +106,8 @@ class DVPOModule(L.LightningModule):
         kl: the KL to the reference.
         ppo: the clipped policy-gradient update.
         guards: the numerical guards.
+        reward: how the frozen scorer's output reaches the estimator (one scale for every
+            method: :mod:`~dvpo_lightning.modules.reward_scale`).
     """
 
     STEP_UNIT = "RL step"
@@ -128,6 +131,7 @@ class DVPOModule(L.LightningModule):
         kl: KLSettings = KLSettings(),
         ppo: PPOSettings = PPOSettings(),
         guards: GuardSettings = GuardSettings(),
+        reward: RewardSettings = RewardSettings(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator"])
@@ -142,7 +146,7 @@ class DVPOModule(L.LightningModule):
             scorer, loaded.shared_reference, models.fused_head,
             models.offload_frozen)
         self._assemble(loaded.trained, experience, estimator, loaded.identity, models, kl, ppo,
-                       guards)
+                       guards, reward)
 
     @classmethod
     def from_parts(cls, trained: nn.ModuleDict, experience: nn.Module,
@@ -157,13 +161,13 @@ class DVPOModule(L.LightningModule):
                 ``(policy, batch, critic, weights_version) ↦ (Experience, info)``).
             estimator: the advantage estimator.
             **settings: ``lr``, ``critic_lr``, ``weight_decay``, ``kl``, ``ppo``, ``guards``,
-                ``models`` as in ``__init__``.
+                ``reward``, ``models`` as in ``__init__``.
         """
         self = cls.__new__(cls)
         L.LightningModule.__init__(self)
         defaults = {"lr": 1e-5, "critic_lr": None, "weight_decay": 0.0, "export_dir": None,
                     "models": ModelOptions(), "kl": KLSettings(), "ppo": PPOSettings(),
-                    "guards": GuardSettings()}
+                    "guards": GuardSettings(), "reward": RewardSettings()}
         unknown = set(settings) - set(defaults)
         if unknown:
             raise TypeError(f"DVPOModule.from_parts: unknown settings {sorted(unknown)}; "
@@ -171,19 +175,20 @@ class DVPOModule(L.LightningModule):
         hp = {**defaults, **settings}
         self.save_hyperparameters(hp)
         self._assemble(trained, experience, estimator, {}, hp["models"], hp["kl"], hp["ppo"],
-                       hp["guards"])
+                       hp["guards"], hp["reward"])
         return self
 
     def _assemble(self, trained: nn.ModuleDict, experience: nn.Module,
                   estimator: AdvantageEstimator, identity: dict[str, str | None],
                   models: ModelOptions, kl: KLSettings, ppo: PPOSettings,
-                  guards: GuardSettings) -> None:
+                  guards: GuardSettings, reward: RewardSettings = RewardSettings()) -> None:
         # (settings are kept as objects: under LightningCLI self.hparams holds the config dict)
         self.automatic_optimization = False
         self.trained, self.experience, self.estimator = trained, experience, estimator
         self.tokenizer = experience.tokenizer
         self.model_options, self.ppo = models, ppo
         self.kl, self.guard = KLPenalty(kl), StepGuard(guards)
+        self.reward_scale = RewardScale(reward)
         self.evals = EvalHistory()
         self.weights_version = 0  # optimizer updates of the policy (a rollout engine's sync key)
         self.identity_paths = identity  # role → path a resumed run must find again
@@ -267,6 +272,7 @@ class DVPOModule(L.LightningModule):
             exp, info = self.make_experience(batch, step)
             if exp is None:
                 return self._skipped()
+            exp = self.reward_scale(exp, self.estimator.needs)  # (before β acts on it)
             exp, kl = self.kl.in_reward(exp)
             info.update(self._sampler_gap(exp, step))
             if self._rollout_is_bad(exp, kl, step):
@@ -533,6 +539,7 @@ class DVPOModule(L.LightningModule):
         checkpoint["rl_state"] = {"kl": self.kl.state_dict(), "evals": self.evals.state_dict(),
                                   "policy_updates": self.weights_version,
                                   "guard": self.guard.state_dict(),
+                                  "reward_scale": self.reward_scale.state_dict(),
                                   "frozen_identity": self.frozen_identity,
                                   # Lightning does not save the global RNGs; sampling needs them
                                   "rng": rng_states()}
@@ -544,6 +551,7 @@ class DVPOModule(L.LightningModule):
         self.kl.load_state_dict(state["kl"])
         self.evals.load_state_dict(state["evals"])
         self.guard.load_state_dict(state["guard"])
+        self.reward_scale.load_state_dict(state.get("reward_scale", {}))
         self.weights_version = state.get("policy_updates", 0)
         self.experience.forget_weights()  # other weights, maybe the same count
         self._rng_to_restore = state.get("rng")
@@ -557,6 +565,8 @@ class DVPOModule(L.LightningModule):
                                    if not k.startswith("_")},
                 "rl_steps": int(self.global_step), "policy_updates": self.weights_version,
                 "kl_coef": self.kl.settings.coef,
+                "reward_scale": {"normalize": self.reward_scale.settings.normalize,
+                                 **self.reward_scale.state_dict()},
                 "reference_eval": self.evals.reference,
                 "final_eval": history[-1] if history else None, "history": history}
 
