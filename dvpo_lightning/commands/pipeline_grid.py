@@ -78,6 +78,11 @@ def variants(method: MethodSpec, study_grid: list[GridAxis], where: str = "metho
     axes += [(a, f"{where}.grid") for a in method.grid]
     if not axes:
         return [Variant(method.name, method, {}, [])]
+    for i, (a, at) in enumerate(axes):
+        if other := next((b for b, _ in axes[:i] if b.arg == a.arg), None):
+            raise PipelineSpecError(
+                f"{at}.{a.name}.arg: {a.arg!r} is also axis {other.name!r}'s key: one run "
+                "cannot take two values of it. Drop one of the two axes")
     out = []
     for idx in itertools.product(*(range(len(a.values)) for a, _ in axes)):
         at = list(zip(axes, idx))
