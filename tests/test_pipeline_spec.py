@@ -134,6 +134,13 @@ def test_the_cli_reports_a_mistake_as_one_line_before_anything_runs(tmp_path, mo
     assert e.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"error: {path}: methods[0].grid.kl.values: must be a non-empty")
     assert sorted(os.listdir(tmp_path)) == ["study.yaml"]
+    path = write(tmp_path, study(seed_scop="pipeline"))  # the file's name, not jsonargparse's
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--config", path, "--dry_run", "true"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: {path}: seed_scop: unknown key, got 'seed_scop'. known "
+                             "keys: data, stages, methods, seeds,"), err
 
 
 # --- grids -----------------------------------------------------------------------------------
