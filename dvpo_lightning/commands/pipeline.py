@@ -7,7 +7,10 @@ retrained per seed, so every method's spread includes the stage-1 draw). Each st
 ordinary ``fit`` run with its own config, so any stage can be run or changed alone. A stage whose
 artifact exists and was made from the same config text, arguments and upstream artifacts is
 reused; a stage that was interrupted (crash, kill, preemption) resumes from its ``last.ckpt``
-on the next run; ``--force true`` recomputes everything.
+on the next run; ``--force true`` recomputes everything. A method may run over a grid of
+overrides, each point its own run (:mod:`~dvpo_lightning.commands.pipeline_grid`); the file is
+checked before anything runs (:mod:`~dvpo_lightning.commands.pipeline_spec`), and
+``--dry_run true`` prints every job and stops (:mod:`~dvpo_lightning.commands.pipeline_plan`).
 """
 
 from __future__ import annotations

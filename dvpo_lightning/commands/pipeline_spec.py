@@ -232,6 +232,13 @@ def report_keys() -> list[str]:
     return [a.arg for a in fn.args.args + fn.args.kwonlyargs if a.arg != "runs"]
 
 
+def _report_takes_any() -> bool:
+    """Whether ``build_report`` takes ``**kwargs`` (then any key is its business)."""
+    tree = ast.parse(BUILD.read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build_report")
+    return fn.args.kwarg is not None
+
+
 def parse_spec(raw: dict, source: str = "pipeline arguments") -> PipelineSpec:
     """The checked :class:`PipelineSpec` of ``raw`` (a pipeline file's mapping, or
     :func:`run_pipeline`'s arguments); ``source`` names it in errors. Configs and the data
@@ -312,6 +319,6 @@ def parse_spec(raw: dict, source: str = "pipeline arguments") -> PipelineSpec:
 
     report = raw.get("report")
     if report is not None:
-        c.keys(report, "report", report_keys())
+        c.keys(report, "report", list(report) if _report_takes_any() else report_keys())
     spec.report = report
     return spec
