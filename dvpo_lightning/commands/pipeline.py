@@ -7,7 +7,10 @@ retrained per seed, so every method's spread includes the stage-1 draw). Each st
 ordinary ``fit`` run with its own config, so any stage can be run or changed alone. A stage whose
 artifact exists and was made from the same config text, arguments and upstream artifacts is
 reused; a stage that was interrupted (crash, kill, preemption) resumes from its ``last.ckpt``
-on the next run; ``--force true`` recomputes everything.
+on the next run; ``--force true`` recomputes everything. A method may run over a grid of
+overrides, each point its own run (:mod:`~dvpo_lightning.commands.pipeline_grid`); the file is
+checked before anything runs (:mod:`~dvpo_lightning.commands.pipeline_spec`), and
+``--dry_run true`` prints every job and stops (:mod:`~dvpo_lightning.commands.pipeline_plan`).
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ from pathlib import Path
 
 import yaml
 
+from dvpo_lightning.commands.pipeline_grid import Variant, expand
+from dvpo_lightning.commands.pipeline_spec import SEED_SCOPES, PipelineSpec, parse_spec
+
 STAMP = "pipeline_stage.json"
-SEED_SCOPES = ("methods", "pipeline")
+__all__ = ["SEED_SCOPES", "run_pipeline", "run_pipeline_file", "run_spec"]
 
 
 @dataclass
@@ -47,33 +53,20 @@ class Stage:
 
 
 @dataclass
-class Method:
-    """One method of the comparison (an RL method, or DPO), run once per seed.
-
-    Args:
-        name: the method's name in tables and plots.
-        config: its LightningCLI config (``configs/dvpo.yaml`` …).
-        args: extra command-line overrides for every seed.
-        common: take the study's ``common_args`` (the RL runs' overrides); false for a
-            method whose module is not the RL module (DPO), which lists its own in ``args``.
-    """
-
-    name: str
-    config: str
-    args: list[str] | None = None
-    common: bool = True
-
-
-@dataclass
 class Job:
     """One stage to run or reuse: its hash, the stages it reads (by name), whether ``only``
-    selects it, and whether it is a method run (stage-1 jobs start first)."""
+    selects it, and whether it is a method run (stage-1 jobs start first); its seed (None: a
+    stage-1 stage trained once, at its config's seed), kind (``stage1``, ``rl`` or ``dpo``)
+    and, for a method run, the grid point it runs."""
 
     stage: Stage
     hash: str
     deps: list[str]
     selected: bool = True
     method: bool = False
+    seed: int | None = None
+    kind: str = "stage1"
+    variant: Variant | None = None
 
 
 def _digest(*parts: str) -> str:
@@ -99,13 +92,16 @@ def seeded_stage(name: str, config: str, seed: int, runs_dir: str, args: list[st
                       "WANDB_JOB_TYPE": job_type})
 
 
-def method_stages(methods: list[Method], seeds: list[int], runs_dir: str,
-                  common_args: list[str], group: str) -> list[Stage]:
-    """One stage per (method, seed): its own run directory ``<runs_dir>/<name>/seed<s>``,
-    artifact ``…/model`` and seed; W&B runs named ``<name>-seed<s>`` in one group."""
-    return [seeded_stage(m.name, m.config, s, runs_dir,
-                         [*(common_args if m.common else []), *(m.args or [])], group, "rl")
-            for m in methods for s in seeds]
+def method_stages(variants: list[Variant], seeds: list[int], runs_dir: str,
+                  common_args: list[str], group: str) -> list[tuple[Variant, int, Stage]]:
+    """One stage per (method grid point, seed), in that order: its own run directory
+    ``<runs_dir>/<run name>/seed<s>``, artifact ``…/model`` and seed; W&B runs named
+    ``<run name>-seed<s>`` in one group. Its arguments: the study's ``common_args`` (when the
+    method's ``common``), the method's ``args``, then the point's overrides."""
+    return [(v, s, seeded_stage(v.name, v.method.config, s, runs_dir,
+                                [*(common_args if v.method.common else []),
+                                 *(v.method.args or []), *v.args], group, "rl"))
+            for v in variants for s in seeds]
 
 
 def _model_paths(tree: dict, prefix: str = "model") -> list[tuple[str, str]]:
@@ -263,10 +259,12 @@ def _run_or_reuse(stage: Stage, h: str, force: bool, in_process: bool,
     if not Path(stage.artifact).exists():
         raise RuntimeError(f"stage {stage.name!r} finished but wrote no {stage.artifact}; "
                            "its config's export_dir must match the pipeline's artifact")
-    stamp.write_text(json.dumps({"hash": h, "config": stage.config, "args": stage.args}))
+    seconds = round(time.time() - t0, 1)
+    # the wall time lets a later --dry_run estimate what a rerun costs (the hash alone decides)
+    stamp.write_text(json.dumps({"hash": h, "config": stage.config, "args": stage.args,
+                                 "seconds": seconds}))
     marker.unlink(missing_ok=True)
-    report[stage.name] = {"status": "resumed" if ckpt else "ran",
-                          "seconds": round(time.time() - t0, 1)}
+    report[stage.name] = {"status": "resumed" if ckpt else "ran", "seconds": seconds}
     print(f"[pipeline] {stage.name}: done in {report[stage.name]['seconds']} s", flush=True)
 
 
@@ -322,31 +320,37 @@ def run_parallel(jobs: list[Job], workers: int, force: bool, done: dict[str, dic
 def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
                  methods: list[dict] | None = None, seeds: list[int] | None = None,
                  runs_dir: str = "runs", common_args: list[str] | None = None,
-                 report: dict | None = None, group: str = "pipeline", force: bool = False,
-                 only: list[str] | None = None, in_process: bool = False,
-                 skip_report: bool = False, seed_scope: str = "methods",
-                 workers: int = 1) -> dict:
-    """Run (or reuse) the data step, the stages, every method × seed, then the report.
+                 grid: dict | None = None, report: dict | None = None,
+                 group: str = "pipeline", force: bool = False, only: list[str] | None = None,
+                 in_process: bool = False, skip_report: bool = False,
+                 seed_scope: str = "methods", workers: int = 1, dry_run: bool = False) -> dict:
+    """Run (or reuse) the data step, the stages, every method × grid point × seed, then the
+    report.
 
     A pipeline file (``--config configs/pipeline.yaml``) holds these arguments; any of them
-    can be overridden on the command line (``--seeds '[0]'``, ``--only '[dvpo]'``).
+    can be overridden on the command line (``--seeds '[0]'``, ``--only '[dvpo]'``). They are
+    checked as a whole (:func:`~dvpo_lightning.commands.pipeline_spec.parse_spec`) before
+    anything runs.
 
     Args:
         data: the data config (``python -m dvpo_lightning data --config …``); None: no data step.
         stages: the stage-1 stages in order, each ``{name, config, artifact, args}``; a stage
-            depends on every earlier one.
-        methods: the methods, each ``{name, config, args, common}``, run once per seed from
-            the stage-1 artifacts (not depending on each other).
+            depends on the earlier stages whose artifacts it reads.
+        methods: the methods, each ``{name, config, args, common, grid}``, run once per grid
+            point and seed from the stage-1 artifacts (not depending on each other).
         seeds: the seeds of every method (default ``[0]``).
-        runs_dir: method runs go to ``<runs_dir>/<method>/seed<s>``.
+        runs_dir: method runs go to ``<runs_dir>/<run name>/seed<s>``.
         common_args: command-line overrides for every method run whose ``common`` is true.
+        grid: ``{axis: {arg, values, labels}}`` crossed into every method whose ``common`` is
+            true, before the method's own ``grid`` (:mod:`~dvpo_lightning.commands.pipeline_grid`:
+            run names ``<method>@<axis>=<value>,…``).
         report: arguments of :func:`~dvpo_lightning.report.build.build_report` (``out``,
             ``gvm``, ``reward_model``, ``eval_pairs`` …); None: no report.
         group: the W&B group of the method runs and the report.
         force: recompute every stage even when its artifact matches (with ``only``: the
             stages named there).
-        only: run just these stage or method names (the others must already exist); ``data``
-            names the data step.
+        only: run just these stage, method or run names (the others must already exist);
+            ``data`` names the data step; a method's name selects all its grid points.
         in_process: run the stages in this process instead of one subprocess each: saves each
             run's start-up (≈ 9 s of imports on 2 CPU cores) and gives the same numbers (every
             run seeds itself; checked against subprocesses); a crash stops the pipeline as a
@@ -359,47 +363,55 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
         workers: run up to this many stages at once, each in a worker process of its own
             with ``OMP_NUM_THREADS`` cores ÷ workers threads (:func:`run_parallel`); a stage
             starts when the stages it reads are done. 1: one after another.
+        dry_run: print every job in order (run, resumed or reused), then totals, and stop:
+            no data generated, no model loaded, no file written
+            (:mod:`~dvpo_lightning.commands.pipeline_plan`).
 
     Returns:
-        ``{stage name: {"status": "ran" | "resumed" | "reused", "seconds": float}}``.
+        ``{stage name: {"status": "ran" | "resumed" | "reused", "seconds": float}}``; empty
+        for a dry run.
     """
-    seeds = seeds if seeds is not None else [0]
-    done: dict[str, dict] = {}
-    upstream = ""
-    if data:
-        data_out = yaml.safe_load(Path(data).read_text())["out"]
-        stamp = Path(data_out) / STAMP
-        h = _digest(Path(data).read_text())
-        t0 = time.time()
-        forced = force and (not only or "data" in only)  # --only limits --force too
-        if forced or not stamp.exists() or json.loads(stamp.read_text())["hash"] != h:
-            print(f"[pipeline] data: generating {data_out}", flush=True)
-            if in_process:
-                from dvpo_lightning.commands.data import main as data_main
+    spec = parse_spec({k: v for k, v in locals().items()})
+    return run_spec(spec)
 
-                data_main(["--config", data])
-            else:
-                subprocess.run([sys.executable, "-m", "dvpo_lightning", "data", "--config",
-                                data], check=True)
-            stamp.write_text(json.dumps({"hash": h}))
-            done["data"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
-        else:
-            done["data"] = {"status": "reused", "seconds": 0.0}
-            print(f"[pipeline] data: reusing {data_out}", flush=True)
-        upstream = h
 
-    def selected(name: str) -> bool:
-        return not only or name in only or name.split("/")[0] in only
+def data_hash(spec: PipelineSpec) -> str:
+    """The hash of the data step (its config's text); "" without one. Every stage's hash
+    includes it."""
+    return _digest(Path(spec.data).read_text()) if spec.data else ""
 
-    if seed_scope not in SEED_SCOPES:
-        raise ValueError(f"seed_scope={seed_scope!r} is not one of {SEED_SCOPES}: `methods` "
-                         "trains stage 1 once, `pipeline` once per seed")
-    declared = [Stage(**raw) for raw in stages or []]
-    rl = [Method(**m) for m in methods or []]
+
+def _data_fresh(spec: PipelineSpec) -> bool:
+    """Whether the data step's output was made from this data config (its stamp's hash)."""
+    stamp = Path(yaml.safe_load(Path(spec.data).read_text())["out"]) / STAMP
+    return stamp.exists() and json.loads(stamp.read_text())["hash"] == data_hash(spec)
+
+
+def selects(spec: PipelineSpec, name: str, variant: Variant | None = None) -> bool:
+    """Whether ``only`` selects the stage or run ``name`` (``dvpo/seed0``): by its full name,
+    its name before ``/``, or (a grid point) its method's name."""
+    only = spec.only
+    return (not only or name in only or name.split("/")[0] in only
+            or (variant is not None and variant.method.name in only))
+
+
+def _kind(config: str) -> str:
+    model = (yaml.safe_load(Path(config).read_text()) or {}).get("model") or {}
+    return "dpo" if str(model.get("class_path", "")).endswith("DPOModule") else "rl"
+
+
+def build_jobs(spec: PipelineSpec, variants: list[Variant]) -> list[Job]:
+    """Every stage-1 and method job of ``spec`` in run order, with its hash (what decides
+    reuse: config text, arguments, data and the hashes of the stage-1 artifacts it reads) and
+    dependencies. Reads configs only; writes nothing."""
+    upstream = data_hash(spec)
+    runs_dir, group = spec.runs_dir, spec.group
+    declared = [Stage(s.name, s.config, s.artifact, s.args) for s in spec.stages]
     # seed → (declared artifact → this seed's copy); one entry, the identity, when stage 1 is
     # trained once
     scopes = {s: {st.artifact: f"{runs_dir}/{st.name}/seed{s}/model" for st in declared}
-              for s in seeds} if seed_scope == "pipeline" else {None: {}}
+              for s in spec.seeds} if spec.seed_scope == "pipeline" else {None: {}}
+    kinds = {m.config: _kind(m.config) for m in spec.methods}
     jobs: list[Job] = []
     for seed, artifacts in scopes.items():
         hashes: dict[str, str] = {}  # declared artifact → the hash of the stage that makes it
@@ -411,45 +423,133 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
             read = reads(raw, hashes)
             h = _stage_hash(stage, _digest(upstream, *(hashes[a] for a in read)))
             hashes[raw.artifact], makers[raw.artifact] = h, stage.name
-            jobs.append(Job(stage, h, [makers[a] for a in read], selected(stage.name)))
-        for raw in method_stages(rl, seeds if seed is None else [seed], runs_dir,
-                                 common_args or [], group):
+            jobs.append(Job(stage, h, [makers[a] for a in read], selects(spec, stage.name),
+                            seed=seed))
+        for variant, s, raw in method_stages(variants, spec.seeds if seed is None else [seed],
+                                             runs_dir, spec.common_args, group):
             # a method depends on the stage-1 artifacts it reads, not on the others'
             read = reads(raw, hashes)
             stage = raw if seed is None else relink(raw, artifacts)
             h = _stage_hash(stage, _digest(upstream, *(hashes[a] for a in read)))
-            jobs.append(Job(stage, h, [makers[a] for a in read], selected(stage.name),
-                            method=True))
-    if workers > 1:
-        run_parallel(jobs, workers, force, done)
+            jobs.append(Job(stage, h, [makers[a] for a in read],
+                            selects(spec, stage.name, variant), method=True, seed=s,
+                            kind=kinds[variant.method.config], variant=variant))
+    return jobs
+
+
+def _data_step(spec: PipelineSpec, done: dict[str, dict]) -> None:
+    data_out = yaml.safe_load(Path(spec.data).read_text())["out"]
+    t0 = time.time()
+    forced = spec.force and (not spec.only or "data" in spec.only)  # --only limits --force too
+    if forced or not _data_fresh(spec):
+        print(f"[pipeline] data: generating {data_out}", flush=True)
+        if spec.in_process:
+            from dvpo_lightning.commands.data import main as data_main
+
+            data_main(["--config", spec.data])
+        else:
+            subprocess.run([sys.executable, "-m", "dvpo_lightning", "data", "--config",
+                            spec.data], check=True)
+        (Path(data_out) / STAMP).write_text(json.dumps({"hash": data_hash(spec)}))
+        done["data"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
+    else:
+        done["data"] = {"status": "reused", "seconds": 0.0}
+        print(f"[pipeline] data: reusing {data_out}", flush=True)
+
+
+def variant_table(variants: list[Variant]) -> dict[str, dict]:
+    """``{run name: {"method": method name, "point": {axis: value}}}``: what the report's
+    JSON gets as ``variants``, so a table can group the grid points of one method."""
+    return {v.name: {"method": v.method.name, "point": dict(v.point)} for v in variants}
+
+
+def run_spec(spec: PipelineSpec, source: str = "pipeline arguments") -> dict:
+    """:func:`run_pipeline` of a checked specification."""
+    variants = expand(spec, source)
+    if spec.dry_run:
+        from dvpo_lightning.commands.pipeline_plan import plan, print_plan
+
+        print_plan(plan(spec, variants), spec, source)
+        return {}
+    jobs = build_jobs(spec, variants)  # every config is read before anything runs
+    done: dict[str, dict] = {}
+    if spec.data:
+        _data_step(spec, done)
+    if spec.workers > 1:
+        run_parallel(jobs, spec.workers, spec.force, done)
     else:
         for job in jobs:
             if job.selected:
-                _run_or_reuse(job.stage, job.hash, force, in_process, done)
-    if report and not skip_report:
+                _run_or_reuse(job.stage, job.hash, spec.force, spec.in_process, done)
+    report = spec.report
+    if report and not spec.skip_report:
         from dvpo_lightning.report.build import build_report
 
         t0 = time.time()
-        runs = {m.name: {s: f"{runs_dir}/{m.name}/seed{s}/model" for s in seeds} for m in rl}
-        if seed_scope == "pipeline":
-            report = per_seed(report, scopes)
-        paths = build_report(runs=runs, **{"group": group, **report})
+        runs = {v.name: {s: f"{spec.runs_dir}/{v.name}/seed{s}/model" for s in spec.seeds}
+                for v in variants}
+        if spec.seed_scope == "pipeline":
+            report = per_seed(report, {s: {st.artifact: f"{spec.runs_dir}/{st.name}/seed{s}/model"
+                                           for st in spec.stages} for s in spec.seeds})
+        paths = build_report(runs=runs, **{"group": spec.group, **report})
+        _add_variants(Path(report.get("out", "runs/report")) / "report.json", variants)
         done["report"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
         print(f"[pipeline] report: {len(paths)} files in {report.get('out')}", flush=True)
     return done
 
 
+def _add_variants(path: Path, variants: list[Variant]) -> None:
+    """Put :func:`variant_table` into the report's JSON as ``variants`` (when grids made
+    several runs of a method)."""
+    if path.exists() and any(v.point for v in variants):
+        doc = json.loads(path.read_text())
+        doc["variants"] = variant_table(variants)
+        path.write_text(json.dumps(doc, indent=2))
+
+
+def load_file(path: str, **overrides) -> PipelineSpec:
+    """The checked specification of the pipeline YAML ``path`` (``overrides`` win); the W&B
+    group defaults to the file's name."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a pipeline file must be a mapping of run_pipeline's "
+                         f"arguments, got {type(raw).__name__}. Start from configs/pipeline.yaml")
+    return parse_spec({"group": Path(path).stem, **raw, **overrides}, source=path)
+
+
 def run_pipeline_file(path: str, **overrides) -> dict:
     """:func:`run_pipeline` with the arguments of a pipeline YAML (``overrides`` win); the W&B
     group defaults to the file's name."""
-    spec = {"group": Path(path).stem, **yaml.safe_load(Path(path).read_text()), **overrides}
-    return run_pipeline(**spec)
+    return run_spec(load_file(path, **overrides), source=path)
+
+
+def _config_files(args: list[str]) -> list[str]:
+    """The files of every ``--config FILE`` / ``--config=FILE`` in ``args``."""
+    out = [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    out += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    return out
 
 
 def main(args: list[str]) -> None:
-    """``--config FILE`` loads a pipeline file as the arguments of :func:`run_pipeline`."""
-    from jsonargparse import CLI
+    """``--config FILE`` loads a pipeline file as the arguments of :func:`run_pipeline`; the
+    file is checked first, so a mistake in it is reported with its name and key path, then
+    the file and the command line together."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-    report = CLI(run_pipeline, args=args, as_positional=False)
-    print("[pipeline] " + ", ".join(f"{k} {v['status']} ({v['seconds']} s)"
-                                    for k, v in report.items()))
+    files = _config_files(args)
+    for path in files:
+        if Path(path).is_file():
+            expand(load_file(path), path)
+    parser = ArgumentParser(prog="python -m dvpo_lightning pipeline",
+                            description="run the whole study: data, stage 1, every method "
+                                        "x grid point x seed, the report")
+    parser.add_argument("--config", action=ActionConfigFile, help="a pipeline file")
+    parser.add_function_arguments(run_pipeline, as_group=False)
+    kwargs = parser.parse_args(args).as_dict()
+    kwargs.pop("config", None)
+    source = " + ".join([*files, "command line"]) if len(args) > 2 * len(files) else (
+        " + ".join(files) or "command line")
+    report = run_spec(parse_spec(kwargs, source), source)
+    if report:
+        print("[pipeline] " + ", ".join(f"{k} {v['status']} ({v['seconds']} s)"
+                                        for k, v in report.items()))
