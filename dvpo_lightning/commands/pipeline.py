@@ -27,7 +27,21 @@ from pathlib import Path
 import yaml
 
 from dvpo_lightning.commands.pipeline_grid import Variant, expand
-from dvpo_lightning.commands.pipeline_spec import SEED_SCOPES, PipelineSpec, parse_spec
+from dvpo_lightning.commands.pipeline_spec import (
+    SEED_SCOPES,
+    PipelineSpec,
+    PipelineSpecError,
+    parse_spec,
+)
+from dvpo_lightning.commands.pipeline_tune import (
+    UNCHOSEN,
+    choose,
+    tuning_seeds,
+    tuning_spec,
+    tuning_variants,
+    with_choice,
+    write_choice,
+)
 
 STAMP = "pipeline_stage.json"
 __all__ = ["SEED_SCOPES", "run_pipeline", "run_pipeline_file", "run_spec"]
@@ -320,7 +334,8 @@ def run_parallel(jobs: list[Job], workers: int, force: bool, done: dict[str, dic
 def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
                  methods: list[dict] | None = None, seeds: list[int] | None = None,
                  runs_dir: str = "runs", common_args: list[str] | None = None,
-                 grid: dict | None = None, report: dict | None = None,
+                 grid: dict | None = None, tuning_seeds: list[int] | None = None,
+                 report: dict | None = None,
                  group: str = "pipeline", force: bool = False, only: list[str] | None = None,
                  in_process: bool = False, skip_report: bool = False,
                  seed_scope: str = "methods", workers: int = 1, dry_run: bool = False) -> dict:
@@ -344,6 +359,8 @@ def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
         grid: ``{axis: {arg, values, labels}}`` crossed into every method whose ``common`` is
             true, before the method's own ``grid`` (:mod:`~dvpo_lightning.commands.pipeline_grid`:
             run names ``<method>@<axis>=<value>,…``).
+        tuning_seeds: the seeds of the tuning runs of methods with ``tune`` axes (None: the
+            first two seeds; :mod:`~dvpo_lightning.commands.pipeline_tune`).
         report: arguments of :func:`~dvpo_lightning.report.build.build_report` (``out``,
             ``gvm``, ``reward_model``, ``eval_pairs`` …); None: no report.
         group: the W&B group of the method runs and the report.
@@ -463,24 +480,55 @@ def variant_table(variants: list[Variant]) -> dict[str, dict]:
     return {v.name: {"method": v.method.name, "point": dict(v.point)} for v in variants}
 
 
-def run_spec(spec: PipelineSpec, source: str = "pipeline arguments") -> dict:
-    """:func:`run_pipeline` of a checked specification."""
-    variants = expand(spec, source)
-    if spec.dry_run:
-        from dvpo_lightning.commands.pipeline_plan import plan, print_plan
-
-        print_plan(plan(spec, variants), spec, source)
-        return {}
-    jobs = build_jobs(spec, variants)  # every config is read before anything runs
-    done: dict[str, dict] = {}
-    if spec.data:
-        _data_step(spec, done)
+def _run_jobs(jobs: list[Job], spec: PipelineSpec, done: dict[str, dict]) -> None:
     if spec.workers > 1:
         run_parallel(jobs, spec.workers, spec.force, done)
     else:
         for job in jobs:
             if job.selected:
                 _run_or_reuse(job.stage, job.hash, spec.force, spec.in_process, done)
+
+
+def run_spec(spec: PipelineSpec, source: str = "pipeline arguments") -> dict:
+    """:func:`run_pipeline` of a checked specification: the tuning runs first when a method
+    has ``tune`` axes (:mod:`~dvpo_lightning.commands.pipeline_tune`), then every main run."""
+    variants = expand(spec, source)
+    tune = tuning_variants(spec, source)
+    clash = {v.name for v in tune} & {v.name for v in variants}
+    if clash:
+        raise PipelineSpecError(f"{source}: tune: the tuning runs {sorted(clash)} have the "
+                                "names of main runs. Rename a tune axis")
+    tune_spec = tuning_spec(spec, tune)
+    chosen = choose(spec, tune) if tune else None
+    if spec.dry_run:
+        from dvpo_lightning.commands.pipeline_plan import plan, print_plan
+
+        if tune:
+            print(f"[plan] phase 1: tuning on the validation prompts, seeds "
+                  f"{tuning_seeds(spec)}", flush=True)
+            print_plan(plan(tune_spec, tune), tune_spec, source)
+            print("[plan] phase 2: the main runs, "
+                  + ("with the points chosen: " + ", ".join(
+                      f"{m} {c['name']}" for m, c in chosen.items()) if chosen else
+                     f"each tuned key {UNCHOSEN} after phase 1"), flush=True)
+        print_plan(plan(spec, with_choice(variants, chosen)), spec, source)
+        return {}
+    # every config is read before anything runs
+    tune_jobs = build_jobs(tune_spec, tune) if tune else []
+    done: dict[str, dict] = {}
+    if spec.data:
+        _data_step(spec, done)
+    if tune:
+        _run_jobs(tune_jobs, tune_spec, done)
+        chosen = choose(spec, tune)
+        if chosen is None:  # (--only left some out)
+            raise RuntimeError(f"pipeline: tuning runs are missing under {spec.runs_dir}; run "
+                               "them first (--only the tuned methods) before the main runs")
+        print(f"[pipeline] tuning: {write_choice(spec, tune, chosen)}: " + ", ".join(
+            f"{m} → {c['name']} (validation gold {c['gold']['mean']:.4f})"
+            for m, c in chosen.items()), flush=True)
+        variants = with_choice(variants, chosen)
+    _run_jobs(build_jobs(spec, variants), spec, done)
     report = spec.report
     if report and not spec.skip_report:
         from dvpo_lightning.report.build import build_report
@@ -492,18 +540,23 @@ def run_spec(spec: PipelineSpec, source: str = "pipeline arguments") -> dict:
             report = per_seed(report, {s: {st.artifact: f"{spec.runs_dir}/{st.name}/seed{s}/model"
                                            for st in spec.stages} for s in spec.seeds})
         paths = build_report(runs=runs, **{"group": spec.group, **report})
-        _add_variants(Path(report.get("out", "runs/report")) / "report.json", variants)
+        _add_variants(Path(report.get("out", "runs/report")) / "report.json", variants,
+                      tune, chosen)
         done["report"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}
         print(f"[pipeline] report: {len(paths)} files in {report.get('out')}", flush=True)
     return done
 
 
-def _add_variants(path: Path, variants: list[Variant]) -> None:
+def _add_variants(path: Path, variants: list[Variant], tune: list[Variant] | None = None,
+                  chosen: dict | None = None) -> None:
     """Put :func:`variant_table` into the report's JSON as ``variants`` (when grids made
-    several runs of a method)."""
-    if path.exists() and any(v.point for v in variants):
+    several runs of a method), and the tuning points and choice as ``tuning``."""
+    if path.exists() and (any(v.point for v in variants) or tune):
         doc = json.loads(path.read_text())
-        doc["variants"] = variant_table(variants)
+        if any(v.point for v in variants):
+            doc["variants"] = variant_table(variants)
+        if tune:
+            doc["tuning"] = {"points": variant_table(tune), "chosen": chosen}
         path.write_text(json.dumps(doc, indent=2))
 
 

@@ -69,6 +69,9 @@ class MethodSpec:
         common: take the study's ``common_args`` and ``grid`` (the RL runs'); false for a
             method whose module is not the RL module (DPO).
         grid: its own grid axes, crossed with the study's (:class:`GridAxis`).
+        tune: axes chosen on the validation prompts before the main runs: every point runs at
+            the ``tuning_seeds`` first, and the main runs take the point with the best mean
+            validation gold reward (:mod:`~dvpo_lightning.commands.pipeline_tune`).
     """
 
     name: str
@@ -76,6 +79,7 @@ class MethodSpec:
     args: list[str] | None = None
     common: bool = True
     grid: list[GridAxis] = field(default_factory=list)
+    tune: list[GridAxis] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +94,8 @@ class PipelineSpec:
         runs_dir: runs go to ``<runs_dir>/<run name>/seed<s>``.
         common_args: overrides for every method whose ``common`` is true.
         grid: study-level axes, crossed into every method whose ``common`` is true.
+        tuning_seeds: the seeds of the tuning runs of methods with ``tune`` axes (None: the
+            first two of ``seeds``); each must be one of ``seeds``.
         report: the arguments of ``build_report``; None: no report.
         group: the W&B group.
         force: recompute every (selected) stage.
@@ -108,6 +114,7 @@ class PipelineSpec:
     runs_dir: str = "runs"
     common_args: list[str] = field(default_factory=list)
     grid: list[GridAxis] = field(default_factory=list)
+    tuning_seeds: list[int] | None = None
     report: dict | None = None
     group: str = "pipeline"
     force: bool = False
@@ -270,6 +277,17 @@ def parse_spec(raw: dict, source: str = "pipeline arguments") -> PipelineSpec:
     if len(set(seeds)) < len(seeds):
         raise c.fail("seeds", "has a repeated seed", seeds, "list each seed once")
     spec.seeds = list(seeds)
+    tuning_seeds = raw.get("tuning_seeds")
+    if tuning_seeds is not None:
+        if (not isinstance(tuning_seeds, list) or not tuning_seeds
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in tuning_seeds)
+                or len(set(tuning_seeds)) < len(tuning_seeds)):
+            raise c.fail("tuning_seeds", "must be a non-empty list of distinct integers",
+                         tuning_seeds, "write [0, 1]")
+        if set(tuning_seeds) - set(spec.seeds):
+            raise c.fail("tuning_seeds", f"must be among seeds {spec.seeds} (their stage-1 "
+                         "models are the main runs')", tuning_seeds, "pick seeds from seeds")
+        spec.tuning_seeds = list(tuning_seeds)
     spec.common_args = c.args(raw.get("common_args"), "common_args")
     spec.only = c.names(raw.get("only"), "only")
     spec.grid = c.grid(raw.get("grid"), "grid")
@@ -294,11 +312,19 @@ def parse_spec(raw: dict, source: str = "pipeline arguments") -> PipelineSpec:
         method = MethodSpec(c.name(m["name"], f"{at}.name"), c.file(m["config"], f"{at}.config"),
                             c.args(m.get("args"), f"{at}.args") or None,
                             c.boolean(m.get("common", True), f"{at}.common"),
-                            c.grid(m.get("grid"), f"{at}.grid"))
+                            c.grid(m.get("grid"), f"{at}.grid"),
+                            c.grid(m.get("tune"), f"{at}.tune"))
         for axis in method.grid:
             if method.common and axis.name in study_axes:
                 raise c.fail(f"{at}.grid.{axis.name}", "repeats an axis of the study's grid",
                              axis.name, "rename the axis, or drop it from one of the two grids")
+        gridded = {a.arg for a in method.grid} | ({a.arg for a in spec.grid} if method.common
+                                                  else set())
+        for axis in method.tune:
+            if axis.arg in gridded:
+                raise c.fail(f"{at}.tune.{axis.name}.arg", "is also a grid axis's key (a key is "
+                             "either swept in every main run or chosen once on validation)",
+                             axis.arg, "drop it from the grid or from tune")
         spec.methods.append(method)
     for kind, items in (("stages", spec.stages), ("methods", spec.methods)):
         names = [x.name for x in items]
