@@ -23,6 +23,10 @@ TUNE = ["dvpo@lr=1e-6", "dvpo@lr=0.003"]
 def tuned(task_data, artifacts) -> dict:
     doc = spec(task_data, artifacts, [0.01, 0.3])
     doc["methods"][0]["tune"] = {"lr": {"arg": "model.init_args.lr", "values": LRS}}
+    # a longer run of the same method takes DVPO's choice instead of tuning its own
+    doc["methods"].append({"name": "dvpo_long", "config": doc["methods"][0]["config"],
+                           "common": False, "tune_from": "dvpo",
+                           "args": [*doc["common_args"], "--trainer.max_steps=2"]})
     doc["report"]["out"] = "runs/g/report"
     return doc
 
@@ -58,6 +62,8 @@ def test_tuning_runs_first_and_the_main_runs_take_the_validation_best(tuned_stud
                            .read_text())
         assert stamp["args"][-1] == f"--model.init_args.lr={lr}"
         assert stamp["args"][-2].startswith("--model.init_args.kl.coef=")
+    long = json.loads((root / "runs/g/dvpo_long/seed0/model/pipeline_stage.json").read_text())
+    assert long["args"][-1] == f"--model.init_args.lr={lr}" and "dvpo_long@" not in str(done)
     report = json.loads((root / "runs/g/report/report.json").read_text())
     assert report["tuning"]["chosen"]["dvpo"]["name"] == best
     assert set(report["tuning"]["points"]) == set(TUNE)
@@ -94,5 +100,9 @@ def test_tune_refuses_a_swept_key_and_foreign_tuning_seeds():
     with pytest.raises(PipelineSpecError, match=r"methods\[0\].tune.lr2.arg: is also a grid"):
         parse_spec({"methods": [method]})
     del method["grid"]
+    other = {"name": "ppo", "config": method["config"], "tune_from": "grpo"}
+    with pytest.raises(PipelineSpecError, match=r"methods\[1\].tune_from: must name a method "
+                       r"with tune axes, got 'grpo'. methods with tune axes: \['dvpo'\]"):
+        parse_spec({"methods": [method, other]})
     with pytest.raises(PipelineSpecError, match="tuning_seeds: must be among seeds"):
         parse_spec({"methods": [method], "seeds": [0, 1], "tuning_seeds": [2]})

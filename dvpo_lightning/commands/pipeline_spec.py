@@ -72,6 +72,8 @@ class MethodSpec:
         tune: axes chosen on the validation prompts before the main runs: every point runs at
             the ``tuning_seeds`` first, and the main runs take the point with the best mean
             validation gold reward (:mod:`~dvpo_lightning.commands.pipeline_tune`).
+        tune_from: take another method's tuned choice instead of tuning its own (a longer run
+            of the same method, say); that method must have ``tune`` axes.
     """
 
     name: str
@@ -80,6 +82,7 @@ class MethodSpec:
     common: bool = True
     grid: list[GridAxis] = field(default_factory=list)
     tune: list[GridAxis] = field(default_factory=list)
+    tune_from: str | None = None
 
 
 @dataclass
@@ -313,7 +316,11 @@ def parse_spec(raw: dict, source: str = "pipeline arguments") -> PipelineSpec:
                             c.args(m.get("args"), f"{at}.args") or None,
                             c.boolean(m.get("common", True), f"{at}.common"),
                             c.grid(m.get("grid"), f"{at}.grid"),
-                            c.grid(m.get("tune"), f"{at}.tune"))
+                            c.grid(m.get("tune"), f"{at}.tune"),
+                            c.string(m.get("tune_from"), f"{at}.tune_from", optional=True))
+        if method.tune and method.tune_from:
+            raise c.fail(f"{at}.tune_from", "cannot go with the method's own tune axes",
+                         method.tune_from, "keep one of tune and tune_from")
         for axis in method.grid:
             if method.common and axis.name in study_axes:
                 raise c.fail(f"{at}.grid.{axis.name}", "repeats an axis of the study's grid",
@@ -332,6 +339,11 @@ def parse_spec(raw: dict, source: str = "pipeline arguments") -> PipelineSpec:
             if n in names[:i]:
                 raise c.fail(f"{kind}[{i}].name", "repeats an earlier name (names are run "
                              "directories)", n, "give each a name of its own")
+    tuned = {m.name for m in spec.methods if m.tune}
+    for i, m in enumerate(spec.methods):
+        if m.tune_from is not None and m.tune_from not in tuned:
+            raise c.fail(f"methods[{i}].tune_from", "must name a method with tune axes",
+                         m.tune_from, f"methods with tune axes: {sorted(tuned) or 'none'}")
     stage_names = {s.name for s in spec.stages}
     for i, m in enumerate(spec.methods):
         if m.name in stage_names:

@@ -66,15 +66,18 @@ def choose(spec: PipelineSpec, tune: list[Variant]) -> dict[str, dict] | None:
 
 
 def with_choice(main: list[Variant], chosen: dict[str, dict] | None) -> list[Variant]:
-    """``main`` with each tuned method's chosen overrides appended (``UNCHOSEN`` values
-    before the choice exists: what a dry run shows)."""
+    """``main`` with each tuned method's chosen overrides appended — a ``tune_from`` method
+    takes the named method's — (``UNCHOSEN`` values before the choice exists: what a dry run
+    shows)."""
     out = []
+    tuned = {v.method.name: v.method for v in main if v.method.tune}
     for v in main:
-        axes = v.method.tune
+        source = tuned.get(v.method.tune_from) if v.method.tune_from else v.method
+        axes = source.tune if source is not None else []
         if not axes:
             out.append(v)
             continue
-        point = (chosen or {}).get(v.method.name, {}).get("point")
+        point = (chosen or {}).get(source.name, {}).get("point")
         extra = [f"--{a.arg}={_value(point[a.name]) if point else UNCHOSEN}" for a in axes]
         out.append(replace(v, args=[*v.args, *extra]))
     return out
