@@ -124,3 +124,43 @@ def test_one_interval_convention(report):
     cost = rep["tables"]["cost"]["rows"]["ppo"]["train_s"]
     assert f"{cost['mean']:.3f} ± {cost['ci95']:.3f}" in md  # not ± std
     assert "± std" not in md and "sample std over seeds" not in md
+
+
+def test_gvm_quality_correlation_has_a_seed_clustered_interval():
+    """15 points (5 variants × 3 seeds): r with its seed-clustered bootstrap interval, the
+    same on every call; each variant's paired difference carries its p for the Holm family."""
+    from dvpo_lightning.report.gvm_quality import format_r, sweep_table
+    from dvpo_lightning.report.stats import cluster_bootstrap_pearson
+
+    points = [{"method": f"dvpo_v{v}", "seed": s, "acc_final": 0.5 + 0.1 * v + 0.01 * s,
+               "acc_mean": 0.55 + 0.1 * v - 0.01 * s,
+               "gain": 0.04 * v + (0.0, 0.05, -0.03)[s] + 0.01 * ((v + s) % 3)}
+              for v in range(5) for s in SEEDS]
+    sweep = {"points": points, "baseline": {0: 0.08, 1: 0.12, 2: 0.05}}
+    table = sweep_table(sweep, "ppo")
+    r = table["correlation"]["acc_final"]
+    want = cluster_bootstrap_pearson([p["acc_final"] for p in points],
+                                     [p["gain"] for p in points], [p["seed"] for p in points])
+    assert r == want and r["clusters"] == 3 and r["lo"] <= r["r"] <= r["hi"]
+    assert sweep_table(sweep, "ppo")["correlation"] == table["correlation"]
+    assert format_r(r) in table["title"] and f"[{r['lo']:.2f}, {r['hi']:.2f}]" in table["title"]
+    diff = table["rows"]["dvpo_v4"]["diff"]
+    assert diff["p"] == pytest.approx(paired_t_p(diff["values"]))
+    assert {"diff_p", "diff_p_holm"} <= {k for k, _ in table["columns"]}
+
+
+def test_plot_bands_are_the_t_interval():
+    """A learning-curve band spans mean ± t_{0.975, n−1} · sd / √n, not ± sd."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from dvpo_lightning.report.plots import _band
+
+    values = np.array([[0.1, 0.5], [0.3, 0.6], [0.8, 0.4]])  # 3 seeds × 2 steps
+    fig, ax = plt.subplots()
+    _band(ax, np.array([1, 2]), values, "m", "black")
+    ys = ax.collections[0].get_paths()[0].vertices[:, 1]
+    plt.close(fig)
+    half = t975(2) * values.std(0, ddof=1) / math.sqrt(3)
+    assert ys.max() == pytest.approx(max(values.mean(0) + half))
+    assert ys.min() == pytest.approx(min(values.mean(0) - half))
