@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_pipeline_e2e import QUIET, write_study
 
 from dvpo_lightning.commands.pipeline import run_pipeline, run_pipeline_file
-from dvpo_lightning.report.stats import t975
+from dvpo_lightning.report.stats import holm, paired_t_p, t975
 from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,6 +127,20 @@ def test_report_intervals_and_paired_differences(study):
                               - final[("ppo", k)]["eval/gold_reward"] for k in SEEDS]
     assert t["paired"]["rows"]["ppo"]["ahead"]["text"] == f"{sum(v > 0 for v in diff['values'])}/2"
     assert set(t["paired"]["rows"]) == {"ppo", "ppo_gvm_critic", "dvpo_half"}
+    assert diff["p"] == pytest.approx(paired_t_p(diff["values"]))
+    # one family: every paired comparison of the report (gold and KL against 3 methods, and
+    # the GVM sweep's 2 variants against PPO), Holm-adjusted together
+    family = report["comparisons"]
+    assert len(family) == 8 and {c["table"] for c in family} == {"paired", "gvm_quality"}
+    assert [c["p_holm"] for c in family] == pytest.approx(holm([c["p"] for c in family]))
+    assert diff["p_holm"] >= diff["p"]
+    # the SFT row: one mean per seed over the 4 runs that evaluated that seed's SFT policy
+    ref = t["quality"]["rows"]["SFT (reference)"]["gold_reward"]
+    per_seed = [[min(_artifact(root, f"runs/sorting/{m}/seed{k}/model")["summary"]["history"],
+                     key=lambda h: h["rl_step"])["eval/gold_reward"]
+                 for m in ("dvpo", "ppo", "ppo_gvm_critic", "dvpo_half")] for k in SEEDS]
+    assert ref["values"] == pytest.approx([sum(v) / len(v) for v in per_seed])
+    assert set(t["eval_noise"]["rows"]) == {"dvpo", "ppo", "ppo_gvm_critic", "dvpo_half"}
     vm = t["value_models"]["rows"]
     assert set(vm) == {"GVM", "ScalarRM", "critic of ppo (A/C)",
                        "critic of ppo_gvm_critic (A/C)"}
@@ -150,6 +164,10 @@ def test_gvm_quality_sweep_points_are_the_runs(study):
         assert p["gvm"] == f"runs/sorting/{want}/seed{p['seed']}/model"
     assert (root / "runs/sorting/report/gvm_quality.png").read_bytes()[:4] == b"\x89PNG"
     assert set(report["tables"]["gvm_quality"]["rows"]) == {"dvpo", "dvpo_half"}
+    # r over the 4 points with a seed-clustered bootstrap interval (2 seeds: 3 resamples)
+    r = report["tables"]["gvm_quality"]["correlation"]["acc_final"]
+    assert r["clusters"] == len(SEEDS) and r["resamples"] + r["skipped"] == 2000
+    assert r["r"] is None or r["lo"] is None or r["lo"] <= r["r"] <= r["hi"]
 
 
 def test_a_rerun_reuses_everything_and_a_new_variant_reruns_only_itself(study):

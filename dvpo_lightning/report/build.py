@@ -25,6 +25,11 @@ from dvpo_lightning.report.runs import by_method, load_runs
 from dvpo_lightning.report.value_accuracy import pair_accuracy
 from dvpo_lightning.runtime.environment import describe_environment, environment_markdown
 
+CONVENTION = ("Every ± in this report, and every band in its plots, is the half-width of the "
+              "95 % Student-t interval over seeds, t_{0.975, n−1} · sd / √n (a paired "
+              "difference's: over the per-seed differences). Every p-value is a two-sided "
+              "paired t-test, shown raw and Holm-adjusted over all the report's comparisons.")
+
 
 def _machine() -> str:
     if torch.cuda.is_available():
@@ -91,6 +96,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     result = {
         "quality": tables.quality_table(loaded, reference),
         "paired": tables.paired_table(loaded, compare) if compare else None,
+        "eval_noise": tables.eval_noise_table(loaded),
         "value_models": tables.value_model_table(accs.get("in_distribution", {}),
                                                  accs.get("shifted")),
         "cost": tables.cost_table(loaded, baseline),
@@ -102,6 +108,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                                          eval_pairs, baseline)
         result["gvm_quality"] = gvm_quality.sweep_table(sweep, baseline)
     result = {k: v for k, v in result.items() if v is not None}
+    family = tables.adjust_p_values(result)  # Holm over every paired comparison above
     seeds = sorted({r.seed for r in loaded})
     machine = _machine()
     stage1 = ("retrained per seed (the pipeline's seed_scope: pipeline), so every spread "
@@ -109,21 +116,33 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
               "trained once")
     n_pairs = {k: next(iter(v.values()))[0]["pairs"] for k, v in accs.items() if v}
     notes = {
-        "quality": f"Mean ± the 95 % Student-t interval's half-width over seeds {seeds} "
-                   f"(sample std in report.json); stage 1 {stage1}. Held-out prompts, the gold "
-                   "scorer judges. Win rate: fraction of prompts where the policy's response "
-                   f"beats the {reference} policy's (ties count ½).",
+        "quality": f"Seeds {seeds} (sample std in report.json); stage 1 {stage1}. Held-out "
+                   "prompts, the gold scorer judges. Win rate: fraction of prompts where the "
+                   f"policy's response beats the {reference} policy's (ties count ½). The "
+                   f"{reference} row: every run of a seed starts from and evaluates that seed's "
+                   f"{reference} policy, so its runs are averaged first, one value per seed.",
         "paired": f"Each row pairs {compare}'s run at a seed with the other method's run at the "
                   "same seed (same data, same stage-1 models when stage 1 is per seed); mean "
-                  "difference ± the 95 % paired-t interval's half-width. An interval that "
-                  "contains 0 means these seeds cannot tell the two apart.",
+                  "difference ± the 95 % paired-t interval's half-width. p: two-sided paired-t "
+                  "p-value of that one comparison; p (Holm): adjusted by Holm's step-down "
+                  f"method over the report's whole family of {len(family)} paired comparisons "
+                  "(every p in this report), the one to read when asking whether any of them "
+                  "differ. An interval that contains 0 means these seeds cannot tell the two "
+                  "apart; with n seeds, 'ahead on n of n' has a chance of 1/2ⁿ under a coin flip "
+                  "and is not itself a test.",
+        "eval_noise": "A final evaluation is a mean over N held-out prompts; its standard error "
+                      "(sd over the prompts / √N, averaged over seeds) is the noise of one "
+                      "evaluation of one policy, which every seed's number and every paired "
+                      "difference also carry. Against the sd between seeds it says how much of "
+                      "that spread the evaluation alone would make. 'not available': the runs' "
+                      "summaries predate per-prompt values (final_eval_items).",
         "value_models": (f"GVM and ScalarRM: stage 1, {stage1}, on the same data; a critic "
                          "row is each PPO run's critic at its last step. In distribution: "
                          f"{n_pairs.get('in_distribution', '?')} held-out pairs of the "
                          "training behaviour policies"
                          + (f"; shifted: {n_pairs['shifted']} pairs of a behaviour policy "
                             "whose flaw no training data had" if "shifted" in n_pairs else "")
-                         + ". Mean ± sample std over seeds." if accs else
+                         + "." if accs else
                          "No eval_pairs given."),
         "cost": f"Measured on {machine}, in this study. Step times exclude each run's first "
                 "step (warm-up); the whole run's time includes it. An RL step is a rollout and "
@@ -139,7 +158,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     if sweep:
         notes["gvm_quality"] = gvm_quality.NOTE.format(baseline=baseline)
     environment = describe_environment()  # what the numbers depend on besides code and seed
-    md = [f"# Study report\n\nMethods {list(runs)}, seeds {seeds}, machine: {machine}.\n"]
+    md = [f"# Study report\n\nMethods {list(runs)}, seeds {seeds}, machine: {machine}.\n\n"
+          f"{CONVENTION}\n"]
     md += [tables.to_markdown(result[k], notes[k]) for k in result]
     md.append(environment_markdown(environment))
     written = [out_dir / "report.md", out_dir / "report.json"]
@@ -148,6 +168,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
             "final_eval": r.final, "cost": r.summary["cost"], "rl_steps": r.summary["rl_steps"]}
            for r in loaded]
     written[1].write_text(json.dumps({"tables": result, "notes": notes, "machine": machine,
+                                      "convention": CONVENTION, "comparisons": family,
                                       "environment": environment,
                                       "value_model_accuracy": accs, "gvm_sweep": sweep,
                                       "runs": raw}, indent=2))
@@ -188,7 +209,7 @@ def _log_to_wandb(out_dir: Path, files: list[Path], result: dict, group: str | N
     for key, table in result.items():
         cols = [label for _, label in table["columns"]]
         rows = [[name, *[tables.format_cell(row.get(k), tables.DIGITS.get(k, 3),
-                                            table.get("interval", "std"))
+                                            table.get("interval", "ci95"))
                          for k, _ in table["columns"]]]
                 for name, row in table["rows"].items()]
         payload[f"report/table_{key}"] = wandb.Table(columns=["", *cols], data=rows)

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dvpo_lightning.report.runs import Run, by_method, update_scale  # noqa: E402
+from dvpo_lightning.report.stats import t975  # noqa: E402
 
 EVAL_PANELS = [("eval/gold_reward", "held-out gold reward"), ("eval/kl_to_ref", "KL to reference"),
                ("eval/win_rate_vs_ref", "win rate vs SFT")]
@@ -27,12 +28,15 @@ def _stack(rs: list[Run], key: str, rows: str = "history") -> tuple[np.ndarray, 
 
 
 def _band(ax, steps, values, label, color) -> None:
+    """The mean over seeds (rows of ``values``) and its 95 % Student-t band,
+    ``± t_{0.975, n−1} · std / √n`` (the report's one interval convention)."""
     mean = values.mean(0)
     ax.plot(steps, mean, marker="o" if len(steps) < 30 else None, ms=3, label=label,
             color=color)
-    if values.shape[0] > 1:
-        std = values.std(0, ddof=1)
-        ax.fill_between(steps, mean - std, mean + std, alpha=0.2, color=color)
+    n = values.shape[0]
+    if n > 1:
+        half = t975(n - 1) * values.std(0, ddof=1) / np.sqrt(n)
+        ax.fill_between(steps, mean - half, mean + half, alpha=0.2, color=color)
 
 
 def _colors(methods: list[str]) -> dict[str, tuple]:
@@ -49,8 +53,8 @@ def eval_panels(runs: list[Run]) -> list[tuple[str, str]]:
 
 def plot_learning_curves(runs: list[Run], out: str | Path, reference: str = "SFT") -> Path:
     """Held-out gold reward, KL and win rate (against ``reference``, the starting policy)
-    against RL steps, mean ± std band over seeds; a panel whose measure no run has is left
-    out."""
+    against RL steps, mean and 95 % t-interval band over seeds; a panel whose measure no run
+    has is left out."""
     groups = by_method(runs)
     colors = _colors(list(groups))
     scale = update_scale(runs)  # x in policy updates, so DPO and RL runs share the axis
@@ -67,7 +71,8 @@ def plot_learning_curves(runs: list[Run], out: str | Path, reference: str = "SFT
         ax.grid(alpha=0.3)
     axes[0].legend()
     n = max(len(rs) for rs in groups.values())
-    fig.suptitle(f"Held-out evaluation during training (mean ± std over {n} seed(s))")
+    fig.suptitle(f"Held-out evaluation during training (mean, band: 95 % t-interval over {n} "
+                 "seed(s))")
     fig.tight_layout()
     return _save(fig, out)
 
@@ -82,7 +87,8 @@ def run_learning_curves(summary: dict, log_dir: Path) -> dict[str, Path]:
 
 
 def plot_train_curves(runs: list[Run], out: str | Path, window: int = 5) -> Path:
-    """Rollout gold reward and KL at every RL step (moving average of ``window`` steps)."""
+    """Rollout gold reward and KL at every RL step (moving average of ``window`` steps; mean
+    and 95 % t-interval band over seeds)."""
     groups = by_method(runs)
     colors = _colors(list(groups))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

@@ -1,9 +1,13 @@
-"""The paper's tables for one study, as plain data (JSON) and markdown, mean ± std over seeds.
+"""The paper's tables for one study, as plain data (JSON) and markdown, mean ± the 95 %
+Student-t interval's half-width over seeds (the report's one interval convention).
 
 - :func:`quality_table` — Table 1 analog: held-out gold reward, win rate against the SFT
   policy under the gold judge, KL to the reference, response length; mean ± 95 % CI.
 - :func:`paired_table` — one method against each other, seed by seed: the paired difference
-  of the held-out gold reward and KL with its 95 % CI, and on how many seeds it was ahead.
+  of the held-out gold reward and KL with its 95 % CI, its paired-t p-value raw and
+  Holm-adjusted (:func:`adjust_p_values`), and on how many seeds it was ahead.
+- :func:`eval_noise_table` — the final evaluation's own standard error (over its prompts)
+  beside the spread between seeds.
 - :func:`value_model_table` — Tables 3/4/5 analog: held-out pair accuracy of the GVM, the
   scalar RM and each PPO run's critic at its end, on in-distribution and on shifted pairs.
 - :func:`cost_table` — Table 7 analog: seconds per RL step, generated tokens and peak memory
@@ -12,16 +16,18 @@
   held-out gold reward (Figure 4's reading).
 
 Each table is ``{"title", "columns": [[key, label], …], "rows": {name: {key: cell}}}`` and
-``interval``: what follows a mean's ``±`` (``std``, or ``ci95``: the half-width of the 95 %
-Student-t interval). A cell is a :func:`~dvpo_lightning.report.runs.mean_std` dict, a
-``{"text": …}`` dict, or None when it does not apply. ``DIGITS`` says how many decimals a
-column is printed with (3 unless listed).
+``interval``: what follows a mean's ``±`` (always ``ci95``, the half-width of the 95 %
+Student-t interval over seeds). A cell is a :func:`~dvpo_lightning.report.runs.mean_std`
+dict, a :func:`~dvpo_lightning.report.stats.paired_difference` dict (which also carries its
+``p``), a ``{"text": …}`` dict, or None when it does not apply. ``DIGITS`` says how many
+decimals a column is printed with (3 unless listed). Row names are method names as the
+pipeline spells them (``dvpo@kl=0.03`` too): labels, never parsed.
 """
 
 from __future__ import annotations
 
 from dvpo_lightning.report.runs import Run, by_method, convergence_step, mean_std, update_scale
-from dvpo_lightning.report.stats import paired_difference
+from dvpo_lightning.report.stats import holm, paired_difference, summarize
 
 DIGITS = {"response_len": 2, "gen_tokens_per_step": 1, "params_loaded_m": 3,
           "params_trained_m": 3, "time_ratio": 2, "mem_ratio": 2, "step_best": 1,
@@ -33,12 +39,16 @@ QUALITY_COLUMNS = [("gold_reward", "gold reward ↑"), ("win_rate_vs_sft", "win 
 def quality_table(runs: list[Run], reference: str = "SFT") -> dict:
     """Final held-out evaluation per method; the first row is the starting policy, called
     ``reference`` (the SFT policy, or the instruct model: evaluated at each run's first
-    validation, so one value per run). Only the labels change with ``reference``."""
-    ref = [r.history[0] for r in runs]
+    validation). Only the labels change with ``reference``.
+
+    The reference row is one value per *seed*: every method's run at a seed starts from the
+    same policy and evaluates it, so those evaluations are averaged first and the interval is
+    over seeds (pooling all runs would count one policy once per method).
+    """
     rows = {f"{reference} (reference)": {
-        "gold_reward": mean_std([h["eval/gold_reward"] for h in ref]),
-        "win_rate_vs_sft": None, "kl_to_ref": mean_std([h["eval/kl_to_ref"] for h in ref]),
-        "response_len": mean_std([h["eval/response_len"] for h in ref])}}
+        "gold_reward": reference_per_seed(runs, "eval/gold_reward"), "win_rate_vs_sft": None,
+        "kl_to_ref": reference_per_seed(runs, "eval/kl_to_ref"),
+        "response_len": reference_per_seed(runs, "eval/response_len")}}
     for method, rs in by_method(runs).items():
         rows[method] = {
             "gold_reward": mean_std([r.final["eval/gold_reward"] for r in rs]),
@@ -50,13 +60,24 @@ def quality_table(runs: list[Run], reference: str = "SFT") -> dict:
             "columns": columns, "rows": rows, "interval": "ci95"}
 
 
+def reference_per_seed(runs: list[Run], key: str) -> dict:
+    """:func:`mean_std` over seeds of the starting policy's evaluation ``key`` (each run's
+    step-0 evaluation), averaging first the runs that share a seed (they evaluate the same
+    policy); ``values`` holds one mean per seed, in seed order."""
+    per_seed: dict[int, list[float]] = {}
+    for r in runs:
+        per_seed.setdefault(r.seed, []).append(r.history[0][key])
+    return mean_std([sum(v) / len(v) for _, v in sorted(per_seed.items())])
+
+
 def paired_table(runs: list[Run], method: str = "dvpo") -> dict | None:
     """``method`` against every other method, seed by seed (None without ``method``'s runs).
 
     Per other method: the paired difference ``method − other`` of the final held-out gold
-    reward and KL (mean, 95 % paired-t CI), and the seeds on which ``method`` had the higher
-    gold reward. Seeds pair runs that share everything upstream of RL; a seed one side lacks
-    is left out.
+    reward and KL (mean, 95 % paired-t CI, two-sided paired-t p), and the seeds on which
+    ``method`` had the higher gold reward. Seeds pair runs that share everything upstream of
+    RL; a seed one side lacks is left out. The ``…_p`` / ``…_p_holm`` columns are filled by
+    :func:`adjust_p_values` once the report's whole family of comparisons is known.
     """
     groups = by_method(runs)
     if method not in groups:
@@ -80,8 +101,80 @@ def paired_table(runs: list[Run], method: str = "dvpo") -> dict | None:
                                          final(rs, "eval/kl_to_ref"))}
     return {"title": f"Paired differences over seeds: {method} − each method",
             "columns": [("gold_diff", f"gold reward, {method} − method"),
+                        ("gold_diff_p", "p"), ("gold_diff_p_holm", "p (Holm)"),
                         ("ahead", f"seeds {method} ahead"),
-                        ("kl_diff", f"KL, {method} − method")],
+                        ("kl_diff", f"KL, {method} − method"),
+                        ("kl_diff_p", "p (KL)"), ("kl_diff_p_holm", "p (KL, Holm)")],
+            "rows": rows, "interval": "ci95"}
+
+
+def format_p(p: float | None) -> str:
+    """A p-value as text: three decimals, ``<0.001`` below, ``—`` for no test."""
+    if p is None:
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def adjust_p_values(tables: dict[str, dict]) -> list[dict]:
+    """Holm-adjust every paired comparison of a report together, in place.
+
+    The family is every cell of every table that is a
+    :func:`~dvpo_lightning.report.stats.paired_difference` (it carries ``p``) with a p-value:
+    each gets ``p_holm`` (:func:`~dvpo_lightning.report.stats.holm` over the whole family),
+    and its row gets the text cells ``<key>_p`` and ``<key>_p_holm`` its table's columns show.
+    Returns the family: ``[{"table", "row", "column", "p", "p_holm"}]``.
+    """
+    family = [(name, row_name, key, cell)
+              for name, table in tables.items() if table
+              for row_name, row in table["rows"].items()
+              for key, cell in list(row.items())
+              if isinstance(cell, dict) and "p" in cell]
+    adjusted = holm([cell["p"] for *_, cell in family])
+    out = []
+    for (name, row_name, key, cell), p_holm in zip(family, adjusted):
+        cell["p_holm"] = p_holm
+        row = tables[name]["rows"][row_name]
+        row[f"{key}_p"], row[f"{key}_p_holm"] = {"text": format_p(cell["p"])}, \
+            {"text": format_p(p_holm)}
+        if cell["p"] is not None:
+            out.append({"table": name, "row": row_name, "column": key, "p": cell["p"],
+                        "p_holm": p_holm})
+    return out
+
+
+def eval_noise_table(runs: list[Run], key: str = "gold_reward") -> dict:
+    """The final evaluation's own noise beside the spread between seeds, per method.
+
+    A run's final ``key`` is a mean over N held-out prompts; with its per-prompt values
+    (``summary["final_eval_items"][key]``) its standard error is ``s / √N``, ``s`` the sample
+    standard deviation over the prompts. Per method: N, that standard error averaged over the
+    seeds, and the sample standard deviation of the final ``key`` between seeds. When the
+    evaluation's noise is not small against the spread between seeds (or against a paired
+    difference), one evaluation cannot resolve it. Runs whose summaries predate the
+    per-prompt values (or lack ``key`` in them) leave the columns "not available".
+    """
+    rows = {}
+    for method, rs in by_method(runs).items():
+        items = [(r.summary.get("final_eval_items") or {}).get(key) for r in rs]
+        finals = [r.final[f"eval/{key}"] for r in rs if f"eval/{key}" in r.final]
+        spread = summarize(finals)["std"] if len(finals) > 1 else None
+        row = {"seed_sd": {"text": f"{spread:.4f}"} if spread is not None else None}
+        if all(v and len(v) > 1 for v in items):
+            ses = [summarize(v)["std"] / len(v) ** 0.5 for v in items]
+            se = sum(ses) / len(ses)
+            ns = sorted({len(v) for v in items})
+            row["n_items"] = {"text": "/".join(str(n) for n in ns)}
+            row["eval_se"] = {"text": f"{se:.4f}", "values": ses}
+            row["ratio"] = ({"text": f"{se / spread:.2f}"} if spread else None)
+        else:
+            row.update(n_items={"text": "not available"}, eval_se={"text": "not available"},
+                       ratio=None)
+        rows[method] = row
+    return {"title": f"Evaluation noise: one evaluation's standard error against the spread "
+                     f"between seeds ({key.replace('_', ' ')})",
+            "columns": [("n_items", "held-out prompts N"),
+                        ("eval_se", "eval. SE (sd over prompts / √N, mean over seeds)"),
+                        ("seed_sd", "sd between seeds"), ("ratio", "eval. SE ÷ sd between seeds")],
             "rows": rows, "interval": "ci95"}
 
 
@@ -108,7 +201,8 @@ def value_model_table(models: dict[str, list[dict]],
                 rows[name].update(shift_final=acc(accs, "final"), shift_mean=acc(accs, "mean"))
         columns += [("shift_final", "shifted: final ↑"), ("shift_mean", "shifted: token mean ↑")]
     return {"title": "Held-out pair accuracy of the value models, in distribution and shifted "
-                     "(Tables 3/4/5 analog)", "columns": columns, "rows": rows}
+                     "(Tables 3/4/5 analog)", "columns": columns, "rows": rows,
+            "interval": "ci95"}
 
 
 def cost_table(runs: list[Run], baseline: str | None = "ppo") -> dict:
@@ -148,7 +242,7 @@ def cost_table(runs: list[Run], baseline: str | None = "ppo") -> dict:
         columns += [("time_ratio", f"train time ÷ {baseline}"),
                     ("mem_ratio", f"mem ÷ {baseline}")]
     return {"title": "Cost per run and per step, same study and machine (Table 7 analog)",
-            "columns": columns, "rows": rows}
+            "columns": columns, "rows": rows, "interval": "ci95"}
 
 
 def convergence_table(runs: list[Run], fraction: float = 0.95, reference: str = "SFT") -> dict:
@@ -173,11 +267,11 @@ def convergence_table(runs: list[Run], fraction: float = 0.95, reference: str = 
                         ("step_best", f"{unit} to {pct} of best"),
                         ("step_gain", f"{unit} to {pct} of best gain over {reference}"),
                         ("rl_steps", unit)],
-            "rows": rows}
+            "rows": rows, "interval": "ci95"}
 
 
-def format_cell(cell: dict | None, digits: int = 3, interval: str = "std") -> str:
-    """``mean ± std`` or ``mean ± ci95`` by ``interval`` (just the mean for one value); the
+def format_cell(cell: dict | None, digits: int = 3, interval: str = "ci95") -> str:
+    """``mean ± ci95`` (``interval``: the key after ``±``; just the mean for one value); the
     text of a ``{"text": …}`` cell; ``—`` for None."""
     if cell is None:
         return "—"
@@ -192,7 +286,7 @@ def format_cell(cell: dict | None, digits: int = 3, interval: str = "std") -> st
 def to_markdown(table: dict, note: str = "") -> str:
     """A markdown section: ``### title``, the table, then ``note``."""
     cols = table["columns"]
-    interval = table.get("interval", "std")
+    interval = table.get("interval", "ci95")
     lines = [f"### {table['title']}", "", "| | " + " | ".join(label for _, label in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, row in table["rows"].items():
