@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -506,11 +506,12 @@ def run_spec(spec: PipelineSpec, source: str = "pipeline arguments") -> dict:
         if tune:
             print(f"[plan] phase 1: tuning on the validation prompts, seeds "
                   f"{tuning_seeds(spec)}", flush=True)
-            print_plan(plan(tune_spec, tune), tune_spec, source)
+            print_plan(plan(tune_spec, tune), replace(tune_spec, report=None), source)
             print("[plan] phase 2: the main runs, "
                   + ("with the points chosen: " + ", ".join(
                       f"{m} {c['name']}" for m, c in chosen.items()) if chosen else
-                     f"each tuned key {UNCHOSEN} after phase 1"), flush=True)
+                     f"each tuned key {UNCHOSEN} after phase 1; the stage-1 jobs of the "
+                     "tuning seeds are phase 1's, reused"), flush=True)
         print_plan(plan(spec, with_choice(variants, chosen)), spec, source)
         return {}
     # every config is read before anything runs
