@@ -540,7 +540,14 @@ def run_spec(spec: PipelineSpec, source: str = "pipeline arguments") -> dict:
         if spec.seed_scope == "pipeline":
             report = per_seed(report, {s: {st.artifact: f"{spec.runs_dir}/{st.name}/seed{s}/model"
                                            for st in spec.stages} for s in spec.seeds})
-        paths = build_report(runs=runs, **{"group": spec.group, **report})
+        extra = {}
+        if any(v.point for v in variants):
+            extra["variants"] = variant_table(variants)
+        if tune:
+            extra["tuning_runs"] = {v.name: {s: f"{spec.runs_dir}/{v.name}/seed{s}/model"
+                                             for s in tuning_seeds(spec)} for v in tune}
+            extra["tuning_choice"] = {"points": variant_table(tune), "chosen": chosen}
+        paths = build_report(runs=runs, **{"group": spec.group, **report, **extra})
         _add_variants(Path(report.get("out", "runs/report")) / "report.json", variants,
                       tune, chosen)
         done["report"] = {"status": "ran", "seconds": round(time.time() - t0, 1)}

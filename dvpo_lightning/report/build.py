@@ -52,7 +52,10 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                  compare: str | None = "dvpo", baseline: str | None = "ppo",
                  gvm_sweep: dict[str, str | dict[int, str]] | None = None,
                  examples: int = 4, color_by: str = "delta", wandb: bool = True,
-                 group: str | None = None, reference: str = "SFT") -> list[Path]:
+                 group: str | None = None, reference: str = "SFT",
+                 fair: dict | None = None, variants: dict[str, dict] | None = None,
+                 tuning_runs: dict[str, dict[int, str]] | None = None,
+                 tuning_choice: dict | None = None) -> list[Path]:
     """Write the tables, plots and pictures of a study; returns the files written.
 
     Args:
@@ -75,6 +78,13 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
         wandb: also log everything to a W&B run (job type ``report``).
         group: the W&B run group (the pipeline passes its name).
         reference: what the runs started from, in labels (``SFT``; ``instruct model``).
+        fair: the fair study's sections (:func:`~dvpo_lightning.report.fair.fair_sections`):
+            ``{"reference": method, "cells": {value_scores, value_pairs, reward_scores,
+            reward_pairs: method}, "long": [method, …]}``; with ``variants`` only.
+        variants: ``{run name: {"method", "point"}}`` of a gridded study (the pipeline
+            passes it).
+        tuning_runs: ``{tuning point: {seed: artifact}}`` (the pipeline passes it).
+        tuning_choice: ``{"points", "chosen"}`` of the tuning (the pipeline passes it).
     """
     t0 = time.time()
     out_dir = Path(out)
@@ -107,6 +117,15 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
         sweep = gvm_quality.sweep_points(loaded, {m: _by_seed(a) for m, a in gvm_sweep.items()},
                                          eval_pairs, baseline)
         result["gvm_quality"] = gvm_quality.sweep_table(sweep, baseline)
+    fair_files: list[Path] = []
+    fair_notes: dict[str, str] = {}
+    if variants and fair is not None:
+        from dvpo_lightning.report.fair import fair_sections
+
+        fair_tables, fair_notes, fair_files = fair_sections(
+            loaded, variants, out_dir, fair.get("reference", compare or "dvpo"),
+            fair.get("cells"), fair.get("long"), tuning_runs, tuning_choice)
+        result.update(fair_tables)
     result = {k: v for k, v in result.items() if v is not None}
     family = tables.adjust_p_values(result)  # Holm over every paired comparison above
     seeds = sorted({r.seed for r in loaded})
@@ -157,6 +176,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     }
     if sweep:
         notes["gvm_quality"] = gvm_quality.NOTE.format(baseline=baseline)
+    notes.update(fair_notes)
     environment = describe_environment()  # what the numbers depend on besides code and seed
     md = [f"# Study report\n\nMethods {list(runs)}, seeds {seeds}, machine: {machine}.\n\n"
           f"{CONVENTION}\n"]
@@ -177,6 +197,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                 plots.plot_reward_vs_kl(loaded, out_dir / "reward_vs_kl.png")]
     if sweep:
         written.append(gvm_quality.plot_sweep(sweep, out_dir / "gvm_quality.png", baseline))
+    written += fair_files
     if gvms and eval_pairs and examples > 0:
         pictures = write_token_values(next(iter(gvms.values())),
                                       file_examples(eval_pairs, examples), out_dir,

@@ -112,7 +112,8 @@ def matched_kl(points: list[Point], levels: list[float], reference: str = "dvpo"
     and ``reference − method`` paired by seed at each level.
 
     Returns ``{"levels": levels, "gold": {method: [summary | None per level]},
-    "paired": {method: [paired difference | None per level]}}`` (summaries as
+    "paired": {method: [paired difference | None per level]},
+    "per_seed": {method: [{seed: gold} per level]}}`` (summaries as
     :func:`~dvpo_lightning.report.runs.mean_std`, differences as
     :func:`~dvpo_lightning.report.stats.paired_difference`).
     """
@@ -129,16 +130,18 @@ def matched_kl(points: list[Point], levels: list[float], reference: str = "dvpo"
             if m != reference:
                 paired[m] = [paired_difference(ref, d) if ref and d else None
                              for ref, d in zip(at[reference], rows)]
-    return {"levels": levels, "gold": gold, "paired": paired}
+    return {"levels": levels, "gold": gold, "paired": paired, "per_seed": at}
 
 
 def matched_kl_table(result: dict, reference: str = "dvpo") -> dict:
     """:func:`matched_kl` as a report table (``tables.to_markdown``): one row per method, a
-    gold column and a paired-difference column per KL level."""
+    gold column, a paired-difference column and its Holm-adjusted p (filled in by
+    ``tables.adjust_p_values`` with the report's whole family) per KL level."""
     columns, rows = [], {}
     for i, lv in enumerate(result["levels"]):
         columns += [(f"gold_{i}", f"gold @ KL {lv:.3g}"),
-                    (f"diff_{i}", f"{reference} − method @ KL {lv:.3g}")]
+                    (f"diff_{i}", f"{reference} − method @ KL {lv:.3g}"),
+                    (f"diff_{i}_p_holm", "p (Holm)")]
     for m, golds in result["gold"].items():
         row = {}
         for i, g in enumerate(golds):

@@ -1,0 +1,120 @@
+"""The fair study's tables and figures (configs/pipeline_fair.yaml; docs/study.md): the β
+frontier, gold at matched KL, the information 2 × 2, the tuning on validation, and the long
+runs. :func:`fair_sections` is called by ``build_report`` when the pipeline passes grid
+``variants``; each part is left out when its runs are not there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dvpo_lightning.report import frontier, overoptimisation, tuning
+from dvpo_lightning.report.factorial import CELLS, two_by_two
+from dvpo_lightning.report.runs import Run, load_runs
+from dvpo_lightning.report.stats import paired_difference
+
+KL_AXES = ("kl", "beta")  # the grid axes that are a method's KL knob
+
+
+def regularised_runs(runs: list[Run], variants: dict[str, dict]) -> list[Run]:
+    """The runs that are points of a method's β grid (an axis named ``kl`` or ``beta``)."""
+    return [r for r in runs if r.method in variants
+            and any(a in variants[r.method]["point"] for a in KL_AXES)]
+
+
+def two_by_two_table(per_seed: dict[str, dict[int, float]], cells: dict[str, str],
+                     level: float) -> dict | None:
+    """The 2 × 2 contrasts at one matched KL level as a report table (None without all four
+    methods). ``cells``: ``{"value_scores", "value_pairs", "reward_scores", "reward_pairs"}``
+    → method name."""
+    keyed = {}
+    for model, info in CELLS:
+        method = cells.get(f"{model}_{info}")
+        if method not in per_seed:
+            return None
+        keyed[(model, info)] = per_seed[method]
+    out = two_by_two(keyed)
+    if out is None:
+        return None
+    rows = {}
+    labels = {"value": "value effect: ½[(V_s − R_s) + (V_p − R_p)]",
+              "scores": "scores effect: ½[(V_s − V_p) + (R_s − R_p)]",
+              "interaction": "interaction: (V_s − R_s) − (V_p − R_p)"}
+    for key, label in labels.items():
+        seeds = out[key]["seeds"]
+        # a contrast is a paired difference against 0: its p is the one-sample t-test's
+        cell = paired_difference(dict(zip(seeds, out[key]["values"])), dict.fromkeys(seeds, 0.0))
+        rows[label] = {"effect": cell, "ahead": {"text": f"{cell['wins']}/{cell['n']}"}}
+    names = ", ".join(f"{k} = {cells[f'{k[0]}_{k[1]}']}" for k in CELLS)
+    return {"title": f"The information 2 × 2 at matched KL {level:.3g} ({names})",
+            "columns": [("effect", "gold reward"), ("effect_p_holm", "p (Holm)"),
+                        ("ahead", "seeds > 0")], "rows": rows, "interval": "ci95"}
+
+
+def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
+                  reference: str = "dvpo", cells: dict[str, str] | None = None,
+                  long: list[str] | None = None, tuning_runs: dict | None = None,
+                  tuning_choice: dict | None = None, n_levels: int = 3) -> tuple[
+                      dict[str, dict], dict[str, str], list[Path]]:
+    """``(tables, notes, files)`` of the fair study.
+
+    Args:
+        runs: every main run of the study (run names as methods).
+        variants: ``{run name: {"method", "point"}}`` (the pipeline's grid expansion).
+        out_dir: where the figures go.
+        reference: the method every other is compared with at matched KL.
+        cells: the 2 × 2's methods (see :func:`two_by_two_table`); None: no 2 × 2.
+        long: the long runs' method names (the horizon); None: no horizon section.
+        tuning_runs: ``{point name: {seed: artifact}}`` of the tuning runs.
+        tuning_choice: ``{"points": variants, "chosen": …}`` of the tuning.
+        n_levels: matched KL levels.
+    """
+    tables_, notes, files = {}, {}, []
+    if tuning_runs and tuning_choice:
+        truns = load_runs(tuning_runs)
+        tables_["tuning"] = tuning.tuning_table(truns, tuning_choice["points"],
+                                                tuning_choice["chosen"])
+        notes["tuning"] = ("Each method's tune grid (the same number of points for every "
+                           "method) at the tuning seeds, at the config's β; the chosen point "
+                           "has the best mean gold at the runs' last validation, on the "
+                           "validation prompts. The test prompts were not read.")
+    points = frontier.points_from_runs(regularised_runs(runs, variants),
+                                       lambda name: variants[name]["method"])
+    if points:
+        tables_["frontier"] = frontier.frontier_table(points)
+        notes["frontier"] = ("Each method's runs over its β grid (DPO: its own β), final "
+                             "evaluation on the test prompts; KL in nats per response.")
+        files.append(frontier.plot_frontier(points, out_dir / "frontier.png"))
+        span = frontier.common_kl_range(points)
+        if span is None:
+            notes["frontier"] += (" The methods' KL ranges share no interval: no KL level can "
+                                  "be matched across all of them.")
+        else:
+            levels = frontier.kl_levels(*span, n_levels)
+            result = frontier.matched_kl(points, levels, reference)
+            tables_["matched_kl"] = frontier.matched_kl_table(result, reference)
+            notes["matched_kl"] = (
+                f"Gold reward read off each (method, seed) curve over β at KL levels inside "
+                f"every curve's range ({span[0]:.3g} to {span[1]:.3g}), linear in log KL "
+                f"between the two bracketing runs, never extrapolated; {reference} − method "
+                "paired by seed.")
+            if cells:
+                mid = len(levels) // 2
+                per_seed = {m: rows[mid] for m, rows in result["per_seed"].items()}
+                table = two_by_two_table(per_seed, cells, levels[mid])
+                if table:
+                    tables_["two_by_two"] = table
+                    notes["two_by_two"] = (
+                        "V: DVPO's gold with the GVM fit to the scores (s) or the pairs (p); "
+                        "R: the reward-model method's with the reward model fit to the scores "
+                        "or the pairs; per seed at the middle matched KL level, so neither side "
+                        "buys reward with KL.")
+    if long:
+        long_runs = [r for r in runs if r.method in long]
+        if long_runs:
+            tables_["over_optimisation"] = overoptimisation.over_optimisation_table(long_runs)
+            notes["over_optimisation"] = overoptimisation.__doc__.split("\n\n")[1].replace(
+                "\n", " ")
+            files.append(overoptimisation.plot_over_optimisation(
+                long_runs, out_dir / "over_optimisation.png"))
+    return tables_, notes, files

@@ -1,0 +1,117 @@
+"""The fair study's report sections on summaries of the shape the RL module writes (no model
+runs): the β frontier and matched-KL table read the *test* evaluation, the information 2 × 2
+recovers effects built into the data exactly, the tuning table marks the validation choice,
+and the long runs get their over-optimisation table — every p joining the report's Holm
+family."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dvpo_lightning.report.build import build_report
+from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
+
+SEEDS = (0, 1, 2)
+BETAS = (0.02, 0.05, 0.15, 0.5)
+# method → (gold offset at equal KL, KL scale): V_s .10, V_p .06, R_s .04, R_p 0 gives a value
+# effect of .06, a scores effect of .04 and no interaction, at any matched KL
+METHODS = {"dvpo": (0.10, 0.5), "dvpo_gvm_pairs": (0.06, 0.7), "ppo": (0.0, 1.0),
+           "ppo_rm_scores": (0.04, 0.8)}
+CELLS = {"value_scores": "dvpo", "value_pairs": "dvpo_gvm_pairs",
+         "reward_scores": "ppo_rm_scores", "reward_pairs": "ppo"}
+
+
+def evaluation(gold: float, kl: float) -> dict:
+    return {"eval/gold_reward": gold, "eval/win_rate_vs_ref": 0.5, "eval/kl_to_ref": kl,
+            "eval/response_len": 6.0}
+
+
+def summary(gold: float, kl: float, beta: float, history: list[dict] | None = None) -> dict:
+    # the last validation (on the validation prompts) is deliberately off by −0.2: the
+    # frontier must read the test evaluation
+    final = {"rl_step": 60, **evaluation(gold - 0.2, kl)}
+    return {"final_eval": final, "test_eval": {"rl_step": 60, **evaluation(gold, kl)},
+            "history": history or [{"rl_step": 0, **evaluation(0.5, 0.0)}, final],
+            "kl_coef": beta, "rl_steps": 60, "policy_updates": 240,
+            "train_curve": [{"gold": gold, "kl": kl}],
+            "cost": {"step_s": 1.0, "generate_s": 0.5, "score_s": 0.1, "update_s": 0.4,
+                     "gen_tokens_per_step": 64.0, "peak_rss_gb": 1.0, "params_loaded_m": 1.0,
+                     "params_trained_m": 0.5, "rl_steps": 60, "train_s": 60.0}}
+
+
+def write(root: Path, name: str, seed: int, doc: dict) -> str:
+    d = root / name / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / ARTIFACT_FILE).write_text(json.dumps({"summary": doc}))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fair")
+    runs, variants = {}, {}
+    for method, (offset, scale) in METHODS.items():
+        for beta in BETAS:
+            name = f"{method}@kl={beta}"
+            variants[name] = {"method": method, "point": {"kl": beta}}
+            for s in SEEDS:
+                kl = scale * (1 + 0.1 * s) / beta ** 0.8
+                gold = 0.5 + 0.05 * math.log(kl) + offset + 0.01 * s
+                runs.setdefault(name, {})[s] = write(root, name, s, summary(gold, kl, beta))
+    for s in SEEDS:  # a long run whose proxy keeps rising after gold peaked
+        history = [{"rl_step": 10 * k, **evaluation(g, 0.1 * k), "eval/gvm_value": 0.1 * k}
+                   for k, g in enumerate([0.5, 0.6, 0.7, 0.65, 0.6])]
+        doc = summary(0.6, 0.4, 0.05, history)
+        doc["reward_scale"] = {"normalize": "first_rollout", "mean": 0.5, "std": 0.2}
+        runs.setdefault("dvpo_long", {})[s] = write(root, "dvpo_long", s, doc)
+    tuning_runs, points = {}, {}
+    for lr, val in ((1e-4, 0.6), (3e-4, 0.7)):
+        name = f"dvpo@lr={lr}"
+        points[name] = {"method": "dvpo", "point": {"lr": lr}}
+        tuning_runs[name] = {s: write(root, name, s, summary(val + 0.2, 1.0, 0.05))
+                             for s in (0, 1)}
+    chosen = {"dvpo": {"name": "dvpo@lr=0.0003", "point": {"lr": 3e-4}}}
+    out = root / "report"
+    build_report(runs, out=str(out), wandb=False, examples=0, compare=None, baseline=None,
+                 fair={"reference": "dvpo", "cells": CELLS, "long": ["dvpo_long"]},
+                 variants=variants, tuning_runs=tuning_runs,
+                 tuning_choice={"points": points, "chosen": chosen})
+    return out, json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+
+
+def test_matched_kl_reads_the_test_evaluation_and_pairs_by_seed(report):
+    _, doc, md = report
+    table = doc["tables"]["matched_kl"]
+    assert [k for k, _ in table["columns"]][:3] == ["gold_0", "diff_0", "diff_0_p_holm"]
+    # dvpo − ppo at equal KL is exactly the offset .10 on every seed (linear in log KL)
+    for i in range(3):
+        diff = table["rows"]["ppo"][f"diff_{i}"]
+        assert diff["mean"] == pytest.approx(0.10) and diff["wins"] == 3
+        assert "p_holm" in diff
+    assert doc["tables"]["frontier"]["rows"]["dvpo (β 0.05)"]["kl"]["n"] == 3
+    assert "Gold reward at matched KL" in md and "p (Holm)" in md
+
+
+def test_two_by_two_recovers_the_built_in_effects(report):
+    rows = report[1]["tables"]["two_by_two"]["rows"]
+    value, scores, interaction = rows.values()
+    assert value["effect"]["mean"] == pytest.approx(0.06)
+    assert scores["effect"]["mean"] == pytest.approx(0.04)
+    assert interaction["effect"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert value["ahead"]["text"] == "3/3"
+
+
+def test_tuning_and_long_runs(report):
+    out, doc, md = report
+    tuning = doc["tables"]["tuning"]["rows"]
+    assert tuning["dvpo@lr=0.0003"]["chosen"]["text"] == "chosen"
+    assert tuning["dvpo@lr=0.0001"]["chosen"]["text"] == ""
+    long = doc["tables"]["over_optimisation"]["rows"]["dvpo_long"]
+    assert long["peak_step"]["mean"] == 20 and long["drop"]["mean"] == pytest.approx(0.1)
+    assert long["proxy_rise"]["mean"] == pytest.approx((0.4 - 0.2) / 0.2)
+    assert (out / "frontier.png").exists() and (out / "over_optimisation.png").exists()
+    assert any(c["table"] == "two_by_two" for c in doc["comparisons"])
