@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.ops.kl import kl_estimate
+from dvpo_lightning.rollout.common_noise import stream_seeds
 from dvpo_lightning.rollout.end_tokens import finished
 from dvpo_lightning.rollout.generation import Generator, SamplingConfig
 from dvpo_lightning.rollout.gold import gold_scores
@@ -48,6 +49,9 @@ class HeldOutEvaluator:
         fused_head: log-probs with the output head in row chunks.
         reference_generator: the engine that answers for the reference (``generate``, when the
             rollout engine serves only the policy); None: ``generator``.
+        eval_seed: common random numbers: the answer to item ``i`` is drawn from the noise
+            stream of ``(eval_seed, i)`` (:mod:`~dvpo_lightning.rollout.common_noise`); None:
+            the engine's own draws (the global RNG).
     """
 
     def __init__(self, generator: Generator, sampling: SamplingConfig,
@@ -55,27 +59,38 @@ class HeldOutEvaluator:
                  reference_logps: Callable[..., Tensor] | None = None,
                  reward_model: nn.Module | None = None, score_batch_size: int | None = None,
                  fused_head: bool = True, reference_generator: Generator | None = None,
-                 value_model: nn.Module | None = None) -> None:
+                 value_model: nn.Module | None = None, eval_seed: int | None = None) -> None:
         self.generator, self.sampling, self.tokenizer, self.judge = (generator, sampling,
                                                                     tokenizer, judge)
         self.reference_generator = reference_generator or generator
         self.reference_logps, self.reward_model = reference_logps, reward_model
-        self.value_model = value_model
+        self.value_model, self.eval_seed = value_model, eval_seed
         self.rows, self.fused_head = score_batch_size, fused_head
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  prompts: list, is_reference: bool = False,
-                 weights_version: int | None = None) -> dict[str, Tensor]:
+                 weights_version: int | None = None,
+                 index: Tensor | None = None) -> dict[str, Tensor]:
         """``{measure: (B,)}`` for ``model``'s responses to ``prompts`` (left-padded ids).
 
         ``is_reference``: ``model`` is the reference itself, so its log-probs are the
         reference's (no second pass), and ``reference_generator`` answers.
         ``weights_version``: the policy's optimizer updates so far (see
-        :class:`~dvpo_lightning.rollout.generation.Generator`)."""
+        :class:`~dvpo_lightning.rollout.generation.Generator`).
+        ``index``: ``(B,)`` each prompt's row in its held-out file, whose noise stream answers
+        it under ``eval_seed`` (required then)."""
         generator = self.reference_generator if is_reference else self.generator
+        extra = {}
+        if self.eval_seed is not None:
+            if index is None:
+                raise ValueError("held-out evaluation with model.rollout.eval_seed set needs "
+                                 "each prompt's index in its file (the noise stream's key). Fix: "
+                                 "pass index=, e.g. the batch's 'prompt_index' "
+                                 "(RolloutDataModule / DPODataModule give it)")
+            extra["seeds"] = stream_seeds(self.eval_seed, index)
         resp, rmask = generator.generate(model, prompt_ids, prompt_mask, self.sampling,
-                                         weights_version)[:2]
+                                         weights_version, **extra)[:2]
         seq = (prompt_ids, prompt_mask, resp, rmask)
         out = {"response_len": rmask.sum(1).float(),
                "eos_frac": finished(resp, rmask, generator.end_ids).float()}
