@@ -152,9 +152,15 @@ class EvalRows:
         return bool(self.batches)
 
     def add(self, measures: dict[str, Tensor], batch: dict) -> None:
-        """Keep ``measures`` (``{measure: (B,)}``) of ``batch``'s items, indexed by its
-        ``key`` entry; without one, the rows count on from the previous batch's, which is
-        right in one process only."""
+        """Keep ``measures`` (``{measure: (B,)}``) of ``batch``'s items, indexed by
+        :meth:`index_of`."""
+        self.index.append(self.index_of(batch, len(next(iter(measures.values())))))
+        self.batches.append(measures)
+
+    def index_of(self, batch: dict, n: int) -> Tensor:
+        """``(n,)`` the held-out rows of ``batch``'s ``n`` items: its ``key`` entry; without
+        one, the rows count on from the previous batch's, which is right in one process
+        only."""
         index = batch.get(self.key)
         if index is None:
             rank, world = rank_and_world()
@@ -166,9 +172,8 @@ class EvalRows:
                     "RolloutDataModule / DPODataModule, or collate held-out prompts with "
                     "dvpo_lightning.data.rollout.collate_numbered_prompts")
             start = sum(len(i) for i in self.index)
-            index = torch.arange(start, start + len(next(iter(measures.values()))))
-        self.batches.append(measures)
-        self.index.append(index)
+            index = torch.arange(start, start + n)
+        return index
 
     def gathered(self) -> dict[str, Tensor]:
         """``{measure: (N,)}`` over every process's items, one row per item, in the held-out
@@ -178,20 +183,30 @@ class EvalRows:
                                torch.cat(self.index).to(first.device))
 
 
+def per_item(measures: dict[str, Tensor]) -> dict[str, list[float]]:
+    """``{measure: [one value per item, in the held-out file's order]}`` of gathered rows."""
+    return {k: v.double().tolist() for k, v in measures.items()}
+
+
 class EvalHistory:
     """An RL run's held-out evaluations: the reference's once (its step 0: the policy at RL
     step 0 is the reference), then the policy's at every validation, with the win rate
-    against the reference's answer to the same prompt (a tie counts ½)."""
+    against the reference's answer to the same prompt (a tie counts ½). The reference's and
+    the last validation's per-prompt values are kept too (:func:`per_item`): the evaluation's
+    own noise and paired differences are computed from them."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
         self.reference: dict[str, float] | None = None
         self.reference_gold: Tensor | None = None
+        self.reference_items: dict[str, list[float]] | None = None
+        self.final_items: dict[str, list[float]] | None = None
 
     def set_reference(self, measures: dict[str, Tensor]) -> None:
         """Record the reference's evaluation as the curves' first point."""
         gold = measures.get("gold_reward")
         self.reference_gold = gold.float() if gold is not None else None
+        self.reference_items = per_item(measures)
         self.reference = {k: float(v.float().mean()) for k, v in measures.items()}
         first = {"rl_step": 0, **{f"eval/{k}": v for k, v in self.reference.items()}}
         if gold is not None:  # (a win rate needs a judge)
@@ -208,14 +223,22 @@ class EvalHistory:
             out["eval/win_rate_vs_ref"] = ((g > ref).float() + 0.5 * (g == ref).float()).mean()
         return out
 
-    def append(self, rl_step: int, metrics: dict[str, Tensor]) -> None:
+    def append(self, rl_step: int, metrics: dict[str, Tensor],
+               measures: dict[str, Tensor] | None = None) -> None:
+        """Add a validation's means (``metrics``) to the curve; ``measures``: its gathered
+        per-prompt values, kept as the last validation's."""
         self.rows.append({"rl_step": rl_step, **{k: float(v) for k, v in metrics.items()}})
+        if measures is not None:
+            self.final_items = per_item(measures)
 
     def state_dict(self) -> dict:
         return {"rows": self.rows, "reference": self.reference,
-                "reference_gold": self.reference_gold}
+                "reference_gold": self.reference_gold,
+                "reference_items": self.reference_items, "final_items": self.final_items}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = state.get("rows", [])
         self.reference = state.get("reference")
         self.reference_gold = state.get("reference_gold")
+        self.reference_items = state.get("reference_items")
+        self.final_items = state.get("final_items")
