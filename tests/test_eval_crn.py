@@ -152,3 +152,30 @@ def test_eval_seed_setting():
     assert RolloutSettings().eval_seed is None
     with pytest.raises(ValueError, match="eval_seed must be >= 0"):
         RolloutSettings(eval_seed=-1)
+
+
+def test_vllm_requests_take_the_stream_seeds(tok, prompts):
+    """With the vLLM engine each request's seed is its prompt's stream seed: the same answer
+    whatever the batch's order and the global RNG, which is not drawn from."""
+    from test_vllm_engine import model32 as vllm_model
+
+    from dvpo_lightning.rollout.vllm_engine import VLLMEngine
+
+    ids, mask = prompts
+    model = vllm_model(tok)
+    engine = VLLMEngine(tok.eos_token_id, tok.pad_token_id)
+    seeds = stream_seeds(9, range(len(ids)))
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    whole = engine.generate(model, ids, mask, CFG, weights_version=0, seeds=seeds)
+    assert torch.equal(torch.get_rng_state(), before)
+    order = [5, 2, 7, 0, 3, 6, 1, 4]
+    torch.manual_seed(2)
+    again = engine.generate(model, ids[order], mask[order], CFG, weights_version=0,
+                            seeds=[seeds[i] for i in order])
+    for j, i in enumerate(order):
+        assert (whole.response_ids[i][whole.response_mask[i]].tolist()
+                == again.response_ids[j][again.response_mask[j]].tolist())
+    other = engine.generate(model, ids, mask, CFG, weights_version=0,
+                            seeds=stream_seeds(10, range(len(ids))))
+    assert not torch.equal(other.response_ids, whole.response_ids)
