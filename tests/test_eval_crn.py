@@ -179,3 +179,34 @@ def test_vllm_requests_take_the_stream_seeds(tok, prompts):
     other = engine.generate(model, ids, mask, CFG, weights_version=0,
                             seeds=stream_seeds(10, range(len(ids))))
     assert not torch.equal(other.response_ids, whole.response_ids)
+
+
+def test_the_sft_policys_gold_eval_shares_the_rl_evaluations_numbers(task_data, tokenizer_dir,
+                                                                     sft_model_dir):
+    """``GoldEval``'s evaluation with ``eval_seed`` (at T = 1, as the SFT stage samples) gives
+    the RL evaluator's answers to the same prompts, whatever the global RNG: the means of the
+    same per-prompt values; without it, another global seed gives other answers."""
+    from dvpo_lightning.callbacks.gold_eval import evaluate_policy
+    from dvpo_lightning.data.formats import load_examples
+    from dvpo_lightning.data.tokenize import encode_prompt
+    from dvpo_lightning.models import load_causal_lm
+    from dvpo_lightning.tasks.judges import load_judge
+
+    tok = load_tokenizer(tokenizer_dir)
+    model = load_causal_lm(sft_model_dir, tok).eval()
+    judge, cfg = load_judge("sorting"), SamplingConfig(16)
+    prompts = [r["prompt"] for r in load_examples(f"{task_data}/eval_prompts.jsonl", "prompt")]
+
+    def sft(seed, eval_seed):
+        torch.manual_seed(seed)
+        return evaluate_policy(model, tok, judge, prompts, cfg, batch_size=5,
+                               eval_seed=eval_seed)
+
+    ids, mask = pad_left([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    rl = HeldOutEvaluator(gen(tok), cfg, tok, judge, eval_seed=4).evaluate(
+        model, ids, mask, prompts, index=torch.arange(len(prompts)))
+    a, b = sft(0, 4), sft(1, 4)
+    assert a == b
+    for k in ("gold_reward", "response_len", "eos_frac"):
+        assert a[k] == pytest.approx(sum(rl[k].tolist()) / len(prompts), abs=1e-12)
+    assert sft(0, None) != sft(1, None)
