@@ -34,8 +34,9 @@ def check_items(s: dict, n: int) -> None:
                          (s["reference_test_eval_items"], s["reference_test_eval"])):
         assert all(len(v) == n for v in items.values())
         for k, v in items.items():
+            flat = [x for row in v for x in (row if isinstance(row, list) else [row])]
             mean = means[k] if k in means else means[f"eval/{k}"]
-            assert abs(sum(v) / n - mean) < 1e-6, (k, v, mean)
+            assert abs(sum(flat) / len(flat) - mean) < 1e-6, (k, v, mean)
     assert set(s["test_eval"]) == set(s["final_eval"])
 
 
@@ -60,17 +61,21 @@ def test_rl_summary_items_test_eval_and_common_random_numbers(tmp_path, artifact
     assert c["reference_test_eval_items"] != c["reference_eval_items"]
 
 
-def test_dpo_test_eval_with_common_random_numbers(task_data, tokenizer_dir, sft_model_dir,
-                                                  tmp_path):
+@pytest.mark.parametrize("samples", [1, 3])
+def test_dpo_test_eval_with_common_random_numbers(samples, task_data, tokenizer_dir,
+                                                  sft_model_dir, tmp_path):
+    """(``eval_samples`` 3: each prompt's values are its 3 answers')"""
     L.seed_everything(0, verbose=False)
     train = head_file(f"{task_data}/pairs.jsonl", tmp_path / "pairs16.jsonl", 16)
     dm = make_data(task_data, tokenizer_dir, train, batch_size=8)
     dm.test_path = f"{task_data}/eval_prompts.jsonl"  # (the first 8: the validation prompts)
     module = make_module(sft_model_dir, tokenizer_dir)
-    module.rollout = type(module.rollout)(max_new_tokens=8, eval_seed=3)
+    module.rollout = type(module.rollout)(max_new_tokens=8, eval_seed=3, eval_samples=samples)
     build_trainer(tmp_path, max_steps=4, val_every=4).fit(module, dm)
     s = json.loads((tmp_path / "summary.json").read_text())
     check_items(s, 8)
     assert set(s["test_eval"]) == EVAL_KEYS
     assert s["test_eval_items"] == s["final_eval_items"]
     assert s["reference_test_eval_items"] == s["reference_eval_items"]
+    if samples > 1:
+        assert all(len(v) == samples for v in s["test_eval_items"]["gold_reward"])

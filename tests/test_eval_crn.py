@@ -210,3 +210,31 @@ def test_the_sft_policys_gold_eval_shares_the_rl_evaluations_numbers(task_data, 
     for k in ("gold_reward", "response_len", "eos_frac"):
         assert a[k] == pytest.approx(sum(rl[k].tolist()) / len(prompts), abs=1e-12)
     assert sft(0, None) != sft(1, None)
+
+
+def test_several_samples_per_prompt(tok, prompts):
+    """``eval_samples`` k: each measure ``(B, k)``, sample 0 the one-sample evaluation's answer
+    (stream ``(seed, i, 0)``), the others other draws; the win rate pairs sample with sample."""
+    from dvpo_lightning.rollout.evaluation import EvalHistory
+
+    ids, mask = prompts
+    model = model32(tok)
+    index = torch.arange(len(ids))
+
+    def run(samples, m=model):
+        ev = HeldOutEvaluator(gen(tok), CFG, tok, eval_seed=6, samples=samples)
+        return ev.evaluate(m, ids, mask, [""] * len(ids), index=index)
+
+    one, three = run(1), run(3)
+    assert three["response_len"].shape == (len(ids), 3)
+    assert torch.equal(three["response_len"][:, 0], one["response_len"])
+    assert not torch.equal(three["response_len"][:, 1], three["response_len"][:, 0])
+    history = EvalHistory()
+    ref = {"gold_reward": torch.tensor([[0.0, 1.0], [0.5, 0.5]], dtype=torch.float64)}
+    history.set_reference(ref)
+    got = history.metrics({"gold_reward": torch.tensor([[1.0, 0.0], [0.5, 1.0]],
+                                                       dtype=torch.float64)})
+    assert float(got["eval/win_rate_vs_ref"]) == (1 + 0 + 0.5 + 1) / 4
+    assert RolloutSettings(eval_samples=2).eval_samples == 2
+    with pytest.raises(ValueError, match="eval_samples must be >= 1"):
+        RolloutSettings(eval_samples=0)

@@ -221,7 +221,8 @@ class DPOModule(SingleModelStage):
             HFGenerator(end_token_ids(tok, self.model), tok.pad_token_id),
             self.rollout.eval_sampling, tok,
             self.judge, self.reference_logps, None, self.rollout.score_batch_size,
-            self.model_options.fused_head, eval_seed=self.rollout.eval_seed)
+            self.model_options.fused_head, eval_seed=self.rollout.eval_seed,
+            samples=self.rollout.eval_samples)
 
     def reference_logps(self, policy: nn.Module, *seq: Tensor,
                         sampling: LogitTransform | None = None) -> Tensor:

@@ -1,9 +1,9 @@
 """Common random numbers for held-out evaluation: the response to held-out prompt ``i`` is
-drawn from a noise stream fixed by ``(eval_seed, i, k)`` alone (``k``: the prompt's sample),
-so every method, the reference and the SFT policy answer a prompt with the same random
-numbers, whatever the batch, the process count or the global RNG (which it never touches).
-Two policies' evaluations are then paired draws: their difference carries far less sampling
-noise than two independent evaluations (docs/evaluation.md).
+drawn from a noise stream fixed by ``(eval_seed, i, k)`` alone (``k``: the prompt's sample,
+``rollout.eval_samples``), so every method, the reference and the SFT policy answer a prompt
+with the same random numbers, whatever the batch, the process count or the global RNG (which
+it never touches). Two policies' evaluations are then paired draws: their difference carries
+far less sampling noise than two independent evaluations (docs/evaluation.md).
 
 With ``generate`` the sampler is the Gumbel-max trick, exact: ``argmax_v f(z)_v + G_v`` with
 ``G_v`` i.i.d. standard Gumbel is a draw from ``softmax(f(z))``, ``f`` the sampler's own
@@ -24,13 +24,15 @@ from torch import Tensor
 from dvpo_lightning.ops.sampling import LogitTransform, transform_logits
 
 
-def stream_seeds(eval_seed: int, index: Sequence[int] | Tensor, sample: int = 0) -> list[int]:
-    """One 63-bit seed per held-out item: a hash of ``(eval_seed, index[r], sample)`` alone
-    (NumPy's ``SeedSequence``: well mixed, nearby indices give unrelated streams)."""
+def stream_seeds(eval_seed: int, index: Sequence[int] | Tensor, samples: int = 1) -> list[int]:
+    """63-bit stream seeds, ``samples`` per held-out item (item ``r``'s consecutive): sample
+    ``k`` of item ``i`` gets a hash of ``(eval_seed, i, k)`` alone (NumPy's ``SeedSequence``:
+    well mixed, nearby indices give unrelated streams)."""
     out = []
     for i in (index.tolist() if isinstance(index, Tensor) else index):
-        words = np.random.SeedSequence([eval_seed, int(i), sample]).generate_state(2, np.uint32)
-        out.append((int(words[0]) >> 1) << 32 | int(words[1]))
+        for k in range(samples):
+            words = np.random.SeedSequence([eval_seed, int(i), k]).generate_state(2, np.uint32)
+            out.append((int(words[0]) >> 1) << 32 | int(words[1]))
     return out
 
 

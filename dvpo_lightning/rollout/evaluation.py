@@ -52,6 +52,8 @@ class HeldOutEvaluator:
         eval_seed: common random numbers: the answer to item ``i`` is drawn from the noise
             stream of ``(eval_seed, i)`` (:mod:`~dvpo_lightning.rollout.common_noise`); None:
             the engine's own draws (the global RNG).
+        samples: answers per prompt (``rollout.eval_samples``); above 1 every measure is
+            ``(B, samples)``.
     """
 
     def __init__(self, generator: Generator, sampling: SamplingConfig,
@@ -59,12 +61,13 @@ class HeldOutEvaluator:
                  reference_logps: Callable[..., Tensor] | None = None,
                  reward_model: nn.Module | None = None, score_batch_size: int | None = None,
                  fused_head: bool = True, reference_generator: Generator | None = None,
-                 value_model: nn.Module | None = None, eval_seed: int | None = None) -> None:
+                 value_model: nn.Module | None = None, eval_seed: int | None = None,
+                 samples: int = 1) -> None:
         self.generator, self.sampling, self.tokenizer, self.judge = (generator, sampling,
                                                                     tokenizer, judge)
         self.reference_generator = reference_generator or generator
         self.reference_logps, self.reward_model = reference_logps, reward_model
-        self.value_model, self.eval_seed = value_model, eval_seed
+        self.value_model, self.eval_seed, self.samples = value_model, eval_seed, samples
         self.rows, self.fused_head = score_batch_size, fused_head
 
     @torch.no_grad()
@@ -81,6 +84,11 @@ class HeldOutEvaluator:
         ``index``: ``(B,)`` each prompt's row in its held-out file, whose noise stream answers
         it under ``eval_seed`` (required then)."""
         generator = self.reference_generator if is_reference else self.generator
+        b, k = prompt_ids.shape[0], self.samples
+        if k > 1:  # each prompt k times, its answers consecutive
+            prompt_ids, prompt_mask = (prompt_ids.repeat_interleave(k, 0),
+                                       prompt_mask.repeat_interleave(k, 0))
+            prompts = [p for p in prompts for _ in range(k)]
         extra = {}
         if self.eval_seed is not None:
             if index is None:
@@ -88,7 +96,7 @@ class HeldOutEvaluator:
                                  "each prompt's index in its file (the noise stream's key). Fix: "
                                  "pass index=, e.g. the batch's 'prompt_index' "
                                  "(RolloutDataModule / DPODataModule give it)")
-            extra["seeds"] = stream_seeds(self.eval_seed, index)
+            extra["seeds"] = stream_seeds(self.eval_seed, index, k)
         resp, rmask = generator.generate(model, prompt_ids, prompt_mask, self.sampling,
                                          weights_version, **extra)[:2]
         seq = (prompt_ids, prompt_mask, resp, rmask)
@@ -122,7 +130,7 @@ class HeldOutEvaluator:
             out["gold_reward"] = gold
             if self.judge.embedded:
                 out["exact"] = (gold == 1.0).float()
-        return out
+        return {m: v.view(b, k) for m, v in out.items()} if k > 1 else out
 
 
 def concat_rows(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -183,8 +191,9 @@ class EvalRows:
                                torch.cat(self.index).to(first.device))
 
 
-def per_item(measures: dict[str, Tensor]) -> dict[str, list[float]]:
-    """``{measure: [one value per item, in the held-out file's order]}`` of gathered rows."""
+def per_item(measures: dict[str, Tensor]) -> dict[str, list]:
+    """``{measure: [one value per item, in the held-out file's order]}`` of gathered rows
+    (with ``rollout.eval_samples`` above 1, each item's list of its samples' values)."""
     return {k: v.double().tolist() for k, v in measures.items()}
 
 

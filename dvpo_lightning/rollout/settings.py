@@ -31,6 +31,10 @@ class RolloutSettings:
             every method, the reference and the SFT policy, every validation, batch and process
             count, and the global RNG is left alone (docs/evaluation.md); None: evaluation
             samples from the global RNG, as before.
+        eval_samples: answers per held-out prompt (sample ``k`` of prompt ``i`` from the stream
+            of ``(eval_seed, i, k)``): each measure is then ``(prompts, eval_samples)``, its
+            mean over both, and the win rate pairs sample ``k`` with the reference's sample
+            ``k``. More samples shrink the evaluation's own noise; 1: one answer, as before.
         score_batch_size: rows per forward pass when scoring a rollout or an evaluation batch
             (policy and reference log-probs, GVM / critic values, RM scores); None: the whole
             batch at once. Generation always runs on the whole batch; this bounds the scoring
@@ -46,6 +50,7 @@ class RolloutSettings:
     top_k: int = 0
     eval_greedy: bool = False
     eval_seed: int | None = None
+    eval_samples: int = 1
     score_batch_size: int | None = None
     vllm: VLLMOptions = VLLMOptions()
 
@@ -59,6 +64,7 @@ class RolloutSettings:
             (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
             (self.eval_seed is None or self.eval_seed >= 0,
              "eval_seed must be >= 0, or null to sample evaluations from the global RNG"),
+            (self.eval_samples >= 1, "eval_samples must be >= 1"),
             (self.score_batch_size is None or self.score_batch_size >= 1,
              "score_batch_size must be >= 1, or null to score a whole batch at once"),
         ]
