@@ -79,3 +79,16 @@ def test_dpo_test_eval_with_common_random_numbers(samples, task_data, tokenizer_
     assert s["reference_test_eval_items"] == s["reference_eval_items"]
     if samples > 1:
         assert all(len(v) == samples for v in s["test_eval_items"]["gold_reward"])
+
+
+def test_a_missing_test_file_is_refused_before_training(task_data, tokenizer_dir):
+    from dvpo_lightning.data.rollout import RolloutDataModule
+
+    dm = RolloutDataModule(f"{task_data}/rl_prompts.jsonl", f"{task_data}/eval_prompts.jsonl",
+                           tokenizer_dir, test_path=f"{task_data}/no_such_test.jsonl")
+    with pytest.raises(FileNotFoundError, match="data.test_path"):
+        dm.check_files()
+    dpo = make_data(task_data, tokenizer_dir, f"{task_data}/pairs.jsonl", batch_size=8)
+    dpo.test_path = f"{task_data}/no_such_test.jsonl"
+    with pytest.raises(FileNotFoundError, match="data.test_path"):
+        dpo.check_files()

@@ -10,6 +10,7 @@ from dvpo_lightning.data.base import ListDataset
 from dvpo_lightning.data.pairwise import PairwiseDataModule
 from dvpo_lightning.data.rollout import (
     Numbered,
+    check_test_path,
     collate_numbered_prompts,
     encode_prompts,
     held_out_test_loader,
@@ -83,6 +84,7 @@ class DPODataModule(PairwiseDataModule):
 
     def read_files(self) -> tuple[list, list]:
         """The training and held-out pairs; the held-out prompts are kept in ``prompt_set``."""
+        check_test_path(self.test_path)  # (a name only: its rows are read at the end of fit)
         train, val = super().read_files()
         if self.eval_path:
             self.prompt_set = ListDataset(self._encode_prompts(self.eval_path))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -80,6 +81,16 @@ class Shard(Dataset):
         return self.items[self.order[i]]
 
 
+def check_test_path(path: str | None) -> None:
+    """Refuse, before training, a ``test_path`` that does not exist (its rows are read only at
+    the end of ``fit``)."""
+    if path and not os.path.exists(path):
+        raise FileNotFoundError(
+            f"data.test_path={path!r} does not exist. The test prompts are read only at the end "
+            "of fit, so a missing file is refused before training starts. Fix: set "
+            "data.init_args.test_path to the test prompts file, or remove the key")
+
+
 def held_out_test_loader(items: list, batch_size: int, pad_token_id: int,
                         num_workers: int = 0) -> DataLoader:
     """The final test evaluation's prompts, numbered by their row in the test file, this
@@ -132,6 +143,7 @@ class RolloutDataModule(TokenizedDataModule):
         return encode_prompts(self, rows, path, self.new_report(path), self.max_length)
 
     def read_files(self) -> tuple[list, list]:
+        check_test_path(self.test_path)  # (a name only: its rows are read at the end of fit)
         return (self._encode(self.train_path),
                 self._encode(self.eval_path, self.max_eval_prompts))
 

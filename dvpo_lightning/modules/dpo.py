@@ -22,7 +22,7 @@ from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, resolv
 from dvpo_lightning.models.lora import adapters_disabled
 from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.models.value_model import freeze
-from dvpo_lightning.modules.evaluation import HeldOutEvaluation
+from dvpo_lightning.modules.evaluation import HeldOutEvaluation, test_loader
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
 from dvpo_lightning.ops.sampling import LogitTransform
@@ -168,7 +168,7 @@ class DPOModule(SingleModelStage):
     def setup(self, stage: str) -> None:
         self.check_context(self.model.config)  # the pairs
         dm = self.trainer.datamodule
-        if getattr(dm, "eval_path", None):
+        if getattr(dm, "eval_path", None) or getattr(dm, "test_path", None):
             check_fits_context(dm.max_prompt_length + self.rollout.max_new_tokens,
                                self.model.config,
                                "data.max_prompt_length + model.rollout.max_new_tokens")
@@ -257,8 +257,7 @@ class DPOModule(SingleModelStage):
     def on_train_end(self) -> None:
         """With ``data.test_path``: the policy and the reference answer the test prompts once
         (before the summary is written at the end of ``fit``)."""
-        dm = self.trainer.datamodule
-        loader = dm.heldout_test_dataloader() if hasattr(dm, "heldout_test_dataloader") else None
+        loader = test_loader(self.trainer)
         if loader is not None:
             was_training = self.model.training
             self.model.eval()  # (as Lightning's validation loop sets it)

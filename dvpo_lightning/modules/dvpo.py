@@ -23,7 +23,7 @@ from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.identity import check_same_models, fingerprint
 from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.options import ModelOptions
-from dvpo_lightning.modules.evaluation import HeldOutEvaluation
+from dvpo_lightning.modules.evaluation import HeldOutEvaluation, test_loader
 from dvpo_lightning.modules.kl_penalty import KLPenalty, KLSettings
 from dvpo_lightning.modules.optim import adamw
 from dvpo_lightning.modules.ppo import PPOSettings, minibatch_loss
@@ -498,8 +498,7 @@ class DVPOModule(L.LightningModule):
     def on_train_end(self) -> None:
         """With ``data.test_path``: the policy and the reference answer the test prompts once
         (before the summary is written at the end of ``fit``)."""
-        dm = self.trainer.datamodule
-        loader = dm.heldout_test_dataloader() if hasattr(dm, "heldout_test_dataloader") else None
+        loader = test_loader(self.trainer)
         if loader is None:
             return
         self.on_validation_start()

@@ -143,6 +143,13 @@ class HeldOutEvaluation:
         return "\n".join(parts)
 
 
+def test_loader(trainer: L.Trainer) -> DataLoader | None:
+    """The datamodule's test prompts (``data.test_path``: its ``heldout_test_dataloader``,
+    this process's share), read now; None without them."""
+    dm = trainer.datamodule
+    return dm.heldout_test_dataloader() if hasattr(dm, "heldout_test_dataloader") else None
+
+
 def answer(evaluator: HeldOutEvaluator, policy: nn.Module, reference: Reference, batch: dict,
            rows: EvalRows, ref_rows: EvalRows | None,
            weights_version: int | None = None) -> None:
