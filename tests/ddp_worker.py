@@ -84,17 +84,18 @@ def sft_gold_eval(out: str, devices: int, data: str, policy: str) -> dict:
 
 def dpo_eval(out: str, devices: int, data: str, policy: str) -> dict:
     """One DPO step on 8 pairs, then the held-out pairs' metrics and the held-out evaluation
-    of 5 prompts (greedy, judged by the sorting task); the rank's records."""
+    of 5 prompts (sampled with common random numbers, judged by the sorting task), and the
+    final test evaluation (the same 5 prompts as the test file); the rank's records."""
     from dvpo_lightning.data.dpo import DPODataModule
     from dvpo_lightning.modules import DPOModule
 
     module = DPOModule(policy=policy, tokenizer=f"{data}/tokenizer", judge="sorting", lr=1e-2,
                        warmup_steps=0, rollout=RolloutSettings(max_new_tokens=6,
-                                                               eval_greedy=True))
+                                                               eval_seed=5))
     dm = DPODataModule(train_path=f"{data}/pairs.jsonl", val_path=f"{data}/eval_pairs.jsonl",
                        tokenizer=f"{data}/tokenizer", eval_path=f"{data}/eval_prompts.jsonl",
                        max_eval_prompts=5, batch_size=8 // devices, val_batch_size=2,
-                       max_length=32)
+                       max_length=32, test_path=f"{data}/eval_prompts.jsonl")
     trainer = L.Trainer(accelerator="cpu", devices=devices,
                         strategy="ddp" if devices > 1 else "auto", max_steps=1,
                         val_check_interval=1, check_val_every_n_epoch=None,
@@ -104,7 +105,7 @@ def dpo_eval(out: str, devices: int, data: str, policy: str) -> dict:
     trainer.fit(module, datamodule=dm)
     return {"rank": trainer.global_rank, "world_size": trainer.world_size,
             "evals": module.evals.rows, "reference_eval": module.evals.reference,
-            "pair_history": module.pair_history}
+            "pair_history": module.pair_history, "heldout": module.heldout.summary()}
 
 
 def main() -> None:

@@ -163,8 +163,10 @@ def test_gold_eval_is_one_evaluation_over_the_ranks(tmp_path, task_data, sft_mod
 
 def test_dpo_held_out_evaluation_covers_every_pair_and_prompt(tmp_path, task_data,
                                                               sft_model_dir, artifacts):
-    """DPO's held-out pair metrics (7 pairs) and held-out evaluation (5 prompts): over every
-    item once, on every rank, as in one process (odd counts: the sampler repeats one)."""
+    """DPO's held-out pair metrics (7 pairs), held-out evaluation (5 prompts) and final test
+    evaluation (5 prompts): over every item once, on every rank, as in one process (odd
+    counts: the sampler repeats one). Sampled with ``eval_seed``: each prompt's answers are
+    the one process's, whichever rank answered it."""
     data = tmp_path / "data"
     data.mkdir()
     for name, rows in (("pairs.jsonl", 8), ("eval_pairs.jsonl", 7)):
@@ -183,3 +185,10 @@ def test_dpo_held_out_evaluation_covers_every_pair_and_prompt(tmp_path, task_dat
             assert len(rank[key]) == len(one[0][key])
             for got, want in zip(rank[key], one[0][key]):
                 assert got == pytest.approx(want, rel=1e-4, abs=1e-6), key
+        got, want = rank["heldout"], one[0]["heldout"]
+        assert got["test_eval"] == pytest.approx(want["test_eval"], rel=1e-4, abs=1e-6)
+        for key in ("final_eval_items", "reference_eval_items", "test_eval_items",
+                    "reference_test_eval_items"):
+            assert len(got[key]["gold_reward"]) == 5
+            for measure in ("gold_reward", "response_len", "eos_frac"):  # the same answers
+                assert got[key][measure] == want[key][measure], (key, measure)

@@ -24,7 +24,8 @@ from dvpo_lightning.tasks.judges import Judge, load_judge
 
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, judge: Judge, prompts: list,
-                    cfg: SamplingConfig, batch_size: int = 128) -> dict[str, float]:
+                    cfg: SamplingConfig, batch_size: int = 128,
+                    eval_seed: int | None = None) -> dict[str, float]:
     """Mean gold reward (``judge``'s score), exact-answer rate (an embedded task's judge),
     EOS rate and response length of ``model``'s responses to ``prompts`` (``generate``,
     ``batch_size`` prompts at a time).
@@ -32,10 +33,13 @@ def evaluate_policy(model, tokenizer, judge: Judge, prompts: list,
     With several processes it is collective (every rank calls it): rank ``r`` answers every
     ``world``-th prompt from the ``r``-th (the first few repeated to give every rank as many,
     as Lightning's ``DistributedSampler`` does), and the means are over every rank's answers,
-    each prompt once: the same numbers on every rank."""
+    each prompt once: the same numbers on every rank.
+
+    ``eval_seed``: common random numbers, prompt ``i`` answered from the noise stream of
+    ``(eval_seed, i)``, as the RL runs' ``rollout.eval_seed`` (None: the global RNG)."""
     evaluator = HeldOutEvaluator(HFGenerator(end_token_ids(tokenizer, model),
                                              tokenizer.pad_token_id),
-                                 cfg, tokenizer, judge)
+                                 cfg, tokenizer, judge, eval_seed=eval_seed)
     device = next(model.parameters()).device
     rank, world = rank_and_world()
     n = len(prompts)
@@ -47,8 +51,9 @@ def evaluate_policy(model, tokenizer, judge: Judge, prompts: list,
     for i in range(0, len(mine), batch_size):
         chunk = [prompts[j] for j in mine[i:i + batch_size]]
         ids, mask = pad_left([encode_prompt(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
-        rows.append(evaluator.evaluate(model, ids.to(device), mask.to(device), chunk))
         index.append(torch.tensor(mine[i:i + batch_size], device=device))
+        rows.append(evaluator.evaluate(model, ids.to(device), mask.to(device), chunk,
+                                       index=index[-1]))
     if was_training:
         model.train()
     measures = gather_by_index(concat_rows(rows), torch.cat(index))
@@ -66,17 +71,20 @@ class GoldEval(L.Callback):
         max_prompts: evaluate on the first this-many prompts.
         max_new_tokens: longest response.
         greedy: greedy decoding (else sampling at temperature 1).
+        eval_seed: common random numbers: prompt ``i`` is answered from the noise stream of
+            ``(eval_seed, i)``, the RL runs' ``model.rollout.eval_seed``, so the SFT policy's
+            evaluation shares their random numbers (docs/evaluation.md); None: the global RNG.
         summary_file: JSON file name written into the log directory at the end of ``fit``.
     """
 
     def __init__(self, judge: str = "sorting",
                  prompts_path: str = "data/sorting/eval_prompts.jsonl", max_prompts: int = 256,
                  max_new_tokens: int = 16, greedy: bool = False,
-                 summary_file: str = "gold_eval.json") -> None:
+                 summary_file: str = "gold_eval.json", eval_seed: int | None = None) -> None:
         self.judge = load_judge(judge)
         self.prompts_path, self.max_prompts = prompts_path, max_prompts
         self.cfg = SamplingConfig(max_new_tokens=max_new_tokens, greedy=greedy)
-        self.summary_file = summary_file
+        self.summary_file, self.eval_seed = summary_file, eval_seed
         self.last: dict[str, float] = {}
 
     def _prompts(self) -> list:
@@ -84,7 +92,7 @@ class GoldEval(L.Callback):
 
     def _run(self, pl_module) -> dict[str, float]:
         return evaluate_policy(pl_module.model, pl_module.tokenizer, self.judge, self._prompts(),
-                               self.cfg)
+                               self.cfg, eval_seed=self.eval_seed)
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

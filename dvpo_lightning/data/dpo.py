@@ -8,7 +8,13 @@ from torch.utils.data import DataLoader
 
 from dvpo_lightning.data.base import ListDataset
 from dvpo_lightning.data.pairwise import PairwiseDataModule
-from dvpo_lightning.data.rollout import Numbered, collate_numbered_prompts, encode_prompts
+from dvpo_lightning.data.rollout import (
+    Numbered,
+    check_test_path,
+    collate_numbered_prompts,
+    encode_prompts,
+    held_out_test_loader,
+)
 from dvpo_lightning.data.tokenize import LengthReport
 
 
@@ -43,6 +49,10 @@ class DPODataModule(PairwiseDataModule):
         chat_template: apply the tokenizer's chat template to prompts when it has one.
         num_workers: DataLoader workers.
         seed: seed of the training order.
+        test_path: held-out test prompts, disjoint from ``eval_path`` (then the validation
+            split): read only at the end of ``fit``, when the policy and the reference answer
+            them once for the run's final numbers (the summary's ``test_eval``; the first
+            ``max_eval_prompts``); None: no test evaluation.
     """
 
     def __init__(self, train_path: str, val_path: str, tokenizer: str,
@@ -51,7 +61,7 @@ class DPODataModule(PairwiseDataModule):
                  format: str = "auto", split: str | None = None, batch_size: int = 32,
                  val_batch_size: int | None = None, max_length: int = 512,
                  length_policy: str = "truncate", chat_template: bool = True,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int = 0, seed: int = 0, test_path: str | None = None) -> None:
         super().__init__(train_path, val_path, tokenizer, format, split, batch_size,
                          val_batch_size, max_length, length_policy, chat_template, num_workers,
                          seed)
@@ -59,6 +69,7 @@ class DPODataModule(PairwiseDataModule):
             raise ValueError(f"data.max_eval_prompts ({max_eval_prompts}) and "
                              f"data.max_prompt_length ({max_prompt_length}) must be >= 1")
         self.eval_path, self.max_eval_prompts = eval_path, max_eval_prompts
+        self.test_path = test_path
         self.max_prompt_length = max_prompt_length
         self.eval_batch_size = eval_batch_size or self.val_batch_size
         self.prompt_set: ListDataset | None = None
@@ -73,6 +84,7 @@ class DPODataModule(PairwiseDataModule):
 
     def read_files(self) -> tuple[list, list]:
         """The training and held-out pairs; the held-out prompts are kept in ``prompt_set``."""
+        check_test_path(self.test_path)  # (a name only: its rows are read at the end of fit)
         train, val = super().read_files()
         if self.eval_path:
             self.prompt_set = ListDataset(self._encode_prompts(self.eval_path))
@@ -99,3 +111,11 @@ class DPODataModule(PairwiseDataModule):
         return [pairs, DataLoader(Numbered(self.prompt_set), batch_size=self.eval_batch_size,
                                   shuffle=False, num_workers=self.num_workers,
                                   collate_fn=self.collate_prompts)]
+
+    def heldout_test_dataloader(self) -> DataLoader | None:
+        """The test prompts (``test_path``, read now: at the end of ``fit``), this process's
+        share, numbered; None without ``test_path``."""
+        if not self.test_path:
+            return None
+        return held_out_test_loader(self._encode_prompts(self.test_path), self.eval_batch_size,
+                                   self.tokenizer.pad_token_id, self.num_workers)

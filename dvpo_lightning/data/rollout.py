@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -9,6 +12,7 @@ from dvpo_lightning.data.base import TokenizedDataModule
 from dvpo_lightning.data.collate import pad_left
 from dvpo_lightning.data.sampler import EpochShuffleSampler
 from dvpo_lightning.data.tokenize import check_prompt_ids, encode_prompt
+from dvpo_lightning.runtime.distributed import rank_and_world
 
 
 def encode_prompts(dm: TokenizedDataModule, rows: list[dict], path: str, report,
@@ -59,6 +63,45 @@ def collate_numbered_prompts(items: list[tuple[int, tuple[list[int], object]]],
     return batch
 
 
+class Shard(Dataset):
+    """This process's share of ``items`` for a held-out pass outside Lightning's loops (the
+    final test evaluation): rank ``r`` of ``world`` takes every ``world``-th item from the
+    ``r``-th, the first few repeated so every rank has as many (as Lightning's
+    ``DistributedSampler`` does; :class:`~dvpo_lightning.rollout.evaluation.EvalRows` drops the
+    repeats by index). One process: every item, in order."""
+
+    def __init__(self, items: Dataset, rank: int, world: int) -> None:
+        n = len(items)
+        self.items, self.order = items, [i % n for i in range(n + -n % world)][rank::world]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> object:
+        return self.items[self.order[i]]
+
+
+def check_test_path(path: str | None) -> None:
+    """Refuse, before training, a ``test_path`` that does not exist (its rows are read only at
+    the end of ``fit``)."""
+    if path and not os.path.exists(path):
+        raise FileNotFoundError(
+            f"data.test_path={path!r} does not exist. The test prompts are read only at the end "
+            "of fit, so a missing file is refused before training starts. Fix: set "
+            "data.init_args.test_path to the test prompts file, or remove the key")
+
+
+def held_out_test_loader(items: list, batch_size: int, pad_token_id: int,
+                        num_workers: int = 0) -> DataLoader:
+    """The final test evaluation's prompts, numbered by their row in the test file, this
+    process's :class:`Shard`, in the validation batches' layout."""
+    rank, world = rank_and_world()
+    return DataLoader(Shard(Numbered(items), rank, world), batch_size=batch_size,
+                      shuffle=False, num_workers=num_workers,
+                      collate_fn=functools.partial(collate_numbered_prompts,
+                                                   pad_token_id=pad_token_id))
+
+
 class RolloutDataModule(TokenizedDataModule):
     """Prompt batches for RL, ``batch_size`` distinct prompts per RL step and process (the
     experience maker samples the estimator's ``group_size`` responses to each).
@@ -77,16 +120,21 @@ class RolloutDataModule(TokenizedDataModule):
         format: prompt file format (``auto`` detects it).
         split: split of a ``datasets`` directory.
         seed: seed of the prompt order.
+        test_path: held-out test prompts, disjoint from ``eval_path`` (which then serves as the
+            validation split: curves, tuning): read only at the end of ``fit``, when the policy
+            and the reference answer them once for the run's final numbers (the summary's
+            ``test_eval``; the first ``max_eval_prompts``); None: no test evaluation.
     """
 
     def __init__(self, train_path: str, eval_path: str, tokenizer: str, batch_size: int = 16,
                  max_eval_prompts: int = 256, max_prompt_length: int = 256,
                  shuffle: bool = True, chat_template: bool = True, format: str = "auto",
-                 split: str | None = None, num_workers: int = 0, seed: int = 0) -> None:
+                 split: str | None = None, num_workers: int = 0, seed: int = 0,
+                 test_path: str | None = None) -> None:
         super().__init__(tokenizer, batch_size, batch_size, max_prompt_length, "truncate",
                          chat_template, num_workers, seed)
         self.train_path, self.eval_path = train_path, eval_path
-        self.max_eval_prompts = max_eval_prompts
+        self.max_eval_prompts, self.test_path = max_eval_prompts, test_path
         self.shuffle, self.format, self.split = shuffle, format, split
         self.sampler: EpochShuffleSampler | None = None
 
@@ -95,6 +143,7 @@ class RolloutDataModule(TokenizedDataModule):
         return encode_prompts(self, rows, path, self.new_report(path), self.max_length)
 
     def read_files(self) -> tuple[list, list]:
+        check_test_path(self.test_path)  # (a name only: its rows are read at the end of fit)
         return (self._encode(self.train_path),
                 self._encode(self.eval_path, self.max_eval_prompts))
 
@@ -122,6 +171,15 @@ class RolloutDataModule(TokenizedDataModule):
         return DataLoader(Numbered(self.val_set), batch_size=self.val_batch_size,
                           shuffle=False, num_workers=self.num_workers,
                           collate_fn=self.collate_eval)
+
+    def heldout_test_dataloader(self) -> DataLoader | None:
+        """The test prompts (``test_path``, read now: at the end of ``fit``), this process's
+        share, numbered; None without ``test_path``."""
+        if not self.test_path:
+            return None
+        return held_out_test_loader(self._encode(self.test_path, self.max_eval_prompts),
+                                   self.val_batch_size, self.tokenizer.pad_token_id,
+                                   self.num_workers)
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()} if self.sampler else {}

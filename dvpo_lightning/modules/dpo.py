@@ -22,22 +22,16 @@ from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, resolv
 from dvpo_lightning.models.lora import adapters_disabled
 from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.models.value_model import freeze
+from dvpo_lightning.modules.evaluation import HeldOutEvaluation, test_loader
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
 from dvpo_lightning.ops.sampling import LogitTransform
 from dvpo_lightning.rollout.end_tokens import end_token_ids
-from dvpo_lightning.rollout.evaluation import EvalHistory, EvalRows, HeldOutEvaluator
+from dvpo_lightning.rollout.evaluation import EvalRows, HeldOutEvaluator
 from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
-from dvpo_lightning.rollout.zero3 import gathered_for_generation
-from dvpo_lightning.runtime.checkpointing import (
-    drop_reloaded,
-    reloaded_weights,
-    restore_reloaded,
-    rng_states,
-    set_rng_states,
-)
+from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
 from dvpo_lightning.tasks.judges import load_judge
 
 
@@ -158,9 +152,8 @@ class DPOModule(SingleModelStage):
                 self.reference.to(resolve_dtype(models.frozen_dtype))
         # (settings kept as objects: under LightningCLI self.hparams holds the config dict)
         self.settings, self.model_options, self.rollout = dpo, models, rollout
-        self.evals = EvalHistory()
+        self.heldout = HeldOutEvaluation()  # the RL runs' held-out evaluation, state, summary
         self.pair_history: list[dict] = []  # the held-out pair metrics at every validation
-        self._rng_to_restore: dict | None = None
 
     @contextlib.contextmanager
     def reference_policy(self) -> Iterator[nn.Module]:
@@ -175,7 +168,7 @@ class DPOModule(SingleModelStage):
     def setup(self, stage: str) -> None:
         self.check_context(self.model.config)  # the pairs
         dm = self.trainer.datamodule
-        if getattr(dm, "eval_path", None):
+        if getattr(dm, "eval_path", None) or getattr(dm, "test_path", None):
             check_fits_context(dm.max_prompt_length + self.rollout.max_new_tokens,
                                self.model.config,
                                "data.max_prompt_length + model.rollout.max_new_tokens")
@@ -184,9 +177,7 @@ class DPOModule(SingleModelStage):
         # Restored here, not in on_load_checkpoint: the training loader draws its seed from
         # them when it is made, before this hook; from here on a resumed run draws what the
         # uninterrupted one did after the checkpoint (the held-out answers are sampled).
-        if self._rng_to_restore is not None:
-            set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        self.heldout.restore_rng()
 
     # ------------------------------------------------------------------ the objective
     def pair_logps(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,7 +221,8 @@ class DPOModule(SingleModelStage):
             HFGenerator(end_token_ids(tok, self.model), tok.pad_token_id),
             self.rollout.eval_sampling, tok,
             self.judge, self.reference_logps, None, self.rollout.score_batch_size,
-            self.model_options.fused_head)
+            self.model_options.fused_head, eval_seed=self.rollout.eval_seed,
+            samples=self.rollout.eval_samples)
 
     def reference_logps(self, policy: nn.Module, *seq: Tensor,
                         sampling: LogitTransform | None = None) -> Tensor:
@@ -240,37 +232,38 @@ class DPOModule(SingleModelStage):
             return policy_logps(ref, *seq, fused_head=self.model_options.fused_head,
                                 sampling=sampling)[0]
 
+    @property
+    def evals(self):
+        """The held-out evaluations so far (:class:`EvalHistory`)."""
+        return self.heldout.history
+
     def on_validation_epoch_start(self) -> None:
         self._val_pairs = EvalRows("pair_index")  # by_side's six (N,) of every pair
-        self._val_rows, self._ref_rows = EvalRows(), EvalRows()
+        self.heldout.start()
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         if "n_pairs" in batch:  # held-out pairs
             self._val_pairs.add(dict(zip(SIDES, by_side(*self.pair_logps(batch),
                                                         int(batch["n_pairs"])))), batch)
             return
-        prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
-        with gathered_for_generation(self.model):
-            self._val_rows.add(self.evaluator.evaluate(self.model, *prompts), batch)
-        if self.evals.reference is None:  # the curves' step 0, judge or not
-            with self.reference_policy() as ref, gathered_for_generation(ref):
-                self._ref_rows.add(self.evaluator.evaluate(ref, *prompts, is_reference=True),
-                                   batch)
+        self.heldout.step(self.evaluator, self.model, self.reference_policy, batch)
 
     def on_validation_epoch_end(self) -> None:
         final = not self.trainer.sanity_checking
         if self._val_pairs:
             self._log_pairs(final)
-        if self._val_rows:  # every process's rows, each prompt once (as in the RL module)
-            if self._ref_rows:
-                ref_rows = self._ref_rows.gathered()  # (collective: every rank)
-                if final and self.evals.reference is None:
-                    self.evals.set_reference(ref_rows)
-            metrics = self.evals.metrics(self._val_rows.gathered())
-            for k, v in metrics.items():
-                self.log(k, v, prog_bar=k == "eval/gold_reward", add_dataloader_idx=False)
-            if final:
-                self.evals.append(self.global_step, metrics)
+        self.heldout.end(self, self.global_step)  # (as in the RL module)
+
+    def on_train_end(self) -> None:
+        """With ``data.test_path``: the policy and the reference answer the test prompts once
+        (before the summary is written at the end of ``fit``)."""
+        loader = test_loader(self.trainer)
+        if loader is not None:
+            was_training = self.model.training
+            self.model.eval()  # (as Lightning's validation loop sets it)
+            self.heldout.test(self.evaluator, self.model, self.reference_policy, loader,
+                              self.device, self.global_step)
+            self.model.train(was_training)
 
     def _log_pairs(self, final: bool) -> None:
         """The loss and DPO metrics over every held-out pair at once (exact means), every
@@ -294,40 +287,33 @@ class DPOModule(SingleModelStage):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # every frozen parameter: the reference copy, or with LoRA the policy's base weights
         drop_reloaded(checkpoint, reloaded_weights(self, ""))
-        checkpoint["dpo_state"] = {"evals": self.evals.state_dict(),
-                                   "pair_history": self.pair_history,
+        checkpoint["dpo_state"] = {"pair_history": self.pair_history,
                                    "frozen_identity": self.frozen_identity,
-                                   # Lightning does not save the global RNGs; evaluation samples
-                                   "rng": rng_states()}
+                                   **self.heldout.state_dict()}  # (evals, rng)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_reloaded(checkpoint, reloaded_weights(self, ""))
         state = checkpoint.get("dpo_state", {})
         check_same_models(state.get("frozen_identity", {}), self.frozen_identity)
-        self.evals.load_state_dict(state.get("evals", {}))
+        self.heldout.load_state_dict(state)
         self.pair_history = state.get("pair_history", [])
-        self._rng_to_restore = state.get("rng")
 
     # ------------------------------------------------------------------ summary and export
     def summary(self) -> dict:
         """The RL module's summary shape (``rl_step`` / ``rl_steps`` count optimizer updates;
         ``kl_coef`` is β), plus the held-out pair metrics."""
-        history = self.evals.rows
         return {"estimator": "DPO", "estimator_args": dataclasses.asdict(self.settings),
                 "rl_steps": int(self.global_step), "policy_updates": int(self.global_step),
-                "kl_coef": self.settings.beta,
-                "reference_eval": self.evals.reference,
-                "final_eval": history[-1] if history else None, "history": history,
+                "kl_coef": self.settings.beta, **self.heldout.summary(),
                 "pair_eval": self.pair_history[-1] if self.pair_history else None,
                 "pair_history": self.pair_history}
 
     def summary_tables(self) -> dict[str, tuple[list[str], list[list]]]:
-        tables = {}
-        for key, rows in (("eval/history", self.evals.rows),
-                          ("val/pair_history", self.pair_history)):
-            if rows:
-                columns = list(rows[-1])
-                tables[key] = (columns, [[r.get(c) for c in columns] for r in rows])
+        tables = self.heldout.tables()
+        if self.pair_history:
+            columns = list(self.pair_history[-1])
+            tables["val/pair_history"] = (columns, [[r.get(c) for c in columns]
+                                                    for r in self.pair_history])
         return tables
 
     def summary_pictures(self, log_dir: Path, summary: dict) -> dict[str, Path]:
@@ -337,14 +323,8 @@ class DPOModule(SingleModelStage):
         return run_learning_curves(summary, log_dir)
 
     def summary_line(self, summary: dict) -> str:
-        final, pairs = summary["final_eval"], summary["pair_eval"]
-        parts = []
-        if final:
-            ref = summary["reference_eval"]
-            parts.append("final held-out evaluation: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in final.items() if k != "rl_step")
-                + (f" (reference gold {ref['gold_reward']:.4f})"
-                   if ref and "gold_reward" in ref else ""))
+        pairs = summary["pair_eval"]
+        parts = [line] if (line := self.heldout.line(summary)) else []
         if pairs:
             parts.append("held-out pairs: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in pairs.items() if k != "rl_step"))

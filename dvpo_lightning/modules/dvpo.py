@@ -23,6 +23,7 @@ from dvpo_lightning.models.compat import check_fits_context
 from dvpo_lightning.models.identity import check_same_models, fingerprint
 from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.options import ModelOptions
+from dvpo_lightning.modules.evaluation import HeldOutEvaluation, test_loader
 from dvpo_lightning.modules.kl_penalty import KLPenalty, KLSettings
 from dvpo_lightning.modules.optim import adamw
 from dvpo_lightning.modules.ppo import PPOSettings, minibatch_loss
@@ -32,18 +33,11 @@ from dvpo_lightning.modules.stage import stage_callbacks
 from dvpo_lightning.ops.masked import masked_mean
 from dvpo_lightning.rollout.end_tokens import end_token_ids, finished
 from dvpo_lightning.rollout.engines import make_generator
-from dvpo_lightning.rollout.evaluation import EvalHistory, EvalRows, HeldOutEvaluator
+from dvpo_lightning.rollout.evaluation import HeldOutEvaluator
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker, check_rollout_batch
 from dvpo_lightning.rollout.settings import RolloutSettings
-from dvpo_lightning.rollout.zero3 import gathered_for_generation
-from dvpo_lightning.runtime.checkpointing import (
-    drop_reloaded,
-    reloaded_weights,
-    restore_reloaded,
-    rng_states,
-    set_rng_states,
-)
+from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
 from dvpo_lightning.runtime.deepspeed import (
     FrozenInFloat32,
     configure_deepspeed,
@@ -189,10 +183,9 @@ class DVPOModule(L.LightningModule):
         self.model_options, self.ppo = models, ppo
         self.kl, self.guard = KLPenalty(kl), StepGuard(guards)
         self.reward_scale = RewardScale(reward)
-        self.evals = EvalHistory()
+        self.heldout = HeldOutEvaluation()  # the held-out evaluation, its state and summary
         self.weights_version = 0  # optimizer updates of the policy (a rollout engine's sync key)
         self.identity_paths = identity  # role → path a resumed run must find again
-        self._rng_to_restore: dict | None = None
 
     @property
     def policy(self) -> nn.Module:
@@ -261,9 +254,7 @@ class DVPOModule(L.LightningModule):
         self.experience.place_frozen("cpu")  # offloading: Lightning moved them to the device
         # Restored here, not in on_load_checkpoint: nothing may draw from the RNGs between
         # this point and the next rollout, in the resumed run as in the uninterrupted one.
-        if self._rng_to_restore is not None:
-            set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        self.heldout.restore_rng()
 
     # ------------------------------------------------------------------ one RL step
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, float] | None:
@@ -490,34 +481,38 @@ class DVPOModule(L.LightningModule):
         self.experience.place_frozen("cpu")
         self.experience.sleep_engine()
 
+    @property
+    def evals(self):
+        """The held-out evaluations so far (:class:`EvalHistory`)."""
+        return self.heldout.history
+
+    def _reference(self):
+        return self.experience.reference(self.policy)
+
     def on_validation_epoch_start(self) -> None:
-        self._val_rows, self._ref_rows = EvalRows(), EvalRows()
+        self.heldout.start()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        prompts = (batch["prompt_ids"], batch["prompt_mask"], batch["prompts"])
         self.policy.eval()
-        with gathered_for_generation(self.policy):
-            self._val_rows.add(self.evaluator.evaluate(
-                self.policy, *prompts, weights_version=self.weights_version), batch)
-        if self.evals.reference is None:  # the curves' step 0, judge or not
-            with self.experience.reference(self.policy) as ref, gathered_for_generation(ref):
-                self._ref_rows.add(self.evaluator.evaluate(ref, *prompts, is_reference=True),
-                                   batch)
+        self.heldout.step(self.evaluator, self.policy, self._reference, batch,
+                          self.weights_version)
         self.policy.train()
 
     def on_validation_epoch_end(self) -> None:
-        # every process's rows, each prompt once: the means and the win rate are over the
-        # whole held-out set, the same on every rank
-        final = not self.trainer.sanity_checking
-        if self._ref_rows:
-            ref_rows = self._ref_rows.gathered()  # (collective: every rank, sanity check too)
-            if final and self.evals.reference is None:
-                self.evals.set_reference(ref_rows)
-        metrics = self.evals.metrics(self._val_rows.gathered())
-        for k, v in metrics.items():
-            self.log(k, v, prog_bar=k == "eval/gold_reward")
-        if final:
-            self.evals.append(self.global_step, metrics)
+        self.heldout.end(self, self.global_step)
+
+    def on_train_end(self) -> None:
+        """With ``data.test_path``: the policy and the reference answer the test prompts once
+        (before the summary is written at the end of ``fit``)."""
+        loader = test_loader(self.trainer)
+        if loader is None:
+            return
+        self.on_validation_start()
+        self.policy.eval()
+        self.heldout.test(self.evaluator, self.policy, self._reference, loader, self.device,
+                          self.global_step, self.weights_version)
+        self.policy.train()
+        self.on_validation_end()
 
     # ------------------------------------------------------------------ state
     @functools.cached_property
@@ -536,30 +531,27 @@ class DVPOModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         drop_reloaded(checkpoint, self._reloaded())
-        checkpoint["rl_state"] = {"kl": self.kl.state_dict(), "evals": self.evals.state_dict(),
+        checkpoint["rl_state"] = {"kl": self.kl.state_dict(),
                                   "policy_updates": self.weights_version,
                                   "guard": self.guard.state_dict(),
                                   "reward_scale": self.reward_scale.state_dict(),
                                   "frozen_identity": self.frozen_identity,
-                                  # Lightning does not save the global RNGs; sampling needs them
-                                  "rng": rng_states()}
+                                  **self.heldout.state_dict()}  # (evals, rng)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_reloaded(checkpoint, self._reloaded())
         state = checkpoint.get("rl_state", {})
         check_same_models(state.get("frozen_identity", {}), self.frozen_identity)
         self.kl.load_state_dict(state["kl"])
-        self.evals.load_state_dict(state["evals"])
+        self.heldout.load_state_dict(state)
         self.guard.load_state_dict(state["guard"])
         self.reward_scale.load_state_dict(state.get("reward_scale", {}))
         self.weights_version = state.get("policy_updates", 0)
         self.experience.forget_weights()  # other weights, maybe the same count
-        self._rng_to_restore = state.get("rng")
 
     # ------------------------------------------------------------------ summary and export
     def summary(self) -> dict:
         """The run's numbers (RunSummary adds the cost and the per-step curve)."""
-        history = self.evals.rows
         return {"estimator": type(self.estimator).__name__,
                 "estimator_args": {k: v for k, v in vars(self.estimator).items()
                                    if not k.startswith("_")},
@@ -567,15 +559,10 @@ class DVPOModule(L.LightningModule):
                 "kl_coef": self.kl.settings.coef,
                 "reward_scale": {"normalize": self.reward_scale.settings.normalize,
                                  **self.reward_scale.state_dict()},
-                "reference_eval": self.evals.reference,
-                "final_eval": history[-1] if history else None, "history": history}
+                **self.heldout.summary()}
 
     def summary_tables(self) -> dict[str, tuple[list[str], list[list]]]:
-        history = self.evals.rows
-        if not history:
-            return {}
-        columns = list(history[-1])
-        return {"eval/history": (columns, [[h.get(c) for c in columns] for h in history])}
+        return self.heldout.tables()
 
     def summary_pictures(self, log_dir: Path, summary: dict) -> dict[str, Path]:
         """This run's learning curves, for W&B."""
@@ -584,14 +571,7 @@ class DVPOModule(L.LightningModule):
         return run_learning_curves(summary, log_dir)
 
     def summary_line(self, summary: dict) -> str:
-        final = summary["final_eval"]
-        if not final:
-            return ""
-        ref = summary["reference_eval"]
-        return ("final held-out evaluation: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in final.items() if k != "rl_step")
-            + (f" (reference gold {ref['gold_reward']:.4f})"
-               if ref and "gold_reward" in ref else ""))
+        return self.heldout.line(summary)
 
     def export_parts(self) -> dict[str, nn.Module]:
         """The policy; the critic too (judged against the GVM after training)."""

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from dvpo_lightning.ops.kl import kl_estimate
+from dvpo_lightning.rollout.common_noise import stream_seeds
 from dvpo_lightning.rollout.end_tokens import finished
 from dvpo_lightning.rollout.generation import Generator, SamplingConfig
 from dvpo_lightning.rollout.gold import gold_scores
@@ -48,6 +49,11 @@ class HeldOutEvaluator:
         fused_head: log-probs with the output head in row chunks.
         reference_generator: the engine that answers for the reference (``generate``, when the
             rollout engine serves only the policy); None: ``generator``.
+        eval_seed: common random numbers: the answer to item ``i`` is drawn from the noise
+            stream of ``(eval_seed, i)`` (:mod:`~dvpo_lightning.rollout.common_noise`); None:
+            the engine's own draws (the global RNG).
+        samples: answers per prompt (``rollout.eval_samples``); above 1 every measure is
+            ``(B, samples)``.
     """
 
     def __init__(self, generator: Generator, sampling: SamplingConfig,
@@ -55,27 +61,44 @@ class HeldOutEvaluator:
                  reference_logps: Callable[..., Tensor] | None = None,
                  reward_model: nn.Module | None = None, score_batch_size: int | None = None,
                  fused_head: bool = True, reference_generator: Generator | None = None,
-                 value_model: nn.Module | None = None) -> None:
+                 value_model: nn.Module | None = None, eval_seed: int | None = None,
+                 samples: int = 1) -> None:
         self.generator, self.sampling, self.tokenizer, self.judge = (generator, sampling,
                                                                     tokenizer, judge)
         self.reference_generator = reference_generator or generator
         self.reference_logps, self.reward_model = reference_logps, reward_model
-        self.value_model = value_model
+        self.value_model, self.eval_seed, self.samples = value_model, eval_seed, samples
         self.rows, self.fused_head = score_batch_size, fused_head
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                  prompts: list, is_reference: bool = False,
-                 weights_version: int | None = None) -> dict[str, Tensor]:
+                 weights_version: int | None = None,
+                 index: Tensor | None = None) -> dict[str, Tensor]:
         """``{measure: (B,)}`` for ``model``'s responses to ``prompts`` (left-padded ids).
 
         ``is_reference``: ``model`` is the reference itself, so its log-probs are the
         reference's (no second pass), and ``reference_generator`` answers.
         ``weights_version``: the policy's optimizer updates so far (see
-        :class:`~dvpo_lightning.rollout.generation.Generator`)."""
+        :class:`~dvpo_lightning.rollout.generation.Generator`).
+        ``index``: ``(B,)`` each prompt's row in its held-out file, whose noise stream answers
+        it under ``eval_seed`` (required then)."""
         generator = self.reference_generator if is_reference else self.generator
+        b, k = prompt_ids.shape[0], self.samples
+        if k > 1:  # each prompt k times, its answers consecutive
+            prompt_ids, prompt_mask = (prompt_ids.repeat_interleave(k, 0),
+                                       prompt_mask.repeat_interleave(k, 0))
+            prompts = [p for p in prompts for _ in range(k)]
+        extra = {}
+        if self.eval_seed is not None:
+            if index is None:
+                raise ValueError("held-out evaluation with model.rollout.eval_seed set needs "
+                                 "each prompt's index in its file (the noise stream's key). Fix: "
+                                 "pass index=, e.g. the batch's 'prompt_index' "
+                                 "(RolloutDataModule / DPODataModule give it)")
+            extra["seeds"] = stream_seeds(self.eval_seed, index, k)
         resp, rmask = generator.generate(model, prompt_ids, prompt_mask, self.sampling,
-                                         weights_version)[:2]
+                                         weights_version, **extra)[:2]
         seq = (prompt_ids, prompt_mask, resp, rmask)
         out = {"response_len": rmask.sum(1).float(),
                "eos_frac": finished(resp, rmask, generator.end_ids).float()}
@@ -107,7 +130,7 @@ class HeldOutEvaluator:
             out["gold_reward"] = gold
             if self.judge.embedded:
                 out["exact"] = (gold == 1.0).float()
-        return out
+        return {m: v.view(b, k) for m, v in out.items()} if k > 1 else out
 
 
 def concat_rows(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -137,9 +160,15 @@ class EvalRows:
         return bool(self.batches)
 
     def add(self, measures: dict[str, Tensor], batch: dict) -> None:
-        """Keep ``measures`` (``{measure: (B,)}``) of ``batch``'s items, indexed by its
-        ``key`` entry; without one, the rows count on from the previous batch's, which is
-        right in one process only."""
+        """Keep ``measures`` (``{measure: (B,)}``) of ``batch``'s items, indexed by
+        :meth:`index_of`."""
+        self.index.append(self.index_of(batch, len(next(iter(measures.values())))))
+        self.batches.append(measures)
+
+    def index_of(self, batch: dict, n: int) -> Tensor:
+        """``(n,)`` the held-out rows of ``batch``'s ``n`` items: its ``key`` entry; without
+        one, the rows count on from the previous batch's, which is right in one process
+        only."""
         index = batch.get(self.key)
         if index is None:
             rank, world = rank_and_world()
@@ -151,9 +180,8 @@ class EvalRows:
                     "RolloutDataModule / DPODataModule, or collate held-out prompts with "
                     "dvpo_lightning.data.rollout.collate_numbered_prompts")
             start = sum(len(i) for i in self.index)
-            index = torch.arange(start, start + len(next(iter(measures.values()))))
-        self.batches.append(measures)
-        self.index.append(index)
+            index = torch.arange(start, start + n)
+        return index
 
     def gathered(self) -> dict[str, Tensor]:
         """``{measure: (N,)}`` over every process's items, one row per item, in the held-out
@@ -163,20 +191,31 @@ class EvalRows:
                                torch.cat(self.index).to(first.device))
 
 
+def per_item(measures: dict[str, Tensor]) -> dict[str, list]:
+    """``{measure: [one value per item, in the held-out file's order]}`` of gathered rows
+    (with ``rollout.eval_samples`` above 1, each item's list of its samples' values)."""
+    return {k: v.double().tolist() for k, v in measures.items()}
+
+
 class EvalHistory:
     """An RL run's held-out evaluations: the reference's once (its step 0: the policy at RL
     step 0 is the reference), then the policy's at every validation, with the win rate
-    against the reference's answer to the same prompt (a tie counts ½)."""
+    against the reference's answer to the same prompt (a tie counts ½). The reference's and
+    the last validation's per-prompt values are kept too (:func:`per_item`): the evaluation's
+    own noise and paired differences are computed from them."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
         self.reference: dict[str, float] | None = None
         self.reference_gold: Tensor | None = None
+        self.reference_items: dict[str, list[float]] | None = None
+        self.final_items: dict[str, list[float]] | None = None
 
     def set_reference(self, measures: dict[str, Tensor]) -> None:
         """Record the reference's evaluation as the curves' first point."""
         gold = measures.get("gold_reward")
         self.reference_gold = gold.float() if gold is not None else None
+        self.reference_items = per_item(measures)
         self.reference = {k: float(v.float().mean()) for k, v in measures.items()}
         first = {"rl_step": 0, **{f"eval/{k}": v for k, v in self.reference.items()}}
         if gold is not None:  # (a win rate needs a judge)
@@ -193,14 +232,22 @@ class EvalHistory:
             out["eval/win_rate_vs_ref"] = ((g > ref).float() + 0.5 * (g == ref).float()).mean()
         return out
 
-    def append(self, rl_step: int, metrics: dict[str, Tensor]) -> None:
+    def append(self, rl_step: int, metrics: dict[str, Tensor],
+               measures: dict[str, Tensor] | None = None) -> None:
+        """Add a validation's means (``metrics``) to the curve; ``measures``: its gathered
+        per-prompt values, kept as the last validation's."""
         self.rows.append({"rl_step": rl_step, **{k: float(v) for k, v in metrics.items()}})
+        if measures is not None:
+            self.final_items = per_item(measures)
 
     def state_dict(self) -> dict:
         return {"rows": self.rows, "reference": self.reference,
-                "reference_gold": self.reference_gold}
+                "reference_gold": self.reference_gold,
+                "reference_items": self.reference_items, "final_items": self.final_items}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = state.get("rows", [])
         self.reference = state.get("reference")
         self.reference_gold = state.get("reference_gold")
+        self.reference_items = state.get("reference_items")
+        self.final_items = state.get("final_items")

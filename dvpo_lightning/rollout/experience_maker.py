@@ -148,7 +148,8 @@ class ExperienceMaker(nn.Module):
             self.generator, self.settings.eval_sampling, self.tokenizer, self.judge,
             self.reference_logps, self.frozen["reward_model"] if "reward_model" in self.frozen
             else None, self.settings.score_batch_size, self.fused_head, reference_generator,
-            self.frozen["gvm"] if "gvm" in self.frozen else None)
+            self.frozen["gvm"] if "gvm" in self.frozen else None, self.settings.eval_seed,
+            self.settings.eval_samples)
 
     # ------------------------------------------------------------------ the frozen models
     @property

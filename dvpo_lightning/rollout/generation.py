@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
+from transformers import LogitsProcessorList
 
 from dvpo_lightning.ops.sampling import LogitTransform, active
+from dvpo_lightning.rollout.common_noise import GumbelMax
 from dvpo_lightning.rollout.end_tokens import as_end_ids, is_end
 from dvpo_lightning.runtime.distributed import rank_rng
 
@@ -113,7 +115,8 @@ class Generator(Protocol):
         rollout."""
 
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                 cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
+                 cfg: SamplingConfig, weights_version: int | None = None,
+                 seeds: Sequence[int] | None = None) -> Samples:
         """Responses of ``model`` to ``(B, P)`` left-padded prompts.
 
         Args:
@@ -124,6 +127,9 @@ class Generator(Protocol):
             weights_version: how many optimizer updates ``model``'s weights have had; an engine
                 that keeps its own copy of the weights reloads them when it differs from the
                 version it holds (None: reload unconditionally).
+            seeds: one noise-stream seed per row (common random numbers,
+                :mod:`~dvpo_lightning.rollout.common_noise`): row ``r``'s response depends on
+                ``seeds[r]`` alone, never on the global RNG; None: the engine's own draws.
         """
 
     def forget_weights(self) -> None:
@@ -173,7 +179,8 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                 cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
+                 cfg: SamplingConfig, weights_version: int | None = None,
+                 seeds: Sequence[int] | None = None) -> Samples:
         kwargs = dict(
             max_new_tokens=cfg.max_new_tokens,
             min_new_tokens=cfg.min_new_tokens or None,
@@ -185,10 +192,17 @@ class HFGenerator:
             pad_token_id=self.pad_token_id,
             use_cache=True,
         )
-        if not cfg.greedy:
+        crn = seeds is not None and not cfg.greedy
+        if crn:  # exact sampling as greedy decoding of Gumbel-perturbed logits, row r's
+            # noise from seeds[r] (generate's min-length processor acts first, as it does
+            # when sampling)
+            transform = replace(cfg, min_new_tokens=0).policy_transform(self.end_ids)
+            kwargs.update(do_sample=False, logits_processor=LogitsProcessorList(
+                [GumbelMax(transform, seeds, prompt_ids.device)]))
+        elif not cfg.greedy:
             kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
         # sampled: each data-parallel rank from its own stream (one process: the global RNG)
-        with contextlib.nullcontext() if cfg.greedy else rank_rng(prompt_ids.device):
+        with contextlib.nullcontext() if cfg.greedy or crn else rank_rng(prompt_ids.device):
             out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
                                  **kwargs)
         response = out[:, prompt_ids.shape[1]:]

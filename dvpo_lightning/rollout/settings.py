@@ -26,6 +26,15 @@ class RolloutSettings:
             new) are of the distribution these three define, the reference's at the
             temperature alone (docs/sampling.md).
         eval_greedy: decode held-out prompts greedily (else sample as rollouts do).
+        eval_seed: common random numbers for held-out evaluation: the answer to held-out prompt
+            ``i`` is sampled from a noise stream fixed by ``(eval_seed, i)`` alone, the same for
+            every method, the reference and the SFT policy, every validation, batch and process
+            count, and the global RNG is left alone (docs/evaluation.md); None: evaluation
+            samples from the global RNG, as before.
+        eval_samples: answers per held-out prompt (sample ``k`` of prompt ``i`` from the stream
+            of ``(eval_seed, i, k)``): each measure is then ``(prompts, eval_samples)``, its
+            mean over both, and the win rate pairs sample ``k`` with the reference's sample
+            ``k``. More samples shrink the evaluation's own noise; 1: one answer, as before.
         score_batch_size: rows per forward pass when scoring a rollout or an evaluation batch
             (policy and reference log-probs, GVM / critic values, RM scores); None: the whole
             batch at once. Generation always runs on the whole batch; this bounds the scoring
@@ -40,6 +49,8 @@ class RolloutSettings:
     top_p: float = 1.0
     top_k: int = 0
     eval_greedy: bool = False
+    eval_seed: int | None = None
+    eval_samples: int = 1
     score_batch_size: int | None = None
     vllm: VLLMOptions = VLLMOptions()
 
@@ -51,6 +62,9 @@ class RolloutSettings:
             (self.temperature >= 0, "temperature must be >= 0 (0: greedy)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be >= 0 (0: off)"),
+            (self.eval_seed is None or self.eval_seed >= 0,
+             "eval_seed must be >= 0, or null to sample evaluations from the global RNG"),
+            (self.eval_samples >= 1, "eval_samples must be >= 1"),
             (self.score_batch_size is None or self.score_batch_size >= 1,
              "score_batch_size must be >= 1, or null to score a whole batch at once"),
         ]

@@ -425,9 +425,11 @@ class VLLMEngine:
     @torch.no_grad()
     @autocast_off()
     def generate(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
-                 cfg: SamplingConfig, weights_version: int | None = None) -> Samples:
+                 cfg: SamplingConfig, weights_version: int | None = None,
+                 seeds: Sequence[int] | None = None) -> Samples:
         """``(B, P)`` left-padded prompts → right-padded responses, mask and the engine's
-        log-probs of its samples; pushes the weights first when they changed."""
+        log-probs of its samples; pushes the weights first when they changed. ``seeds``: each
+        request's seed (common random numbers at evaluation), else drawn from torch's RNG."""
         self.last_push_s = 0.0
         self._ready(model, weights_version)
         from vllm import SamplingParams  # (imported by the build)
@@ -436,7 +438,10 @@ class VLLMEngine:
         prompts = [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask.bool())]
         # one seed per request from the trainer's RNG: reproducible, checkpointed, the same
         # response for a prompt whatever else is in the batch, and each rank its own seeds
-        seeds = [None] * len(prompts) if cfg.greedy else rank_seeds(len(prompts)).tolist()
+        if cfg.greedy:
+            seeds = [None] * len(prompts)
+        elif seeds is None:
+            seeds = rank_seeds(len(prompts)).tolist()
         params = [SamplingParams(
             temperature=0.0 if cfg.greedy else cfg.temperature, top_p=cfg.top_p,
             top_k=cfg.top_k if cfg.top_k > 0 else 0, max_tokens=cfg.max_new_tokens,
