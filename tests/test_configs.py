@@ -251,8 +251,12 @@ def test_pipeline_config_is_consistent(path):
         assert cfg.exists() and classify(cfg) == "cli", method
         module = load(cfg)["model"]["class_path"]
         assert module.endswith(("DVPOModule", "DPOModule")), method
-        # the common args are the RL runs' overrides: a DPO run takes its own
-        assert method.get("common", True) == module.endswith("DVPOModule"), method
+        # the common args are the RL runs' overrides: a DPO run takes its own; an RL run
+        # outside the study's grid (common: false, a long run) lists them itself
+        if module.endswith("DPOModule"):
+            assert method.get("common", True) is False, method
+        elif not method.get("common", True):
+            assert set(spec.get("common_args", [])) <= set(method.get("args") or []), method
     report = spec.get("report", {})
     for key in ("gvm", "reward_model"):
         if report.get(key):
@@ -274,7 +278,11 @@ def _pipeline_commands():
                                id=f"{path.name}:{stage['name']}")
         for m in spec.get("methods", []):
             common = spec.get("common_args", []) if m.get("common", True) else []
-            yield pytest.param(m["config"], [*common, *(m.get("args") or [])],
+            # every grid and tune axis at its first value: the keys a point's run adds
+            axes = [*((spec.get("grid") or {}).values() if m.get("common", True) else []),
+                    *(m.get("grid") or {}).values(), *(m.get("tune") or {}).values()]
+            points = [f"--{a['arg']}={a['values'][0]}" for a in axes]
+            yield pytest.param(m["config"], [*common, *(m.get("args") or []), *points],
                                id=f"{path.name}:{m['name']}")
 
 
