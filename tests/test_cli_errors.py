@@ -166,13 +166,15 @@ def test_real_bugs_keep_their_traceback(tmp_path, task_data, tokenizer_dir, monk
     (["data", "--out", "{tmp}/data", "--responses_per_prompt", "1"],
      "error: responses_per_prompt=1 must be >= 2"),
     (["pipeline", "--data", "{tmp}/nope.yaml"],
-     "error: No such file or directory: {tmp}/nope.yaml"),
+     "error: command line: data: names no file (from {cwd}), got '{tmp}/nope.yaml'. fix the "
+     "path; pipeline paths are relative to where it runs"),
 ])
 def test_other_commands_report_one_line(args, message, tmp_path, capsys):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, err = run_main(args, capsys)
     assert code == 2 and "Traceback" not in err
-    assert error_lines(err) == [message.replace("{tmp}", str(tmp_path))]
+    assert error_lines(err) == [message.replace("{tmp}", str(tmp_path)).replace(
+        "{cwd}", str(Path.cwd()))]
 
 
 def test_pipeline_stage_failure_is_one_line(tmp_path, tokenizer_dir, capsys):

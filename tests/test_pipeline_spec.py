@@ -14,9 +14,9 @@ import yaml
 
 from dvpo_lightning.__main__ import main
 from dvpo_lightning.commands.errors import DEBUG_ENV
-from dvpo_lightning.commands.pipeline import build_jobs, load_file
+from dvpo_lightning.commands.pipeline import build_jobs, load_file, plan_jobs
 from dvpo_lightning.commands.pipeline_grid import expand, spell
-from dvpo_lightning.commands.pipeline_plan import plan, totals
+from dvpo_lightning.commands.pipeline_plan import totals
 from dvpo_lightning.commands.pipeline_spec import PipelineSpecError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,7 +232,7 @@ def test_dry_run_lists_every_job_and_writes_nothing(tmp_path, monkeypatch, capsy
 def test_only_selects_every_point_of_a_method(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = load_file(write(tmp_path, study(only=["dvpo"])))
-    jobs = plan(spec, expand(spec))
+    jobs = plan_jobs(spec, expand(spec))
     assert {j.name.split("@")[0].split("/")[0] for j in jobs if j.status == "run"} == {"dvpo"}
     assert totals(jobs)["status"] == {"run": 8, "resume": 0, "reuse": 0, "skip": 3}
 
@@ -242,7 +242,7 @@ def test_every_shipped_pipeline_parses_and_plans(path, monkeypatch):
     monkeypatch.chdir(REPO)
     spec = load_file(str(path.relative_to(REPO)))
     variants = expand(spec)
-    jobs = plan(spec, variants)
+    jobs = plan_jobs(spec, variants)
     per_seed = len(spec.stages) if spec.seed_scope == "pipeline" else 0
     n = (bool(spec.data) + len(spec.stages) * (per_seed == 0)
          + len(spec.seeds) * (per_seed + len(variants)))

@@ -29,6 +29,7 @@ import yaml
 from dvpo_lightning.commands.pipeline_grid import Variant, expand
 from dvpo_lightning.commands.pipeline_spec import (
     SEED_SCOPES,
+    STAMP,
     PipelineSpec,
     PipelineSpecError,
     parse_spec,
@@ -43,7 +44,6 @@ from dvpo_lightning.commands.pipeline_tune import (
     write_choice,
 )
 
-STAMP = "pipeline_stage.json"
 __all__ = ["SEED_SCOPES", "run_pipeline", "run_pipeline_file", "run_spec"]
 
 
@@ -480,6 +480,15 @@ def variant_table(variants: list[Variant]) -> dict[str, dict]:
     return {v.name: {"method": v.method.name, "point": dict(v.point)} for v in variants}
 
 
+def plan_jobs(spec: PipelineSpec, variants: list[Variant]) -> list:
+    """The dry run's list: :func:`~dvpo_lightning.commands.pipeline_plan.plan` of every job
+    of ``spec``, with this module's reuse and resume checks; nothing runs or is written."""
+    from dvpo_lightning.commands.pipeline_plan import plan
+
+    return plan(spec, build_jobs(spec, variants), bool(spec.data) and _data_fresh(spec),
+                _resumable)
+
+
 def _run_jobs(jobs: list[Job], spec: PipelineSpec, done: dict[str, dict]) -> None:
     if spec.workers > 1:
         run_parallel(jobs, spec.workers, spec.force, done)
@@ -501,18 +510,18 @@ def run_spec(spec: PipelineSpec, source: str = "pipeline arguments") -> dict:
     tune_spec = tuning_spec(spec, tune)
     chosen = choose(spec, tune) if tune else None
     if spec.dry_run:
-        from dvpo_lightning.commands.pipeline_plan import plan, print_plan
+        from dvpo_lightning.commands.pipeline_plan import print_plan
 
         if tune:
             print(f"[plan] phase 1: tuning on the validation prompts, seeds "
                   f"{tuning_seeds(spec)}", flush=True)
-            print_plan(plan(tune_spec, tune), replace(tune_spec, report=None), source)
+            print_plan(plan_jobs(tune_spec, tune), replace(tune_spec, report=None), source)
             print("[plan] phase 2: the main runs, "
                   + ("with the points chosen: " + ", ".join(
                       f"{m} {c['name']}" for m, c in chosen.items()) if chosen else
                      f"each tuned key {UNCHOSEN} after phase 1; the stage-1 jobs of the "
                      "tuning seeds are phase 1's, reused"), flush=True)
-        print_plan(plan(spec, with_choice(variants, chosen)), spec, source)
+        print_plan(plan_jobs(spec, with_choice(variants, chosen)), spec, source)
         return {}
     # every config is read before anything runs
     tune_jobs = build_jobs(tune_spec, tune) if tune else []

@@ -11,20 +11,14 @@ no file written. :func:`print_plan` prints it with totals.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from dvpo_lightning.commands.pipeline import (
-    STAMP,
-    Job,
-    _data_fresh,
-    _resumable,
-    build_jobs,
-)
 from dvpo_lightning.commands.pipeline_grid import Variant
-from dvpo_lightning.commands.pipeline_spec import PipelineSpec
+from dvpo_lightning.commands.pipeline_spec import STAMP, PipelineSpec
 
 # arguments the pipeline adds to every run to place it (shown as the seed and artifact)
 PLACING = ("--seed_everything", "--trainer.default_root_dir", "--model.init_args.export_dir")
@@ -101,7 +95,8 @@ def effective(args: list[str]) -> dict[str, str]:
     return out
 
 
-def _planned(job: Job, spec: PipelineSpec, configs: dict[str, dict]) -> PlannedJob:
+def _planned(job, spec: PipelineSpec, configs: dict[str, dict],
+             resumable: Callable) -> PlannedJob:
     stage = job.stage
     cfg = configs.setdefault(stage.config,
                              yaml.safe_load(Path(stage.config).read_text()) or {})
@@ -115,7 +110,7 @@ def _planned(job: Job, spec: PipelineSpec, configs: dict[str, dict]) -> PlannedJ
         status = "skip"
     elif recorded.get("hash") == job.hash and not spec.force:
         status = "reuse"
-    elif not spec.force and _resumable(stage, job.hash) is not None:
+    elif not spec.force and resumable(stage, job.hash) is not None:
         status = "resume"
     else:
         status = "run"
@@ -125,16 +120,27 @@ def _planned(job: Job, spec: PipelineSpec, configs: dict[str, dict]) -> PlannedJ
                       int(steps) if steps is not None else None, recorded.get("seconds"))
 
 
-def plan(spec: PipelineSpec, variants: list[Variant]) -> list[PlannedJob]:
-    """Every job of ``spec`` in run order (the data step first), each with its status."""
+def plan(spec: PipelineSpec, jobs: list, data_fresh: bool,
+         resumable: Callable) -> list[PlannedJob]:
+    """Every job of ``spec`` in run order (the data step first), each with its status.
+
+    Args:
+        spec: the study.
+        jobs: its stage-1 and method jobs (``pipeline.build_jobs``).
+        data_fresh: whether the data step's output was made from this data config.
+        resumable: ``(stage, hash) ↦ checkpoint or None`` (``pipeline._resumable``).
+
+    ``pipeline.plan_jobs`` calls it with the pipeline's own; this module imports nothing of
+    the pipeline's, so the two do not import each other.
+    """
     out = []
     if spec.data:
         forced = spec.force and (not spec.only or "data" in spec.only)
-        out.append(PlannedJob("data", "data", "run" if forced or not _data_fresh(spec)
+        out.append(PlannedJob("data", "data", "run" if forced or not data_fresh
                               else "reuse", spec.data,
                               str(yaml.safe_load(Path(spec.data).read_text())["out"])))
     configs: dict[str, dict] = {}
-    out += [_planned(job, spec, configs) for job in build_jobs(spec, variants)]
+    out += [_planned(job, spec, configs, resumable) for job in jobs]
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SEED_SCOPES = ("methods", "pipeline")
+STAMP = "pipeline_stage.json"  # what a stage's artifact records of the run that made it
 NAME = re.compile(r"[A-Za-z0-9_.-]+")  # stage, method, axis names and labels: path-safe
 BUILD = Path(__file__).resolve().parents[1] / "report" / "build.py"
 
