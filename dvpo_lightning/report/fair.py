@@ -45,7 +45,8 @@ def two_by_two_table(per_seed: dict[str, dict[int, float]], cells: dict[str, str
         # a contrast is a paired difference against 0: its p is the one-sample t-test's
         cell = paired_difference(dict(zip(seeds, out[key]["values"])), dict.fromkeys(seeds, 0.0))
         rows[label] = {"effect": cell, "ahead": {"text": f"{cell['wins']}/{cell['n']}"}}
-    names = ", ".join(f"{k} = {cells[f'{k[0]}_{k[1]}']}" for k in CELLS)
+    names = ", ".join(f"{model} model on the {info}: {cells[f'{model}_{info}']}"
+                      for model, info in CELLS)
     return {"title": f"The information 2 × 2 at matched KL {level:.3g} ({names})",
             "columns": [("effect", "gold reward"), ("effect_p_holm", "p (Holm)"),
                         ("ahead", "seeds > 0")], "rows": rows, "interval": "ci95"}
@@ -114,7 +115,8 @@ def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
         if long_runs:
             tables_["over_optimisation"] = overoptimisation.over_optimisation_table(long_runs)
             notes["over_optimisation"] = overoptimisation.__doc__.split("\n\n")[1].replace(
-                "\n", " ")
+                "\n", " ") + (" A run without a frozen scorer (DPO) has no proxy: its gold "
+                              "curve is in the figure only.")
             files.append(overoptimisation.plot_over_optimisation(
                 long_runs, out_dir / "over_optimisation.png"))
     return tables_, notes, files
