@@ -115,3 +115,22 @@ def test_tuning_and_long_runs(report):
     assert long["proxy_rise"]["mean"] == pytest.approx((0.4 - 0.2) / 0.2)
     assert (out / "frontier.png").exists() and (out / "over_optimisation.png").exists()
     assert any(c["table"] == "two_by_two" for c in doc["comparisons"])
+
+
+def test_pairwise_matching_when_no_level_is_shared_by_every_method():
+    from dvpo_lightning.report.fair import pairwise_matched_kl
+    from dvpo_lightning.report.frontier import Point, common_kl_range
+
+    points = []
+    for s in SEEDS:  # a and b overlap dvpo, but not each other
+        for beta, kl in ((0.5, 0.2), (0.05, 2.0)):
+            points.append(Point("dvpo", beta, s, kl, 0.6 + 0.05 * math.log(kl)))
+        for beta, kl in ((0.5, 0.1), (0.05, 0.5)):
+            points.append(Point("a", beta, s, kl, 0.5 + 0.05 * math.log(kl)))
+        for beta, kl in ((0.5, 1.0), (0.05, 4.0)):
+            points.append(Point("b", beta, s, kl, 0.55 + 0.05 * math.log(kl)))
+    assert common_kl_range(points) is None
+    table = pairwise_matched_kl(points, "dvpo")
+    assert table["rows"]["a"]["diff_1"]["mean"] == pytest.approx(0.1)
+    assert table["rows"]["b"]["diff_1"]["mean"] == pytest.approx(0.05)
+    assert table["rows"]["a"]["levels"]["text"].count(",") == 2

@@ -14,6 +14,39 @@ from dvpo_lightning.report.runs import Run, load_runs
 from dvpo_lightning.report.stats import paired_difference
 
 KL_AXES = ("kl", "beta")  # the grid axes that are a method's KL knob
+TWO_BY_TWO_NOTE = ("V: DVPO's gold with the GVM fit to the scores (s) or the pairs (p); R: the "
+                   "reward-model method's with the reward model fit to the scores or the "
+                   "pairs; per seed at the middle KL level matched across these four, so "
+                   "neither side buys reward with KL.")
+
+
+def pairwise_matched_kl(points: list, reference: str, n_levels: int = 3) -> dict | None:
+    """Each method against ``reference`` alone, at ``n_levels`` KL levels inside the range
+    both cover on every seed (for when no level is shared by every method): a report table
+    with the levels, the paired difference and its Holm-adjusted p at each."""
+    methods = list(dict.fromkeys(p.method for p in points))
+    if reference not in methods:
+        return None
+    names = ("low", "middle", "high") if n_levels == 3 else tuple(map(str, range(n_levels)))
+    columns = [("levels", "KL levels")]
+    for i, name in enumerate(names):
+        columns += [(f"diff_{i}", f"{reference} − method, {name}"),
+                    (f"diff_{i}_p_holm", "p (Holm)")]
+    rows = {}
+    for m in methods:
+        if m == reference:
+            continue
+        pair = [p for p in points if p.method in (m, reference)]
+        span = frontier.common_kl_range(pair)
+        if span is None:
+            rows[m] = {"levels": {"text": "—"}}
+            continue
+        levels = frontier.kl_levels(*span, n_levels)
+        result = frontier.matched_kl(pair, levels, reference)
+        rows[m] = {"levels": {"text": ", ".join(f"{lv:.2f}" for lv in levels)},
+                   **{f"diff_{i}": d for i, d in enumerate(result["paired"][m])}}
+    return {"title": f"Gold reward at matched KL, each method against {reference} alone",
+            "columns": columns, "rows": rows, "interval": "ci95"}
 
 
 def regularised_runs(runs: list[Run], variants: dict[str, dict]) -> list[Run]:
@@ -89,7 +122,28 @@ def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
         span = frontier.common_kl_range(points)
         if span is None:
             notes["frontier"] += (" The methods' KL ranges share no interval: no KL level can "
-                                  "be matched across all of them.")
+                                  "be matched across all of them; each method is matched with "
+                                  f"{reference} alone below.")
+            pairwise = pairwise_matched_kl(points, reference, n_levels)
+            if pairwise:
+                tables_["matched_kl_pairs"] = pairwise
+                notes["matched_kl_pairs"] = (
+                    f"Per method, {n_levels} KL levels inside the range every seed of both it "
+                    f"and {reference} covers (low, middle, high; log-spaced), gold read off "
+                    "each curve over β, linear in log KL, never extrapolated; "
+                    f"{reference} − method paired by seed. — : the two share no KL range.")
+            if cells:
+                four = [p for p in points if p.method in cells.values()]
+                span4 = frontier.common_kl_range(four)
+                if span4 is not None:
+                    levels = frontier.kl_levels(*span4, n_levels)
+                    result = frontier.matched_kl(four, levels, reference)
+                    mid = len(levels) // 2
+                    table = two_by_two_table({m: r[mid] for m, r in result["per_seed"].items()},
+                                             cells, levels[mid])
+                    if table:
+                        tables_["two_by_two"] = table
+                        notes["two_by_two"] = TWO_BY_TWO_NOTE
         else:
             levels = frontier.kl_levels(*span, n_levels)
             result = frontier.matched_kl(points, levels, reference)
@@ -105,11 +159,7 @@ def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
                 table = two_by_two_table(per_seed, cells, levels[mid])
                 if table:
                     tables_["two_by_two"] = table
-                    notes["two_by_two"] = (
-                        "V: DVPO's gold with the GVM fit to the scores (s) or the pairs (p); "
-                        "R: the reward-model method's with the reward model fit to the scores "
-                        "or the pairs; per seed at the middle matched KL level, so neither side "
-                        "buys reward with KL.")
+                    notes["two_by_two"] = TWO_BY_TWO_NOTE
     if long:
         long_runs = [r for r in runs if r.method in long]
         if long_runs:
