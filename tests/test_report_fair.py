@@ -134,3 +134,34 @@ def test_pairwise_matching_when_no_level_is_shared_by_every_method():
     assert table["rows"]["a"]["diff_1"]["mean"] == pytest.approx(0.1)
     assert table["rows"]["b"]["diff_1"]["mean"] == pytest.approx(0.05)
     assert table["rows"]["a"]["levels"]["text"].count(",") == 2
+
+
+def test_final_numbers_come_from_the_test_prompts_and_tuning_from_validation(tmp_path):
+    """The headline table, its starting-policy row and the evaluation-noise table read the
+    test evaluation when a run has one (validation is off by −0.2 and the starting policy's
+    validation by −0.1 here); tuning reads validation."""
+    from dvpo_lightning.report.runs import load_runs
+    from dvpo_lightning.report.tuning import validation_gold
+
+    runs = {}
+    for method, gold in (("dvpo", 0.7), ("ppo", 0.6)):
+        for s in SEEDS:
+            doc = summary(gold + 0.01 * s, 1.0, 0.05)
+            doc["reference_test_eval"] = {"gold_reward": 0.5 + 0.01 * s, "kl_to_ref": 0.0,
+                                          "response_len": 6.0}
+            doc["history"][0]["eval/gold_reward"] = 0.4 + 0.01 * s
+            doc["test_eval_items"] = {"gold_reward": [gold - 0.1, gold + 0.1]}
+            doc["final_eval_items"] = {"gold_reward": [0.0, 1.0]}
+            runs.setdefault(method, {})[s] = write(tmp_path, method, s, doc)
+    out = tmp_path / "report"
+    build_report(runs, out=str(out), wandb=False, examples=0, compare="dvpo", baseline=None)
+    doc = json.loads((out / "report.json").read_text())
+    quality = doc["tables"]["quality"]["rows"]
+    assert quality["dvpo"]["gold_reward"]["mean"] == pytest.approx(0.71)
+    assert quality["SFT (reference)"]["gold_reward"]["mean"] == pytest.approx(0.51)
+    noise = doc["tables"]["eval_noise"]["rows"]["ppo"]
+    assert noise["eval_se"]["values"][0] == pytest.approx(0.1)  # sd √0.02 over √2 prompts
+    assert doc["tables"]["paired"]["rows"]["ppo"]["gold_diff"]["mean"] == pytest.approx(0.1)
+    assert "the test prompts (data.test_path)" in (out / "report.md").read_text()
+    run = load_runs({"dvpo": {0: runs["dvpo"][0]}})[0]
+    assert validation_gold(run) == pytest.approx(0.5)

@@ -134,9 +134,14 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
               "includes the stage-1 draw" if len(gvms) > 1 or len(rms) > 1 else
               "trained once")
     n_pairs = {k: next(iter(v.values()))[0]["pairs"] for k, v in accs.items() if v}
+    on_test = [r.on_test for r in loaded]
+    prompts = ("the test prompts (data.test_path), read once at each run's end; curves and "
+               "tuning use the validation prompts" if all(on_test) else
+               "held-out prompts: the test prompts where a run has them, else its last "
+               "validation" if any(on_test) else "held-out prompts")
     notes = {
-        "quality": f"Seeds {seeds} (sample std in report.json); stage 1 {stage1}. Held-out "
-                   "prompts, the gold scorer judges. Win rate: fraction of prompts where the "
+        "quality": f"Seeds {seeds} (sample std in report.json); stage 1 {stage1}. Final "
+                   f"numbers on {prompts}; the gold scorer judges. Win rate: fraction of prompts where the "
                    f"policy's response beats the {reference} policy's (ties count ½). The "
                    f"{reference} row: every run of a seed starts from and evaluates that seed's "
                    f"{reference} policy, so its runs are averaged first, one value per seed.",

@@ -42,9 +42,7 @@ class Point:
 def final_measures(run: Run, split: str = "test") -> dict:
     """The run's final evaluation: on the test prompts (``test_eval``) when ``split`` is
     ``test`` and the run has one, else its last validation (``final_eval``)."""
-    if split == "test" and run.summary.get("test_eval"):
-        return run.summary["test_eval"]
-    return run.final
+    return run.final if split == "test" else run.validation
 
 
 def points_from_runs(runs: Iterable[Run], method_of: Callable[[str], str] = lambda m: m,

@@ -28,7 +28,7 @@ RESAMPLES = 2000  # bootstrap resamples of the correlation's interval
 RNG_SEED = 0  # the bootstrap's random.Random seed: the same runs give the same interval
 
 NOTE = ("One row per DVPO variant: its GVM's held-out pair accuracy and DVPO's held-out gold "
-        "gain over the starting policy (final − step 0), mean ± 95 % CI over seeds; "
+        "gain over the starting policy (final − start, on the same prompts), mean ± 95 % CI over seeds; "
         "{baseline}'s gain at the same seeds beside it, and the paired difference with its "
         "paired-t p, raw and Holm-adjusted over every comparison in this report. r: Pearson's "
         "correlation of gain and accuracy over every (variant, seed) point, with a 95 % "
@@ -39,7 +39,7 @@ NOTE = ("One row per DVPO variant: its GVM's held-out pair accuracy and DVPO's h
 
 
 def _gain(run: Run) -> float:
-    return run.final["eval/gold_reward"] - run.history[0]["eval/gold_reward"]
+    return run.final["eval/gold_reward"] - run.reference["eval/gold_reward"]
 
 
 def sweep_points(runs: list[Run], sweep: dict[str, dict], eval_pairs: str,

@@ -31,8 +31,38 @@ class Run:
         return sorted(self.summary.get("history") or [], key=lambda h: h["rl_step"])
 
     @property
+    def on_test(self) -> bool:
+        """Whether the run evaluated the test prompts (``data.test_path``) at its end."""
+        return bool(self.summary.get("test_eval"))
+
+    @property
     def final(self) -> dict:
+        """The run's final numbers: its test evaluation when it has one (``test_eval``), else
+        its last validation (``final_eval``). Curves (``history``) stay on validation."""
+        return self.summary["test_eval"] if self.on_test else self.summary["final_eval"]
+
+    @property
+    def validation(self) -> dict:
+        """The run's last evaluation on the validation prompts (``final_eval``): what tuning
+        may read."""
         return self.summary["final_eval"]
+
+    @property
+    def reference(self) -> dict:
+        """The starting policy's evaluation on the prompts :attr:`final` uses, keyed like it
+        (``eval/…``): ``reference_test_eval`` beside a test evaluation, else step 0 of the
+        history."""
+        ref = self.summary.get("reference_test_eval")
+        if self.on_test and ref:
+            return {k if k.startswith("eval/") else f"eval/{k}": v for k, v in ref.items()}
+        return self.history[0]
+
+    @property
+    def final_items(self) -> dict:
+        """Per-prompt values of :attr:`final` (``{key: [value per prompt]}``; empty when the
+        summary predates them)."""
+        key = "test_eval_items" if self.on_test else "final_eval_items"
+        return self.summary.get(key) or {}
 
     @property
     def updates_per_step(self) -> float | None:

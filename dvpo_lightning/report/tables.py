@@ -66,7 +66,7 @@ def reference_per_seed(runs: list[Run], key: str) -> dict:
     policy); ``values`` holds one mean per seed, in seed order."""
     per_seed: dict[int, list[float]] = {}
     for r in runs:
-        per_seed.setdefault(r.seed, []).append(r.history[0][key])
+        per_seed.setdefault(r.seed, []).append(r.reference[key])
     return mean_std([sum(v) / len(v) for _, v in sorted(per_seed.items())])
 
 
@@ -146,7 +146,7 @@ def eval_noise_table(runs: list[Run], key: str = "gold_reward") -> dict:
     """The final evaluation's own noise beside the spread between seeds, per method.
 
     A run's final ``key`` is a mean over N held-out prompts; with its per-prompt values
-    (``summary["final_eval_items"][key]``) its standard error is ``s / √N``, ``s`` the sample
+    (:attr:`Run.final_items`) its standard error is ``s / √N``, ``s`` the sample
     standard deviation over the prompts. Per method: N, that standard error averaged over the
     seeds, and the sample standard deviation of the final ``key`` between seeds. When the
     evaluation's noise is not small against the spread between seeds (or against a paired
@@ -155,7 +155,7 @@ def eval_noise_table(runs: list[Run], key: str = "gold_reward") -> dict:
     """
     rows = {}
     for method, rs in by_method(runs).items():
-        items = [(r.summary.get("final_eval_items") or {}).get(key) for r in rs]
+        items = [r.final_items.get(key) for r in rs]
         finals = [r.final[f"eval/{key}"] for r in rs if f"eval/{key}" in r.final]
         spread = summarize(finals)["std"] if len(finals) > 1 else None
         row = {"seed_sd": {"text": f"{spread:.4f}"} if spread is not None else None}

@@ -1,7 +1,7 @@
 """Equal tuning on the validation prompts: for each method, the grid point (learning rate,
 β, …) whose runs reach the best mean gold reward on the *validation* split, over the tuning
 seeds. Every method gets a grid of the same size and the same rule; the test prompts are not
-read (a run's ``final_eval`` is its last validation; its ``test_eval`` is left alone).
+read (:attr:`Run.validation`, a run's ``final_eval``, is its last validation).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dvpo_lightning.report.runs import Run, mean_std
 
 def validation_gold(run: Run) -> float:
     """The run's gold reward at its last validation (the validation prompts)."""
-    return float(run.final["eval/gold_reward"])
+    return float(run.validation["eval/gold_reward"])
 
 
 def select(runs: list[Run], variants: dict[str, dict]) -> dict[str, dict]:
