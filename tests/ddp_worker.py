@@ -2,7 +2,7 @@
 
     python tests/ddp_worker.py OUT_DIR DEVICES KIND TASK_DATA POLICY GVM RM [ENGINE [REFERENCE]]
 
-KIND: ``gvm`` (DVPO, greedy rollouts), ``grpo`` (GRPO, two sampled responses per prompt),
+KIND: ``gvm`` (DVPO, greedy rollouts, the GVM standardised on the first rollout), ``grpo`` (GRPO, two sampled responses per prompt),
 ``kl_eval`` (DVPO with greedy rollouts, an adaptive KL to REFERENCE — another policy, so the KL
 is not 0 — then the held-out evaluation of 5 prompts, greedy, judged by the sorting task) or
 ``sft_gold`` (one SFT step of POLICY with the GoldEval callback) or ``dpo_eval`` (one DPO step
@@ -26,6 +26,7 @@ from dvpo_lightning.data.rollout import RolloutDataModule
 from dvpo_lightning.estimators import GRPO, GVM
 from dvpo_lightning.modules.dvpo import DVPOModule
 from dvpo_lightning.modules.kl_penalty import KLSettings
+from dvpo_lightning.modules.reward_scale import RewardSettings
 from dvpo_lightning.modules.ppo import PPOSettings
 from dvpo_lightning.rollout.settings import RolloutSettings
 
@@ -127,6 +128,8 @@ def main() -> None:
     if kind in ("gvm", "kl_eval"):
         estimator, group = GVM(version="value_difference"), 1
         extra = dict(value_model=gvm)
+        if kind == "gvm":  # the GVM's scale fitted on the first rollout of every rank
+            extra["reward"] = RewardSettings(normalize="first_rollout")
         whiten, temperature = True, 0.0
     else:
         estimator, group = GRPO(group_size=2), 2
@@ -157,7 +160,7 @@ def main() -> None:
     rank = trainer.global_rank
     torch.save({**model.record, "world_size": trainer.world_size, "kl_coef": model.kl.coef,
                 "evals": model.evals.rows, "reference_eval": model.evals.reference,
-                "rng": torch.get_rng_state()},
+                "rng": torch.get_rng_state(), "reward_scale": model.reward_scale.state_dict()},
                os.path.join(out, f"rank{rank}.pt"))
     _leave_process_group()
 

@@ -5,7 +5,8 @@ and the loss normalised by the global token count, the per-prompt advantages and
 all-reduced gradient of the first update equal the single-process ones; the logged policy loss
 averaged over ranks equals the single-process loss. Group estimators must never see a group
 split across processes. Each rank samples from its own stream while the global RNGs stay in
-step; adaptive KL moves β by one all-reduced observation; the held-out evaluations (RL, DPO,
+step; the reward scale is fitted on every rank's first rollout; adaptive KL moves β by one
+all-reduced observation; the held-out evaluations (RL, DPO,
 GoldEval) are over every prompt once, on every rank.
 """
 
@@ -67,6 +68,13 @@ def test_ddp_matches_single_process_dvpo(engine, tmp_path, task_data, artifacts,
     # each rank's own advantages are NOT whitened on their own (else this test proves nothing)
     local = torch.cat([r["advantages"][r["mask"]] for r in two[:1]])
     assert abs(float(local.mean())) > 1e-4
+    # the GVM's scale: the mean and std of the first rollout over every rank's responses, the
+    # same on both ranks and as in one process (a rank's own half would give other numbers)
+    scale = one[0]["reward_scale"]
+    assert scale["std"] > 0
+    for rec in two:
+        assert rec["reward_scale"]["mean"] == pytest.approx(scale["mean"], rel=1e-5, abs=1e-6)
+        assert rec["reward_scale"]["std"] == pytest.approx(scale["std"], rel=1e-5)
     torch.testing.assert_close(two[0]["grad"], one[0]["grad"], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(two[1]["grad"], two[0]["grad"])
     loss_two = sum(r["policy_loss"] for r in two) / 2
