@@ -132,7 +132,7 @@ def run_method(args) -> dict:
           if args.deepspeed else []),
         f"--model.init_args.policy={root / 'policy'}",
         f"--data.init_args.train_path={root / 'prompts.jsonl'}",
-        f"--data.init_args.eval_path={root / 'prompts.jsonl'}",
+        f"--data.init_args.eval_path={root / 'prompts.jsonl'}", "--data.init_args.test_path=null",
         f"--data.init_args.tokenizer={root / 'tokenizer'}", f"--data.init_args.batch_size={batch}",
         "--data.init_args.chat_template=false", "--model.init_args.judge=null",
         f"--model.init_args.rollout.max_new_tokens={args.length}",

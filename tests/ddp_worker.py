@@ -2,11 +2,12 @@
 
     python tests/ddp_worker.py OUT_DIR DEVICES KIND TASK_DATA POLICY GVM RM [ENGINE [REFERENCE]]
 
-KIND: ``gvm`` (DVPO, greedy rollouts, the GVM standardised on the first rollout), ``grpo`` (GRPO, two sampled responses per prompt),
-``kl_eval`` (DVPO with greedy rollouts, an adaptive KL to REFERENCE — another policy, so the KL
-is not 0 — then the held-out evaluation of 5 prompts, greedy, judged by the sorting task) or
-``sft_gold`` (one SFT step of POLICY with the GoldEval callback) or ``dpo_eval`` (one DPO step
-of POLICY, then its held-out pairs and prompts); the last two use neither GVM nor RM.
+KIND: ``gvm`` (DVPO, greedy rollouts, the GVM standardised on the first rollout), ``grpo``
+(GRPO, two sampled responses per prompt), ``kl_eval`` (DVPO with greedy rollouts, an adaptive KL
+to REFERENCE — another policy, so the KL is not 0 — then the held-out evaluation of 5 prompts,
+greedy, judged by the sorting task) or ``sft_gold`` (one SFT step of POLICY with the GoldEval
+callback) or ``dpo_eval`` (one DPO step of POLICY, then its held-out pairs and prompts); the
+last two use neither GVM nor RM.
 Greedy rollouts (``temperature=0``) make the experience of a prompt independent of how prompts
 are spread over processes. Each rank writes ``rank{r}.pt``: per prompt, the advantages it
 computed and the responses; the gradient of the first update (after DDP's all-reduce) and the
@@ -26,8 +27,8 @@ from dvpo_lightning.data.rollout import RolloutDataModule
 from dvpo_lightning.estimators import GRPO, GVM
 from dvpo_lightning.modules.dvpo import DVPOModule
 from dvpo_lightning.modules.kl_penalty import KLSettings
-from dvpo_lightning.modules.reward_scale import RewardSettings
 from dvpo_lightning.modules.ppo import PPOSettings
+from dvpo_lightning.modules.reward_scale import RewardSettings
 from dvpo_lightning.rollout.settings import RolloutSettings
 
 warnings.filterwarnings("ignore")

@@ -76,6 +76,7 @@ def rl_fit(config: str, task_data: str, tmp_path: Path, *extra: str) -> list[str
             f"--model.init_args.policy={MISSING}/policy",
             f"--data.init_args.train_path={Path(task_data) / 'rl_prompts.jsonl'}",
             f"--data.init_args.eval_path={Path(task_data) / 'eval_prompts.jsonl'}",
+            "--data.init_args.test_path=null",  # (the config's names the study's test file)
             f"--data.init_args.tokenizer={Path(task_data) / 'tokenizer'}",
             f"--trainer.default_root_dir={tmp_path}", *extra]
 

@@ -225,6 +225,7 @@ def test_every_shipped_deepspeed_config_takes_an_rl_step(tmp_path, task_data, ar
             f"--model.init_args.export_dir={root / 'policy'}",
             f"--data.init_args.train_path={task_data}/rl_prompts.jsonl",
             f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
+            "--data.init_args.test_path=null",
             f"--data.init_args.tokenizer={task_data}/tokenizer", "--data.init_args.batch_size=4")
 
     assert [p.stem for p in DEEPSPEED_CONFIGS] == ["zero1", "zero2", "zero3", "zero3_offload"]
@@ -253,6 +254,7 @@ def test_dpo_under_zero2_logs_deepspeeds_gradient_norm(tmp_path, task_data, arti
          f"--data.init_args.train_path={task_data}/pairs.jsonl",
          f"--data.init_args.val_path={task_data}/eval_pairs.jsonl",
          f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
+         "--data.init_args.test_path=null",
          f"--data.init_args.tokenizer={task_data}/tokenizer", "--data.init_args.batch_size=4")
     rows = list(csv.DictReader(next(tmp_path.glob("csv/*/metrics.csv")).open()))
     norms = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]

@@ -56,27 +56,36 @@ def test_rl_summary_items_test_eval_and_common_random_numbers(tmp_path, artifact
     shared = set(ra) & set(rb)  # (DVPO's GVM values, GRPO's RM scores: their own)
     assert {"response_len", "gold_reward"} <= shared
     assert {k: ra[k] for k in shared} == {k: rb[k] for k in shared}
-    c = rl_summary("dvpo", tmp_path / "c", artifacts, task_data, "--seed_everything=2")
+    c = rl_summary("dvpo", tmp_path / "c", artifacts, task_data, "--seed_everything=2",
+                   "--model.init_args.rollout.eval_seed=null")  # (the config sets one)
     check_items(c, 4)
     assert c["reference_test_eval_items"] != c["reference_eval_items"]
 
 
-@pytest.mark.parametrize("samples", [1, 3])
-def test_dpo_test_eval_with_common_random_numbers(samples, task_data, tokenizer_dir,
-                                                  sft_model_dir, tmp_path):
-    """(``eval_samples`` 3: each prompt's values are its 3 answers')"""
+@pytest.mark.parametrize(("samples", "test_samples"), [(1, None), (3, None), (1, 3)])
+def test_dpo_test_eval_with_common_random_numbers(samples, test_samples, task_data,
+                                                  tokenizer_dir, sft_model_dir, tmp_path):
+    """(``eval_samples`` 3: each prompt's values are its 3 answers'; ``test_samples`` 3: the
+    test evaluation's alone, the validation keeps one answer per prompt)"""
     L.seed_everything(0, verbose=False)
     train = head_file(f"{task_data}/pairs.jsonl", tmp_path / "pairs16.jsonl", 16)
     dm = make_data(task_data, tokenizer_dir, train, batch_size=8)
     dm.test_path = f"{task_data}/eval_prompts.jsonl"  # (the first 8: the validation prompts)
     module = make_module(sft_model_dir, tokenizer_dir)
-    module.rollout = type(module.rollout)(max_new_tokens=8, eval_seed=3, eval_samples=samples)
+    module.rollout = type(module.rollout)(max_new_tokens=8, eval_seed=3, eval_samples=samples,
+                                          test_samples=test_samples)
     build_trainer(tmp_path, max_steps=4, val_every=4).fit(module, dm)
     s = json.loads((tmp_path / "summary.json").read_text())
     check_items(s, 8)
     assert set(s["test_eval"]) == EVAL_KEYS
-    assert s["test_eval_items"] == s["final_eval_items"]
-    assert s["reference_test_eval_items"] == s["reference_eval_items"]
+    if test_samples is None:
+        assert s["test_eval_items"] == s["final_eval_items"]
+        assert s["reference_test_eval_items"] == s["reference_eval_items"]
+    else:
+        assert all(len(v) == test_samples for v in s["test_eval_items"]["gold_reward"])
+        assert all(len(v) == test_samples
+                   for v in s["reference_test_eval_items"]["gold_reward"])
+        assert all(not isinstance(v, list) for v in s["final_eval_items"]["gold_reward"])
     if samples > 1:
         assert all(len(v) == samples for v in s["test_eval_items"]["gold_reward"])
 

@@ -32,6 +32,7 @@ def spec(task_data: str, artifacts, kls: list[float]) -> dict:
                         "--model.init_args.rollout.max_new_tokens=8",
                         f"--data.init_args.train_path={data / 'rl_prompts.jsonl'}",
                         f"--data.init_args.eval_path={data / 'eval_prompts.jsonl'}",
+                        "--data.init_args.test_path=null",
                         f"--data.init_args.tokenizer={data / 'tokenizer'}",
                         "--data.init_args.batch_size=8"],
         "methods": [{"name": "dvpo", "config": str(REPO / "configs" / "dvpo.yaml"),

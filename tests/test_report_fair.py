@@ -150,7 +150,8 @@ def test_final_numbers_come_from_the_test_prompts_and_tuning_from_validation(tmp
             doc["reference_test_eval"] = {"gold_reward": 0.5 + 0.01 * s, "kl_to_ref": 0.0,
                                           "response_len": 6.0}
             doc["history"][0]["eval/gold_reward"] = 0.4 + 0.01 * s
-            doc["test_eval_items"] = {"gold_reward": [gold - 0.1, gold + 0.1]}
+            # two prompts of two answers each (test_samples 2): prompt means gold ∓ 0.1
+            doc["test_eval_items"] = {"gold_reward": [[gold - 0.2, gold], [gold, gold + 0.2]]}
             doc["final_eval_items"] = {"gold_reward": [0.0, 1.0]}
             runs.setdefault(method, {})[s] = write(tmp_path, method, s, doc)
     out = tmp_path / "report"

@@ -55,6 +55,7 @@ def make_cli(name: str, root: Path, art: SimpleNamespace, task_data: str, *extra
     args += [
         f"--data.init_args.train_path={task_data}/rl_prompts.jsonl",
         f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
+        "--data.init_args.test_path=null",  # (the configs name the study's test file)
         f"--data.init_args.tokenizer={task_data}/tokenizer",
         f"--data.init_args.batch_size={batch_size}",
         "--data.init_args.max_eval_prompts=4",

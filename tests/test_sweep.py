@@ -35,6 +35,7 @@ def tiny_overrides(art: SimpleNamespace, task_data: str, root: Path) -> list[str
     return [f"--model.init_args.policy={art.policy}", f"--model.init_args.value_model={art.gvm}",
             f"--data.init_args.train_path={task_data}/rl_prompts.jsonl",
             f"--data.init_args.eval_path={task_data}/eval_prompts.jsonl",
+            "--data.init_args.test_path=null",  # (the config's names the study's test file)
             f"--data.init_args.tokenizer={task_data}/tokenizer",
             "--data.init_args.batch_size=2", "--data.init_args.max_eval_prompts=4",
             "--model.init_args.ppo.mini_batch_size=1", "--model.init_args.rollout.max_new_tokens=8",

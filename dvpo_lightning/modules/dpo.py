@@ -262,7 +262,8 @@ class DPOModule(SingleModelStage):
             was_training = self.model.training
             self.model.eval()  # (as Lightning's validation loop sets it)
             self.heldout.test(self.evaluator, self.model, self.reference_policy, loader,
-                              self.device, self.global_step)
+                              self.device, self.global_step,
+                              samples=self.rollout.test_samples)
             self.model.train(was_training)
 
     def _log_pairs(self, final: bool) -> None:

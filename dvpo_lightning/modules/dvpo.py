@@ -510,7 +510,8 @@ class DVPOModule(L.LightningModule):
         self.on_validation_start()
         self.policy.eval()
         self.heldout.test(self.evaluator, self.policy, self._reference, loader, self.device,
-                          self.global_step, self.weights_version)
+                          self.global_step, self.weights_version,
+                          self.experience.settings.test_samples)
         self.policy.train()
         self.on_validation_end()
 

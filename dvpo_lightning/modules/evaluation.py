@@ -8,6 +8,7 @@ differs: how its reference is reached and what else it validates (DPO's held-out
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 
 import lightning as L
@@ -71,11 +72,15 @@ class HeldOutEvaluation:
     # ------------------------------------------------------------------ the test prompts
     def test(self, evaluator: HeldOutEvaluator, policy: nn.Module, reference: Reference,
              loader: DataLoader, device: torch.device, step: int,
-             weights_version: int | None = None) -> None:
+             weights_version: int | None = None, samples: int | None = None) -> None:
         """The policy and the reference answer the test prompts once (``loader``: this
         process's share, numbered by test-file row), with the validation's evaluator (common
-        random numbers when ``rollout.eval_seed`` is set); the result goes into the summary.
-        Collective: every rank calls it, with as many batches."""
+        random numbers when ``rollout.eval_seed`` is set) at ``samples`` answers per prompt
+        (``rollout.test_samples``; None: the evaluator's own); the result goes into the
+        summary. Collective: every rank calls it, with as many batches."""
+        if samples is not None and samples != evaluator.samples:
+            evaluator = copy.copy(evaluator)
+            evaluator.samples = samples
         rows, ref_rows = EvalRows(), EvalRows()
         for batch in loader:
             batch = {k: v.to(device) if k in BATCH_TENSORS else v for k, v in batch.items()}

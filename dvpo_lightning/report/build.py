@@ -140,11 +140,12 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                "held-out prompts: the test prompts where a run has them, else its last "
                "validation" if any(on_test) else "held-out prompts")
     notes = {
-        "quality": f"Seeds {seeds} (sample std in report.json); stage 1 {stage1}. Final "
-                   f"numbers on {prompts}; the gold scorer judges. Win rate: fraction of prompts where the "
-                   f"policy's response beats the {reference} policy's (ties count ½). The "
-                   f"{reference} row: every run of a seed starts from and evaluates that seed's "
-                   f"{reference} policy, so its runs are averaged first, one value per seed.",
+        "quality": (f"Seeds {seeds} (sample std in report.json); stage 1 {stage1}. Final "
+                    f"numbers on {prompts}; the gold scorer judges. Win rate: fraction of "
+                    f"prompts where the policy's response beats the {reference} policy's "
+                    f"(ties count ½). The {reference} row: every run of a seed starts from "
+                    f"and evaluates that seed's {reference} policy, so its runs are averaged "
+                    "first, one value per seed."),
         "paired": f"Each row pairs {compare}'s run at a seed with the other method's run at the "
                   "same seed (same data, same stage-1 models when stage 1 is per seed); mean "
                   "difference ± the 95 % paired-t interval's half-width. p: two-sided paired-t "

@@ -28,14 +28,14 @@ RESAMPLES = 2000  # bootstrap resamples of the correlation's interval
 RNG_SEED = 0  # the bootstrap's random.Random seed: the same runs give the same interval
 
 NOTE = ("One row per DVPO variant: its GVM's held-out pair accuracy and DVPO's held-out gold "
-        "gain over the starting policy (final − start, on the same prompts), mean ± 95 % CI over seeds; "
-        "{baseline}'s gain at the same seeds beside it, and the paired difference with its "
-        "paired-t p, raw and Holm-adjusted over every comparison in this report. r: Pearson's "
-        "correlation of gain and accuracy over every (variant, seed) point, with a 95 % "
-        "percentile interval from a seed-clustered bootstrap (the points of one seed share its "
-        "stage-1 draw, so seeds are resampled with replacement and each keeps all its points; "
-        f"{RESAMPLES} resamples, fixed RNG seed). With few seeds that interval is coarse: 3 "
-        "seeds allow only 10 distinct resamples.")
+        "gain over the starting policy (final − start, on the same prompts), mean ± 95 % CI "
+        "over seeds; {baseline}'s gain at the same seeds beside it, and the paired difference "
+        "with its paired-t p, raw and Holm-adjusted over every comparison in this report. r: "
+        "Pearson's correlation of gain and accuracy over every (variant, seed) point, with a 95"
+        " % percentile interval from a seed-clustered bootstrap (the points of one seed share "
+        "its stage-1 draw, so seeds are resampled with replacement and each keeps all its "
+        f"points; {RESAMPLES} resamples, fixed RNG seed). With few seeds that interval is "
+        "coarse: 3 seeds allow only 10 distinct resamples.")
 
 
 def _gain(run: Run) -> float:

@@ -142,12 +142,21 @@ def adjust_p_values(tables: dict[str, dict]) -> list[dict]:
     return out
 
 
+def prompt_means(items: list | None) -> list[float] | None:
+    """One value per prompt: a prompt's own value, or the mean of its answers' values when it
+    was answered several times (``rollout.eval_samples`` / ``test_samples`` above 1)."""
+    if items is None:
+        return None
+    return [sum(v) / len(v) if isinstance(v, list) else v for v in items]
+
+
 def eval_noise_table(runs: list[Run], key: str = "gold_reward") -> dict:
     """The final evaluation's own noise beside the spread between seeds, per method.
 
     A run's final ``key`` is a mean over N held-out prompts; with its per-prompt values
     (:attr:`Run.final_items`) its standard error is ``s / √N``, ``s`` the sample
-    standard deviation over the prompts. Per method: N, that standard error averaged over the
+    standard deviation over the prompts (of each prompt's mean over its answers, when it
+    has several). Per method: N, that standard error averaged over the
     seeds, and the sample standard deviation of the final ``key`` between seeds. When the
     evaluation's noise is not small against the spread between seeds (or against a paired
     difference), one evaluation cannot resolve it. Runs whose summaries predate the
@@ -155,7 +164,7 @@ def eval_noise_table(runs: list[Run], key: str = "gold_reward") -> dict:
     """
     rows = {}
     for method, rs in by_method(runs).items():
-        items = [r.final_items.get(key) for r in rs]
+        items = [prompt_means(r.final_items.get(key)) for r in rs]
         finals = [r.final[f"eval/{key}"] for r in rs if f"eval/{key}" in r.final]
         spread = summarize(finals)["std"] if len(finals) > 1 else None
         row = {"seed_sd": {"text": f"{spread:.4f}"} if spread is not None else None}

@@ -35,6 +35,10 @@ class RolloutSettings:
             of ``(eval_seed, i, k)``): each measure is then ``(prompts, eval_samples)``, its
             mean over both, and the win rate pairs sample ``k`` with the reference's sample
             ``k``. More samples shrink the evaluation's own noise; 1: one answer, as before.
+        test_samples: answers per prompt in the final test evaluation (``data.test_path``,
+            read once at the end of ``fit``); None: ``eval_samples``. The test prompts are
+            answered once, so more samples there cost little and shrink the final numbers'
+            own noise, with the validation curves, tuning and training left as they are.
         score_batch_size: rows per forward pass when scoring a rollout or an evaluation batch
             (policy and reference log-probs, GVM / critic values, RM scores); None: the whole
             batch at once. Generation always runs on the whole batch; this bounds the scoring
@@ -51,6 +55,7 @@ class RolloutSettings:
     eval_greedy: bool = False
     eval_seed: int | None = None
     eval_samples: int = 1
+    test_samples: int | None = None
     score_batch_size: int | None = None
     vllm: VLLMOptions = VLLMOptions()
 
@@ -65,6 +70,8 @@ class RolloutSettings:
             (self.eval_seed is None or self.eval_seed >= 0,
              "eval_seed must be >= 0, or null to sample evaluations from the global RNG"),
             (self.eval_samples >= 1, "eval_samples must be >= 1"),
+            (self.test_samples is None or self.test_samples >= 1,
+             "test_samples must be >= 1, or null for eval_samples"),
             (self.score_batch_size is None or self.score_batch_size >= 1,
              "score_batch_size must be >= 1, or null to score a whole batch at once"),
         ]
