@@ -96,6 +96,19 @@ def test_matched_kl_reads_the_test_evaluation_and_pairs_by_seed(report):
     assert "Gold reward at matched KL" in md and "p (Holm)" in md
 
 
+def test_beta_is_chosen_on_validation_not_test(report):
+    """Validation gold is test gold − 0.2 here, the same order over β: each method's best β on
+    validation is marked, with validation numbers in the table."""
+    rows = report[1]["tables"]["validation_beta"]["rows"]
+    for method, (offset, scale) in METHODS.items():
+        golds = {b: rows[f"{method} (β {b:g})"]["gold"]["mean"] for b in BETAS}
+        chosen = [b for b in BETAS if rows[f"{method} (β {b:g})"]["chosen"]["text"]]
+        assert chosen == [max(golds, key=golds.get)]
+        kl = scale / 0.02 ** 0.8 * (1 + 0.1 * sum(SEEDS) / len(SEEDS))
+        gold = 0.5 + 0.05 * math.log(kl) + offset + 0.01 * sum(SEEDS) / len(SEEDS) - 0.2
+        assert golds[0.02] == pytest.approx(gold, abs=1e-3)
+
+
 def test_two_by_two_recovers_the_built_in_effects(report):
     rows = report[1]["tables"]["two_by_two"]["rows"]
     value, scores, interaction = rows.values()

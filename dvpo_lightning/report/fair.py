@@ -119,6 +119,14 @@ def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
         notes["frontier"] = ("Each method's runs over its β grid (DPO: its own β), final "
                              "evaluation on the test prompts; KL in nats per response.")
         files.append(frontier.plot_frontier(points, out_dir / "frontier.png"))
+        on_validation = frontier.points_from_runs(
+            regularised_runs(runs, variants), lambda name: variants[name]["method"],
+            split="validation")
+        tables_["validation_beta"] = frontier.validation_beta_table(on_validation)
+        notes["validation_beta"] = (
+            "The same runs at their last validation (the validation prompts, never the test "
+            "prompts): per method the β with the best mean validation gold over the seeds is "
+            "marked, the rule the default study's configs took their β by.")
         span = frontier.common_kl_range(points)
         if span is None:
             notes["frontier"] += (" The methods' KL ranges share no interval: no KL level can "

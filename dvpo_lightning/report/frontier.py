@@ -163,6 +163,28 @@ def frontier_table(points: list[Point]) -> dict:
             [("kl", "KL to ref"), ("gold", "gold reward ↑")], "rows": rows, "interval": "ci95"}
 
 
+def validation_beta_table(points: list[Point]) -> dict:
+    """Per method and β: gold reward and KL on the *validation* prompts (``points`` from
+    :func:`points_from_runs` with ``split="validation"``), mean over seeds, each method's best
+    mean gold marked ``chosen`` (the first β in grid order on a tie) — the rule that picks the
+    default study's β, the one tuning uses for the learning rate."""
+    groups: dict[tuple[str, float], list[Point]] = {}
+    for p in points:
+        groups.setdefault((p.method, p.beta), []).append(p)
+    best: dict[str, tuple[float, float]] = {}
+    for (m, b), ps in sorted(groups.items()):
+        gold = sum(p.gold for p in ps) / len(ps)
+        if m not in best or gold > best[m][1]:
+            best[m] = (b, gold)
+    rows = {f"{m} (β {b:g})": {"gold": mean_std([p.gold for p in ps]),
+                               "kl": mean_std([p.kl for p in ps]),
+                               "chosen": {"text": "chosen" if best[m][0] == b else ""}}
+            for (m, b), ps in sorted(groups.items())}
+    return {"title": "β on the validation prompts (the default study's choice)", "columns":
+            [("gold", "validation gold ↑"), ("kl", "validation KL"), ("chosen", "")],
+            "rows": rows, "interval": "ci95"}
+
+
 def plot_frontier(points: list[Point], out: str | Path) -> Path:
     """Gold reward against KL (log axis), one line per method through its β grid (means over
     seeds, 95 % t-intervals as error bars on both axes), each seed's runs as faint points."""
