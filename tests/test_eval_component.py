@@ -62,6 +62,23 @@ def test_rl_summary_items_test_eval_and_common_random_numbers(tmp_path, artifact
     assert c["reference_test_eval_items"] != c["reference_eval_items"]
 
 
+def test_rl_test_samples_answer_the_test_prompts_alone_more_often(tmp_path, artifacts,
+                                                                  task_data):
+    """``rollout.test_samples`` 3 in the RL module: each test prompt (the validation file
+    again) has 3 answers, the first of them its one-answer validation's (sample 0 of the same
+    stream), and the validation keeps one answer per prompt."""
+    s = rl_summary("dvpo", tmp_path, artifacts, task_data, "--seed_everything=1",
+                   "--model.init_args.rollout.eval_seed=11",
+                   "--model.init_args.rollout.test_samples=3")
+    check_items(s, 4)
+    for items, one in ((s["test_eval_items"], s["final_eval_items"]),
+                       (s["reference_test_eval_items"], s["reference_eval_items"])):
+        assert all(len(v) == 3 for v in items["gold_reward"])
+        assert all(not isinstance(v, list) for v in one["gold_reward"])
+        assert [v[0] for v in items["gold_reward"]] == one["gold_reward"]
+        assert [v[0] for v in items["response_len"]] == one["response_len"]
+
+
 @pytest.mark.parametrize(("samples", "test_samples"), [(1, None), (3, None), (1, 3)])
 def test_dpo_test_eval_with_common_random_numbers(samples, test_samples, task_data,
                                                   tokenizer_dir, sft_model_dir, tmp_path):

@@ -135,10 +135,14 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
               "trained once")
     n_pairs = {k: next(iter(v.values()))[0]["pairs"] for k, v in accs.items() if v}
     on_test = [r.on_test for r in loaded]
-    prompts = ("the test prompts (data.test_path), read once at each run's end; curves and "
-               "tuning use the validation prompts" if all(on_test) else
-               "held-out prompts: the test prompts where a run has them, else its last "
-               "validation" if any(on_test) else "held-out prompts")
+    if all(on_test):
+        prompts = ("the test prompts (data.test_path), read once at each run's end; curves "
+                   "and tuning use the validation prompts")
+    elif any(on_test):
+        prompts = ("held-out prompts: the test prompts where a run has them, else its last "
+                   "validation")
+    else:
+        prompts = "held-out prompts"
     notes = {
         "quality": (f"Seeds {seeds} (sample std in report.json); stage 1 {stage1}. Final "
                     f"numbers on {prompts}; the gold scorer judges. Win rate: fraction of "

@@ -49,6 +49,18 @@ def pairwise_matched_kl(points: list, reference: str, n_levels: int = 3) -> dict
             "columns": columns, "rows": rows, "interval": "ci95"}
 
 
+def _add_two_by_two(tables_: dict, notes: dict, result: dict, cells: dict[str, str],
+                    levels: list[float]) -> None:
+    """The 2 × 2 at the middle of ``levels`` (``result``: :func:`frontier.matched_kl` at
+    them) into the report's tables and notes, when its four methods have runs."""
+    mid = len(levels) // 2
+    table = two_by_two_table({m: rows[mid] for m, rows in result["per_seed"].items()}, cells,
+                             levels[mid])
+    if table:
+        tables_["two_by_two"] = table
+        notes["two_by_two"] = TWO_BY_TWO_NOTE
+
+
 def regularised_runs(runs: list[Run], variants: dict[str, dict]) -> list[Run]:
     """The runs that are points of a method's β grid (an axis named ``kl`` or ``beta``)."""
     return [r for r in runs if r.method in variants
@@ -145,13 +157,8 @@ def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
                 span4 = frontier.common_kl_range(four)
                 if span4 is not None:
                     levels = frontier.kl_levels(*span4, n_levels)
-                    result = frontier.matched_kl(four, levels, reference)
-                    mid = len(levels) // 2
-                    table = two_by_two_table({m: r[mid] for m, r in result["per_seed"].items()},
-                                             cells, levels[mid])
-                    if table:
-                        tables_["two_by_two"] = table
-                        notes["two_by_two"] = TWO_BY_TWO_NOTE
+                    _add_two_by_two(tables_, notes, frontier.matched_kl(four, levels, reference),
+                                    cells, levels)
         else:
             levels = frontier.kl_levels(*span, n_levels)
             result = frontier.matched_kl(points, levels, reference)
@@ -162,12 +169,7 @@ def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
                 f"between the two bracketing runs, never extrapolated; {reference} − method "
                 "paired by seed.")
             if cells:
-                mid = len(levels) // 2
-                per_seed = {m: rows[mid] for m, rows in result["per_seed"].items()}
-                table = two_by_two_table(per_seed, cells, levels[mid])
-                if table:
-                    tables_["two_by_two"] = table
-                    notes["two_by_two"] = TWO_BY_TWO_NOTE
+                _add_two_by_two(tables_, notes, result, cells, levels)
     if long:
         long_runs = [r for r in runs if r.method in long]
         if long_runs:

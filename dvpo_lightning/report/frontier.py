@@ -151,14 +151,20 @@ def matched_kl_table(result: dict, reference: str = "dvpo") -> dict:
             "rows": rows, "interval": "ci95"}
 
 
-def frontier_table(points: list[Point]) -> dict:
-    """Per method and β: KL and gold reward, mean and 95 % t-interval over seeds."""
+def by_method_and_beta(points: Iterable[Point]) -> dict[tuple[str, float], list[Point]]:
+    """``{(method, β): its points (one per seed)}``, sorted by method then β."""
     groups: dict[tuple[str, float], list[Point]] = {}
     for p in points:
         groups.setdefault((p.method, p.beta), []).append(p)
+    return dict(sorted(groups.items()))
+
+
+def frontier_table(points: list[Point]) -> dict:
+    """Per method and β: KL and gold reward, mean and 95 % t-interval over seeds."""
+    groups = by_method_and_beta(points)
     rows = {f"{m} (β {b:g})": {"kl": mean_std([p.kl for p in ps]),
                                "gold": mean_std([p.gold for p in ps])}
-            for (m, b), ps in sorted(groups.items())}
+            for (m, b), ps in groups.items()}
     return {"title": "Gold reward against KL over the β grid", "columns":
             [("kl", "KL to ref"), ("gold", "gold reward ↑")], "rows": rows, "interval": "ci95"}
 
@@ -166,20 +172,18 @@ def frontier_table(points: list[Point]) -> dict:
 def validation_beta_table(points: list[Point]) -> dict:
     """Per method and β: gold reward and KL on the *validation* prompts (``points`` from
     :func:`points_from_runs` with ``split="validation"``), mean over seeds, each method's best
-    mean gold marked ``chosen`` (the first β in grid order on a tie) — the rule that picks the
-    default study's β, the one tuning uses for the learning rate."""
-    groups: dict[tuple[str, float], list[Point]] = {}
-    for p in points:
-        groups.setdefault((p.method, p.beta), []).append(p)
+    mean gold marked ``chosen`` (the smallest β on a tie) — the rule that picks the default
+    study's β, the one tuning uses for the learning rate."""
+    groups = by_method_and_beta(points)
     best: dict[str, tuple[float, float]] = {}
-    for (m, b), ps in sorted(groups.items()):
+    for (m, b), ps in groups.items():
         gold = sum(p.gold for p in ps) / len(ps)
         if m not in best or gold > best[m][1]:
             best[m] = (b, gold)
     rows = {f"{m} (β {b:g})": {"gold": mean_std([p.gold for p in ps]),
                                "kl": mean_std([p.kl for p in ps]),
                                "chosen": {"text": "chosen" if best[m][0] == b else ""}}
-            for (m, b), ps in sorted(groups.items())}
+            for (m, b), ps in groups.items()}
     return {"title": "β on the validation prompts (the default study's choice)", "columns":
             [("gold", "validation gold ↑"), ("kl", "validation KL"), ("chosen", "")],
             "rows": rows, "interval": "ci95"}
