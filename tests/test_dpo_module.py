@@ -98,7 +98,7 @@ def test_dpo_trains_evaluates_and_exports(loss_type, lora, task_data, tokenizer_
     start = train_metrics(module, batch)
     assert start["rewards/margins"] == 0.0 and start["rewards/accuracies"] == 0.0  # π = π_ref
 
-    trainer = build_trainer(tmp_path, max_steps=12, val_every=6)
+    trainer = build_trainer(tmp_path, max_steps=12, val_every=6, log_every_n_steps=4)
     trainer.fit(module, dm)
 
     end = train_metrics(module, batch)

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from dvpo_lightning.runtime.log_steps import logs_this_step
 from dvpo_lightning.runtime.timing import phase_clock
 
 
@@ -46,7 +47,8 @@ class CostMeter(L.Callback):
         extra = {k: float(v) for k, v in outputs.items()
                  if k != "loss" and isinstance(v, (int, float, torch.Tensor))}
         self.records.append({"step_s": step_s, **extra})
-        pl_module.log("perf/step_s", step_s, batch_size=1)
+        if logs_this_step(trainer):
+            pl_module.log("perf/step_s", step_s, batch_size=1)
 
     def summary(self, pl_module: nn.Module) -> dict[str, float]:
         """Means over every step but the first (it pays one-time warm-up); memory is the CUDA

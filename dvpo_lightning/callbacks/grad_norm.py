@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 
 from dvpo_lightning.runtime.deepspeed import local_grad_norm, zero_engine
+from dvpo_lightning.runtime.log_steps import logs_this_step
 
 
 class GradNorm(L.Callback):
@@ -19,13 +20,14 @@ class GradNorm(L.Callback):
     """
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if pl_module.automatic_optimization and zero_engine(trainer) is None:
+        if (pl_module.automatic_optimization and zero_engine(trainer) is None
+                and logs_this_step(trainer)):
             pl_module.log("train/grad_norm", local_grad_norm(pl_module.parameters()),
                           batch_size=1)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         engine = zero_engine(trainer)
-        if not pl_module.automatic_optimization or engine is None:
+        if not pl_module.automatic_optimization or engine is None or not logs_this_step(trainer):
             return
         norm = engine.get_global_grad_norm()  # (kept until the engine's next step)
         if norm is not None:

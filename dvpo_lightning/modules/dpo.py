@@ -32,6 +32,7 @@ from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
+from dvpo_lightning.runtime.log_steps import logs_this_step
 from dvpo_lightning.tasks.judges import load_judge
 
 
@@ -206,7 +207,8 @@ class DPOModule(SingleModelStage):
         loss, stats = self(batch)
         n = int(batch["n_pairs"])
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
+        if logs_this_step(self.trainer):
+            self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
         # (the CostMeter keeps these floats as the run's per-step curve)
         return {"loss": loss, "margin": float(stats["rewards/margins"]),
                 "accuracy": float(stats["rewards/accuracies"])}

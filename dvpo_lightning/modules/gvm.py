@@ -8,6 +8,7 @@ from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.modules.value_base import ValueHeadModule
 from dvpo_lightning.ops.losses import value_regression_loss
 from dvpo_lightning.ops.returns import gvm_value_targets
+from dvpo_lightning.runtime.log_steps import logs_this_step
 
 
 class GVMModule(ValueHeadModule):
@@ -73,5 +74,6 @@ class GVMModule(ValueHeadModule):
         loss = value_regression_loss(values, targets, train_mask)
         b = values.shape[0]
         self.log("train/value_loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/value_mean", values.detach()[train_mask].mean(), batch_size=b)
+        if logs_this_step(self.trainer):
+            self.log("train/value_mean", values.detach()[train_mask].mean(), batch_size=b)
         return loss

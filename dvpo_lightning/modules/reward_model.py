@@ -9,6 +9,7 @@ from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.modules.value_base import ValueHeadModule
 from dvpo_lightning.ops.losses import bradley_terry_loss, score_regression_loss
 from dvpo_lightning.rollout.scoring import final_scores
+from dvpo_lightning.runtime.log_steps import logs_this_step
 
 
 class RewardModelModule(ValueHeadModule):
@@ -54,8 +55,9 @@ class RewardModelModule(ValueHeadModule):
         scores = final_scores(self.response_values(batch), batch["response_mask"])
         loss = bradley_terry_loss(scores[:n], scores[n:], self.hparams.margin)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        self.log("train/reward_acc", (scores[:n] > scores[n:]).float().mean(), batch_size=n)
-        self.log("train/reward_margin", (scores[:n] - scores[n:]).mean(), batch_size=n)
+        if logs_this_step(self.trainer):
+            self.log("train/reward_acc", (scores[:n] > scores[n:]).float().mean(), batch_size=n)
+            self.log("train/reward_margin", (scores[:n] - scores[n:]).mean(), batch_size=n)
         return loss
 
 
@@ -97,5 +99,6 @@ class ScoreRewardModelModule(RewardModelModule):
         loss = score_regression_loss(scores, batch["returns"])
         b = scores.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        self.log("train/score_mean", scores.detach().mean(), batch_size=b)
+        if logs_this_step(self.trainer):
+            self.log("train/score_mean", scores.detach().mean(), batch_size=b)
         return loss

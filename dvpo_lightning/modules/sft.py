@@ -8,6 +8,7 @@ from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.rollout.scoring import policy_logps
+from dvpo_lightning.runtime.log_steps import logs_this_step
 
 
 class SFTModule(SingleModelStage):
@@ -55,7 +56,8 @@ class SFTModule(SingleModelStage):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, n = self(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["response_ids"].shape[0])
-        self.log("train/tokens", n.float(), reduce_fx="sum", batch_size=1)
+        if logs_this_step(self.trainer):
+            self.log("train/tokens", n.float(), reduce_fx="sum", batch_size=1)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
