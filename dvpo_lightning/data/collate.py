@@ -12,28 +12,31 @@ import torch
 from torch import Tensor
 
 
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[Tensor, Tensor]:
+    """Pad every row to the longest in one ``torch.tensor`` call (a Python slice assignment
+    per row cost a tiny model's step about 2 ms of its 50–70)."""
+    width = max(len(s) for s in seqs)
+    if left:
+        rows = [[pad_id] * (width - len(s)) + list(s) for s in seqs]
+    else:
+        rows = [list(s) + [pad_id] * (width - len(s)) for s in seqs]
+    lengths = torch.tensor([len(s) for s in seqs])
+    columns = torch.arange(width)
+    if left:
+        mask = columns.unsqueeze(0) >= (width - lengths).unsqueeze(1)
+    else:
+        mask = columns.unsqueeze(0) < lengths.unsqueeze(1)
+    return torch.tensor(rows, dtype=torch.long).reshape(len(seqs), width), mask
+
+
 def pad_left(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """``(B, P) long`` ids and ``(B, P) bool`` mask, padded on the left."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = True
-    return ids, mask
+    return _pad(seqs, pad_id, left=True)
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     """``(B, T) long`` ids and ``(B, T) bool`` mask, padded on the right."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = True
-    return ids, mask
+    return _pad(seqs, pad_id, left=False)
 
 
 def collate_prompt_response(prompts: list[list[int]], responses: list[list[int]],
