@@ -22,7 +22,7 @@ from dvpo_lightning.data.examples import file_examples
 from dvpo_lightning.report import gvm_quality, plots, tables
 from dvpo_lightning.report.explain import write_token_values
 from dvpo_lightning.report.runs import by_method, load_runs
-from dvpo_lightning.report.value_accuracy import pair_accuracy
+from dvpo_lightning.report.value_accuracy import pair_accuracies
 from dvpo_lightning.runtime.environment import describe_environment, environment_markdown
 
 CONVENTION = ("Every ± in this report, and every band in its plots, is the half-width of the "
@@ -98,11 +98,14 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     value_models = {"GVM": list(gvms.values()), "ScalarRM": list(rms.values()),
                     **{f"critic of {m} (A/C)": [str(d) for d in dirs]
                        for m, dirs in critics.items()}}
-    accs: dict[str, dict[str, list[dict]]] = {}
-    for name, pairs in (("in_distribution", eval_pairs), ("shifted", shifted_pairs)):
-        if pairs:
-            accs[name] = {label: [pair_accuracy(d, pairs) for d in dirs]
-                          for label, dirs in value_models.items() if dirs}
+    files = {name: pairs for name, pairs in (("in_distribution", eval_pairs),
+                                             ("shifted", shifted_pairs)) if pairs}
+    # each model loaded once for both files: {label: [{pairs file: result} per model]}
+    per_model = {label: [pair_accuracies(d, list(files.values())) for d in dirs]
+                 for label, dirs in value_models.items() if dirs and files}
+    accs: dict[str, dict[str, list[dict]]] = {
+        name: {label: [r[pairs] for r in results] for label, results in per_model.items()}
+        for name, pairs in files.items()}
     result = {
         "quality": tables.quality_table(loaded, reference),
         "paired": tables.paired_table(loaded, compare) if compare else None,

@@ -6,6 +6,8 @@ with the same tokenisation and the same reductions (:mod:`dvpo_lightning.metrics
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -19,7 +21,28 @@ from dvpo_lightning.models.value_model import HEAD_WEIGHTS, ValueModel, freeze
 from dvpo_lightning.rollout.scoring import response_values
 
 
-@torch.no_grad()
+def _tokenizer_digest(tok) -> str:
+    """What decides a tokenisation: the tokenizer's vocabulary, special tokens and template."""
+    parts = [json.dumps(sorted(tok.get_vocab().items())), str(tok.pad_token_id),
+             str(tok.eos_token_id), str(getattr(tok, "chat_template", None))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+_ENCODED: dict[tuple, list] = {}  # (file, its mtime, tokenizer digest, template, max) → items
+
+
+def _encoded_pairs(pairs_path: str, tok, chat_template: bool, max_length: int) -> list:
+    """The file's pairs, tokenised once per tokenizer in this process (a report evaluates
+    every seed's GVM, reward model and critic on the same two files with one tokenizer)."""
+    key = (str(Path(pairs_path).resolve()), Path(pairs_path).stat().st_mtime_ns,
+           _tokenizer_digest(tok), chat_template, max_length)
+    if key not in _ENCODED:
+        rows = load_examples(pairs_path, "pairwise")
+        _ENCODED[key] = encode_pairs(rows, tok, chat_template, max_length, "truncate",
+                                     LengthReport(pairs_path, max_length, "truncate"))
+    return _ENCODED[key]
+
+
 def pair_accuracy(model_dir: str, pairs_path: str, tokenizer: str | None = None,
                   batch_size: int = 64, max_length: int = 512,
                   chat_template: bool = True) -> dict:
@@ -38,21 +61,33 @@ def pair_accuracy(model_dir: str, pairs_path: str, tokenizer: str | None = None,
         ``{"pairs": N, "accuracy": {aggregation: fraction}}`` over ``u_1 … u_T`` (the values
         after each response token), the protocol of the GVM and RM validation.
     """
+    return pair_accuracies(model_dir, [pairs_path], tokenizer, batch_size, max_length,
+                           chat_template)[pairs_path]
+
+
+@torch.no_grad()
+def pair_accuracies(model_dir: str, pairs_paths: list[str], tokenizer: str | None = None,
+                    batch_size: int = 64, max_length: int = 512,
+                    chat_template: bool = True) -> dict[str, dict]:
+    """:func:`pair_accuracy` of one model on several files, the model loaded once:
+    ``{pairs_path: {"pairs", "accuracy"}}``."""
     if not (Path(model_dir) / HEAD_WEIGHTS).exists():
         raise FileNotFoundError(
             f"{model_dir} has no {HEAD_WEIGHTS}: pair accuracy needs a value-head artifact "
             "(a GVM, a reward model or a PPO critic export); check the path")
     tok = load_tokenizer(tokenizer or model_dir)
     model = freeze(ValueModel.from_pretrained(model_dir, tok))
-    rows = load_examples(pairs_path, "pairwise")
-    items = encode_pairs(rows, tok, chat_template, max_length, "truncate",
-                         LengthReport(pairs_path, max_length, "truncate"))
-    metric = PairAccuracy()
-    for i in range(0, len(items), batch_size):
-        batch = collate_pairs(items[i:i + batch_size], tok.pad_token_id)
-        n = int(batch["n_pairs"])
-        values = response_values(model, batch["prompt_ids"], batch["prompt_mask"],
-                                 batch["response_ids"], batch["response_mask"])[:, 1:]
-        mask = batch["response_mask"]
-        metric.update(values[:n], mask[:n], values[n:], mask[n:])
-    return {"pairs": len(items), "accuracy": {k: float(v) for k, v in metric.compute().items()}}
+    out = {}
+    for pairs_path in pairs_paths:
+        items = _encoded_pairs(pairs_path, tok, chat_template, max_length)
+        metric = PairAccuracy()
+        for i in range(0, len(items), batch_size):
+            batch = collate_pairs(items[i:i + batch_size], tok.pad_token_id)
+            n = int(batch["n_pairs"])
+            values = response_values(model, batch["prompt_ids"], batch["prompt_mask"],
+                                     batch["response_ids"], batch["response_mask"])[:, 1:]
+            mask = batch["response_mask"]
+            metric.update(values[:n], mask[:n], values[n:], mask[n:])
+        out[pairs_path] = {"pairs": len(items),
+                           "accuracy": {k: float(v) for k, v in metric.compute().items()}}
+    return out
