@@ -45,6 +45,9 @@ from benchmarks.decode import cpu_flags
 
 METHODS = ("dvpo", "ppo", "grpo", "remax", "rloo")
 GROUP_METHODS = {"grpo", "rloo"}
+# opt-in rows (--methods): a method with one setting changed, its name "<method>_<variant>"
+VARIANTS = {f"{m}_rescore": (m, ["--model.init_args.ppo.behaviour_logps=rescore"])
+            for m in ("dvpo", "grpo")}
 ENGINES = ("hf", "vllm")
 # Llama-family shapes with random weights: tiny ones for CPU smoke runs (tiny32's heads are the
 # smallest vLLM's CPU attention serves), two real ones.
@@ -122,10 +125,11 @@ def run_method(args) -> dict:
         raise SystemExit("benchmarks.cost --generation vllm: vllm is not installed here (pip "
                          "install vllm); this row fails, the others stand")
     root = Path(args.workdir)
-    group = args.group if args.method in GROUP_METHODS else 1
-    batch = args.prompts if args.method in GROUP_METHODS else args.prompts * args.group
+    method, variant = VARIANTS.get(args.method, (args.method, []))
+    group = args.group if method in GROUP_METHODS else 1
+    batch = args.prompts if method in GROUP_METHODS else args.prompts * args.group
     n_resp = args.prompts * args.group
-    cfg = Path(__file__).resolve().parents[1] / "configs" / f"{args.method}.yaml"
+    cfg = Path(__file__).resolve().parents[1] / "configs" / f"{method}.yaml"
     overrides = [
         "--config", str(cfg),
         *(["--config", str(cfg.parent / "deepspeed" / f"{args.deepspeed}.yaml")]
@@ -156,11 +160,12 @@ def run_method(args) -> dict:
         overrides.append("--model.init_args.models.gradient_checkpointing=true")
     if args.score_batch_size:
         overrides.append(f"--model.init_args.rollout.score_batch_size={args.score_batch_size}")
-    if args.method in ("dvpo",):
+    overrides += variant
+    if method in ("dvpo",):
         overrides.append(f"--model.init_args.value_model={root / 'gvm'}")
     else:
         overrides.append(f"--model.init_args.reward_model={root / 'reward_model'}")
-    if args.method in GROUP_METHODS:
+    if method in GROUP_METHODS:
         overrides.append(f"--model.init_args.estimator.init_args.group_size={group}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -253,9 +258,9 @@ def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
                   "(tokens per step ÷ s / step), ours ÷ TRL GRPOTrainer's, on the same policy, "
                   "prompts, batch and forced length with KL on. TRL generates with HF "
                   "`generate` (TRL 1.16 supports vLLM only up to 0.31), scores with a constant "
-                  "reward function (no reward model) and, with one optimizer step per "
-                  "generation batch, skips the old-log-prob forward: see `notes` in cost.json "
-                  "and benchmarks/README.md."]
+                  "reward function (no reward model); with one optimizer step per "
+                  "generation batch, both take the old log-probs from the update's own "
+                  "forward: see `notes` in cost.json and benchmarks/README.md."]
     lines += ["", f"CPU flags: {meta.get('cpu_flags', 'unknown')}; torch threads: "
               f"{meta.get('threads', '?')}."]
     return "\n".join(lines) + "\n"
@@ -285,7 +290,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="model shape (default: tiny on cpu, smollm2-135m on gpu)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=(*METHODS, *VARIANTS),
+                   default=list(METHODS), help="methods to run; <method>_rescore: with "
+                   "model.ppo.behaviour_logps=rescore (a separate old-log-prob pass even "
+                   "on-policy), for the before/after of that setting")
     p.add_argument("--prompts", type=int, default=None, help="prompts per step (cpu 4, gpu 64)")
     p.add_argument("--group", type=int, default=4, help="responses per prompt")
     p.add_argument("--length", type=int, default=None, help="forced response length "

@@ -242,9 +242,10 @@ def run_trl(args) -> dict:
         "reward: a constant Python function (cost does not depend on it), so TRL loads and runs "
         "no reward model; our GRPO loads one and scores every response with it (in its score_s "
         "and params_loaded_m)",
-        "old log-probs: with one optimizer step per generation batch and num_iterations=1 TRL "
-        "skips the extra policy forward for the behaviour log-probs (it uses the detached "
-        "current ones); ours always runs it in the score phase" if mb == 1 else
+        "old log-probs: with one optimizer step per generation batch and num_iterations=1 "
+        "both skip the extra policy forward for the behaviour log-probs and use the update's "
+        "own, detached (ours: model.ppo.behaviour_logps=auto, the default; the <method>_rescore "
+        "rows run the separate pass)" if mb == 1 else
         "old log-probs: with several optimizer steps per generation batch TRL runs the policy "
         "forward for the behaviour log-probs, as ours does",
         "log-probs: both compute the completion tokens' log-probs only, with the LM head inside "

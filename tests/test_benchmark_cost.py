@@ -23,12 +23,14 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def cost_run(tmp_path_factory):
-    """One CPU smoke run of every method (and TRL when installed): (cost.json, cost.md)."""
+    """One CPU smoke run of every method, DVPO also with a separate old-log-prob pass (and TRL
+    when installed): (cost.json, cost.md)."""
     out = tmp_path_factory.mktemp("cost")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.chdir(Path(__file__).resolve().parents[1])
-        main(["--mode", "cpu", "--rl_steps", str(RL_STEPS), "--length", str(LENGTH),
+        main(["--mode", "cpu", "--methods", *METHODS, "dvpo_rescore",
+              "--rl_steps", str(RL_STEPS), "--length", str(LENGTH),
               "--prompts", str(PROMPTS), "--group", str(GROUP), "--prompt_len", str(PROMPT_LEN),
               "--trl", "on" if HAS_TRL else "off", "--out", str(out)])
     return json.loads((out / "cost.json").read_text()), (out / "cost.md").read_text()
@@ -40,7 +42,7 @@ def test_cpu_cost_benchmark_writes_every_field_for_every_method(cost_run):
     assert doc["meta"]["responses_per_step"] == PROMPTS * GROUP
     assert doc["meta"]["length"] == LENGTH
     records = {r["method"]: r for r in doc["methods"]}
-    assert set(records) == set(METHODS)
+    assert set(records) == {*METHODS, "dvpo_rescore"}
     for m, r in records.items():
         for f in FIELDS:
             assert isinstance(r[f], float) and r[f] >= 0, (m, f)

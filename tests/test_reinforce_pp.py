@@ -323,8 +323,8 @@ class ScoredSource(FakeSource):
         self.scored = scored
 
     @torch.no_grad()
-    def forward(self, policy, batch, critic=None, weights_version=None):
-        exp, info = super().forward(policy, batch, critic)
+    def forward(self, policy, batch, critic=None, weights_version=None, behaviour=None):
+        exp, info = super().forward(policy, batch, critic, behaviour=behaviour)
         if self.scored:
             exp = replace(exp, values=None, scores=SCORES, group_ids=GROUPS)
         return exp, info

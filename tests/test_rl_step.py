@@ -101,10 +101,13 @@ class FakeSource(ExperienceMaker):
         self.nan_step, self.calls = nan_step, 0
 
     @torch.no_grad()
-    def forward(self, policy, batch, critic=None, weights_version=None) -> tuple[Experience, dict]:
+    def forward(self, policy, batch, critic=None, weights_version=None,
+                behaviour=None) -> tuple[Experience, dict]:
         self.calls += 1
         values = self.values * (math.nan if self.calls == self.nan_step else 1.0)
-        exp = Experience(*self.seq, policy_logps(policy, *self.seq)[0],
+        logp_old = (behaviour(*self.seq) if behaviour is not None else
+                    policy_logps(policy, *self.seq)[0])
+        exp = Experience(*self.seq, logp_old,
                          policy_logps(self.frozen["reference"], *self.seq)[0], values=values)
         return exp, {"generate_s": 0.0, "score_s": 0.0, "gold": None}
 
@@ -158,6 +161,34 @@ def test_first_update_follows_the_policy_gradient(tmp_path):
         big = g.abs() > 1e-6
         assert big.any(), name
         torch.testing.assert_close(delta[big], -lr * g[big].sign(), atol=lr * 1e-3, rtol=0)
+
+
+class ForwardCounter:
+    """Counts the forward passes of a module (a forward hook: the real module runs)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.n = 0
+        module.register_forward_hook(lambda *_: setattr(self, "n", self.n + 1))
+
+
+def test_an_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
+    """One epoch, one mini-batch: ``behaviour_logps: auto`` runs the policy once per RL step
+    (the update's forward gives ``logp_old``, detached) where ``rescore`` runs it twice, and
+    both train the same weights. With two epochs ``auto`` rescoring is the only way."""
+    runs = {}
+    for mode, epochs in (("auto", 1), ("rescore", 1), ("auto", 2)):
+        module, _ = module_and_source(lr=1e-2, ppo=PPOSettings(epochs=epochs,
+                                                               behaviour_logps=mode))
+        counter = ForwardCounter(module.policy)
+        fit(module, 3, tmp_path / f"{mode}{epochs}")
+        runs[mode, epochs] = (counter.n, {n: p.detach() for n, p in module.named_parameters()})
+    assert runs["auto", 1][0] == 3 * 1 and runs["rescore", 1][0] == 3 * 2
+    assert runs["auto", 2][0] == 3 * (1 + 2)  # (rescored, then one forward per epoch)
+    for name, p in runs["auto", 1][1].items():
+        torch.testing.assert_close(p, runs["rescore", 1][1][name], rtol=1e-6, atol=1e-7)
+    assert PPOSettings(epochs=1, mini_batch_size=4).on_policy(4)
+    assert not PPOSettings(epochs=1, mini_batch_size=2).on_policy(4)
+    assert not PPOSettings(epochs=1, mini_batch_size=4, grad_accum=2).on_policy(4)
 
 
 def test_rl_steps_are_the_global_step_and_every_trainable_weight_moves(tmp_path):

@@ -376,6 +376,31 @@ def test_scoring_in_row_slices_gives_the_same_experience(name, artifacts, task_d
             assert_close(other[f], runs[0][f], atol=1e-5, rtol=1e-5, msg=f)
 
 
+@pytest.mark.parametrize("name", ["dvpo", "ppo"])
+def test_an_on_policy_update_reuses_its_forward_for_logp_old(name, artifacts, task_data,
+                                                              tmp_path):
+    """One epoch, one mini-batch through the real experience maker: ``behaviour_logps: auto``
+    runs the policy once per RL step fewer than ``rescore`` (the update's forward gives
+    ``logp_old``), its logged ratio is exactly 1, and both train the same weights."""
+    runs = {}
+    for mode in ("auto", "rescore"):
+        torch.manual_seed(0)
+        cli, steps = make_cli(name, tmp_path / mode, artifacts, task_data,
+                              f"--model.init_args.ppo.behaviour_logps={mode}", ppo_epochs=1,
+                              n_minibatches=1)
+        calls = []
+        # (every pass of the policy, generation's decode steps too, embeds its input)
+        cli.model.policy.get_input_embeddings().register_forward_hook(
+            lambda *_: calls.append(1))
+        fit(cli)
+        runs[mode] = (len(calls), {n: p.detach() for n, p in cli.model.trained.named_parameters()},
+                      float(cli.trainer.callback_metrics["train/clipfrac"]))
+    assert runs["rescore"][0] - runs["auto"][0] == steps, (runs["rescore"][0], runs["auto"][0])
+    assert runs["auto"][2] == 0.0  # (ratio 1: nothing clipped)
+    for n, p in runs["auto"][1].items():
+        assert_close(p, runs["rescore"][1][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_score_batch_size_below_one_is_refused(artifacts, task_data, tmp_path):
     with pytest.raises(ValueError, match="score_batch_size must be >= 1"):
         make_cli("dvpo", tmp_path, artifacts, task_data,

@@ -109,13 +109,15 @@ def test_generate_at_half_temperature_scores_log_softmax_of_logits_over_t(tok, p
 def test_the_first_ppo_ratio_is_one_under_the_samplers_transform(tmp_path):
     """The update's new log-probs are of the distribution ``logp_old`` is: at the first
     mini-batch of the first epoch they are equal (ratio 1, approx. KL 0)."""
-    module, source = module_and_source(ppo=PPOSettings(epochs=1))
+    # (rescore: an on-policy update would take logp_old from its own forward, ratio 1 by
+    # construction; here the two passes must agree because they share the transform)
+    module, source = module_and_source(ppo=PPOSettings(epochs=1, behaviour_logps="rescore"))
     source.settings = RolloutSettings(max_new_tokens=5, temperature=0.5, top_p=0.8, top_k=4)
     sampling = source.settings.sampling.policy_transform((EOS,))
     seq = source.seq
 
-    def forward(policy, batch, critic=None, weights_version=None):
-        exp, info = FakeSource.forward(source, policy, batch, critic, weights_version)
+    def forward(policy, batch, critic=None, weights_version=None, behaviour=None):
+        exp, info = FakeSource.forward(source, policy, batch, critic, weights_version, behaviour)
         exp.logp_old = policy_logps(policy, *seq, sampling=sampling)[0].detach()
         return exp, info
 

@@ -36,6 +36,7 @@ from dvpo_lightning.rollout.engines import make_generator
 from dvpo_lightning.rollout.evaluation import HeldOutEvaluator
 from dvpo_lightning.rollout.experience import Experience
 from dvpo_lightning.rollout.experience_maker import ExperienceMaker, check_rollout_batch
+from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
 from dvpo_lightning.runtime.deepspeed import (
@@ -185,6 +186,10 @@ class DVPOModule(L.LightningModule):
         self.reward_scale = RewardScale(reward)
         self.heldout = HeldOutEvaluation()  # the held-out evaluation, its state and summary
         self.weights_version = 0  # optimizer updates of the policy (a rollout engine's sync key)
+        # the on-policy update's forward, run in the rollout for logp_old: (logp, entropy) with
+        # their graph, and its seconds (ppo.behaviour_logps: auto)
+        self._update_pass: tuple[Tensor, Tensor] | None = None
+        self._update_pass_s = 0.0
         self.identity_paths = identity  # role → path a resumed run must find again
 
     @property
@@ -259,6 +264,13 @@ class DVPOModule(L.LightningModule):
     # ------------------------------------------------------------------ one RL step
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, float] | None:
         step = self.global_step + 1  # this RL step's number (global_step counts RL steps)
+        try:
+            return self._rl_step(batch, step)
+        finally:
+            self._update_pass = None  # (a skipped step drops the forward's graph here)
+
+    def _rl_step(self, batch: dict, step: int) -> dict[str, float] | None:
+        """The RL step: rollout, reward scale, KL, guards, advantages, the PPO update."""
         with one_global_step(self.optimizers()):
             exp, info = self.make_experience(batch, step)
             if exp is None:
@@ -281,7 +293,9 @@ class DVPOModule(L.LightningModule):
                 return self._skipped()
             t_update = phase_clock(self.device)
             stats = self.ppo_update(exp, advantages, returns)
-            info["update_s"] = phase_clock(self.device) - t_update
+            # (the update's forward, when the rollout ran it, is the update's time)
+            info["update_s"] = phase_clock(self.device) - t_update + self._update_pass_s
+            info["score_s"] -= self._update_pass_s
             self.kl.update(kl_mean, n_responses)
         return self._log_step(exp, advantages, returns, kl_mean, info, stats)
 
@@ -305,8 +319,11 @@ class DVPOModule(L.LightningModule):
     def make_experience(self, batch: dict, step: int) -> tuple[Experience | None, dict]:
         """The experience maker's rollout; (None, {}) when sampling met NaN / inf logits and
         the guard skips the step."""
+        self._update_pass_s = 0.0
+        behaviour = self._update_forward if self._fuses_update_forward(batch) else None
         try:
-            return self.experience(self.policy, batch, self.critic, self.weights_version)
+            return self.experience(self.policy, batch, self.critic, self.weights_version,
+                                   behaviour=behaviour)
         except RuntimeError as e:  # sampling from NaN / inf logits fails inside generate
             if "probability tensor contains" not in str(e):
                 raise
@@ -314,6 +331,31 @@ class DVPOModule(L.LightningModule):
             self.guard.check("generation", step, {"logits": torch.tensor(float("nan"))},
                              reduce_on=self.device)
             return None, {}
+
+    def _fuses_update_forward(self, batch: dict) -> bool:
+        """``ppo.behaviour_logps: auto`` and this rollout's update on-policy: ``logp_old``
+        comes from the update's own forward pass (:meth:`_update_forward`)."""
+        responses = batch["prompt_ids"].shape[0] * self.experience.group_size
+        return self.ppo.behaviour_logps == "auto" and self.ppo.on_policy(responses)
+
+    def _update_forward(self, *seq: Tensor) -> Tensor:
+        """The on-policy update's forward pass, run when the rollout needs ``logp_old``: the
+        policy in train mode with gradients, as the update runs it; ``logp_old`` is its
+        log-probs detached (so the ratio is exactly 1), and :meth:`ppo_update` back-propagates
+        through the same pass instead of running it again (TRL's GRPOTrainer does the same
+        at one iteration per batch)."""
+        t0 = phase_clock(self.device)
+        was_training = self.policy.training
+        with torch.enable_grad():
+            self.policy.train()
+            start_forward(deepspeed_engine(self.trainer))
+            logp, entropy = policy_logps(self.policy, *seq, with_entropy=True,
+                                         fused_head=self.model_options.fused_head,
+                                         sampling=self.experience.policy_transform)
+        self.policy.train(was_training)  # (the rollout's scoring goes on in its own mode)
+        self._update_pass = (logp, entropy)
+        self._update_pass_s = phase_clock(self.device) - t0
+        return logp.detach()
 
     def ppo_update(self, exp: Experience, advantages: Tensor, returns: Tensor) -> dict:
         """K epochs of clipped policy-gradient (and critic) updates over mini-batches; the
@@ -325,13 +367,17 @@ class DVPOModule(L.LightningModule):
         stats: dict[str, list[Tensor]] = defaultdict(list)
         skipped = pending = 0
         engine = deepspeed_engine(self.trainer)
+        ran, self._update_pass = self._update_pass, None  # (used once: its graph is freed)
         for _ in range(s.epochs):
             for idx in torch.randperm(b, device=exp.response_ids.device).split(
                     s.mini_batch_size or b):
-                start_forward(engine)
+                if ran is None:
+                    start_forward(engine)
+                forward = None if ran is None else (ran[0][idx], ran[1][idx])
+                ran = None
                 loss, ratio_mean, st = minibatch_loss(
                     self.policy, self.critic, exp.index(idx), advantages[idx], returns[idx], s,
-                    self.kl, self.model_options.fused_head, sampling)
+                    self.kl, self.model_options.fused_head, sampling, forward)
                 if self._skip_minibatch(loss, ratio_mean):
                     skipped += 1
                     continue

@@ -46,6 +46,13 @@ class PPOSettings:
             sampled with (vLLM reports it), correcting for an engine whose probabilities differ
             from the trainer's (bf16 kernels); None: off (a float32 engine on a CPU matches the
             trainer to ~1e-6). Has no effect with ``rollout.engine: hf``.
+        behaviour_logps: where ``logp_old`` comes from. ``auto``: when the update is on-policy
+            (one epoch, one mini-batch, no accumulation) from the update's own forward pass,
+            detached, as TRL's GRPOTrainer does: the ratio is exactly 1 there, so a separate
+            pass would only recompute it, and the rollout needs one policy forward fewer;
+            otherwise a separate no-grad pass after sampling. ``rescore``: always the separate
+            pass (the policy in eval mode, so a model with dropout gets dropout-free
+            ``logp_old``).
     """
 
     epochs: int = 4
@@ -60,6 +67,13 @@ class PPOSettings:
     whiten_advantages: bool = False
     max_grad_norm: float | None = 1.0
     tis_cap: float | None = None
+    behaviour_logps: Literal["auto", "rescore"] = "auto"
+
+    def on_policy(self, rollout_size: int) -> bool:
+        """Whether one update of ``rollout_size`` responses (per process) is on-policy: one
+        epoch, one mini-batch of all of them, one optimizer step."""
+        return (self.epochs == 1 and self.grad_accum == 1
+                and (self.mini_batch_size is None or self.mini_batch_size >= rollout_size))
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1:
@@ -78,7 +92,8 @@ torch.serialization.add_safe_globals([PPOSettings])  # in checkpointed hparams
 
 def minibatch_loss(policy: nn.Module, critic: nn.Module | None, sub: Experience,
                    advantages: Tensor, returns: Tensor, settings: PPOSettings, kl: KLPenalty,
-                   fused_head: bool = True, sampling: LogitTransform | None = None
+                   fused_head: bool = True, sampling: LogitTransform | None = None,
+                   forward: tuple[Tensor, Tensor] | None = None
                    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The joint loss of one mini-batch.
 
@@ -93,6 +108,9 @@ def minibatch_loss(policy: nn.Module, critic: nn.Module | None, sub: Experience,
         fused_head: log-probs with the output head in row chunks.
         sampling: the rollout sampler's transform of the logits (``logp_old``'s): the ratio's
             new log-probs are of the same distribution (docs/sampling.md); None: raw softmax.
+        forward: the policy's ``(logp, entropy)`` ``(b, T)`` of ``sub``, with their graph, when
+            the rollout already ran this forward pass (``behaviour_logps: auto`` on-policy);
+            None: run it here.
 
     Returns:
         ``(loss, ratio_mean, stats)``: the loss to back-propagate, the mean ratio π/π_old (the
@@ -102,8 +120,8 @@ def minibatch_loss(policy: nn.Module, critic: nn.Module | None, sub: Experience,
     seq = (sub.prompt_ids, sub.prompt_mask, sub.response_ids, mask)
     agg = settings.loss_aggregation
     n_tok, n_seq = loss_counts(mask)
-    logp, entropy = policy_logps(policy, *seq, with_entropy=True, fused_head=fused_head,
-                                 sampling=sampling)
+    logp, entropy = forward if forward is not None else policy_logps(
+        policy, *seq, with_entropy=True, fused_head=fused_head, sampling=sampling)
     weights = None
     if settings.tis_cap is not None and sub.logp_sampler is not None:
         weights = torch.exp(sub.logp_old - sub.logp_sampler).clamp(max=settings.tis_cap)

@@ -207,7 +207,8 @@ class ExperienceMaker(nn.Module):
     # ------------------------------------------------------------------ one rollout
     @torch.no_grad()
     def forward(self, policy: nn.Module, batch: dict, critic: nn.Module | None = None,
-                weights_version: int | None = None) -> tuple[Experience, dict]:
+                weights_version: int | None = None,
+                behaviour: Callable[..., Tensor] | None = None) -> tuple[Experience, dict]:
         """Sample ``group_size`` responses to every prompt of ``batch`` and score them.
 
         Args:
@@ -216,6 +217,9 @@ class ExperienceMaker(nn.Module):
             critic: the trained critic, for estimators that need its values.
             weights_version: the policy's optimizer updates so far (an engine that holds its
                 own copy of the weights reloads them when this changed).
+            behaviour: ``(prompt_ids, prompt_mask, response_ids, response_mask) ↦ (B, T)``
+                ``logp_old`` from the caller (the RL module's on-policy update forward); None:
+                a no-grad pass of ``policy`` in eval mode, in slices of ``score_batch_size``.
 
         Returns:
             The experience (``kl_penalty`` zeros: the RL module applies the KL; ``logp_sampler``
@@ -238,7 +242,8 @@ class ExperienceMaker(nn.Module):
         response = samples[:2]
         seq = (*prompt, *response)
         with self.frozen_on(prompt[0].device):
-            logp_old = self.by_rows(self.logps(policy, self.policy_transform), *seq)
+            logp_old = (behaviour(*seq) if behaviour is not None else
+                        self.by_rows(self.logps(policy, self.policy_transform), *seq))
             logp_ref = self.by_rows(functools.partial(
                 self.reference_logps, policy,
                 sampling=self.settings.sampling.reference_transform()), *seq)
