@@ -17,9 +17,12 @@ colocated vLLM engine), side by side in the same run; ratios to PPO are within a
 ``step ÷ hf`` compares a method's two engines.
 
 With ``--trl on`` (``auto``, the default: when ``import trl`` works) TRL's ``GRPOTrainer`` runs
-too, in a child process of its own, on the same artifacts, prompts, batch, forced length, KL and
-precision (``benchmarks/trl_grpo.py``); ``cost.json`` then has a ``trl`` record and, per method,
-``throughput_ratio_to_trl``: generated tokens per second of RL-step wall time, ours ÷ TRL's.
+too, twice, each in a child process of its own, on the same artifacts, prompts, batch, forced
+length, KL and precision (``benchmarks/trl_grpo.py``): scoring with a reward model of the
+policy's shape (``trl_rm``, the headline: RLHF from preferences) and with a constant reward
+function (``trl``, TRL's lower bound: no reward model at all). ``cost.json`` then has both
+records and, per method, ``throughput_ratio_to_trl_rm`` and ``throughput_ratio_to_trl``:
+generated tokens per second of RL-step wall time, ours ÷ TRL's.
 
 Every row is written (``cost.json`` and ``cost.md`` rewritten) as soon as its child ends, TRL's
 right after the first method's. A child that fails (no vLLM, out of memory) becomes a row with
@@ -205,14 +208,19 @@ def _error(r: dict) -> str:
     return (code + last).replace("|", "/")[:300]
 
 
-def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
-    """The cost table with ratios to PPO (and, with a TRL record, its row and ratios to it);
-    failed rows are listed under it with their error."""
+TRL_ROWS = {"trl_rm": "reward model", "trl": "constant reward"}  # record key → its reward
+
+
+def markdown(records: list[dict], meta: dict, trls: dict[str, dict] | None = None) -> str:
+    """The cost table with ratios to PPO (and, with TRL records, their rows and ratios to
+    them); failed rows are listed under it with their error."""
     good = [r for r in records if ok(r)]
     engines = list(dict.fromkeys(r["engine"] for r in good))
     several = len(engines) > 1
-    trl_ok = trl if ok(trl) else None
-    kind = good[0]["memory_kind"] if good else (trl_ok or {}).get("memory_kind", "—")
+    trls = trls or {}
+    trl_ok = {k: t for k, t in trls.items() if ok(t)}
+    kind = good[0]["memory_kind"] if good else next(
+        iter(trl_ok.values()), {}).get("memory_kind", "—")
     lines = [f"# Cost per RL step — {meta['device']}, shape {meta['shape']}, "
              f"{meta['responses_per_step']} responses × {meta['length']} tokens, "
              f"{meta['precision']}", "",
@@ -220,11 +228,11 @@ def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
              f"train tok/s | peak mem (GB, {kind}) | params loaded (M) | "
              "params trained (M) | time ÷ PPO | mem ÷ PPO |"
              + (" step ÷ hf | generate ÷ hf |" if several else "")
-             + (" throughput ÷ TRL |" if trl_ok else ""),
-             "|---|" + "---|" * (12 + 2 * several + bool(trl_ok))]
+             + "".join(f" throughput ÷ TRL ({TRL_ROWS[k]}) |" for k in trl_ok),
+             "|---|" + "---|" * (12 + 2 * several + len(trl_ok))]
     rows = [(r["method"], r) for r in good]
-    if trl_ok:
-        rows.append((f"TRL GRPOTrainer {trl_ok['trl_version']}", {**trl_ok, "engine": "hf"}))
+    rows += [(f"TRL GRPOTrainer {t['trl_version']} ({TRL_ROWS[k]})", {**t, "engine": "hf"})
+             for k, t in trl_ok.items()]
     for name, r in rows:
         line = (f"| {name} | {r['engine']} | {r['step_s']:.3f} | {_fmt(r['generate_s'], '.3f')} | "
                 f"{_fmt(r['score_s'], '.3f')} | {r['update_s']:.3f} | "
@@ -236,14 +244,14 @@ def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
         if several:
             line += (f" {_fmt(r.get('step_ratio_to_hf'), '.2f')} |"
                      f" {_fmt(r.get('generate_ratio_to_hf'), '.2f')} |")
-        if trl_ok:
-            line += f" {r['e2e_tokens_per_s'] / trl_ok['e2e_tokens_per_s']:.2f} |"
+        for t in trl_ok.values():
+            line += f" {r['e2e_tokens_per_s'] / t['e2e_tokens_per_s']:.2f} |"
         lines.append(line)
-    bad = [r for r in records if not ok(r)] + ([trl] if trl and not ok(trl) else [])
+    bad = [(r["method"], r) for r in records if not ok(r)]
+    bad += [(f"TRL GRPOTrainer ({TRL_ROWS[k]})", t) for k, t in trls.items() if not ok(t)]
     if bad:
         lines += ["", "Failed (no figures; ratios are among the rows above only):", ""]
-        lines += [f"- {'TRL GRPOTrainer' if r is trl else r['method']} ({r['engine']}): "
-                  f"{_error(r)}" for r in bad]
+        lines += [f"- {name} ({r['engine']}): {_error(r)}" for name, r in bad]
     lines += ["", f"Step times exclude the first step (warm-up); {meta['rl_steps']} RL steps "
               "per method and engine, each in its own process, one after another. Ratios to "
               "PPO are within an engine."]
@@ -257,10 +265,11 @@ def markdown(records: list[dict], meta: dict, trl: dict | None = None) -> str:
         lines += ["", "Throughput ÷ TRL: generated tokens per second of RL-step wall time "
                   "(tokens per step ÷ s / step), ours ÷ TRL GRPOTrainer's, on the same policy, "
                   "prompts, batch and forced length with KL on. TRL generates with HF "
-                  "`generate` (TRL 1.16 supports vLLM only up to 0.31), scores with a constant "
-                  "reward function (no reward model); with one optimizer step per "
-                  "generation batch, both take the old log-probs from the update's own "
-                  "forward: see `notes` in cost.json and benchmarks/README.md."]
+                  "`generate` (TRL 1.16 supports vLLM only up to 0.31) and scores with a "
+                  "reward model of the policy's shape (a sequence classifier, the headline) or "
+                  "a constant reward function (no reward model: TRL's lower bound); with one "
+                  "optimizer step per generation batch, both sides take the old log-probs from "
+                  "the update's own forward: see `notes` in cost.json and benchmarks/README.md."]
     lines += ["", f"CPU flags: {meta.get('cpu_flags', 'unknown')}; torch threads: "
               f"{meta.get('threads', '?')}."]
     return "\n".join(lines) + "\n"
@@ -356,11 +365,11 @@ def ok(r: dict | None) -> bool:
     return r is not None and r.get("status", "ok") == "ok"
 
 
-def derive(records: list[dict], trl: dict | None) -> None:
+def derive(records: list[dict], trls: dict[str, dict]) -> None:
     """Ratios between rows that finished (in place; a failed row gets none and is no one's
     reference)."""
     good = [r for r in records if ok(r)]
-    for r in good + ([trl] if ok(trl) else []):
+    for r in good + [t for t in trls.values() if ok(t)]:
         # end to end: generated tokens per second of RL-step wall time
         r["e2e_tokens_per_s"] = r["gen_tokens_per_step"] / max(r["step_s"], 1e-9)
     for r in good:  # ratios within an engine; a method's engines against each other
@@ -374,26 +383,28 @@ def derive(records: list[dict], trl: dict | None) -> None:
         if hf is not None and r["engine"] != "hf":
             r["step_ratio_to_hf"] = r["step_s"] / hf["step_s"]
             r["generate_ratio_to_hf"] = r["generate_s"] / max(hf["generate_s"], 1e-9)
-        if ok(trl):
-            r["throughput_ratio_to_trl"] = r["e2e_tokens_per_s"] / trl["e2e_tokens_per_s"]
-            if r["gen_tokens_per_s"] and trl["gen_tokens_per_s"]:  # generation alone
-                r["gen_throughput_ratio_to_trl"] = r["gen_tokens_per_s"] / trl["gen_tokens_per_s"]
+        for key, t in trls.items():  # throughput_ratio_to_trl_rm, throughput_ratio_to_trl
+            if ok(t):
+                r[f"throughput_ratio_to_{key}"] = r["e2e_tokens_per_s"] / t["e2e_tokens_per_s"]
+        trl = trls.get("trl")
+        if ok(trl) and r["gen_tokens_per_s"] and trl["gen_tokens_per_s"]:  # generation alone
+            r["gen_throughput_ratio_to_trl"] = r["gen_tokens_per_s"] / trl["gen_tokens_per_s"]
 
 
-def write(out: Path, meta: dict, records: list[dict], trl: dict | None, t0: float) -> dict:
+def write(out: Path, meta: dict, records: list[dict], trls: dict[str, dict], t0: float) -> dict:
     """``cost.json`` and ``cost.md`` with every row so far (rewritten after each child)."""
-    derive(records, trl)
+    derive(records, trls)
     meta["seconds"] = round(time.time() - t0, 1)
-    doc = {"meta": meta, "methods": records, **({"trl": trl} if trl else {})}
+    doc = {"meta": meta, "methods": records, **trls}
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost.json").write_text(json.dumps(doc, indent=2))
-    (out / "cost.md").write_text(markdown(records, meta, trl))
+    (out / "cost.md").write_text(markdown(records, meta, trls))
     return doc
 
 
 def failures(doc: dict) -> list[dict]:
     """The rows of ``doc`` (ours and TRL's) that failed."""
-    rows = doc["methods"] + ([doc["trl"]] if "trl" in doc else [])
+    rows = doc["methods"] + [doc[k] for k in TRL_ROWS if k in doc]
     return [r for r in rows if not ok(r)]
 
 
@@ -402,7 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
     ends; a child that fails becomes a row with its error, and the others stand."""
     args = parse(argv)
     if args.method:  # child
-        if args.method == "trl":
+        if args.method in TRL_ROWS:
             from benchmarks.trl_grpo import run_trl
 
             rec = run_trl(args)
@@ -436,7 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
             "seconds": 0.0, "date": time.strftime("%Y-%m-%d"), "trl_version": version}
     out = Path(args.out)
     records: list[dict] = []
-    trl = failed_row("trl", "hf", None, [trl_error]) if trl_error else None
+    trls = ({k: failed_row(k, "hf", None, [trl_error]) for k in TRL_ROWS} if trl_error
+            else {})
     with tempfile.TemporaryDirectory(prefix="dvpo-cost-") as tmp:
         root = Path(tmp)
         n_prompts = max(args.prompts * args.group * (args.rl_steps + 1), 8)
@@ -447,24 +459,25 @@ def main(argv: list[str] | None = None) -> dict:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
         jobs = [(m, engine) for engine in args.generation for m in args.methods]
         if version:  # right after the first method: a run cut short still has the comparison
-            jobs.insert(1, ("trl", "hf"))
+            jobs[1:1] = [(k, "hf") for k in TRL_ROWS]
         for m, engine in jobs:
-            if m == "trl":
+            if m in TRL_ROWS:
                 try:
                     from benchmarks.trl_grpo import prepare
 
                     prepare(root, args, Path(__file__).resolve().parents[1] / "configs"
                             / "grpo.yaml")
                 except (Exception, SystemExit) as e:  # noqa: BLE001 (its row says why)
-                    trl = failed_row("trl", "hf", None, [f"{type(e).__name__}: {e}"])
-                    write(out, meta, records, trl, t0)
+                    trls[m] = failed_row(m, "hf", None, [f"{type(e).__name__}: {e}"])
+                    write(out, meta, records, trls, t0)
                     continue
-                cmd = [sys.executable, "-m", "benchmarks.cost", *child, "--method", "trl",
+                cmd = [sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
                        "--workdir", str(root)]
             else:
                 cmd = [sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
                        "--engine", engine, "--workdir", str(root)]
-            name = f"TRL GRPOTrainer {version}" if m == "trl" else f"{m} ({engine})"
+            name = (f"TRL GRPOTrainer {version} ({TRL_ROWS[m]})" if m in TRL_ROWS
+                    else f"{m} ({engine})")
             result = root / f"{m}.json"
             result.unlink(missing_ok=True)
             rc, tail = run_child(cmd, env)
@@ -475,13 +488,13 @@ def main(argv: list[str] | None = None) -> dict:
                 rec = failed_row(m, engine, rc, tail)
                 print(f"[cost] {name} FAILED (exit {rc}): {tail[-1] if tail else 'no stderr'}",
                       flush=True)
-            if m == "trl":
-                trl = rec
+            if m in TRL_ROWS:
+                trls[m] = rec
             else:
                 records.append(rec)
-            write(out, meta, records, trl, t0)
-    doc = write(out, meta, records, trl, t0)
-    print(markdown(records, meta, trl))
+            write(out, meta, records, trls, t0)
+    doc = write(out, meta, records, trls, t0)
+    print(markdown(records, meta, trls))
     return doc
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 SETTINGS_FILE = "trl_settings.json"
+REWARD_MODEL = "trl_reward_model"  # the reward model of the trl_rm row, written by prepare
 # our loss_aggregation → TRL 1.16 loss_type with the same normaliser (see _compute_loss there):
 # token_mean: Σ tokens / tokens in the batch (dapo); seq_mean_token_mean: mean over sequences of
 # per-sequence token means (grpo); seq_mean_token_sum: mean over sequences of token sums (luspo).
@@ -111,6 +112,24 @@ def prepare(root: Path, args, config: Path) -> None:
     s["prompts"] = ordered_prompts(root / "prompts.jsonl", args.prompts, s["data_seed"],
                                    s["data_shuffle"], args.prompts * args.rl_steps)
     (root / SETTINGS_FILE).write_text(json.dumps(s))
+    if not (root / REWARD_MODEL).exists():
+        write_reward_model(root)
+
+
+def write_reward_model(root: Path) -> None:
+    """A reward model of the policy's shape for TRL (``<root>/trl_reward_model``): a sequence
+    classifier with one label, random weights (cost does not depend on them), the policy's
+    tokenizer — what ``GRPOTrainer`` loads from a path in ``reward_funcs`` and runs on every
+    completion, as our methods run their reward model or GVM."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(root / "policy"), num_labels=1)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(str(root / REWARD_MODEL))
+    AutoTokenizer.from_pretrained(str(root / "tokenizer")).save_pretrained(
+        str(root / REWARD_MODEL))
 
 
 def run_trl(args) -> dict:
@@ -138,6 +157,10 @@ def run_trl(args) -> dict:
 
     def constant_reward(completions, **kwargs):  # cost does not depend on the reward
         return [0.0] * len(completions)
+
+    # trl_rm: a reward model of the policy's shape (the headline); trl: the constant function
+    with_model = args.method == "trl_rm"
+    reward = str(root / REWARD_MODEL) if with_model else constant_reward
 
     class TimedGRPOTrainer(GRPOTrainer):
         def _generate_and_score_completions(self, inputs):
@@ -196,7 +219,7 @@ def run_trl(args) -> dict:
     dataset = Dataset.from_list([{"prompt": p} for p in s["prompts"]])
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    trainer = TimedGRPOTrainer(model=str(root / "policy"), reward_funcs=constant_reward,
+    trainer = TimedGRPOTrainer(model=str(root / "policy"), reward_funcs=reward,
                                args=config, train_dataset=dataset, processing_class=tokenizer,
                                callbacks=[StepTimer()])
     policy = trainer.model
@@ -239,9 +262,13 @@ def run_trl(args) -> dict:
     update_s = step_s - mean("gen_score_s")
     tokens = mean("gen_tokens")
     notes = [
+        "reward: a sequence-classification reward model of the policy's shape (random weights, "
+        "one label), which TRL loads from a path and runs on every completion after decoding "
+        "and re-tokenising it, as our methods run their reward model or GVM (in score_s and "
+        "params_loaded_m)" if with_model else
         "reward: a constant Python function (cost does not depend on it), so TRL loads and runs "
         "no reward model; our GRPO loads one and scores every response with it (in its score_s "
-        "and params_loaded_m)",
+        "and params_loaded_m): TRL's lower bound",
         "old log-probs: with one optimizer step per generation batch and num_iterations=1 "
         "both skip the extra policy forward for the behaviour log-probs and use the update's "
         "own, detached (ours: model.ppo.behaviour_logps=auto, the default; the <method>_rescore "
@@ -284,13 +311,15 @@ def run_trl(args) -> dict:
         notes.append("generate_s, score_s: the policy's generate was never seen by the "
                      "timing wrapper, so generation could not be timed apart")
     rec = {"method": "trl_grpo", "label": "TRL GRPOTrainer", "trl_version": trl.__version__,
+           "reward": "model" if with_model else "constant",
            "responses_per_step": n_resp, "group": args.group, "length": args.length,
            "rl_steps": len(steps), "step_s": step_s, "generate_s": gen_s, "score_s": score_s,
            "update_s": update_s, "gen_tokens_per_step": tokens,
            "gen_tokens_per_s": tokens / max(gen_s, 1e-9) if gen_s is not None else None,
            "train_tokens_per_s": tokens / max(update_s, 1e-9),
            "peak_mem_gb": peak, "memory_kind": "cuda_max_allocated" if gpu else "peak_rss",
-           "params_loaded_m": count(trainer.model) + count(trainer.ref_model),
+           "params_loaded_m": count(trainer.model) + count(trainer.ref_model) + sum(
+               count(f) for f in trainer.reward_funcs if isinstance(f, torch.nn.Module)),
            "params_trained_m": sum(p.numel() for p in trainer.model.parameters()
                                    if p.requires_grad) / 1e6,
            "prompt_tokens_per_step": mean("prompt_tokens"),

@@ -67,12 +67,15 @@ def test_cpu_cost_benchmark_writes_every_field_for_every_method(cost_run):
         assert "trl" not in doc and doc["meta"]["trl_version"] is None
 
 
-def test_cpu_cost_benchmark_runs_trl_grpo_trainer_under_the_same_protocol(cost_run):
+@pytest.mark.parametrize("key", ["trl_rm", "trl"])
+def test_cpu_cost_benchmark_runs_trl_grpo_trainer_under_the_same_protocol(cost_run, key):
+    """TRL twice: with a reward model of the policy's shape (the headline) and with a constant
+    reward function (its lower bound)."""
     trl = pytest.importorskip("trl", reason="trl is not installed: no TRL GRPOTrainer "
                               "comparison (pip install trl)")
     doc, md = cost_run
     assert doc["meta"]["trl_version"] == trl.__version__
-    t = doc["trl"]
+    t = doc[key]
     records = {r["method"]: r for r in doc["methods"]}
     for f in FIELDS:  # all of them are measured on CPU
         assert isinstance(t[f], float) and t[f] >= 0, f
@@ -85,17 +88,22 @@ def test_cpu_cost_benchmark_runs_trl_grpo_trainer_under_the_same_protocol(cost_r
     assert t["same_prompts_as_ours"] is True
     # KL on: a reference model loaded beside the policy; the policy alone trained, as ours
     assert t["reference_model_loaded"] and t["config"]["beta"] > 0
-    assert t["params_loaded_m"] == pytest.approx(2 * t["params_trained_m"], rel=0.01)
+    # the policy, its reference and (trl_rm) a reward model of the same shape
+    models = 3 if key == "trl_rm" else 2
+    assert t["reward"] == ("model" if key == "trl_rm" else "constant")
+    assert t["params_loaded_m"] == pytest.approx(models * t["params_trained_m"], rel=0.01)
     assert t["params_trained_m"] == pytest.approx(records["grpo"]["params_trained_m"], rel=0.01)
     assert t["config"]["num_generations"] == GROUP and t["config"]["num_iterations"] == 1
     assert t["config"]["generation_batch_size"] == PROMPTS * GROUP
     assert not t["config"]["use_vllm"] and not t["activation_checkpointing"]
     assert isinstance(t["notes"], list) and t["notes"]
     for m, r in records.items():
-        assert r["throughput_ratio_to_trl"] > 0, m
-        assert r["throughput_ratio_to_trl"] == pytest.approx(
+        assert r[f"throughput_ratio_to_{key}"] > 0, m
+        assert r[f"throughput_ratio_to_{key}"] == pytest.approx(
             r["e2e_tokens_per_s"] / t["e2e_tokens_per_s"])
-    assert f"| TRL GRPOTrainer {trl.__version__} |" in md and "throughput ÷ TRL" in md
+    reward = "reward model" if key == "trl_rm" else "constant reward"
+    assert f"| TRL GRPOTrainer {trl.__version__} ({reward}) |" in md
+    assert f"throughput ÷ TRL ({reward})" in md
 
 
 def test_cpu_cost_benchmark_puts_hf_and_vllm_side_by_side(tmp_path):
