@@ -6,7 +6,9 @@ when training is about to stop); on the other steps ``self.log`` only keeps the 
 about 0.3 ms a call on CPU. A tiny model's step is 40–70 ms, so five metrics and a gradient
 norm a step cost the stage-1 runs about 5 % of their time for numbers no logger receives
 (docs/benchmarks.md#where-the-default-studys-time-goes). Lightning's own monitors
-(``LearningRateMonitor``, ``DeviceStatsMonitor``) skip the same way.
+(``LearningRateMonitor``, ``DeviceStatsMonitor``) skip the same way. A callback that monitors
+one of these metrics (``ModelCheckpoint(monitor=...)``, ``EarlyStopping``) sees its value from
+the last logging step; ``train/loss`` is still logged every step.
 """
 
 from __future__ import annotations
