@@ -121,8 +121,11 @@ def run_method(args) -> dict:
 
     import torch
 
+    from benchmarks.mfu import matmul_ceiling
+    from benchmarks.phase_flops import phase_flops, shares_of_peak
     from dvpo_lightning.callbacks import CostMeter
     from dvpo_lightning.commands.fit import cli_main
+    from dvpo_lightning.rollout.experience import Need
 
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise SystemExit("benchmarks.cost --generation vllm: vllm is not installed here (pip "
@@ -179,6 +182,21 @@ def run_method(args) -> dict:
     peak = (torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     tokens = c["gen_tokens_per_step"]
+    module = cli.model
+    needs = module.estimator.needs
+    flops = phase_flops(
+        module.policy.config, n_resp, args.prompt_len, args.length,
+        value_forwards=sum(n in needs for n in (Need.GVM_VALUES, Need.CRITIC_VALUES,
+                                                Need.SCORES, Need.GREEDY_BASELINE)),
+        policy_rescored=not (module.ppo.behaviour_logps == "auto"
+                             and module.ppo.on_policy(n_resp)),
+        generations=2 if Need.GREEDY_BASELINE in needs else 1, epochs=module.ppo.epochs,
+        critic=module.critic is not None)
+    gpu = torch.cuda.is_available()
+    matmul = matmul_ceiling(torch.device("cuda" if gpu else "cpu"),
+                            torch.bfloat16 if "bf16" in str(args.precision) else torch.float32,
+                            8192 if gpu else 1024)
+    seconds = {k: c[f"{k}_s"] for k in flops}
     return {"method": args.method, "engine": args.engine, "responses_per_step": n_resp,
             "group": group,
             "prompts_per_step": batch, "s_per_prompt": c["step_s"] / batch,
@@ -189,7 +207,12 @@ def run_method(args) -> dict:
             "train_tokens_per_s": tokens / max(c["update_s"], 1e-9),  # response tokens, 1 epoch
             "peak_mem_gb": peak, "memory_kind": "cuda_max_allocated"
             if torch.cuda.is_available() else "peak_rss",
-            "params_loaded_m": c["params_loaded_m"], "params_trained_m": c["params_trained_m"]}
+            "params_loaded_m": c["params_loaded_m"], "params_trained_m": c["params_trained_m"],
+            # each phase's model FLOPs per step and its share of a matmul's rate in the run's
+            # dtype on this device (benchmarks/phase_flops.py)
+            "phase_tflop": {k: f / 1e12 for k, f in flops.items()},
+            "matmul_peak_tflops": matmul / 1e12,
+            "share_of_peak": shares_of_peak(flops, seconds, matmul)}
 
 
 def _fmt(x, spec: str) -> str:
@@ -247,6 +270,17 @@ def markdown(records: list[dict], meta: dict, trls: dict[str, dict] | None = Non
         for t in trl_ok.values():
             line += f" {r['e2e_tokens_per_s'] / t['e2e_tokens_per_s']:.2f} |"
         lines.append(line)
+    shared = [r for r in good if r.get("share_of_peak")]
+    if shared:
+        lines += ["", "Each phase's model FLOPs per step as a share of a matmul's rate in the "
+                  "run's dtype on this device (benchmarks/phase_flops.py):", "",
+                  "| method | engine | matmul peak (TFLOP/s) | generate | score | update |",
+                  "|---|---|---|---|---|---|"]
+        for r in shared:
+            lines.append(f"| {r['method']} | {r['engine']} | {r['matmul_peak_tflops']:.3f} | "
+                         + " | ".join(_fmt(None if r["share_of_peak"][k] is None
+                                           else 100 * r["share_of_peak"][k], ".1f") + " %"
+                                      for k in ("generate", "score", "update")) + " |")
     bad = [(r["method"], r) for r in records if not ok(r)]
     bad += [(f"TRL GRPOTrainer ({TRL_ROWS[k]})", t) for k, t in trls.items() if not ok(t)]
     if bad:

@@ -63,8 +63,39 @@ def test_cpu_cost_benchmark_writes_every_field_for_every_method(cost_run):
         2 * records["dvpo"]["params_trained_m"], rel=0.01)
     assert all(f"| {m} |" in md for m in METHODS)
     assert len(md) > 200
+    # each phase's FLOPs and share of the matmul peak; on-policy, DVPO scores the reference
+    # and the GVM, dvpo_rescore the policy too: exactly one policy-shaped forward more
+    for m, r in records.items():
+        assert r["matmul_peak_tflops"] > 0 and all(r["phase_tflop"][k] > 0 for k in
+                                                   ("generate", "score", "update")), m
+        assert all(s is not None and s > 0 for s in r["share_of_peak"].values()), m
+    fwd = records["dvpo_rescore"]["phase_tflop"]["score"] - records["dvpo"]["phase_tflop"]["score"]
+    assert fwd == pytest.approx(records["dvpo"]["phase_tflop"]["generate"])
+    assert "share of a matmul's rate" in md
     if not HAS_TRL:
         assert "trl" not in doc and doc["meta"]["trl_version"] is None
+
+
+def test_phase_flops_by_hand():
+    """Hidden 64, 4 layers, 4 heads, MLP 256, vocabulary 512; 2 rows of 3 + 2 tokens. A layer:
+    64·(64 + 2·64) + 64·64 + 3·64·256 = 65536 weights. A policy-shaped forward: 2·2·4·65536·5
+    (the body) + 4·4·64·5²·2/2 (causal attention) + 2·2·64·512·2 (the head on the 2 response
+    positions) = 5530624; a value model's (no head): 5268480; forward + backward: three times."""
+    from transformers import LlamaConfig
+
+    from benchmarks.cost import SHAPES
+    from benchmarks.phase_flops import phase_flops, shares_of_peak
+
+    config = LlamaConfig(**SHAPES["tiny"])
+    lm, body = 5530624.0, 5268480.0
+    dvpo = phase_flops(config, 2, 3, 2, value_forwards=1, policy_rescored=False,
+                       generations=1, epochs=2, critic=False)
+    assert dvpo == {"generate": lm, "score": lm + body, "update": 2 * 3 * lm}
+    ppo = phase_flops(config, 2, 3, 2, value_forwards=2, policy_rescored=True,
+                      generations=1, epochs=1, critic=True)
+    assert ppo == {"generate": lm, "score": 2 * lm + 2 * body, "update": 3 * lm + 3 * body}
+    assert shares_of_peak({"a": 10.0, "b": 1.0}, {"a": 2.0, "b": 0.0}, 5.0) == {"a": 1.0,
+                                                                               "b": None}
 
 
 @pytest.mark.parametrize("key", ["trl_rm", "trl"])
