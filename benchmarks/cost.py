@@ -195,7 +195,7 @@ def run_method(args) -> dict:
     gpu = torch.cuda.is_available()
     matmul = matmul_ceiling(torch.device("cuda" if gpu else "cpu"),
                             torch.bfloat16 if "bf16" in str(args.precision) else torch.float32,
-                            8192 if gpu else 1024)
+                            8192 if gpu else 1024, repeats=20, best=True)
     seconds = {k: c[f"{k}_s"] for k in flops}
     return {"method": args.method, "engine": args.engine, "responses_per_step": n_resp,
             "group": group,
