@@ -12,6 +12,7 @@ evaluation history; the settings the module cannot honour are refused.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +30,7 @@ from dvpo_lightning.data.collate import join
 from dvpo_lightning.data.dpo import DPODataModule
 from dvpo_lightning.models import load_tokenizer, position_ids_from_mask
 from dvpo_lightning.models.compat import check_compatible
+from dvpo_lightning.models.frozen_dtype import bf16_kernels
 from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.modules import DPOModule, DPOSettings
@@ -146,6 +148,23 @@ def test_dpo_trains_evaluates_and_exports(loss_type, lora, task_data, tokenizer_
     with torch.no_grad():
         assert_close(hf(**kw).logits, module.model(**kw).logits, rtol=1e-4, atol=1e-5)
     assert (export / "adapter").is_dir() == lora
+
+
+def test_frozen_dtype_auto_casts_the_reference_where_bf16_has_kernels(task_data, tokenizer_dir,
+                                                                       sft_model_dir, tmp_path):
+    """``models.frozen_dtype=auto``: the reference in bfloat16 on a CPU with AVX-512 BF16 /
+    AMX (float32 elsewhere), the policy in float32; the reference still does not move."""
+    L.seed_everything(0, verbose=False)
+    train = head_file(f"{task_data}/pairs.jsonl", tmp_path / "pairs16.jsonl", 16)
+    dm = make_data(task_data, tokenizer_dir, train, batch_size=8)
+    module = DPOModule(policy=sft_model_dir, tokenizer=tokenizer_dir, lr=1e-2, warmup_steps=0,
+                       models=ModelOptions(frozen_dtype="auto"),
+                       rollout=RolloutSettings(max_new_tokens=8))
+    build_trainer(tmp_path, max_steps=2, val_every=2).fit(module, dm)
+    want = torch.bfloat16 if bf16_kernels(torch.device("cpu")) else torch.float32
+    assert {p.dtype for p in module.reference.parameters()} == {want}
+    assert {p.dtype for p in module.model.parameters()} == {torch.float32}
+    assert math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
 
 
 # --- resume ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ GVM versions, KL as a loss term with an adaptive coefficient, and the set-up err
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dvpo_lightning.commands.fit import cli_main
 from dvpo_lightning.estimators import GVM
 from dvpo_lightning.models import ValueModel, load_tokenizer
+from dvpo_lightning.models.frozen_dtype import bf16_kernels
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MAX_NEW_TOKENS = 8
@@ -351,6 +353,26 @@ def test_frozen_models_in_half_precision(artifacts, task_data, tmp_path):
         assert {p.dtype for p in part.parameters()} == {torch.bfloat16}, name
     assert {p.dtype for p in cli.model.trained.parameters()} == {torch.float32}
     assert all(math.isfinite(float(v)) for v in cli.trainer.logged_metrics.values())
+
+
+def test_frozen_dtype_auto_is_bfloat16_where_the_device_has_its_kernels(artifacts, task_data,
+                                                                         tmp_path, caplog):
+    """``frozen_dtype=auto`` resolves on the run's device: bfloat16 where it multiplies
+    bfloat16 in hardware (this CPU's AVX-512 BF16 / AMX, read from torch's own probes), the
+    loaded float32 elsewhere; the start-up log says which and why."""
+    has_kernels = bf16_kernels(torch.device("cpu")) is not None
+    cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data,
+                      "--model.init_args.models.frozen_dtype=auto", rl_steps=1)
+    assert {p.dtype for p in cli.model.frozen.parameters()} == {torch.float32}  # (until setup)
+    with caplog.at_level(logging.INFO):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    want = torch.bfloat16 if has_kernels else torch.float32
+    for name, part in cli.model.frozen.items():
+        assert {p.dtype for p in part.parameters()} == {want}, name
+    assert {p.dtype for p in cli.model.trained.parameters()} == {torch.float32}
+    said = "bfloat16 (model.models.frozen_dtype=auto: a CPU with" if has_kernels else \
+        "their loaded dtype (model.models.frozen_dtype=auto: cpu has no bfloat16 kernels)"
+    assert said in caplog.text
 
 
 @pytest.mark.parametrize("name", ["ppo", "remax", "dvpo"])

@@ -24,9 +24,12 @@ class ModelOptions:
         gradient_checkpointing: recompute the trained models' activations in the backward
             pass (less memory, ~30 % more update time).
         frozen_dtype: dtype of the frozen reference, GVM and reward model; None keeps the
-            loaded dtype (half precision halves their memory on a GPU). Under DeepSpeed with
-            a 16-bit precision None follows the policy into it (DeepSpeed casts the whole
-            module) and ``float32`` keeps them in float32 (ZeRO-1/2); docs/deepspeed.md.
+            loaded dtype (half precision halves their memory); ``auto``: bfloat16 where the
+            run's device has bfloat16 kernels (a CUDA GPU with bfloat16, a CPU with AVX-512
+            BF16 or AMX), else as loaded (models/frozen_dtype.py; its measured cost:
+            docs/models.md). Under DeepSpeed with a 16-bit precision None and ``auto`` follow
+            the policy into it (DeepSpeed casts the whole module) and ``float32`` keeps them in
+            float32 (ZeRO-1/2); docs/deepspeed.md.
         offload_frozen: keep the frozen models in CPU memory except while they score a rollout
             or evaluate (frees their accelerator memory during generation and the update; a
             host-device copy per step). Not with DeepSpeed ZeRO-3, whose partitioned weights
@@ -41,7 +44,7 @@ class ModelOptions:
     critic_lora: LoraOptions | None = None
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
-    frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     offload_frozen: bool = False
     fused_head: bool = True
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from dvpo_lightning.models.compat import check_compatible, check_fits_context
+from dvpo_lightning.models.frozen_dtype import cast_frozen
 from dvpo_lightning.models.identity import check_same_models, fingerprint
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from dvpo_lightning.models.lora import adapters_disabled
@@ -32,6 +34,7 @@ from dvpo_lightning.rollout.generation import HFGenerator
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
+from dvpo_lightning.runtime.deepspeed import casts_every_parameter
 from dvpo_lightning.runtime.log_steps import logs_this_step
 from dvpo_lightning.tasks.judges import load_judge
 
@@ -149,8 +152,9 @@ class DPOModule(SingleModelStage):
         if models.lora is None:
             self.reference = freeze(load_causal_lm(policy, self.tokenizer,
                                                    attn_implementation=attn))
-            if models.frozen_dtype:
-                self.reference.to(resolve_dtype(models.frozen_dtype))
+            dtype = resolve_dtype(models.frozen_dtype)  # (auto: resolved in setup)
+            if dtype is not None:
+                self.reference.to(dtype)
         # (settings kept as objects: under LightningCLI self.hparams holds the config dict)
         self.settings, self.model_options, self.rollout = dpo, models, rollout
         self.heldout = HeldOutEvaluation()  # the RL runs' held-out evaluation, state, summary
@@ -168,6 +172,14 @@ class DPOModule(SingleModelStage):
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
         self.check_context(self.model.config)  # the pairs
+        if self.reference is not None:  # (frozen_dtype=auto: bfloat16 where it has kernels)
+            _, line = cast_frozen(
+                nn.ModuleDict({"reference": self.reference}), self.model_options.frozen_dtype,
+                self.trainer.strategy.root_device,
+                follows_strategy=casts_every_parameter(self.trainer.strategy,
+                                                       self.trainer.precision))
+            if line:
+                rank_zero_info(line)
         dm = self.trainer.datamodule
         if getattr(dm, "eval_path", None) or getattr(dm, "test_path", None):
             check_fits_context(dm.max_prompt_length + self.rollout.max_new_tokens,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from dvpo_lightning.estimators.base import AdvantageEstimator
 from dvpo_lightning.models.compat import check_fits_context
+from dvpo_lightning.models.frozen_dtype import cast_frozen
 from dvpo_lightning.models.identity import check_same_models, fingerprint
 from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.options import ModelOptions
@@ -41,6 +42,7 @@ from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
 from dvpo_lightning.runtime.deepspeed import (
     FrozenInFloat32,
+    casts_every_parameter,
     configure_deepspeed,
     deepspeed_engine,
     deepspeed_step,
@@ -226,9 +228,14 @@ class DVPOModule(L.LightningModule):
                                "data.max_prompt_length + model.rollout.max_new_tokens")
         # (vLLM: refuse before the first rollout, not in it)
         self.experience.check_servable(self.policy, device, prompt_length)
+        frozen_dtype, line = cast_frozen(  # (frozen_dtype=auto: bfloat16 where it has kernels)
+            self.frozen, self.model_options.frozen_dtype, device,
+            follows_strategy=casts_every_parameter(self.trainer.strategy, self.trainer.precision))
+        if line:
+            rank_zero_info(line)
         self._deepspeed = configure_deepspeed(
             self.trainer.strategy, self.trainer.precision, self.ppo.max_grad_norm,
-            self.ppo.grad_accum, self.model_options.frozen_dtype, len(self.frozen) > 0)
+            self.ppo.grad_accum, frozen_dtype, len(self.frozen) > 0)
         if self._deepspeed is not None:
             rank_zero_info(self._deepspeed.message(list(self.frozen)))
             if self._deepspeed.keeps_frozen_float32:  # (the engine is built after setup)

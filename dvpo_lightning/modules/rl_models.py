@@ -96,7 +96,8 @@ def load_rl_models(needs: frozenset[Need], estimator: str, tokenizer: PreTrained
     if rm:
         frozen["reward_model"] = freeze(ValueModel.from_pretrained(rm, tokenizer,
                                                                    attn_implementation=attn))
-    if options.frozen_dtype:
-        frozen.to(resolve_dtype(options.frozen_dtype))
+    dtype = resolve_dtype(options.frozen_dtype)  # (auto: resolved on the device, in setup)
+    if dtype is not None:
+        frozen.to(dtype)
     return RLModels(trained, frozen, {"reference": reference or policy, "gvm": gvm,
                                       "reward_model": rm}, shared_reference)

@@ -45,6 +45,12 @@ def is_deepspeed(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
+def casts_every_parameter(strategy: Any, precision: Any) -> bool:
+    """True when DeepSpeed will cast the whole module, frozen models included, to a 16-bit
+    precision (``bf16-*`` / ``16-*`` under the DeepSpeed strategy)."""
+    return is_deepspeed(strategy) and str(precision) in _HALF
+
+
 def offloads_optimizer(strategy: Any) -> bool:
     """True when ``strategy`` is DeepSpeed with its optimizer state offloaded to CPU / NVMe."""
     if not is_deepspeed(strategy):

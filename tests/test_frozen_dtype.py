@@ -1,0 +1,58 @@
+"""``model.models.frozen_dtype=auto``: bfloat16 exactly where the device has bfloat16 kernels;
+explicit settings and strategies that cast every parameter are left alone."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dvpo_lightning.models.frozen_dtype import bf16_kernels, cast_frozen, resolve_frozen_dtype
+
+
+def _frozen() -> nn.ModuleDict:
+    return nn.ModuleDict({"reference": nn.Linear(4, 4), "gvm": nn.Linear(4, 1)})
+
+
+def _dtypes(frozen: nn.ModuleDict) -> set[torch.dtype]:
+    return {p.dtype for p in frozen.parameters()}
+
+
+def test_the_cpu_answer_is_torchs_own_probes():
+    cpu = torch.device("cpu")
+    expected = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert (bf16_kernels(cpu) is not None) == expected
+    dtype, why = resolve_frozen_dtype("auto", cpu)
+    assert dtype == ("bfloat16" if expected else None)
+    assert why.startswith("model.models.frozen_dtype=auto: ")
+
+
+def test_a_cpu_without_bf16_kernels_keeps_the_loaded_dtype(monkeypatch):
+    """(The probes are switched off: this machine's CPU may have the kernels.)"""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    frozen = _frozen()
+    dtype, line = cast_frozen(frozen, "auto", torch.device("cpu"))
+    assert dtype is None and _dtypes(frozen) == {torch.float32}
+    assert line == ("frozen models (reference, gvm) in their loaded dtype "
+                    "(model.models.frozen_dtype=auto: cpu has no bfloat16 kernels)")
+
+
+def test_a_cpu_with_bf16_kernels_casts_them(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    frozen = _frozen()
+    dtype, line = cast_frozen(frozen, "auto", torch.device("cpu"))
+    assert dtype == "bfloat16" and _dtypes(frozen) == {torch.bfloat16}
+    assert line == ("frozen models (reference, gvm) in bfloat16 "
+                    "(model.models.frozen_dtype=auto: a CPU with AVX-512 BF16)")
+
+
+def test_explicit_settings_and_casting_strategies_are_left_alone():
+    for setting in (None, "float32", "bfloat16", "float16"):
+        frozen = _frozen()
+        assert cast_frozen(frozen, setting, torch.device("cpu")) == (setting, None)
+        assert _dtypes(frozen) == {torch.float32}  # (explicit dtypes are cast at load)
+    frozen = _frozen()  # DeepSpeed under a 16-bit precision casts the whole module itself
+    assert cast_frozen(frozen, "auto", torch.device("cpu"), follows_strategy=True) == (None, None)
+    assert _dtypes(frozen) == {torch.float32}
+    assert cast_frozen(nn.ModuleDict(), "auto", torch.device("cpu")) == (None, None)
