@@ -158,9 +158,49 @@ def test_rl_trains_with_vllm_and_the_sampler_matches_the_trainer(artifacts32, ta
     assert [h["rl_step"] for h in summary["history"]] == [0, 2]
 
 
-def test_stale_engine_weights_stop_the_run(artifacts32, task_data, tmp_path, monkeypatch):
+def test_engine_behaviour_logps_skip_the_policy_pass_and_still_watch_the_gap(
+        artifacts32, task_data, tmp_path):
+    """``ppo.behaviour_logps: engine``: ``logp_old`` is the engine's log-probs of its samples;
+    the trainer scores only the first ceil(B / 8) rows (there: equal to the engine's to
+    float32 noise) to log the sampler gap; the update trains every weight."""
     cli, _ = make_cli("dvpo", tmp_path, artifacts32, task_data, *VLLM,
-                      "--model.init_args.lr=1e-2", rl_steps=3)
+                      "--model.init_args.ppo.behaviour_logps=engine", batch_size=8)
+    module, dm = cli.model, cli.datamodule
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    rows = []
+    module.policy.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: rows.append(args[0].shape[0]))
+    exp, info = module.make_experience(batch, 1)
+    assert torch.equal(exp.logp_old, exp.logp_sampler)
+    scored = info["logp_trainer_rows"]
+    assert scored.shape == (1, exp.response_ids.shape[1])  # ceil(8 / 8) rows, not 8
+    assert rows == [] or sum(rows) <= 1  # (the engine generates; the policy scores one row)
+    torch.testing.assert_close(scored, exp.logp_sampler[:1], atol=1e-4, rtol=0)
+    before = fit(cli)
+    assert unchanged_trainable(module, before) == []
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+    assert 0 < metrics["rollout/sampler_logp_diff_mean"] < 1e-4
+
+
+def test_engine_behaviour_logps_need_an_engine_that_reports_them(artifacts, task_data,
+                                                                 tmp_path):
+    with pytest.raises(ValueError, match=r"rollout.engine=hf reports none.*engine=vllm"):
+        make_cli("dvpo", tmp_path, artifacts, task_data,
+                 "--model.init_args.ppo.behaviour_logps=engine")
+    with pytest.raises(ValueError, match=r"tis_cap=2.0 with model.ppo.behaviour_logps=engine"):
+        make_cli("dvpo", tmp_path, artifacts, task_data, *VLLM,
+                 "--model.init_args.ppo.behaviour_logps=engine",
+                 "--model.init_args.ppo.tis_cap=2.0")
+
+
+@pytest.mark.parametrize("behaviour", ["auto", "engine"])
+def test_stale_engine_weights_stop_the_run(behaviour, artifacts32, task_data, tmp_path,
+                                           monkeypatch):
+    """(``engine``: the gap of the rows the trainer still scores stops it.)"""
+    cli, _ = make_cli("dvpo", tmp_path, artifacts32, task_data, *VLLM,
+                      "--model.init_args.lr=1e-2",
+                      f"--model.init_args.ppo.behaviour_logps={behaviour}", rl_steps=3)
     engine = cli.model.experience.generator
     real_push = VLLMEngine.push
     pushes = []

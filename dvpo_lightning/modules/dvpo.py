@@ -27,7 +27,7 @@ from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.modules.evaluation import HeldOutEvaluation, test_loader
 from dvpo_lightning.modules.kl_penalty import KLPenalty, KLSettings
 from dvpo_lightning.modules.optim import adamw
-from dvpo_lightning.modules.ppo import PPOSettings, minibatch_loss
+from dvpo_lightning.modules.ppo import PPOSettings, check_behaviour_source, minibatch_loss
 from dvpo_lightning.modules.reward_scale import RewardScale, RewardSettings
 from dvpo_lightning.modules.rl_models import load_rl_models
 from dvpo_lightning.modules.stage import stage_callbacks
@@ -132,6 +132,7 @@ class DVPOModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator"])
+        check_behaviour_source(ppo, rollout.engine)
         scorer = load_judge(judge) if judge else None  # (a bad name fails before models load)
         tok = load_tokenizer(tokenizer or policy)
         loaded = load_rl_models(estimator.needs, type(estimator).__name__, tok, policy,
@@ -284,7 +285,7 @@ class DVPOModule(L.LightningModule):
                 return self._skipped()
             exp = self.reward_scale(exp, self.estimator.needs)  # (before β acts on it)
             exp, kl = self.kl.in_reward(exp)
-            info.update(self._sampler_gap(exp, step))
+            info.update(self._sampler_gap(exp, step, info.pop("logp_trainer_rows", None)))
             if self._rollout_is_bad(exp, kl, step):
                 return self._skipped()
             # one observation of the rollout's KL per response, over every process's
@@ -328,9 +329,11 @@ class DVPOModule(L.LightningModule):
         the guard skips the step."""
         self._update_pass_s = 0.0
         behaviour = self._update_forward if self._fuses_update_forward(batch) else None
+        # (passed only when set: a test's ExperienceMaker subclass need not know the keyword)
+        engine = {"engine_behaviour": True} if self.ppo.behaviour_logps == "engine" else {}
         try:
             return self.experience(self.policy, batch, self.critic, self.weights_version,
-                                   behaviour=behaviour)
+                                   behaviour=behaviour, **engine)
         except RuntimeError as e:  # sampling from NaN / inf logits fails inside generate
             if "probability tensor contains" not in str(e):
                 raise
@@ -449,15 +452,20 @@ class DVPOModule(L.LightningModule):
         self.weights_version += 1
         return norm.detach()
 
-    def _sampler_gap(self, exp: Experience, step: int) -> dict[str, float]:
+    def _sampler_gap(self, exp: Experience, step: int,
+                     trainer_rows: Tensor | None = None) -> dict[str, float]:
         """How far the rollout engine's log-probs of its samples are from the trainer's
         ``logp_old`` (mean and max of ``|Δ|`` over the tokens of every process); past
         ``rollout.vllm.logp_tolerance`` (``auto``: see :mod:`~dvpo_lightning.rollout.tolerance`)
-        the run stops. {} for an engine that reports none."""
+        the run stops. {} for an engine that reports none. ``trainer_rows``: with
+        ``ppo.behaviour_logps: engine`` ``logp_old`` is the engine's, and the trainer's
+        log-probs of the first rows (``(k, T)``) are compared instead."""
         if exp.logp_sampler is None:
             return {}
-        mask = exp.response_mask
-        gap = (exp.logp_sampler - exp.logp_old).abs() * mask
+        trainer = exp.logp_old if trainer_rows is None else trainer_rows
+        rows = trainer.shape[0]
+        mask = exp.response_mask[:rows]
+        gap = (exp.logp_sampler[:rows] - trainer).abs() * mask
         total = all_reduce_sum(torch.stack([gap.sum(), mask.sum().to(gap.dtype)]))
         mean = float(total[0] / total[1].clamp(min=1))
         largest = float(all_reduce_max(gap.max()))

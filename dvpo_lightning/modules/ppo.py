@@ -52,7 +52,11 @@ class PPOSettings:
             pass would only recompute it, and the rollout needs one policy forward fewer;
             otherwise a separate no-grad pass after sampling. ``rescore``: always the separate
             pass (the policy in eval mode, so a model with dropout gets dropout-free
-            ``logp_old``).
+            ``logp_old``). ``engine``: the rollout engine's own log-probs of its samples
+            (``rollout.engine: vllm``; verl's "bypass" mode): no pass for them, and the ratio's
+            clip also bounds the engine–trainer gap; the trainer still scores one row in
+            eight to watch that gap against ``rollout.vllm.logp_tolerance``. Its cost and
+            effect: docs/algorithm.md#where-logp_old-comes-from.
     """
 
     epochs: int = 4
@@ -67,7 +71,7 @@ class PPOSettings:
     whiten_advantages: bool = False
     max_grad_norm: float | None = 1.0
     tis_cap: float | None = None
-    behaviour_logps: Literal["auto", "rescore"] = "auto"
+    behaviour_logps: Literal["auto", "rescore", "engine"] = "auto"
 
     def on_policy(self, rollout_size: int) -> bool:
         """Whether one update of ``rollout_size`` responses (per process) is on-policy: one
@@ -85,6 +89,22 @@ class PPOSettings:
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
             raise ValueError(f"model.ppo.mini_batch_size={self.mini_batch_size} must be >= 1, "
                              "or null for the whole rollout batch")
+        if self.behaviour_logps == "engine" and self.tis_cap is not None:
+            raise ValueError(
+                f"model.ppo.tis_cap={self.tis_cap} with model.ppo.behaviour_logps=engine: "
+                "logp_old is then the engine's own log-probs, so the importance weight "
+                "π_old / π_sampler is 1 and the cap does nothing. Fix: set model.ppo.tis_cap "
+                "to null, or behaviour_logps to auto to correct the gap instead")
+
+
+def check_behaviour_source(ppo: PPOSettings, engine: str) -> None:
+    """``ppo.behaviour_logps: engine`` needs an engine that reports its samples' log-probs;
+    raises before any model loads otherwise."""
+    if ppo.behaviour_logps == "engine" and engine != "vllm":
+        raise ValueError(
+            f"model.ppo.behaviour_logps=engine takes logp_old from the rollout engine's own "
+            f"log-probs, and model.rollout.engine={engine} reports none. Fix: set "
+            "model.rollout.engine=vllm, or model.ppo.behaviour_logps=auto")
 
 
 torch.serialization.add_safe_globals([PPOSettings])  # in checkpointed hparams

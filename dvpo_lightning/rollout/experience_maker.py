@@ -28,6 +28,10 @@ from dvpo_lightning.rollout.zero3 import gathered_for_generation
 from dvpo_lightning.runtime.timing import phase_clock
 from dvpo_lightning.tasks.judges import Judge
 
+# ppo.behaviour_logps: engine — the trainer still scores 1 row in ENGINE_CHECK_SHARE (at least
+# one) to watch the sampler gap: an eighth of the pass it saves
+ENGINE_CHECK_SHARE = 8
+
 
 def check_rollout_batch(batch_size: int, group_size: int,
                         mini_batch_size: int | None = None) -> None:
@@ -208,7 +212,8 @@ class ExperienceMaker(nn.Module):
     @torch.no_grad()
     def forward(self, policy: nn.Module, batch: dict, critic: nn.Module | None = None,
                 weights_version: int | None = None,
-                behaviour: Callable[..., Tensor] | None = None) -> tuple[Experience, dict]:
+                behaviour: Callable[..., Tensor] | None = None,
+                engine_behaviour: bool = False) -> tuple[Experience, dict]:
         """Sample ``group_size`` responses to every prompt of ``batch`` and score them.
 
         Args:
@@ -220,11 +225,16 @@ class ExperienceMaker(nn.Module):
             behaviour: ``(prompt_ids, prompt_mask, response_ids, response_mask) ↦ (B, T)``
                 ``logp_old`` from the caller (the RL module's on-policy update forward); None:
                 a no-grad pass of ``policy`` in eval mode, in slices of ``score_batch_size``.
+            engine_behaviour: ``logp_old`` is the engine's own log-probs of its samples
+                (``ppo.behaviour_logps: engine``; verl's "bypass" mode): no policy pass for
+                it; the trainer scores only the first ``ceil(B / ENGINE_CHECK_SHARE)`` rows,
+                so the sampler gap is still watched.
 
         Returns:
             The experience (``kl_penalty`` zeros: the RL module applies the KL; ``logp_sampler``
             when the engine reports its log-probs) and ``{"generate_s", "score_s",
-            "weight_sync_s", "gold"}`` (``gold``: ``(B,)`` or None).
+            "weight_sync_s", "gold"}`` (``gold``: ``(B,)`` or None), with ``engine_behaviour``
+            also ``"logp_trainer_rows"``: the trainer's log-probs of those first rows.
         """
         batch = repeat_prompts(batch, self.group_size)
         prompt = (batch["prompt_ids"], batch["prompt_mask"])
@@ -241,9 +251,20 @@ class ExperienceMaker(nn.Module):
         t1 = phase_clock(prompt[0].device)
         response = samples[:2]
         seq = (*prompt, *response)
+        checked = {}
         with self.frozen_on(prompt[0].device):
-            logp_old = (behaviour(*seq) if behaviour is not None else
-                        self.by_rows(self.logps(policy, self.policy_transform), *seq))
+            if engine_behaviour:
+                if samples.logps is None:
+                    raise RuntimeError(f"the {self.generator.name} engine reported no "
+                                       "log-probs of its samples: model.ppo.behaviour_logps="
+                                       "engine needs an engine that does (vllm)")
+                logp_old = samples.logps
+                rows = -(-logp_old.shape[0] // ENGINE_CHECK_SHARE)
+                checked["logp_trainer_rows"] = self.by_rows(
+                    self.logps(policy, self.policy_transform), *(t[:rows] for t in seq))
+            else:
+                logp_old = (behaviour(*seq) if behaviour is not None else
+                            self.by_rows(self.logps(policy, self.policy_transform), *seq))
             logp_ref = self.by_rows(functools.partial(
                 self.reference_logps, policy,
                 sampling=self.settings.sampling.reference_transform()), *seq)
@@ -255,7 +276,7 @@ class ExperienceMaker(nn.Module):
                                          self.generator.end_ids),
                              device=logp_old.device) if self.judge is not None else None)
         return exp, {"generate_s": t1 - t0, "score_s": phase_clock(prompt[0].device) - t1,
-                     "weight_sync_s": sync_s, "gold": gold}
+                     "weight_sync_s": sync_s, "gold": gold, **checked}
 
     def _fetch_table(self, seq: tuple, greedy: tuple | None, critic: nn.Module | None,
                      group_ids: Tensor) -> dict[Need, Callable[[], Tensor]]:
