@@ -49,8 +49,14 @@ from benchmarks.decode import cpu_flags
 METHODS = ("dvpo", "ppo", "grpo", "remax", "rloo")
 GROUP_METHODS = {"grpo", "rloo"}
 # opt-in rows (--methods): a method with one setting changed, its name "<method>_<variant>"
-VARIANTS = {f"{m}_rescore": (m, ["--model.init_args.ppo.behaviour_logps=rescore"])
-            for m in ("dvpo", "grpo")}
+VARIANTS = {**{f"{m}_rescore": (m, ["--model.init_args.ppo.behaviour_logps=rescore"])
+               for m in ("dvpo", "grpo")},
+            # frozen models in bfloat16 (the policy and the critic stay in the run's precision)
+            **{f"{m}_bf16": (m, ["--model.init_args.models.frozen_dtype=bfloat16"])
+               for m in ("dvpo", "ppo", "grpo")},
+            # logp_old from the engine (--generation vllm only)
+            **{f"{m}_engine": (m, ["--model.init_args.ppo.behaviour_logps=engine"])
+               for m in ("dvpo", "grpo")}}
 ENGINES = ("hf", "vllm")
 # Llama-family shapes with random weights: tiny ones for CPU smoke runs (tiny32's heads are the
 # smallest vLLM's CPU attention serves), two real ones.
@@ -122,7 +128,7 @@ def run_method(args) -> dict:
     import torch
 
     from benchmarks.mfu import matmul_ceiling
-    from benchmarks.phase_flops import phase_flops, shares_of_peak
+    from benchmarks.phase_flops import phase_flops, rescored_share, shares_of_peak
     from dvpo_lightning.callbacks import CostMeter
     from dvpo_lightning.commands.fit import cli_main
     from dvpo_lightning.rollout.experience import Need
@@ -188,8 +194,8 @@ def run_method(args) -> dict:
         module.policy.config, n_resp, args.prompt_len, args.length,
         value_forwards=sum(n in needs for n in (Need.GVM_VALUES, Need.CRITIC_VALUES,
                                                 Need.SCORES, Need.GREEDY_BASELINE)),
-        policy_rescored=not (module.ppo.behaviour_logps == "auto"
-                             and module.ppo.on_policy(n_resp)),
+        policy_rescored=rescored_share(module.ppo.behaviour_logps,
+                                       module.ppo.on_policy(n_resp), n_resp),
         generations=2 if Need.GREEDY_BASELINE in needs else 1, epochs=module.ppo.epochs,
         critic=module.critic is not None)
     gpu = torch.cuda.is_available()
@@ -208,6 +214,7 @@ def run_method(args) -> dict:
             "peak_mem_gb": peak, "memory_kind": "cuda_max_allocated"
             if torch.cuda.is_available() else "peak_rss",
             "params_loaded_m": c["params_loaded_m"], "params_trained_m": c["params_trained_m"],
+            "frozen_weights_gb": c["frozen_weights_gb"],
             # each phase's model FLOPs per step and its share of a matmul's rate in the run's
             # dtype on this device (benchmarks/phase_flops.py)
             "phase_tflop": {k: f / 1e12 for k, f in flops.items()},
@@ -249,10 +256,10 @@ def markdown(records: list[dict], meta: dict, trls: dict[str, dict] | None = Non
              f"{meta['precision']}", "",
              "| method | engine | s / step | generate s | score s | update s | gen tok/s | "
              f"train tok/s | peak mem (GB, {kind}) | params loaded (M) | "
-             "params trained (M) | time ÷ PPO | mem ÷ PPO |"
+             "params trained (M) | frozen weights (GB) | time ÷ PPO | mem ÷ PPO |"
              + (" step ÷ hf | generate ÷ hf |" if several else "")
              + "".join(f" throughput ÷ TRL ({TRL_ROWS[k]}) |" for k in trl_ok),
-             "|---|" + "---|" * (12 + 2 * several + len(trl_ok))]
+             "|---|" + "---|" * (13 + 2 * several + len(trl_ok))]
     rows = [(r["method"], r) for r in good]
     rows += [(f"TRL GRPOTrainer {t['trl_version']} ({TRL_ROWS[k]})", {**t, "engine": "hf"})
              for k, t in trl_ok.items()]
@@ -262,6 +269,7 @@ def markdown(records: list[dict], meta: dict, trls: dict[str, dict] | None = Non
                 f"{_fmt(r['gen_tokens_per_s'], '.0f')} | "
                 f"{r['train_tokens_per_s']:.0f} | {r['peak_mem_gb']:.3f} | "
                 f"{r['params_loaded_m']:.1f} | {r['params_trained_m']:.1f} | "
+                f"{_fmt(r.get('frozen_weights_gb'), '.3f')} | "
                 f"{_fmt(r.get('time_ratio_to_ppo'), '.2f')} | "
                 f"{_fmt(r.get('mem_ratio_to_ppo'), '.2f')} |")
         if several:

@@ -9,7 +9,8 @@ of ``rows`` responses, prompts of ``prompt_len`` and responses of ``length`` tok
   decoding touches each position once; the head runs on the ``length`` generated positions),
   two for ReMax (its greedy baseline);
 - **score**: the reference's log-probs (a policy-shaped forward), the policy's own when
-  ``logp_old`` is rescored rather than taken from the update (``ppo.behaviour_logps``), and one
+  ``logp_old`` is rescored rather than taken from the update (``ppo.behaviour_logps``; with
+  ``engine`` the trainer rescores one row in eight, to watch the sampler gap), and one
   body-only forward per value-model call (GVM, reward model, critic; ReMax scores its greedy
   responses too);
 - **update**: forward and backward of the policy per epoch, and of the critic for PPO.
@@ -25,17 +26,30 @@ from benchmarks.mfu import model_flops
 
 
 def phase_flops(config, rows: int, prompt_len: int, length: int, *, value_forwards: int,
-                policy_rescored: bool, generations: int, epochs: int,
+                policy_rescored: float, generations: int, epochs: int,
                 critic: bool) -> dict[str, float]:
-    """``{"generate", "score", "update"}`` model FLOPs of one RL step (see the module)."""
+    """``{"generate", "score", "update"}`` model FLOPs of one RL step (see the module);
+    ``policy_rescored``: the share of the rows the policy scores for ``logp_old`` (0, 1, or a
+    fraction: :func:`rescored_share`)."""
     seq = prompt_len + length
     lm = model_flops(config, rows, seq, length) / 3  # a policy-shaped forward
     body = model_flops(config, rows, seq, 0) / 3  # a value model's: a 1-wide head
     update = model_flops(config, rows, seq, length) + (model_flops(config, rows, seq, 0)
                                                        if critic else 0.0)
     return {"generate": generations * lm,
-            "score": (1 + int(policy_rescored)) * lm + value_forwards * body,
+            "score": (1 + float(policy_rescored)) * lm + value_forwards * body,
             "update": epochs * update}
+
+
+def rescored_share(behaviour_logps: str, on_policy: bool, rows: int) -> float:
+    """The share of a rollout's ``rows`` the policy scores for ``logp_old`` outside the
+    update: none when an on-policy update gives it (``auto``), ``ceil(rows / 8) / rows`` when
+    the engine gives it (the rows that watch the sampler gap), else all."""
+    from dvpo_lightning.rollout.experience_maker import ENGINE_CHECK_SHARE
+
+    if behaviour_logps == "engine":
+        return -(-rows // ENGINE_CHECK_SHARE) / rows
+    return 0.0 if behaviour_logps == "auto" and on_policy else 1.0
 
 
 def shares_of_peak(flops: dict[str, float], seconds: dict[str, float],

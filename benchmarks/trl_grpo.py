@@ -322,6 +322,10 @@ def run_trl(args) -> dict:
                count(f) for f in trainer.reward_funcs if isinstance(f, torch.nn.Module)),
            "params_trained_m": sum(p.numel() for p in trainer.model.parameters()
                                    if p.requires_grad) / 1e6,
+           "frozen_weights_gb": sum(
+               p.numel() * p.element_size()
+               for m in (trainer.ref_model, *trainer.reward_funcs) if isinstance(m, torch.nn.Module)
+               for p in m.parameters()) / 2**30,
            "prompt_tokens_per_step": mean("prompt_tokens"),
            "same_prompts_as_ours": same_prompts,
            "response_len_min": min(r["len_min"] for r in log if "len_min" in r),

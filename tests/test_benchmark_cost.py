@@ -23,13 +23,13 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 @pytest.fixture(scope="module")
 def cost_run(tmp_path_factory):
-    """One CPU smoke run of every method, DVPO also with a separate old-log-prob pass (and TRL
-    when installed): (cost.json, cost.md)."""
+    """One CPU smoke run of every method, DVPO also with a separate old-log-prob pass and with
+    bfloat16 frozen models (and TRL when installed): (cost.json, cost.md)."""
     out = tmp_path_factory.mktemp("cost")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         mp.chdir(Path(__file__).resolve().parents[1])
-        main(["--mode", "cpu", "--methods", *METHODS, "dvpo_rescore",
+        main(["--mode", "cpu", "--methods", *METHODS, "dvpo_rescore", "dvpo_bf16",
               "--rl_steps", str(RL_STEPS), "--length", str(LENGTH),
               "--prompts", str(PROMPTS), "--group", str(GROUP), "--prompt_len", str(PROMPT_LEN),
               "--trl", "on" if HAS_TRL else "off", "--out", str(out)])
@@ -42,7 +42,7 @@ def test_cpu_cost_benchmark_writes_every_field_for_every_method(cost_run):
     assert doc["meta"]["responses_per_step"] == PROMPTS * GROUP
     assert doc["meta"]["length"] == LENGTH
     records = {r["method"]: r for r in doc["methods"]}
-    assert set(records) == {*METHODS, "dvpo_rescore"}
+    assert set(records) == {*METHODS, "dvpo_rescore", "dvpo_bf16"}
     for m, r in records.items():
         for f in FIELDS:
             assert isinstance(r[f], float) and r[f] >= 0, (m, f)
@@ -72,6 +72,11 @@ def test_cpu_cost_benchmark_writes_every_field_for_every_method(cost_run):
     fwd = records["dvpo_rescore"]["phase_tflop"]["score"] - records["dvpo"]["phase_tflop"]["score"]
     assert fwd == pytest.approx(records["dvpo"]["phase_tflop"]["generate"])
     assert "share of a matmul's rate" in md
+    # the frozen reference and GVM: float32 in dvpo, half the bytes in dvpo_bf16; the trained
+    # policy is the same
+    frozen = {m: records[m]["frozen_weights_gb"] for m in ("dvpo", "dvpo_bf16")}
+    assert frozen["dvpo"] > 0 and frozen["dvpo_bf16"] == pytest.approx(frozen["dvpo"] / 2)
+    assert records["dvpo_bf16"]["params_trained_m"] == records["dvpo"]["params_trained_m"]
     if not HAS_TRL:
         assert "trl" not in doc and doc["meta"]["trl_version"] is None
 
@@ -84,7 +89,7 @@ def test_phase_flops_by_hand():
     from transformers import LlamaConfig
 
     from benchmarks.cost import SHAPES
-    from benchmarks.phase_flops import phase_flops, shares_of_peak
+    from benchmarks.phase_flops import phase_flops, rescored_share, shares_of_peak
 
     config = LlamaConfig(**SHAPES["tiny"])
     lm, body = 5530624.0, 5268480.0
@@ -96,6 +101,13 @@ def test_phase_flops_by_hand():
     assert ppo == {"generate": lm, "score": 2 * lm + 2 * body, "update": 3 * lm + 3 * body}
     assert shares_of_peak({"a": 10.0, "b": 1.0}, {"a": 2.0, "b": 0.0}, 5.0) == {"a": 1.0,
                                                                                "b": None}
+    # logp_old from the engine: the policy scores ceil(rows / 8) of the rows (the gap's watch)
+    assert [rescored_share("engine", False, n) for n in (2, 16, 17)] == [0.5, 2 / 16, 3 / 17]
+    assert rescored_share("auto", True, 16) == 0.0
+    assert rescored_share("auto", False, 16) == rescored_share("rescore", True, 16) == 1.0
+    engine = phase_flops(config, 2, 3, 2, value_forwards=1, policy_rescored=0.5,
+                         generations=1, epochs=2, critic=False)
+    assert engine["score"] == 1.5 * lm + body
 
 
 @pytest.mark.parametrize("key", ["trl_rm", "trl"])

@@ -19,6 +19,13 @@ def _mean(rows: list[dict], key: str) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
+def frozen_weights_gb(module: nn.Module) -> float:
+    """GiB the parameters without gradients hold (the frozen reference, GVM, reward model; a
+    LoRA policy's base weights), in their dtype (``ds_numel`` for ZeRO-3 partitions)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
+               for p in module.parameters() if not p.requires_grad) / 2**30
+
+
 def count_params(module: nn.Module, trainable: bool = False) -> float:
     """Parameters of ``module`` in millions (``trainable``: only those with gradients). A
     ZeRO-3 partitioned parameter is empty on each rank; ``ds_numel`` is its full size."""
@@ -63,6 +70,7 @@ class CostMeter(L.Callback):
                "gen_tokens_total": sum(r.get("gen_tokens", 0.0) for r in self.records),
                "params_loaded_m": count_params(pl_module),
                "params_trained_m": count_params(pl_module, trainable=True),
+               "frozen_weights_gb": frozen_weights_gb(pl_module),
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         if torch.cuda.is_available():
             out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30

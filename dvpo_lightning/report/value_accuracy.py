@@ -16,7 +16,7 @@ from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.pairwise import collate_pairs, encode_pairs
 from dvpo_lightning.data.tokenize import LengthReport
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
-from dvpo_lightning.models.loading import load_tokenizer
+from dvpo_lightning.models.loading import load_tokenizer, resolve_dtype
 from dvpo_lightning.models.value_model import HEAD_WEIGHTS, ValueModel, freeze
 from dvpo_lightning.rollout.scoring import response_values
 
@@ -68,15 +68,18 @@ def pair_accuracy(model_dir: str, pairs_path: str, tokenizer: str | None = None,
 @torch.no_grad()
 def pair_accuracies(model_dir: str, pairs_paths: list[str], tokenizer: str | None = None,
                     batch_size: int = 64, max_length: int = 512,
-                    chat_template: bool = True) -> dict[str, dict]:
+                    chat_template: bool = True, dtype: str | None = None) -> dict[str, dict]:
     """:func:`pair_accuracy` of one model on several files, the model loaded once:
-    ``{pairs_path: {"pairs", "accuracy"}}``."""
+    ``{pairs_path: {"pairs", "accuracy"}}``. ``dtype``: run the model in it (``bfloat16``:
+    what ``models.frozen_dtype`` does to a frozen GVM); None: as loaded."""
     if not (Path(model_dir) / HEAD_WEIGHTS).exists():
         raise FileNotFoundError(
             f"{model_dir} has no {HEAD_WEIGHTS}: pair accuracy needs a value-head artifact "
             "(a GVM, a reward model or a PPO critic export); check the path")
     tok = load_tokenizer(tokenizer or model_dir)
     model = freeze(ValueModel.from_pretrained(model_dir, tok))
+    if resolve_dtype(dtype) is not None:
+        model.to(resolve_dtype(dtype))
     out = {}
     for pairs_path in pairs_paths:
         items = _encoded_pairs(pairs_path, tok, chat_template, max_length)
