@@ -14,7 +14,12 @@ weights in float32 and in bfloat16:
    *policy*, which stays in float32: it should not move), the score phase's seconds and the
    frozen weights' size.
 
-Speed and memory at a real model's shape: ``benchmarks/cost.py --methods dvpo dvpo_bf16``.
+4. **the score phase's time at a real shape** (``--shape smollm2-135m``): the frozen
+   reference's log-probs and a GVM's values of a fixed batch (random weights of the shape,
+   ``--rows`` × (``--prompt_len`` + ``--length``)), float32 and bfloat16 alternating
+   (``--repeats`` each), so a drift of the machine's load hits both; and the bytes each holds.
+
+The whole RL step at a real shape: ``benchmarks/cost.py --methods dvpo dvpo_bf16``.
 
     bash scripts/run.sh                      # the default study: runs/sorting, data/sorting
     .venv/bin/python -m benchmarks.frozen_bf16 --seeds 0 1 2 --out benchmarks/results/frozen_bf16
@@ -38,6 +43,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = ("float32", "bfloat16")
+PARTS = ("accuracy", "reference", "rl", "score")
 
 
 def accuracy_effect(runs: Path, data: Path, seeds: list[int]) -> list[dict]:
@@ -146,6 +152,57 @@ def rl_effect(runs: Path, data: Path, seeds: list[int], steps: int, engine: str,
     return rows
 
 
+@torch.no_grad()
+def score_phase_effect(shape: str, rows: int, prompt_len: int, length: int,
+                       repeats: int) -> dict:
+    """Seconds of the score phase's frozen work (reference log-probs + GVM values) on one
+    fixed batch, float32 and bfloat16 interleaved: per dtype the median and range."""
+    import statistics
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.cost import SHAPES
+    from dvpo_lightning.models.value_model import ValueModel
+    from dvpo_lightning.rollout.scoring import policy_logps, response_values
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape])
+    models = {"float32": (LlamaForCausalLM(config).eval(),
+                          ValueModel(LlamaForCausalLM(config).model).eval())}
+    models["bfloat16"] = (LlamaForCausalLM(config).eval(),
+                          ValueModel(LlamaForCausalLM(config).model).eval())
+    for a, b in zip(models["float32"], models["bfloat16"]):  # the same weights, rounded
+        b.load_state_dict(a.state_dict())
+        b.to(torch.bfloat16)
+    vocab = config.vocab_size
+    seq = (torch.randint(0, vocab, (rows, prompt_len)),
+           torch.ones(rows, prompt_len, dtype=torch.bool),
+           torch.randint(0, vocab, (rows, length)), torch.ones(rows, length, dtype=torch.bool))
+
+    def once(dtype: str) -> float:
+        reference, gvm = models[dtype]
+        t0 = time.perf_counter()
+        policy_logps(reference, *seq)
+        response_values(gvm, *seq)
+        return time.perf_counter() - t0
+
+    for dtype in DTYPES:  # warm-up
+        once(dtype)
+    times = {d: [] for d in DTYPES}
+    for _ in range(repeats):
+        for dtype in DTYPES:
+            times[dtype].append(once(dtype))
+    out = {"shape": shape, "rows": rows, "prompt_len": prompt_len, "length": length,
+           "repeats": repeats, "threads": torch.get_num_threads()}
+    for dtype in DTYPES:
+        out[dtype] = {"median_s": statistics.median(times[dtype]), "min_s": min(times[dtype]),
+                      "max_s": max(times[dtype]), "times_s": times[dtype],
+                      "weights_gb": sum(p.numel() * p.element_size() for m in models[dtype]
+                                        for p in m.parameters()) / 2**30}
+    out["bf16_over_fp32"] = out["bfloat16"]["median_s"] / out["float32"]["median_s"]
+    return out
+
+
 def _mean(rows: list[dict], key: str, **where) -> float:
     vals = [r[key] for r in rows if all(r[k] == v for k, v in where.items())]
     return sum(vals) / len(vals)
@@ -197,6 +254,19 @@ def markdown(result: dict) -> str:
                          f"{_mean(rl, 'kl', dtype=d):.4f} | {_mean(rl, 'win_rate', dtype=d):.4f} "
                          f"| | {_mean(rl, 'score_s', dtype=d):.4f} | |")
         lines.append("")
+    score = result.get("score_phase")
+    if score:
+        lines += [f"## The score phase's frozen work at the {score['shape']} shape", "",
+                  f"The reference's log-probs and a GVM's values of {score['rows']} rows × "
+                  f"({score['prompt_len']} + {score['length']}) tokens, random weights, "
+                  f"{score['threads']} thread(s); float32 and bfloat16 alternating, "
+                  f"{score['repeats']} times each (median, min–max):", "",
+                  "| frozen dtype | seconds | weights (GB) |", "|---|---|---|"]
+        for d in DTYPES:
+            r = score[d]
+            lines.append(f"| {d} | {r['median_s']:.3f} ({r['min_s']:.3f}–{r['max_s']:.3f}) | "
+                         f"{r['weights_gb']:.3f} |")
+        lines += ["", f"bfloat16 ÷ float32: {score['bf16_over_fp32']:.2f}", ""]
     lines.append(f"Commit {m['commit']}; {m['when']}; {m['note']}")
     return "\n".join(lines) + "\n"
 
@@ -209,13 +279,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rl_steps", type=int, default=60, help="0 skips the DVPO runs")
     p.add_argument("--engine", default="hf", choices=("hf", "vllm"),
                    help="vllm needs heads of 32+ dims on a CPU (not the embedded task)")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                   help="which measurements (score: a real shape, random weights)")
+    p.add_argument("--shape", default="smollm2-135m", help="the score part's model shape")
+    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--prompt_len", type=int, default=32)
+    p.add_argument("--length", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default="benchmarks/results/frozen_bf16")
     p.add_argument("--note", default="", help="what else ran on the machine, for the table")
     args = p.parse_args(argv)
     runs, data, out = (Path(x).resolve() for x in (args.runs, args.data, args.out))
     out.mkdir(parents=True, exist_ok=True)
-    for need in [data / "eval_pairs.jsonl", *(runs / k / f"seed{s}" / "model" for k in
-                                              ("sft", "gvm", "reward_model") for s in args.seeds)]:
+    trained = {"accuracy", "reference", "rl"} & set(args.parts)
+    needs = [data / "eval_pairs.jsonl", *(runs / k / f"seed{s}" / "model" for k in
+                                          ("sft", "gvm", "reward_model") for s in args.seeds)]
+    for need in needs if trained else []:
         if not need.exists():
             raise SystemExit(f"frozen_bf16: {need} is missing; run the default study first "
                              "(bash scripts/run.sh) or point --runs / --data at one")
@@ -228,10 +307,15 @@ def main(argv: list[str] | None = None) -> dict:
                        "seeds": args.seeds, "commit": commit,
                        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                        "note": args.note},
-              "accuracy": accuracy_effect(runs, data, args.seeds),
-              "reference": reference_effect(runs, data, args.seeds),
+              "accuracy": accuracy_effect(runs, data, args.seeds)
+              if "accuracy" in args.parts else [],
+              "reference": reference_effect(runs, data, args.seeds)
+              if "reference" in args.parts else [],
               "rl": rl_effect(runs, data, args.seeds, args.rl_steps, args.engine, out)
-              if args.rl_steps else []}
+              if "rl" in args.parts and args.rl_steps else [],
+              "score_phase": score_phase_effect(args.shape, args.rows, args.prompt_len,
+                                                args.length, args.repeats)
+              if "score" in args.parts else None}
     (out / "frozen_bf16.json").write_text(json.dumps(result, indent=1))
     (out / "frozen_bf16.md").write_text(markdown(result))
     print(markdown(result))
