@@ -44,6 +44,36 @@ TASK_DATA_ARGS = dict(n_sft=400, n_trajectory_prompts=300, n_rl_prompts=64, n_ev
                       n_eval_pair_prompts=60, seed=0)
 
 
+# The test tiers (docs/development.md#tests). A test is in the integration tier when it trains
+# or serves tiny models (it uses one of these fixtures, directly or through another) or its file
+# runs whole runs by other means (the CLI, vLLM, several processes, pipelines, benchmarks);
+# every other test is a fast unit test of a pure part. `bash scripts/test.sh --fast` runs the
+# fast tier alone; `bash scripts/test.sh` runs both.
+INTEGRATION_FIXTURES = {"artifacts", "artifacts32", "sft_model_dir", "make_trainer"}
+INTEGRATION_FILES = {
+    # whole runs through the CLI, pipelines, resumes and crashes
+    "test_cli.py", "test_crash_resume.py", "test_pipeline_e2e.py", "test_pipeline_resume.py",
+    "test_pipeline_grid_run.py", "test_pipeline_seed_scope.py", "test_resume.py",
+    "test_instruct_pipeline.py", "test_your_data.py", "test_sweep.py", "test_smollm2.py",
+    "test_stage1_training.py", "test_stage_cli_warnings.py", "test_wandb_logger.py",
+    "test_log_steps.py", "test_offload.py", "test_step_unit.py", "test_overoptimisation.py",
+    # vLLM, several processes, DeepSpeed
+    "test_vllm_engine.py", "test_vllm_push.py", "test_multiprocess.py", "test_deepspeed_cpu.py",
+    "test_engine_precision.py",
+    # benchmarks and the GPU session script
+    "test_benchmark_cost.py", "test_benchmark_decode.py", "test_benchmark_engine_process_ab.py",
+    "test_benchmark_frozen_bf16.py",
+    "test_benchmark_logps_memory.py", "test_benchmark_mfu.py", "test_gpu_session.py",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if (INTEGRATION_FIXTURES & set(item.fixturenames)
+                or item.path.name in INTEGRATION_FILES or item.get_closest_marker("slow")):
+            item.add_marker(pytest.mark.integration)
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
