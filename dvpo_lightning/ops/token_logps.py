@@ -41,6 +41,16 @@ def _row_chunks(rows: int, width: int, chunk_tokens: int):
         yield slice(start, min(start + step, rows))
 
 
+def _head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """``hidden @ weightᵀ`` for ``hidden (n, t, H)`` — a column slice of the body's output, so
+    not contiguous — as one ``(n·t, H) @ (H, V)`` product. Handed the 3-D slice, ``matmul``
+    cannot fold it into one matrix and broadcasts the ``(V, H)`` weight to a batched product,
+    copying it once per row: measured at the SmolLM2-135M shape on CPU, 1.7× slower in float32
+    and 15× in bfloat16 than this."""
+    n, t, width = hidden.shape
+    return (hidden.reshape(n * t, width) @ weight.T).view(n, t, -1)
+
+
 def _normaliser(z: Tensor, with_entropy: bool,
                 truncated: bool = False) -> tuple[Tensor, Tensor | None]:
     """``lse (…)`` and the entropy (or None) of a float chunk ``z (…, V)``, which it
@@ -141,7 +151,7 @@ class _HeadTokenLogps(torch.autograd.Function):
         picked = torch.empty_like(lse)
         entropy = torch.empty_like(lse) if with_entropy else lse.new_empty(0)
         for rows in _row_chunks(b, t, chunk_tokens):
-            z = (hidden[rows, cols].to(compute_dtype) @ w.T).to(acc)
+            z = _head_logits(hidden[rows, cols].to(compute_dtype), w).to(acc)
             if sampling is not None:
                 z = transform_logits(z, sampling, targets[rows])
             picked[rows] = z.gather(2, targets[rows, :, None]).squeeze(-1)
@@ -168,7 +178,7 @@ class _HeadTokenLogps(torch.autograd.Function):
         g = grad_logp.to(lse.dtype)
         for rows in _row_chunks(b, t, ctx.chunk_tokens):
             h = hidden[rows, cols].to(cdt)
-            z = (h @ w.T).to(lse.dtype)
+            z = _head_logits(h, w).to(lse.dtype)
             dz = (_dlogp_dz(z, lse[rows], g[rows], targets[rows]) if ctx.sampling is None else
                   _dlogp_dz_sampled(z, lse[rows], g[rows], targets[rows], ctx.sampling)).to(cdt)
             if grad_h is not None:
