@@ -161,14 +161,13 @@ def test_zero_gradient_guard_sees_a_nonfinite_gradient(start_weights, tmp_path, 
 
 def test_zero_frozen_models_dtype_is_a_choice(tmp_path, task_data, artifacts):
     """Under bf16-mixed DeepSpeed casts every parameter of the module: unset, the frozen
-    reference and GVM follow the policy into bfloat16 (and the start-up log says so), as they
-    do with ``auto``; with ``frozen_dtype=float32`` they hold their loaded float32 weights,
-    exactly."""
+    reference and GVM follow the policy into bfloat16 (and the start-up log says so); with
+    ``frozen_dtype=float32`` they hold their loaded float32 weights, exactly. (``auto`` leaves
+    them to the strategy: ``test_frozen_dtype.py``.)"""
     from dvpo_lightning.models import ValueModel
 
     runs = _run_together(tmp_path, task_data, artifacts, {
-        str(d): ("2", {"precision": "bf16-mixed", "frozen_dtype": d})
-        for d in (None, "float32", "auto")})
+        str(d): ("2", {"precision": "bf16-mixed", "frozen_dtype": d}) for d in (None, "float32")})
     tok = load_tokenizer(artifacts.policy)
     loaded = {"reference": load_causal_lm(artifacts.policy, tok),
               "gvm": ValueModel.from_pretrained(artifacts.gvm, tok)}
