@@ -30,6 +30,7 @@ Writes ``frozen_bf16.json`` and ``frozen_bf16.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import os
@@ -167,13 +168,9 @@ def score_phase_effect(shape: str, rows: int, prompt_len: int, length: int,
 
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[shape])
-    models = {"float32": (LlamaForCausalLM(config).eval(),
-                          ValueModel(LlamaForCausalLM(config).model).eval())}
-    models["bfloat16"] = (LlamaForCausalLM(config).eval(),
-                          ValueModel(LlamaForCausalLM(config).model).eval())
-    for a, b in zip(models["float32"], models["bfloat16"]):  # the same weights, rounded
-        b.load_state_dict(a.state_dict())
-        b.to(torch.bfloat16)
+    full = (LlamaForCausalLM(config).eval(), ValueModel(LlamaForCausalLM(config).model).eval())
+    models = {"float32": full,  # the same weights, rounded
+              "bfloat16": tuple(copy.deepcopy(m).to(torch.bfloat16) for m in full)}
     vocab = config.vocab_size
     seq = (torch.randint(0, vocab, (rows, prompt_len)),
            torch.ones(rows, prompt_len, dtype=torch.bool),

@@ -177,14 +177,14 @@ class _HeadTokenLogps(torch.autograd.Function):
                   if ctx.needs_input_grad[1] else None)
         g = grad_logp.to(lse.dtype)
         for rows in _row_chunks(b, t, ctx.chunk_tokens):
-            h = hidden[rows, cols].to(cdt)
-            z = _head_logits(h, w).to(lse.dtype)
+            h = hidden[rows, cols].to(cdt).flatten(0, 1)  # (n·t, H): one copy, used twice
+            z = (h @ w.T).view(*targets[rows].shape, -1).to(lse.dtype)
             dz = (_dlogp_dz(z, lse[rows], g[rows], targets[rows]) if ctx.sampling is None else
                   _dlogp_dz_sampled(z, lse[rows], g[rows], targets[rows], ctx.sampling)).to(cdt)
             if grad_h is not None:
                 grad_h[rows, cols] = dz @ w
             if grad_w is not None:
-                grad_w += (dz.flatten(0, 1).T @ h.flatten(0, 1)).to(grad_w.dtype)
+                grad_w += (dz.flatten(0, 1).T @ h).to(grad_w.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
