@@ -54,19 +54,18 @@ def our_grpo_settings(config: Path) -> dict:
     from dvpo_lightning.data.rollout import RolloutDataModule
     from dvpo_lightning.estimators import GRPO
     from dvpo_lightning.models.options import ModelOptions
-    from dvpo_lightning.modules import DVPOModule
     from dvpo_lightning.modules.kl_penalty import KLSettings
-    from dvpo_lightning.modules.optim import adamw
+    from dvpo_lightning.modules.optim import RLOptimSettings, adamw
     from dvpo_lightning.modules.ppo import PPOSettings
     from dvpo_lightning.rollout.settings import RolloutSettings
 
     doc = yaml.safe_load(Path(config).read_text())
     given = dict(doc["model"]["init_args"])
     estimator = given.pop("estimator", {}) or {}
-    model = {**_defaults(DVPOModule), **given}
     kl, ppo = KLSettings(**given.get("kl", {})), PPOSettings(**given.get("ppo", {}))
     rollout = RolloutSettings(**given.get("rollout", {}))
     models = ModelOptions(**given.get("models", {}))
+    optim = RLOptimSettings(**given.get("optim", {}))
     est = {**_defaults(GRPO), **(estimator.get("init_args") or {})}
     data = {**_defaults(RolloutDataModule), **(doc.get("data", {}).get("init_args") or {})}
     return {"kl_coef": kl.coef, "kl_estimator": kl.estimator, "kl_where": kl.where,
@@ -74,7 +73,7 @@ def our_grpo_settings(config: Path) -> dict:
             "loss_aggregation": ppo.loss_aggregation,
             "whiten_advantages": ppo.whiten_advantages,
             "temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k,
-            "lr": model["lr"], "weight_decay": model["weight_decay"],
+            "lr": optim.lr, "weight_decay": optim.weight_decay,
             "adam_betas": list(_defaults(adamw)["betas"]),
             "max_grad_norm": ppo.max_grad_norm, "scale": est["scale"],
             "data_seed": data["seed"], "data_shuffle": data["shuffle"],

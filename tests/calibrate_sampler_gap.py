@@ -48,7 +48,7 @@ def test_measure(precision, dtype, lora, artifacts32, task_data, tmp_path, monke
              "--model.init_args.rollout.vllm.push_check=false",
              f"--model.init_args.rollout.vllm.dtype={dtype}",
              f"--trainer.precision={precision}",
-             "--model.init_args.lr=" + ("1e-4" if lora else "5e-5")]
+             "--model.init_args.optim.lr=" + ("1e-4" if lora else "5e-5")]
     if lora:
         extra.append("--model.init_args.models.lora.r=8")
     cli, _ = make_cli("dvpo", tmp_path, artifacts32, task_data, *extra, rl_steps=4,

@@ -138,11 +138,12 @@ def sft_model_dir(task_data, tokenizer_dir, tmp_path_factory) -> str:
     import lightning as L
 
     from dvpo_lightning.data.sft import SFTDataModule
-    from dvpo_lightning.modules import SFTModule
+    from dvpo_lightning.modules import OptimSettings, SFTModule
 
     root = tmp_path_factory.mktemp("sft_artifact")
     L.seed_everything(0, verbose=False)
-    module = SFTModule(backbone="test-llama", tokenizer=tokenizer_dir, lr=1e-2, warmup_steps=0,
+    module = SFTModule(backbone="test-llama", tokenizer=tokenizer_dir,
+                       optim=OptimSettings(lr=1e-2, warmup_steps=0),
                        export_dir=str(root / "model"))
     data = SFTDataModule(train_path=os.path.join(task_data, "sft.jsonl"), tokenizer=tokenizer_dir,
                          batch_size=16, max_length=32)

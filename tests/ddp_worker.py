@@ -27,6 +27,7 @@ from dvpo_lightning.data.rollout import RolloutDataModule
 from dvpo_lightning.estimators import GRPO, GVM
 from dvpo_lightning.modules.dvpo import DVPOModule
 from dvpo_lightning.modules.kl_penalty import KLSettings
+from dvpo_lightning.modules.optim import OptimSettings, RLOptimSettings
 from dvpo_lightning.modules.ppo import PPOSettings
 from dvpo_lightning.modules.reward_scale import RewardSettings
 from dvpo_lightning.rollout.settings import RolloutSettings
@@ -76,7 +77,8 @@ def sft_gold_eval(out: str, devices: int, data: str, policy: str) -> dict:
                         num_sanity_val_steps=0, callbacks=[gold], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=out)
-    trainer.fit(SFTModule(backbone=policy, tokenizer=f"{data}/tokenizer", lr=0.0),
+    trainer.fit(SFTModule(backbone=policy, tokenizer=f"{data}/tokenizer",
+                          optim=OptimSettings(lr=0.0)),
                 SFTDataModule(train_path=f"{data}/sft.jsonl", tokenizer=f"{data}/tokenizer",
                               batch_size=4, max_length=32))
     return {"rank": trainer.global_rank, "world_size": trainer.world_size, "final": gold.last,
@@ -91,9 +93,9 @@ def dpo_eval(out: str, devices: int, data: str, policy: str) -> dict:
     from dvpo_lightning.data.dpo import DPODataModule
     from dvpo_lightning.modules import DPOModule
 
-    module = DPOModule(policy=policy, tokenizer=f"{data}/tokenizer", judge="sorting", lr=1e-2,
-                       warmup_steps=0, rollout=RolloutSettings(max_new_tokens=6,
-                                                               eval_seed=5))
+    module = DPOModule(policy=policy, tokenizer=f"{data}/tokenizer", judge="sorting",
+                       optim=OptimSettings(lr=1e-2, warmup_steps=0),
+                       rollout=RolloutSettings(max_new_tokens=6, eval_seed=5))
     dm = DPODataModule(train_path=f"{data}/pairs.jsonl", val_path=f"{data}/eval_pairs.jsonl",
                        tokenizer=f"{data}/tokenizer", eval_path=f"{data}/eval_prompts.jsonl",
                        max_eval_prompts=5, batch_size=8 // devices, val_batch_size=2,
@@ -143,7 +145,7 @@ def main() -> None:
         # (target: near the rollout's KL of about 3.15 per response, so that neither rank's
         # error is clipped to ±0.2: β would move alike on both ranks whatever they observed)
     per_rank = total_prompts // devices
-    model = Recording(policy=policy, estimator=estimator, lr=1e-3,
+    model = Recording(policy=policy, estimator=estimator, optim=RLOptimSettings(lr=1e-3),
                       rollout=RolloutSettings(engine=engine, max_new_tokens=6,
                                               temperature=temperature, eval_greedy=True),
                       ppo=PPOSettings(epochs=1, mini_batch_size=per_rank * group,

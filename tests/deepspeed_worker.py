@@ -28,6 +28,7 @@ from dvpo_lightning.data.rollout import RolloutDataModule  # noqa: E402
 from dvpo_lightning.estimators import GVM  # noqa: E402
 from dvpo_lightning.models.options import ModelOptions  # noqa: E402
 from dvpo_lightning.modules.dvpo import DVPOModule  # noqa: E402
+from dvpo_lightning.modules.optim import RLOptimSettings  # noqa: E402
 from dvpo_lightning.modules.ppo import PPOSettings  # noqa: E402
 from dvpo_lightning.rollout.settings import RolloutSettings  # noqa: E402
 from dvpo_lightning.runtime.guards import GuardSettings  # noqa: E402
@@ -43,7 +44,8 @@ def main() -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     accum = opts.get("grad_accum", 1)
-    model = DVPOModule(policy=policy, estimator=GVM(), value_model=gvm, lr=opts.get("lr", 1e-3),
+    model = DVPOModule(policy=policy, estimator=GVM(), value_model=gvm,
+                       optim=RLOptimSettings(lr=opts.get("lr", 1e-3)),
                        rollout=RolloutSettings(max_new_tokens=6, temperature=0.0,
                                                engine=engine),
                        ppo=PPOSettings(epochs=1, mini_batch_size=4 // devices // accum,

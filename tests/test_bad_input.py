@@ -123,20 +123,21 @@ def test_prompt_that_encodes_to_no_tokens(tmp_path):
 
 def test_sequence_longer_than_the_context():
     config = LlamaConfig(max_position_embeddings=64)
-    msg = message(ValueError, check_fits_context, 100, config, "data.max_length")
-    assert msg == ("data.max_length (100 tokens) is longer than the model's context "
-                   "(max_position_embeddings=64 in LlamaConfig). Fix: set data.max_length to at "
+    msg = message(ValueError, check_fits_context, 100, config, "data.init_args.max_length")
+    assert msg == ("data.init_args.max_length (100 tokens) is longer than the model's context "
+                   "(max_position_embeddings=64 in LlamaConfig). Fix: set "
+                   "data.init_args.max_length to at "
                    "most 64, or use a model with a longer context")
     check_fits_context(64, config)
     msg = message(ValueError, check_fits_context, 600, "test-llama",
-                  "data.max_prompt_length + model.max_new_tokens")
+                  "data.init_args.max_prompt_length + model.max_new_tokens")
     assert_parts(msg, "(600 tokens)", "max_position_embeddings=512 in test-llama",
-                 "Fix: set data.max_prompt_length + model.max_new_tokens to at most 512")
+                 "Fix: set data.init_args.max_prompt_length + model.max_new_tokens to at most 512")
 
 
 def test_model_directory_context_and_missing_directory(artifacts, tmp_path):
     msg = message(ValueError, check_fits_context, 4096, artifacts.policy)
-    assert_parts(msg, "data.max_length (4096 tokens)",
+    assert_parts(msg, "data.init_args.max_length (4096 tokens)",
                  f"max_position_embeddings=512 in {artifacts.policy}", "at most 512")
     msg = message(FileNotFoundError, check_fits_context, 8, str(tmp_path / "nope"))
     assert_parts(msg, "nope' does not exist", "Fix: check the path")
@@ -150,7 +151,8 @@ def test_sft_fit_refuses_data_longer_than_the_context(task_data, tokenizer_dir, 
     data = SFTDataModule(train_path=str(Path(task_data) / "sft.jsonl"), tokenizer=tokenizer_dir,
                          batch_size=4, max_length=1024)
     trainer = make_trainer(tmp_path, max_steps=1)
-    with pytest.raises(ValueError, match=r"data.max_length \(1024 tokens\) is longer than the "
+    with pytest.raises(ValueError, match=r"data.init_args.max_length \(1024 tokens\) is longer "
+                                          "than the "
                                          r"model's context \(max_position_embeddings=512"):
         trainer.fit(module, data)
     assert trainer.global_step == 0
@@ -179,7 +181,7 @@ def test_other_tokenizer(artifacts, tokenizer_dir, tmp_path):
     assert_parts(msg, f"the reward model in {other} was trained with another tokenizer: 14 "
                  "tokens (vocab sha256 ", "against 15 (vocab sha256 ", "in the run's tokenizer "
                  f"{artifacts.policy}", "token '0': id 4 in the "
-                 "run's, absent here", "Fix: point model.reward_model at a reward model "
+                 "run's, absent here", "Fix: point model.init_args.reward_model at a reward model "
                  "trained from the policy's backbone and tokenizer")
 
 
@@ -191,7 +193,7 @@ def test_embedding_table_smaller_than_the_vocabulary(tokenizer_dir, tmp_path):
     msg = message(ValueError, check_compatible, tok, other, "gvm")
     assert_parts(msg, f"the GVM in {other} has an embedding table of vocab_size=5, smaller than "
                  f"the run's tokenizer ({len(tok)} tokens", "token ids >= 5 would index past "
-                 "it", "Fix: point model.value_model at a GVM trained from the policy's")
+                 "it", "Fix: point model.init_args.value_model at a GVM trained from the policy's")
 
 
 def test_other_eos_token(tokenizer_dir, tmp_path):
@@ -204,7 +206,7 @@ def test_other_eos_token(tokenizer_dir, tmp_path):
     msg = message(ValueError, check_compatible, tok, other, "reference")
     assert_parts(msg, f"the reference policy in {other} ends sequences with EOS id "
                  f"{same_vocab.eos_token_id}, the run's tokenizer with {tok.eos_token_id}",
-                 "Fix: point model.reference at the SFT policy the run starts from")
+                 "Fix: point model.init_args.reference at the SFT policy the run starts from")
     assert_parts(message(ValueError, check_compatible, tok, other, "judge"),
                  "role='judge' is not one of", "'gvm'")
 
@@ -215,7 +217,7 @@ def test_data_tokenizer_is_not_the_policys(artifacts, tmp_path):
     assert_parts(msg, f"the policy in {artifacts.policy} was trained with another tokenizer",
                  "in the run's tokenizer (in memory)", "token '+': id 14 in the run's, absent "
                  "here",
-                 "Fix: set data.tokenizer to the policy's directory")
+                 "Fix: set data.init_args.tokenizer to the policy's directory")
 
 
 # --- batch size and group size -------------------------------------------------------------
@@ -223,19 +225,23 @@ def test_data_tokenizer_is_not_the_policys(artifacts, tmp_path):
 
 def test_rollout_batch_rules():
     assert message(ValueError, check_rollout_batch, 3, 2, 4) == (
-        "the rollout batch (6 responses = data.batch_size 3 × the estimator's group_size 2) "
-        "must be a multiple of model.ppo.mini_batch_size (4). Fix: set "
-        "model.ppo.mini_batch_size to one of [1, 2, 3, 6], or change data.batch_size")
+        "the rollout batch (6 responses = data.init_args.batch_size 3 × the estimator's group_size "
+        "2) "
+        "must be a multiple of model.init_args.ppo.mini_batch_size (4). Fix: set "
+        "model.init_args.ppo.mini_batch_size to one of [1, 2, 3, 6], or change "
+        "data.init_args.batch_size")
     assert_parts(message(ValueError, check_rollout_batch, 0, 1),
-                 "data.batch_size must be >= 1, got 0")
+                 "data.init_args.batch_size must be >= 1, got 0")
     check_rollout_batch(4, 4, 8)
     check_rollout_batch(4, 4, None)
 
 
 def test_fewer_prompts_than_one_batch():
     msg = message(ValueError, EpochShuffleSampler, 5, 0, batch_size=4, world_size=2)
-    assert msg == ("one RL step takes data.batch_size × processes = 4 × 2 = 8 prompts, but the "
-                   "prompt file has only 5. Fix: lower data.batch_size to at most 2, or add "
+    assert msg == ("one RL step takes data.init_args.batch_size × processes = 4 × 2 = 8 prompts, "
+                   "but the "
+                   "prompt file has only 5. Fix: lower data.init_args.batch_size to at most 2, or "
+                   "add "
                    "prompts")
 
 
@@ -305,8 +311,14 @@ def test_suggest_key():
     assert suggest_key("KL-COEF", valid) == "kl_coef"
     assert suggest_key("lrr", valid) == "lr"
     assert suggest_key("zzz", valid) is None
-    dotted = ["trainer.max_steps", "trainer.max_epochs", "data.max_length"]
+    dotted = ["trainer.max_steps", "trainer.max_epochs", "data.init_args.max_length"]
     assert suggest_key("trainer.max_stepz", dotted) == "trainer.max_steps"
+    # a key that lives in a settings group is found there, misspelt or not
+    grouped = ["backbone", "optim", "optim.lr", "optim.warmup_steps", "models", "models.lora"]
+    assert suggest_key("lr", grouped) == "optim.lr"
+    assert suggest_key("lrr", grouped) == "optim.lr"
+    assert suggest_key("warmup", grouped) == "optim.warmup_steps"
+    assert suggest_key("lora.r", grouped) == "models.lora.r"
 
 
 # jsonargparse 4's three shapes of the message, as printed
@@ -326,7 +338,7 @@ def test_add_key_suggestions_to_jsonargparse_messages():
     assert out.startswith(CLASS_OPTION)
     assert_parts(out, "unknown key 'versio' for GVM: did you mean 'version'?",
                  "unknown key 'kl_cof' for SFTModule; the valid keys are: backbone, tokenizer, "
-                 "lr, ")
+                 "optim, optim.lr, ")
     parser = SimpleNamespace(_actions=[SimpleNamespace(option_strings=["-h", "--help"]),
                                        SimpleNamespace(option_strings=["--trainer.max_steps"]),
                                        SimpleNamespace(option_strings=["--data.max_length"])])
@@ -340,7 +352,9 @@ def test_add_key_suggestions_to_jsonargparse_messages():
 
 
 @pytest.mark.parametrize("bad,hint", [
-    ("--model.init_args.lrr=0.1", "unknown key 'lrr' for SFTModule: did you mean 'lr'?"),
+    ("--model.init_args.lrr=0.1", "unknown key 'lrr' for SFTModule: did you mean 'optim.lr'?"),
+    ("--model.init_args.lora.r=4",
+     "unknown key 'lora.r' in the config: did you mean 'models.lora.r'?"),
     ("--data.init_args.batch_sise=4",
      "unknown key 'batch_sise' for SFTDataModule: did you mean 'batch_size'?"),
     ("--trainer.max_stepz=3",

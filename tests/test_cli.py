@@ -46,8 +46,11 @@ def test_fit_help_subprocess():
 
 
 @pytest.mark.parametrize("cls,line", [
-    ("dvpo_lightning.modules.SFTModule", "--model.lr LR peak learning rate (AdamW)."),
-    ("GVMModule", "--model.target TARGET ``td0``, ``td_lambda`` or ``mc``."),
+    ("dvpo_lightning.modules.SFTModule", "--model.optim.lr LR peak learning rate."),
+    ("GVMModule", "--model.returns.target {td0,td_lambda,mc} ``td0``: the paper's Eq. 1"),
+    # the base's arguments, reached through the GVM's **kwargs, keep their documentation
+    ("GVMModule", "--model.zero_init_head {true,false} start the head at zero"),
+    ("DVPOModule", "--model.optim.critic_lr CRITIC_LR the critic's learning rate"),
 ])
 def test_model_help_shows_init_docstrings(cls, line, capsys):
     with pytest.raises(SystemExit) as e:
@@ -82,7 +85,7 @@ def test_data_command_help(capsys):
 
 def test_print_config_shows_model_class_and_overrides(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--config", SFT_YAML, "--model.lr=0.5", "--print_config"])
+        main(["fit", "--config", SFT_YAML, "--model.optim.lr=0.5", "--print_config"])
     assert e.value.code in (0, None)
     out = capsys.readouterr().out
     assert "class_path: dvpo_lightning.modules.SFTModule" in out
@@ -92,11 +95,12 @@ def test_print_config_shows_model_class_and_overrides(capsys):
     assert re.search(r"^\s+tokenizer: data/sorting/tokenizer$", out, re.M)
 
 
-@pytest.mark.parametrize("lr_flag", ["--model.init_args.lr=0.5", "--model.lr=0.5"])
+@pytest.mark.parametrize("lr_flag", ["--model.init_args.optim.lr=0.5", "--model.optim.lr=0.5"])
 def test_overrides_land_in_the_objects(lr_flag, sft_args):
     cli = cli_main(args=[*sft_args, lr_flag, "--trainer.max_steps=3", "--data.batch_size=7"],
                    run=False)
-    assert cli.model.hparams.lr == 0.5
+    assert cli.model.optim.lr == 0.5
+    assert cli.model.optim.warmup_steps == 100  # from the YAML: the group keeps its other keys
     assert cli.trainer.max_steps == 3
     assert cli.datamodule.batch_size == 7
     assert cli.trainer.max_epochs == 3  # from the YAML, untouched
@@ -119,18 +123,32 @@ def test_unknown_key_is_an_error(bad, name, sft_args, capsys):
     assert "error:" in err.lower() and name in err, err[-2000:]
 
 
-def test_invalid_value_states_the_rule(sft_model_dir, task_data, tmp_path):
-    args = ["--config", str(REPO / "configs" / "gvm.yaml"),
-            f"--model.init_args.backbone={sft_model_dir}",
-            f"--model.init_args.export_dir={tmp_path / 'model'}",
-            f"--data.init_args.tokenizer={Path(task_data) / 'tokenizer'}",
-            f"--data.init_args.train_path={Path(task_data) / 'trajectories.jsonl'}",
-            f"--data.init_args.val_path={Path(task_data) / 'eval_pairs.jsonl'}",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--model.init_args.target=td2"]
-    with pytest.raises(ValueError, match=r"model.target='td2' is not one of \('td0', "
-                                         r"'td_lambda', 'mc'\)"):
-        cli_main(args=args, run=False)
+@pytest.mark.parametrize("key,bad,allowed", [
+    ("model.init_args.returns.target", "td2", "Literal['td0', 'td_lambda', 'mc']"),
+    ("model.init_args.returns.positions", "every", "Literal['all', 'before_token']"),
+    ("model.init_args.models.dtype", "fp8", "'float32', 'bfloat16', 'float16'"),
+    ("data.init_args.train_kind", "ranked", "Literal['scored', 'pairwise']"),
+    ("data.init_args.length_policy", "cut", "Literal['truncate', 'drop', 'error']"),
+])
+def test_a_closed_choice_outside_it_is_refused_with_the_allowed_list(key, bad, allowed, capsys):
+    # every closed choice of a stage is a Literal: the CLI refuses a value outside it, naming
+    # the key and the allowed values, before anything loads
+    with pytest.raises(SystemExit) as e:
+        cli_main(args=["--config", str(REPO / "configs" / "gvm.yaml"), f"--{key}={bad}"],
+                 run=False)
+    assert e.value.code not in (0, None)
+    err = flat(capsys.readouterr().err)
+    assert key.replace("init_args.", "").split(".")[-1] in err and allowed in err and bad in err
+
+
+def test_an_invalid_number_states_the_rule_and_the_key():
+    from dvpo_lightning.modules import OptimSettings, ReturnTargets
+
+    with pytest.raises(ValueError, match=r"model.init_args.returns: lam must be in \[0, 1\]"):
+        ReturnTargets(lam=1.5)
+    with pytest.raises(ValueError, match=r"model.init_args.optim: min_lr_ratio must be in "
+                                         r"\[0, 1\].*Fix the model.init_args.optim"):
+        OptimSettings(min_lr_ratio=2.0)
 
 
 def test_a_null_reaches_a_setting_in_a_group_inside_a_group(capsys):

@@ -229,10 +229,11 @@ def test_rollout_batch_is_checked_from_the_config(config, extra, rollout, group,
     batch = rollout // group
     assert code == 2
     assert error_lines(err) == [
-        f"error: the rollout batch ({rollout} responses = data.batch_size {batch} × the "
-        f"estimator's group_size {group}) must be a multiple of model.ppo.mini_batch_size "
-        f"({mini}). Fix: set model.ppo.mini_batch_size to one of {fits}, or change "
-        "data.batch_size"]
+        f"error: the rollout batch ({rollout} responses = data.init_args.batch_size {batch} × the "
+        f"estimator's group_size {group}) must be a multiple of "
+        "model.init_args.ppo.mini_batch_size "
+        f"({mini}). Fix: set model.init_args.ppo.mini_batch_size to one of {fits}, or change "
+        "data.init_args.batch_size"]
 
 
 def test_estimator_group_size_without_models():
@@ -281,7 +282,8 @@ def test_text_of_another_tokenizer_is_refused(tmp_path, tokenizer_dir, capsys):
     assert error_lines(err) == [
         f"error: {english}: {unk} of its {total} tokens ({unk / total:.0%}) are the unknown "
         f"token '<unk>' of the tokenizer {tokenizer_dir} (more than 50% is refused). Fix: this "
-        "data was written for another tokenizer; point data.tokenizer at the model's tokenizer, "
+        "data was written for another tokenizer; point data.init_args.tokenizer at the model's "
+        "tokenizer, "
         "or use data written for this one"]
 
 
@@ -326,5 +328,6 @@ def test_a_file_smaller_than_one_batch_is_one_error_before_models_load(config, t
     [line] = error_lines(err)
     rows, batch = 5, (64 if config == "gvm.yaml" else 32)
     assert line == (f"error: data.init_args.train_path={small} gives {rows} training rows, "
-                    f"fewer than data.batch_size={batch}, so not one optimizer step can be "
+                    f"fewer than data.init_args.batch_size={batch}, so not one optimizer step can "
+                    "be "
                     f"formed. Fix: set --data.init_args.batch_size={rows} (or less), or add rows")

@@ -232,7 +232,8 @@ def test_every_shipped_deepspeed_config_takes_an_rl_step(tmp_path, task_data, ar
     assert [p.stem for p in DEEPSPEED_CONFIGS] == ["zero1", "zero2", "zero3", "zero3_offload"]
     with ThreadPoolExecutor(max_workers=2) as pool:
         for root, log in pool.map(one, DEEPSPEED_CONFIGS):
-            assert "DeepSpeed: gradient clipping at norm 1 (model.ppo.max_grad_norm)" in log, \
+            assert ("DeepSpeed: gradient clipping at norm 1 "
+                    "(model.init_args.ppo.max_grad_norm)") in log, \
                 (root.name, log[-3000:])
             assert "frozen models (reference, gvm) in bfloat16" in log, root.name
             assert json.loads((root / "summary.json").read_text())["rl_steps"] == 1, root.name

@@ -33,7 +33,7 @@ from dvpo_lightning.models.compat import check_compatible
 from dvpo_lightning.models.frozen_dtype import bf16_kernels
 from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.models.options import ModelOptions
-from dvpo_lightning.modules import DPOModule, DPOSettings
+from dvpo_lightning.modules import DPOModule, DPOSettings, OptimSettings
 from dvpo_lightning.modules.dpo import check_dpo_options
 from dvpo_lightning.report.runs import load_runs
 from dvpo_lightning.rollout.settings import RolloutSettings
@@ -61,7 +61,7 @@ def make_module(sft_model_dir: str, tokenizer_dir: str, lora: bool = False,
     # (12 steps on 16 pairs: full weights margin 0.29 (IPO 0.30), every seed alike; LoRA
     # 0.10–0.14 over 8 seeds of the adapters' init)
     return DPOModule(policy=sft_model_dir, tokenizer=tokenizer_dir, judge="sorting",
-                     lr=5e-3 if lora else 1e-2, warmup_steps=0, models=models,
+                     optim=OptimSettings(lr=5e-3 if lora else 1e-2, warmup_steps=0), models=models,
                      rollout=RolloutSettings(max_new_tokens=8), **kwargs)
 
 
@@ -157,7 +157,8 @@ def test_frozen_dtype_auto_casts_the_reference_where_bf16_has_kernels(task_data,
     L.seed_everything(0, verbose=False)
     train = head_file(f"{task_data}/pairs.jsonl", tmp_path / "pairs16.jsonl", 16)
     dm = make_data(task_data, tokenizer_dir, train, batch_size=8)
-    module = DPOModule(policy=sft_model_dir, tokenizer=tokenizer_dir, lr=1e-2, warmup_steps=0,
+    module = DPOModule(policy=sft_model_dir, tokenizer=tokenizer_dir,
+                       optim=OptimSettings(lr=1e-2, warmup_steps=0),
                        models=ModelOptions(frozen_dtype="auto"),
                        rollout=RolloutSettings(max_new_tokens=8))
     build_trainer(tmp_path, max_steps=2, val_every=2).fit(module, dm)

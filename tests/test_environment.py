@@ -38,7 +38,7 @@ def test_torch_facts_are_torchs(env):
     assert t["mkl"] == torch.backends.mkl.is_available()
     if t["mkl"]:  # the version parsed from torch.__config__.show(), the path from MKL_VERBOSE
         assert t["mkl_version"] and t["mkl_version"][0].isdigit()
-        assert "processors" in t["mkl_dispatch"] and "CNR:" in t["mkl_dispatch"]
+        assert "CNR:" in t["mkl_dispatch"]  # (the ISA's wording varies with the CPU)
     assert env["cpu"]["count"] > 0
 
 

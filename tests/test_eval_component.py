@@ -112,9 +112,9 @@ def test_a_missing_test_file_is_refused_before_training(task_data, tokenizer_dir
 
     dm = RolloutDataModule(f"{task_data}/rl_prompts.jsonl", f"{task_data}/eval_prompts.jsonl",
                            tokenizer_dir, test_path=f"{task_data}/no_such_test.jsonl")
-    with pytest.raises(FileNotFoundError, match="data.test_path"):
+    with pytest.raises(FileNotFoundError, match="data.init_args.test_path"):
         dm.check_files()
     dpo = make_data(task_data, tokenizer_dir, f"{task_data}/pairs.jsonl", batch_size=8)
     dpo.test_path = f"{task_data}/no_such_test.jsonl"
-    with pytest.raises(FileNotFoundError, match="data.test_path"):
+    with pytest.raises(FileNotFoundError, match="data.init_args.test_path"):
         dpo.check_files()

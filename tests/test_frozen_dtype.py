@@ -23,7 +23,7 @@ def test_the_cpu_answer_is_torchs_own_probes():
     assert (bf16_kernels(cpu) is not None) == expected
     dtype, why = resolve_frozen_dtype("auto", cpu)
     assert dtype == ("bfloat16" if expected else None)
-    assert why.startswith("model.models.frozen_dtype=auto: ")
+    assert why.startswith("model.init_args.models.frozen_dtype=auto: ")
 
 
 def test_a_cpu_without_bf16_kernels_keeps_the_loaded_dtype(monkeypatch):
@@ -34,7 +34,7 @@ def test_a_cpu_without_bf16_kernels_keeps_the_loaded_dtype(monkeypatch):
     dtype, line = cast_frozen(frozen, "auto", torch.device("cpu"))
     assert dtype is None and _dtypes(frozen) == {torch.float32}
     assert line == ("frozen models (reference, gvm) in their loaded dtype "
-                    "(model.models.frozen_dtype=auto: cpu has no bfloat16 kernels)")
+                    "(model.init_args.models.frozen_dtype=auto: cpu has no bfloat16 kernels)")
 
 
 def test_a_cpu_with_bf16_kernels_casts_them(monkeypatch):
@@ -44,7 +44,7 @@ def test_a_cpu_with_bf16_kernels_casts_them(monkeypatch):
     dtype, line = cast_frozen(frozen, "auto", torch.device("cpu"))
     assert dtype == "bfloat16" and _dtypes(frozen) == {torch.bfloat16}
     assert line == ("frozen models (reference, gvm) in bfloat16 "
-                    "(model.models.frozen_dtype=auto: a CPU with AVX-512 BF16)")
+                    "(model.init_args.models.frozen_dtype=auto: a CPU with AVX-512 BF16)")
 
 
 def test_explicit_settings_and_casting_strategies_are_left_alone():

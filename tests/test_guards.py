@@ -100,7 +100,8 @@ def test_kl_bound_stops_or_warns(tmp_path, artifacts, task_data):
     k3 = "--model.init_args.kl.estimator=k3"
     cli = rl("dvpo", tmp_path / "stop", artifacts, task_data, "--model.init_args.kl.bound=1e-9",
              k3)
-    with pytest.raises(KLBoundError, match=r"exceeds model.kl.bound=1e-09.*Raise model.kl.coef"):
+    with pytest.raises(KLBoundError, match=r"exceeds model.init_args.kl.bound=1e-09.*Raise "
+                                           r"model.init_args.kl.coef"):
         cli.trainer.fit(cli.model, cli.datamodule)
     assert cli.trainer.global_step == 1
     cli = rl("dvpo", tmp_path / "warn", artifacts, task_data, "--model.init_args.kl.bound=1e-9",

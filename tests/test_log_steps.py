@@ -14,7 +14,7 @@ from test_stage1_training import head_file
 
 from dvpo_lightning.callbacks import grad_norm
 from dvpo_lightning.data.pairwise import PairwiseDataModule
-from dvpo_lightning.modules import RewardModelModule
+from dvpo_lightning.modules import OptimSettings, RewardModelModule
 from dvpo_lightning.runtime.deepspeed import local_grad_norm
 
 STEPS = 10
@@ -27,7 +27,8 @@ def train(task_data: str, sft_model_dir: str, root, make_trainer, every: int):
     pairs = head_file(os.path.join(task_data, "pairs.jsonl"), root / "pairs.jsonl", 16)
     dm = PairwiseDataModule(train_path=pairs, val_path=pairs, tokenizer=sft_model_dir,
                             batch_size=4, max_length=32)
-    module = RewardModelModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0)
+    module = RewardModelModule(backbone=sft_model_dir,
+                               optim=OptimSettings(lr=1e-2, warmup_steps=0))
     logger = CSVLogger(str(root), name="logs", version=0)
     make_trainer(root, max_steps=STEPS, logger=logger, log_every_n_steps=every).fit(module, dm)
     with open(root / "logs" / "version_0" / "metrics.csv") as f:

@@ -20,7 +20,8 @@ from dvpo_lightning.callbacks import CostMeter
 from dvpo_lightning.data.value import ValueDataModule
 from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
 from dvpo_lightning.models.lora import LoraOptions, merged_copy
-from dvpo_lightning.modules import GVMModule, SFTModule
+from dvpo_lightning.models.options import LoadOptions
+from dvpo_lightning.modules import GVMModule, OptimSettings, SFTModule
 from dvpo_lightning.rollout.scoring import policy_logps
 
 
@@ -41,7 +42,7 @@ def _split(module: torch.nn.Module, before: dict, prefix: str = "") -> tuple[set
 
 def test_dvpo_with_lora_trains_adapters_only_and_exports_merged(artifacts, task_data, tmp_path):
     cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.models.lora.r=4",
-                      "--model.init_args.lr=1e-2")
+                      "--model.init_args.optim.lr=1e-2")
     module = cli.model
     assert module.experience.shared_reference and set(module.frozen) == {"gvm"}  # no copy
     base = AutoModelForCausalLM.from_pretrained(artifacts.policy)
@@ -83,8 +84,9 @@ def test_gvm_with_lora_trains_adapters_and_head(task_data, sft_model_dir, tmp_pa
                                                 make_trainer):
     L.seed_everything(0, verbose=False)
     dm = pair_data(task_data, sft_model_dir)
-    module = GVMModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0,
-                       export_dir=str(tmp_path / "gvm"), lora=LoraOptions(r=4))
+    module = GVMModule(backbone=sft_model_dir, optim=OptimSettings(lr=1e-2, warmup_steps=0),
+                       export_dir=str(tmp_path / "gvm"),
+                       models=LoadOptions(lora=LoraOptions(r=4)))
     before = {k: v.detach().clone() for k, v in module.model.named_parameters()}
     make_trainer(tmp_path, max_steps=3).fit(module, dm)
 
@@ -113,7 +115,8 @@ def test_gradient_checkpointing_same_loss_and_gradients(task_data, tokenizer_dir
     for ckpt in (False, True):
         torch.manual_seed(0)
         module = SFTModule(backbone="tiny-llama", tokenizer=tokenizer_dir,
-                           gradient_checkpointing=ckpt, attn_implementation="eager").train()
+                           models=LoadOptions(gradient_checkpointing=ckpt,
+                                              attn_implementation="eager")).train()
         assert module.model.is_gradient_checkpointing == ckpt
         loss, _ = module(batch)
         loss.backward()
@@ -163,8 +166,8 @@ def test_stages_train_in_train_mode(lora, task_data, sft_model_dir, tmp_path, ma
     its model to train mode, or dropout, LoRA dropout and gradient checkpointing are off."""
     L.seed_everything(0, verbose=False)
     dm = pair_data(task_data, sft_model_dir)
-    module = GVMModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0,
-                       lora=lora, gradient_checkpointing=True)
+    module = GVMModule(backbone=sft_model_dir, optim=OptimSettings(lr=1e-2, warmup_steps=0),
+                       models=LoadOptions(lora=lora, gradient_checkpointing=True))
     record = _RecordMode()
     trainer = make_trainer(tmp_path, max_steps=3)
     trainer.callbacks.append(record)

@@ -36,7 +36,7 @@ def write_study(root: Path) -> Path:
         "stages": [
             {"name": "sft", "config": cfg("sft"), "artifact": "runs/sorting/sft/model",
              "args": [*stage1, "--trainer.max_steps=6", "--model.init_args.backbone=test-llama",
-                      "--model.init_args.warmup_steps=0", "--data.init_args.batch_size=16",
+                      "--model.init_args.optim.warmup_steps=0", "--data.init_args.batch_size=16",
                       "--trainer.val_check_interval=1.0"]},
             {"name": "reward_model", "config": cfg("reward_model"),
              "artifact": "runs/sorting/reward_model/model",

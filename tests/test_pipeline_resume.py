@@ -25,7 +25,8 @@ class Crash(RuntimeError):
 
 def _stage(max_steps: int = 6) -> dict:
     return {"name": "sft", "config": str(REPO / "configs" / "sft.yaml"), "artifact": ART,
-            "args": ["--model.init_args.backbone=test-llama", "--model.init_args.warmup_steps=0",
+            "args": ["--model.init_args.backbone=test-llama",
+                     "--model.init_args.optim.warmup_steps=0",
                      "--data.init_args.batch_size=8", f"--trainer.max_steps={max_steps}",
                      "--trainer.max_epochs=20", "--trainer.val_check_interval=2",
                      "--trainer.logger=false", "--trainer.enable_progress_bar=false",

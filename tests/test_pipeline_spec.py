@@ -25,7 +25,7 @@ SHIPPED = sorted([*REPO.glob("configs/pipeline*.yaml"),
 DVPO, DPO, SFT = (str(REPO / "configs" / f"{n}.yaml") for n in ("dvpo", "dpo", "sft"))
 # the example of docs/pipeline.md: DVPO over β × learning rate (the real keys of DVPOModule)
 GRID = {"kl": {"arg": "model.init_args.kl.coef", "values": [0.01, 0.03]},
-        "lr": {"arg": "model.init_args.lr", "values": [3.0e-5, 1.0e-4]}}
+        "lr": {"arg": "model.init_args.optim.lr", "values": [3.0e-5, 1.0e-4]}}
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +161,8 @@ def test_grid_points_expand_in_order_with_stable_names(tmp_path, monkeypatch):
                                           "dvpo@beta=hi,lr=3e-5", "dvpo@beta=hi,lr=0.0001",
                                           "dpo"]
     assert variants[3].point == {"beta": 0.2, "lr": 1.0e-4}
-    assert variants[3].args == ["--model.init_args.kl.coef=0.2", "--model.init_args.lr=0.0001"]
+    assert variants[3].args == ["--model.init_args.kl.coef=0.2",
+                                "--model.init_args.optim.lr=0.0001"]
     jobs = build_jobs(spec, variants)
     names = [j.stage.name for j in jobs]
     assert names[:3] == ["sft", "dvpo@beta=lo,lr=3e-5/seed0", "dvpo@beta=lo,lr=3e-5/seed1"]
@@ -173,7 +174,7 @@ def test_grid_points_expand_in_order_with_stable_names(tmp_path, monkeypatch):
     assert job.stage.args == ["--seed_everything=1", f"--trainer.default_root_dir={root}",
                               f"--model.init_args.export_dir={root}/model",
                               "--trainer.max_steps=7", "--model.init_args.kl.coef=0.2",
-                              "--model.init_args.lr=0.0001"]
+                              "--model.init_args.optim.lr=0.0001"]
     assert job.stage.env["WANDB_NAME"] == "dvpo@beta=hi,lr=0.0001-seed1"
     assert jobs[-1].kind == "dpo" and jobs[-1].stage.args[3:] == []
 
@@ -191,7 +192,7 @@ def test_grid_overrides_are_real_keys_of_the_dvpo_config(tmp_path, monkeypatch, 
     assert e.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]["init_args"]
-    assert model["kl"]["coef"] == 0.01 and model["lr"] == 1e-4
+    assert model["kl"]["coef"] == 0.01 and model["optim"]["lr"] == 1e-4
     assert model["export_dir"] == "runs/s/dvpo@kl=0.01,lr=0.0001/seed1/model"
     assert printed["trainer"]["default_root_dir"] == "runs/s/dvpo@kl=0.01,lr=0.0001/seed1"
 

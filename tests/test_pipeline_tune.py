@@ -22,7 +22,7 @@ TUNE = ["dvpo@lr=1e-6", "dvpo@lr=0.003"]
 
 def tuned(task_data, artifacts) -> dict:
     doc = spec(task_data, artifacts, [0.01, 0.3])
-    doc["methods"][0]["tune"] = {"lr": {"arg": "model.init_args.lr", "values": LRS}}
+    doc["methods"][0]["tune"] = {"lr": {"arg": "model.init_args.optim.lr", "values": LRS}}
     # a longer run of the same method takes DVPO's choice instead of tuning its own
     doc["methods"].append({"name": "dvpo_long", "config": doc["methods"][0]["config"],
                            "common": False, "tune_from": "dvpo",
@@ -60,10 +60,10 @@ def test_tuning_runs_first_and_the_main_runs_take_the_validation_best(tuned_stud
     for name in ("dvpo@kl=0.01", "dvpo@kl=0.3"):
         stamp = json.loads((root / "runs/g" / name / "seed0/model/pipeline_stage.json")
                            .read_text())
-        assert stamp["args"][-1] == f"--model.init_args.lr={lr}"
+        assert stamp["args"][-1] == f"--model.init_args.optim.lr={lr}"
         assert stamp["args"][-2].startswith("--model.init_args.kl.coef=")
     long = json.loads((root / "runs/g/dvpo_long/seed0/model/pipeline_stage.json").read_text())
-    assert long["args"][-1] == f"--model.init_args.lr={lr}" and "dvpo_long@" not in str(done)
+    assert long["args"][-1] == f"--model.init_args.optim.lr={lr}" and "dvpo_long@" not in str(done)
     report = json.loads((root / "runs/g/report/report.json").read_text())
     assert report["tuning"]["chosen"]["dvpo"]["name"] == best
     assert set(report["tuning"]["points"]) == set(TUNE)
@@ -89,14 +89,14 @@ def test_the_dry_run_before_tuning_says_the_choice_comes_later(tuned_study, caps
     main(["pipeline", "--config", str(other), "--dry_run", "true"])
     out = capsys.readouterr().out
     assert "phase 1: tuning on the validation prompts, seeds [0]" in out
-    assert "--model.init_args.lr=<chosen on validation>" in out
+    assert "--model.init_args.optim.lr=<chosen on validation>" in out
     assert not (fresh / "runs").exists()
 
 
 def test_tune_refuses_a_swept_key_and_foreign_tuning_seeds():
     method = {"name": "dvpo", "config": str(REPO / "configs/dvpo.yaml"),
-              "grid": {"lr": {"arg": "model.init_args.lr", "values": [1e-5, 1e-4]}},
-              "tune": {"lr2": {"arg": "model.init_args.lr", "values": [1e-5, 1e-4]}}}
+              "grid": {"lr": {"arg": "model.init_args.optim.lr", "values": [1e-5, 1e-4]}},
+              "tune": {"lr2": {"arg": "model.init_args.optim.lr", "values": [1e-5, 1e-4]}}}
     with pytest.raises(PipelineSpecError, match=r"methods\[0\].tune.lr2.arg: is also a grid"):
         parse_spec({"methods": [method]})
     del method["grid"]

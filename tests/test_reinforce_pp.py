@@ -26,6 +26,7 @@ import dvpo_lightning.modules.dvpo as dvpo_module
 from dvpo_lightning.estimators import GAE, GRPO, GVM, REINFORCEPP, RLOO, REINFORCEPPBaseline, ReMax
 from dvpo_lightning.estimators.reinforce_pp import group_centred_scores, reinforce_pp_returns
 from dvpo_lightning.modules.dvpo import DVPOModule
+from dvpo_lightning.modules.optim import RLOptimSettings
 from dvpo_lightning.modules.ppo import PPOSettings
 from dvpo_lightning.ops.masked import masked_mean, masked_var
 from dvpo_lightning.ops.normalize import advantage_stats, masked_moments, whiten_advantages
@@ -367,7 +368,8 @@ def test_the_module_whitens_once_over_the_global_batch(whiten_flag, monkeypatch,
 @pytest.mark.parametrize("estimator", [REINFORCEPP(), REINFORCEPPBaseline(group_size=2)],
                          ids=lambda e: type(e).__name__)
 def test_trains_every_policy_weight_and_never_the_reference(estimator, tmp_path):
-    module = module_with(estimator, ppo=PPOSettings(epochs=2, mini_batch_size=2), lr=1e-2)
+    module = module_with(estimator, ppo=PPOSettings(epochs=2, mini_batch_size=2),
+                         optim=RLOptimSettings(lr=1e-2))
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = fit_parts(module, 2, tmp_path)
     assert trainer.global_step == 2

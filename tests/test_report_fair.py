@@ -176,6 +176,6 @@ def test_final_numbers_come_from_the_test_prompts_and_tuning_from_validation(tmp
     noise = doc["tables"]["eval_noise"]["rows"]["ppo"]
     assert noise["eval_se"]["values"][0] == pytest.approx(0.1)  # sd √0.02 over √2 prompts
     assert doc["tables"]["paired"]["rows"]["ppo"]["gold_diff"]["mean"] == pytest.approx(0.1)
-    assert "the test prompts (data.test_path)" in (out / "report.md").read_text()
+    assert "the test prompts (data.init_args.test_path)" in (out / "report.md").read_text()
     run = load_runs({"dvpo": {0: runs["dvpo"][0]}})[0]
     assert validation_gold(run) == pytest.approx(0.5)

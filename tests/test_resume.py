@@ -77,7 +77,7 @@ def assert_same(out) -> None:
     assert kl_res == kl_full
 
 
-LORA = ["--model.init_args.models.lora.r=4", "--model.init_args.lr=1e-2"]
+LORA = ["--model.init_args.models.lora.r=4", "--model.init_args.optim.lr=1e-2"]
 
 
 @pytest.mark.parametrize("name,extra", [
@@ -142,19 +142,22 @@ def _stage1(kind, root, task_data, tokenizer_dir, sft_model_dir, max_steps, stop
 
     from dvpo_lightning.data.sft import SFTDataModule
     from dvpo_lightning.data.value import ValueDataModule
-    from dvpo_lightning.modules import GVMModule, SFTModule
+    from dvpo_lightning.models.options import LoadOptions
+    from dvpo_lightning.modules import GVMModule, OptimSettings, SFTModule
 
     L.seed_everything(0, verbose=False)
     if kind == "sft":
-        module = SFTModule(backbone="test-llama", tokenizer=tokenizer_dir, lr=1e-2,
-                           warmup_steps=2)
+        module = SFTModule(backbone="test-llama", tokenizer=tokenizer_dir,
+                           optim=OptimSettings(lr=1e-2, warmup_steps=2))
         data = SFTDataModule(train_path=f"{task_data}/sft.jsonl", tokenizer=tokenizer_dir,
                              batch_size=64, max_length=32)
     else:
         from dvpo_lightning.models.lora import LoraOptions
 
-        module = GVMModule(backbone=sft_model_dir, tokenizer=tokenizer_dir, lr=1e-3,
-                           warmup_steps=2, lora=LoraOptions(r=4) if kind == "gvm-lora" else None)
+        module = GVMModule(backbone=sft_model_dir, tokenizer=tokenizer_dir,
+                           optim=OptimSettings(lr=1e-3, warmup_steps=2),
+                           models=LoadOptions(lora=LoraOptions(r=4) if kind == "gvm-lora"
+                                              else None))
         data = ValueDataModule(train_path=f"{task_data}/trajectories.jsonl", train_kind="scored",
                                val_path=f"{task_data}/eval_pairs.jsonl",
                                tokenizer=tokenizer_dir, batch_size=64, max_length=32)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dvpo_lightning.estimators import GVM, ReMax
+from dvpo_lightning.modules.optim import RLOptimSettings
 from dvpo_lightning.modules.reward_scale import (
     RewardScale,
     RewardSettings,
@@ -98,14 +99,15 @@ def test_moments_in_one_process():
 
 
 def test_settings_refuse_an_unknown_mode():
-    with pytest.raises(ValueError, match="model.reward.normalize='batch' is not one of"):
+    with pytest.raises(ValueError, match="model.init_args.reward.normalize='batch' is not one of"):
         RewardSettings("batch")
     with pytest.raises(ValueError, match="min_std=0"):
         RewardSettings(min_std=0)
 
 
 def test_the_rl_module_fits_the_scale_on_its_first_rollout(tmp_path):
-    module, source = module_and_source(reward=RewardSettings("first_rollout"), lr=1e-3)
+    module, source = module_and_source(reward=RewardSettings("first_rollout"),
+                                       optim=RLOptimSettings(lr=1e-3))
     fit(module, 3, tmp_path)
     u_final = sequence_reward(experience(values=source.values), GVM_NEEDS)
     state = module.reward_scale.state_dict()

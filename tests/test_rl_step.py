@@ -31,6 +31,7 @@ from dvpo_lightning.estimators import (
 )
 from dvpo_lightning.modules.dvpo import DVPOModule
 from dvpo_lightning.modules.kl_penalty import KLSettings
+from dvpo_lightning.modules.optim import RLOptimSettings
 from dvpo_lightning.modules.ppo import PPOSettings
 from dvpo_lightning.ops.losses import ppo_clip_loss
 from dvpo_lightning.rollout.experience import Experience, Need
@@ -144,7 +145,8 @@ def test_first_update_follows_the_policy_gradient(tmp_path):
     """One epoch, one mini-batch, Adam's first step: ``Δθ = −lr·g/(|g| + ε)``, so every weight
     moves against the sign of the PPO loss gradient at ratio 1, computed here independently."""
     lr = 1e-3
-    module, source = module_and_source(lr=lr, ppo=PPOSettings(epochs=1, max_grad_norm=None))
+    module, source = module_and_source(optim=RLOptimSettings(lr=lr),
+                                       ppo=PPOSettings(epochs=1, max_grad_norm=None))
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     exp, _ = source(module.policy, None)
     exp, _ = module.kl.in_reward(exp)
@@ -177,7 +179,7 @@ def test_an_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
     both train the same weights. With two epochs ``auto`` rescoring is the only way."""
     runs = {}
     for mode, epochs in (("auto", 1), ("rescore", 1), ("auto", 2)):
-        module, _ = module_and_source(lr=1e-2, ppo=PPOSettings(epochs=epochs,
+        module, _ = module_and_source(optim=RLOptimSettings(lr=1e-2), ppo=PPOSettings(epochs=epochs,
                                                                behaviour_logps=mode))
         counter = ForwardCounter(module.policy)
         fit(module, 3, tmp_path / f"{mode}{epochs}")
@@ -192,7 +194,8 @@ def test_an_on_policy_update_takes_logp_old_from_its_own_forward(tmp_path):
 
 
 def test_rl_steps_are_the_global_step_and_every_trainable_weight_moves(tmp_path):
-    module, source = module_and_source(ppo=PPOSettings(epochs=2, mini_batch_size=2), lr=1e-2)
+    module, source = module_and_source(ppo=PPOSettings(epochs=2, mini_batch_size=2),
+                                       optim=RLOptimSettings(lr=1e-2))
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     trainer = fit(module, 3, tmp_path)
     assert trainer.global_step == 3 and source.calls == 3  # RL steps (rollouts)

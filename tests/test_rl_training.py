@@ -263,20 +263,21 @@ def test_group_estimators_sample_group_size_responses_per_prompt(name, artifacts
 def test_mini_batch_size_must_divide_the_rollout_batch(artifacts, task_data, tmp_path):
     # refused from the config, before any model loads (commands/fit.py::check_rl_batch)
     with pytest.raises(ValueError, match=r"rollout batch \(4 responses.*multiple of "
-                                         r"model.ppo.mini_batch_size \(3\)"):
+                                         r"model.init_args.ppo.mini_batch_size \(3\)"):
         make_cli("dvpo", tmp_path, artifacts, task_data, "--data.init_args.batch_size=4",
                  "--model.init_args.ppo.mini_batch_size=3")
     # and by the module at fit start, for runs built without the CLI
     cli, _ = make_cli("dvpo", tmp_path, artifacts, task_data, "--data.init_args.batch_size=4")
     cli.model.ppo = replace(cli.model.ppo, mini_batch_size=3)
     with pytest.raises(ValueError, match=r"rollout batch \(4 responses.*multiple of "
-                                         r"model.ppo.mini_batch_size \(3\)"):
+                                         r"model.init_args.ppo.mini_batch_size \(3\)"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 0
 
 
 def test_gvm_without_value_model_names_the_setting(artifacts, task_data, tmp_path):
-    with pytest.raises(ValueError, match=r"GVM needs a frozen GVM: set model.value_model"):
+    with pytest.raises(ValueError,
+                       match=r"GVM needs a frozen GVM: set model.init_args.value_model"):
         make_cli("dvpo", tmp_path, artifacts, task_data, "--model.init_args.value_model=null")
 
 
@@ -370,8 +371,8 @@ def test_frozen_dtype_auto_is_bfloat16_where_the_device_has_its_kernels(artifact
     for name, part in cli.model.frozen.items():
         assert {p.dtype for p in part.parameters()} == {want}, name
     assert {p.dtype for p in cli.model.trained.parameters()} == {torch.float32}
-    said = "bfloat16 (model.models.frozen_dtype=auto: a CPU with" if has_kernels else \
-        "their loaded dtype (model.models.frozen_dtype=auto: cpu has no bfloat16 kernels)"
+    said = "bfloat16 (model.init_args.models.frozen_dtype=auto: a CPU with" if has_kernels else \
+        "their loaded dtype (model.init_args.models.frozen_dtype=auto: cpu has no bfloat16 kernels)"
     assert said in caplog.text
 
 

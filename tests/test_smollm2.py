@@ -65,15 +65,17 @@ def test_generates_from_its_chat_template(smollm2_dir):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_trains_saves_and_reloads(lora, smollm2_dir, tmp_path, make_trainer):
     from dvpo_lightning.data.sft import SFTDataModule
-    from dvpo_lightning.modules import SFTModule
+    from dvpo_lightning.models.options import LoadOptions
+    from dvpo_lightning.modules import OptimSettings, SFTModule
 
     rows = [{"prompt": f"Write the number {i} in words.", "response": w}
             for i, w in enumerate(["zero", "one", "two", "three"])]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     L.seed_everything(0, verbose=False)
-    module = SFTModule(backbone=NAME, lr=1e-4, warmup_steps=0, export_dir=str(tmp_path / "out"),
-                       lora=LoraOptions(r=4) if lora else None)
+    module = SFTModule(backbone=NAME, optim=OptimSettings(lr=1e-4, warmup_steps=0),
+                       export_dir=str(tmp_path / "out"),
+                       models=LoadOptions(lora=LoraOptions(r=4) if lora else None))
     dm = SFTDataModule(train_path=str(data), tokenizer=NAME, batch_size=2, max_length=64)
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     dm.setup("fit")

@@ -9,6 +9,7 @@ trained module's outputs; value models print their pair-accuracy table and write
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -27,7 +28,14 @@ from dvpo_lightning.data.sft import SFTDataModule
 from dvpo_lightning.data.value import ValueDataModule
 from dvpo_lightning.metrics import AGGREGATIONS
 from dvpo_lightning.models import ValueModel, freeze, load_tokenizer, position_ids_from_mask
-from dvpo_lightning.modules import GVMModule, RewardModelModule, ScoreRewardModelModule, SFTModule
+from dvpo_lightning.modules import (
+    GVMModule,
+    OptimSettings,
+    ReturnTargets,
+    RewardModelModule,
+    ScoreRewardModelModule,
+    SFTModule,
+)
 from dvpo_lightning.modules.reward_model import final_scores
 from dvpo_lightning.ops.losses import (
     bradley_terry_loss,
@@ -80,10 +88,10 @@ def batch_loss(module, batch: dict) -> float:
         if isinstance(module, RewardModelModule):
             n = int(batch["n_pairs"])
             s = final_scores(values, batch["response_mask"])
-            return float(bradley_terry_loss(s[:n], s[n:], module.hparams.margin))
-        hp = module.hparams
+            return float(bradley_terry_loss(s[:n], s[n:], module.margin))
+        r = module.returns
         targets, mask = gvm_value_targets(values, batch["response_mask"], batch["returns"],
-                                          hp.target, hp.gamma, hp.lam, hp.positions)
+                                          r.target, r.gamma, r.lam, r.positions)
         return float(value_regression_loss(values, targets, mask))
     finally:
         module.train(was)
@@ -173,7 +181,8 @@ def test_sft_trains_and_exports(task_data, tokenizer_dir, tmp_path, make_trainer
     L.seed_everything(0, verbose=False)
     dm = SFTDataModule(train_path=os.path.join(task_data, "sft.jsonl"), tokenizer=tokenizer_dir,
                        batch_size=16, max_length=32)
-    module = SFTModule(backbone="test-llama", tokenizer=tokenizer_dir, lr=1e-2, warmup_steps=0,
+    module = SFTModule(backbone="test-llama", tokenizer=tokenizer_dir,
+                       optim=OptimSettings(lr=1e-2, warmup_steps=0),
                        export_dir=str(tmp_path / "model"))
     batch = fixed_batch(dm, dm.collate, 32)
     loss0, before = batch_loss(module, batch), snapshot(module)
@@ -209,7 +218,7 @@ def test_reward_model_trains_reports_and_exports(task_data, sft_model_dir, tmp_p
                             val_path=os.path.join(task_data, "eval_pairs.jsonl"),
                             tokenizer=sft_model_dir, batch_size=16, val_batch_size=32,
                             max_length=32)
-    module = RewardModelModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0,
+    module = RewardModelModule(backbone=sft_model_dir, optim=OptimSettings(lr=1e-2, warmup_steps=0),
                                export_dir=str(tmp_path / "model"))
     assert not module.model.head.weight.any()  # zero init: step 1 only moves the head
     batch = fixed_batch(dm, dm.collate)
@@ -233,7 +242,8 @@ def test_score_reward_model_regresses_the_final_score_and_exports(task_data, sft
     dm = ValueDataModule(train_path=train, val_path=os.path.join(task_data, "eval_pairs.jsonl"),
                          tokenizer=sft_model_dir, train_kind="scored", batch_size=16,
                          val_batch_size=32, max_length=32)
-    module = ScoreRewardModelModule(backbone=sft_model_dir, lr=1e-2, warmup_steps=0,
+    module = ScoreRewardModelModule(backbone=sft_model_dir,
+                                    optim=OptimSettings(lr=1e-2, warmup_steps=0),
                                     export_dir=str(tmp_path / "model"))
     batch = fixed_batch(dm, dm.collate_train)
     # zero-initialised head: every score is 0, so the loss is mean ½·s² (hand-computed)
@@ -250,7 +260,7 @@ def test_score_reward_model_regresses_the_final_score_and_exports(task_data, sft
 
 
 def test_score_reward_model_refuses_pairs_and_a_margin(task_data, sft_model_dir):
-    with pytest.raises(ValueError, match="margin belongs to the Bradley–Terry"):
+    with pytest.raises(TypeError, match="margin"):  # (the CLI: "unknown key 'margin'")
         ScoreRewardModelModule(backbone=sft_model_dir, margin=0.5)
     module = ScoreRewardModelModule(backbone=sft_model_dir)
     with pytest.raises(ValueError, match="train_kind: scored"):
@@ -288,7 +298,8 @@ def test_gvm_trains_reports_and_exports(case, task_data, sft_model_dir, tmp_path
                          tokenizer=sft_model_dir, train_kind=kind, chosen_return=1.0,
                          rejected_return=0.0, tau_conditioning=tau,
                          batch_size=16, val_batch_size=32, max_length=64 if tau else 32)
-    module = GVMModule(backbone=sft_model_dir, target=target, lr=1e-2, warmup_steps=0,
+    module = GVMModule(backbone=sft_model_dir, returns=ReturnTargets(target=target),
+                       optim=OptimSettings(lr=1e-2, warmup_steps=0),
                        export_dir=str(tmp_path / "model"))
     if frozen_embeddings:
         freeze(module.model.backbone.embed_tokens)
@@ -307,3 +318,25 @@ def test_gvm_trains_reports_and_exports(case, task_data, sft_model_dir, tmp_path
         assert not module.model.backbone.embed_tokens.weight.requires_grad
     assert_accuracy_report(capsys, module, trainer, len(dm.val_set))
     assert_value_export(module, batch)
+
+
+def test_one_spelling_of_the_model_options_in_every_stage(tokenizer_dir):
+    # `models` is one group in every stage (RL's and DPO's ModelOptions extends stage 1's
+    # LoadOptions), and its dtype is honoured: the trained model loads in it
+    from dvpo_lightning.models.options import LoadOptions
+    from dvpo_lightning.modules import DPOModule, DVPOModule
+
+    for cls in (SFTModule, GVMModule, RewardModelModule, ScoreRewardModelModule, DPOModule,
+                DVPOModule):
+        params = {}
+        for klass in reversed(cls.__mro__):  # (the value heads take theirs through **kwargs)
+            if "__init__" in vars(klass):
+                params.update(inspect.signature(klass.__init__).parameters)
+        assert isinstance(params["models"].default, LoadOptions), cls
+        assert type(params["optim"].default).__name__.endswith("OptimSettings"), cls
+    module = SFTModule(backbone="test-llama", tokenizer=tokenizer_dir,
+                       models=LoadOptions(dtype="bfloat16"))
+    assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
+    gvm = GVMModule(backbone="test-llama", tokenizer=tokenizer_dir,
+                    models=LoadOptions(dtype="bfloat16"))
+    assert {p.dtype for p in gvm.model.backbone.parameters()} == {torch.bfloat16}

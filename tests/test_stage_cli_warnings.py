@@ -41,7 +41,8 @@ def test_in_process_stage_warns_nothing_about_its_arguments(workdir, monkeypatch
     outer = [sys.argv[0], "pipeline", "--config", "study.yaml", "--in_process", "true"]
     monkeypatch.setattr(sys, "argv", list(outer))
     stage = {"name": "sft", "config": str(REPO / "configs" / "sft.yaml"), "artifact": ART,
-             "args": ["--model.init_args.backbone=test-llama", "--model.init_args.warmup_steps=0",
+             "args": ["--model.init_args.backbone=test-llama",
+                      "--model.init_args.optim.warmup_steps=0",
                       "--data.init_args.batch_size=8", "--trainer.max_steps=1",
                       "--trainer.limit_val_batches=0", "--trainer.logger=false",
                       "--trainer.enable_progress_bar=false",

@@ -41,7 +41,7 @@ def test_evaluation_counts_rl_steps_across_passes_over_a_short_prompt_file(
 
 @pytest.mark.parametrize("extra, message", [
     (["--data.init_args.batch_size=4"],
-     r"gives 3 prompts, fewer than data.batch_size=4, so not one RL step"),
+     r"gives 3 prompts, fewer than data.init_args.batch_size=4, so not one RL step"),
     (["--trainer.val_check_interval=5", "--trainer.max_steps=3"],
      r"trainer.val_check_interval=5 RL steps is past trainer.max_steps=3"),
 ])

@@ -324,7 +324,7 @@ def test_unknown_share_limit_known_answers():
     assert str(e.value) == (
         "f.jsonl: 3 of its 5 tokens (60%) are the unknown token '<unk>' of the tokenizer tok "
         "(more than 50% is refused). Fix: this data was written for another tokenizer; point "
-        "data.tokenizer at the model's tokenizer, or use data written for this one")
+        "data.init_args.tokenizer at the model's tokenizer, or use data written for this one")
     check_unknown_share(_tokenizer(unk=None), [[7, 7]], "f.jsonl", "tok")  # no unk token
     check_unknown_share(_tokenizer(unk=2), [[2, 2]], "f.jsonl", "tok")  # unk is EOS (GPT-2)
     check_unknown_share(_tokenizer(), [], "f.jsonl", "tok")  # nothing to count
@@ -339,8 +339,8 @@ def test_every_datamodule_refuses_text_of_another_tokenizer(tmp_path, tokenizer_
     evals = os.path.join(task_data, "eval_pairs.jsonl")
     dm = {"rollout": lambda: RolloutDataModule(path, os.path.join(task_data, "eval_prompts.jsonl"),
                                                tokenizer_dir, batch_size=2),
-          "pairwise": lambda: PairwiseDataModule(path, evals, tokenizer_dir),
-          "value": lambda: ValueDataModule(path, evals, tokenizer_dir)}[which]()
+          "pairwise": lambda: PairwiseDataModule(path, evals, tokenizer=tokenizer_dir),
+          "value": lambda: ValueDataModule(path, evals, tokenizer=tokenizer_dir)}[which]()
     with pytest.raises(DataFormatError) as e:
         dm.check_files()
     assert re.match(rf"{re.escape(path)}: \d+ of its \d+ tokens \((9\d|100)%\) are the unknown "
@@ -360,12 +360,12 @@ def test_value_datamodule_names_its_own_options_for_other_kinds(tmp_path, tokeni
                                                                 task_data):
     scored = os.path.join(task_data, "trajectories.jsonl")
     pairs = os.path.join(task_data, "pairs.jsonl")
-    vd = ValueDataModule(scored, pairs, tokenizer_dir, train_kind="pairwise")
+    vd = ValueDataModule(scored, pairs, tokenizer=tokenizer_dir, train_kind="pairwise")
     with pytest.raises(DataFormatError, match="looks like a scored file .* Fix: set "
                                               "data.init_args.train_kind=scored to train on "
                                               "the scores"):
         vd.check_files()
-    vd = ValueDataModule(scored, scored, tokenizer_dir, train_kind="scored")
+    vd = ValueDataModule(scored, scored, tokenizer=tokenizer_dir, train_kind="scored")
     with pytest.raises(DataFormatError, match="looks like a scored file .* Fix: "
                                               "data.init_args.val_path takes held-out pairs"):
         vd.check_files()

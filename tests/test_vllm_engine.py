@@ -188,7 +188,8 @@ def test_engine_behaviour_logps_need_an_engine_that_reports_them(artifacts, task
     with pytest.raises(ValueError, match=r"rollout.engine=hf reports none.*engine=vllm"):
         make_cli("dvpo", tmp_path, artifacts, task_data,
                  "--model.init_args.ppo.behaviour_logps=engine")
-    with pytest.raises(ValueError, match=r"tis_cap=2.0 with model.ppo.behaviour_logps=engine"):
+    with pytest.raises(ValueError,
+                       match=r"tis_cap=2.0 with model.init_args.ppo.behaviour_logps=engine"):
         make_cli("dvpo", tmp_path, artifacts, task_data, *VLLM,
                  "--model.init_args.ppo.behaviour_logps=engine",
                  "--model.init_args.ppo.tis_cap=2.0")
@@ -199,7 +200,7 @@ def test_stale_engine_weights_stop_the_run(behaviour, artifacts32, task_data, tm
                                            monkeypatch):
     """(``engine``: the gap of the rows the trainer still scores stops it.)"""
     cli, _ = make_cli("dvpo", tmp_path, artifacts32, task_data, *VLLM,
-                      "--model.init_args.lr=1e-2",
+                      "--model.init_args.optim.lr=1e-2",
                       f"--model.init_args.ppo.behaviour_logps={behaviour}", rl_steps=3)
     engine = cli.model.experience.generator
     real_push = VLLMEngine.push

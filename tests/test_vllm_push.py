@@ -54,7 +54,7 @@ def skip_one_push(monkeypatch, version: int, read: bool = True) -> list[int]:
 def realistic_cli(tmp_path, artifacts32, task_data, lora: bool, *extra: str):
     """Four RL steps of one optimizer update each at a realistic learning rate (5e-5 full,
     1e-4 LoRA): the push before RL step 3 carries exactly one update."""
-    args = [*VLLM, "--model.init_args.lr=" + ("1e-4" if lora else "5e-5"), *extra]
+    args = [*VLLM, "--model.init_args.optim.lr=" + ("1e-4" if lora else "5e-5"), *extra]
     if lora:
         args.append("--model.init_args.models.lora.r=8")
     cli, _ = make_cli("dvpo", tmp_path, artifacts32, task_data, *args, rl_steps=4,

@@ -67,7 +67,7 @@ def test_default_logger_and_logger_false(sft_workdir, tmp_path):
 def test_offline_fit_logs_config_and_metrics(no_credentials, sft_workdir, caplog):
     root = sft_workdir / "run"
     args = ["fit", "--config", SFT_YAML, "--model.init_args.backbone=test-llama",
-            "--model.init_args.lr=0.0123", "--model.init_args.warmup_steps=0",
+            "--model.init_args.optim.lr=0.0123", "--model.init_args.optim.warmup_steps=0",
             f"--model.init_args.export_dir={root / 'model'}", f"--trainer.default_root_dir={root}",
             "--trainer.max_steps=4", "--trainer.val_check_interval=2",
             "--trainer.check_val_every_n_epoch=null", "--trainer.limit_val_batches=1",

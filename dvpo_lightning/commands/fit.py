@@ -1,7 +1,7 @@
 """``python -m dvpo_lightning fit`` (and LightningCLI's ``validate``, ``test``, ``predict``):
 every stage is a LightningCLI run with its own config.
 
-    python -m dvpo_lightning fit --config configs/sft.yaml [--model.init_args.lr=3e-4 ...]
+    python -m dvpo_lightning fit --config configs/sft.yaml [--model.init_args.optim.lr=3e-4 ...]
 
 Every ``fit`` logs to W&B through :class:`~dvpo_lightning.runtime.loggers.AutoWandbLogger`
 (offline by itself without an API key); ``--trainer.logger=false`` turns it off.
@@ -149,8 +149,8 @@ def check_one_batch(datamodule, unit: str) -> None:
     path = getattr(datamodule, "train_path", "the training file")
     what = "prompts" if unit == "RL step" else "training rows"
     raise ValueError(f"data.init_args.train_path={path} gives {rows} {what}, fewer than "
-                     f"data.batch_size={batch_size}, so not one {unit} can be formed. Fix: set "
-                     f"--data.init_args.batch_size={rows} (or less), or add rows")
+                     f"data.init_args.batch_size={batch_size}, so not one {unit} can be formed. "
+                     f"Fix: set --data.init_args.batch_size={rows} (or less), or add rows")
 
 
 def estimator_group_size(estimator) -> int:

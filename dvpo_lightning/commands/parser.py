@@ -8,6 +8,7 @@ and :class:`KeySuggestingParser` applies both.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import inspect
@@ -22,7 +23,9 @@ def suggest_key(bad: str, valid: Iterable[str]) -> str | None:
     """The valid key closest to ``bad`` (difflib), or None when none is close.
 
     Dotted keys are compared under the same parent first (``trainer.max_stepz`` →
-    ``trainer.max_steps``, not ``data.max_length``); ``-`` and ``_`` are treated alike.
+    ``trainer.max_steps``, not ``data.max_length``); a key that lives in a settings group is
+    found there (``lr`` → ``optim.lr``, ``lora.r`` → ``models.lora.r``); ``-`` and ``_`` are
+    treated alike.
     """
     valid = list(dict.fromkeys(valid))
     norm = {v.replace("-", "_").lower(): v for v in valid}
@@ -36,20 +39,44 @@ def suggest_key(bad: str, valid: Iterable[str]) -> str | None:
         hit = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
         if hit:
             return siblings[hit[0]]
+    head, dot, rest = key.partition(".")
+    grouped = [v for k, v in norm.items() if k.endswith("." + head)]
+    if grouped:
+        return grouped[0] + dot + rest
     hit = difflib.get_close_matches(key, list(norm), n=1, cutoff=0.6)
-    return norm[hit[0]] if hit else None
+    if hit:
+        return norm[hit[0]]
+    leaves = {k.rsplit(".", 1)[1]: v for k, v in reversed(norm.items()) if "." in k}
+    hit = difflib.get_close_matches(key, list(leaves), n=1, cutoff=0.6)
+    return leaves[hit[0]] if hit else None
 
 
 def init_arg_names(class_path: str) -> list[str]:
-    """The keyword arguments of ``class_path``'s ``__init__`` ([] if it cannot be imported)."""
+    """The keyword arguments of ``class_path``'s ``__init__``, those its ``**kwargs`` pass on to
+    a base class's, and each settings group's fields, dotted (``optim.lr``); [] if it cannot be
+    imported."""
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
-        params = inspect.signature(cls.__init__).parameters.values()
     except (ImportError, AttributeError, ValueError, TypeError):
         return []
-    return [p.name for p in params if p.name != "self"
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        try:
+            params = list(inspect.signature(klass.__init__).parameters.values())
+        except (ValueError, TypeError):
+            break
+        for p in params:
+            if p.name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            names.append(p.name)
+            if dataclasses.is_dataclass(p.default):
+                names += [f"{p.name}.{f.name}" for f in dataclasses.fields(p.default)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
 
 
 def parser_keys(parser: Any) -> list[str]:

@@ -199,8 +199,7 @@ class _Checker:
             return []
         if not isinstance(raw, dict) or not raw:
             raise self.fail(path, "must be a mapping of axis name to {arg, values}", raw,
-                            "write grid: {kl: {arg: model.init_args.kl.coef, values: [0.01, "
-                            "0.1]}}")
+                            "write grid: {kl: {arg: model.init_args.kl.coef, values: [0.01, 0.1]}}")
         axes = []
         for name, spec in raw.items():
             at = f"{path}.{name}"
@@ -209,7 +208,8 @@ class _Checker:
             arg = self.string(spec["arg"], f"{at}.arg").removeprefix("--")
             if "=" in arg or not arg:
                 raise self.fail(f"{at}.arg", "must be a dotted config key", spec["arg"],
-                                "write the key alone (model.init_args.lr); values go in values")
+                                "write the key alone (model.init_args.optim.lr); values go in "
+                                "values")
             values = spec["values"]
             if not isinstance(values, list) or not values:
                 raise self.fail(f"{at}.values", "must be a non-empty list", values,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -22,13 +23,11 @@ log = logging.getLogger(__name__)
 KIND_LOADERS: dict[str, str] = {
     "prompt": "RL prompts belong to RolloutDataModule (data.init_args.train_path / eval_path of "
               "configs/dvpo.yaml)",
-    "sft": "demonstrations belong to SFTDataModule (data.init_args.train_path of "
-           "configs/sft.yaml)",
+    "sft": "demonstrations belong to SFTDataModule (data.init_args.train_path of configs/sft.yaml)",
     "scored": "scored responses belong to ValueDataModule with data.init_args.train_kind=scored "
               "(configs/gvm.yaml)",
     "pairwise": "pairs belong to PairwiseDataModule (configs/reward_model.yaml), or to "
-                "ValueDataModule with data.init_args.train_kind=pairwise "
-                "(configs/gvm_pairs.yaml)",
+                "ValueDataModule with data.init_args.train_kind=pairwise (configs/gvm_pairs.yaml)",
 }
 
 
@@ -47,6 +46,7 @@ class ListDataset(Dataset):
 
 class TokenizedDataModule(L.LightningDataModule):
     """Base class: loads the tokenizer, applies the length policy and reports what it cut.
+    Its arguments are every DataModule's (a subclass adds its own and passes these on by name).
 
     Args:
         tokenizer: directory of a Hugging Face tokenizer (the policy's).
@@ -55,23 +55,29 @@ class TokenizedDataModule(L.LightningDataModule):
         max_length: longest ``prompt + response`` in tokens.
         length_policy: what to do with longer rows: ``truncate``, ``drop`` or ``error``.
         chat_template: apply the tokenizer's chat template to prompts when it has one.
+        format: row format of the files (``auto`` detects it from the first row's fields;
+            the names per kind: ``dvpo_lightning.data.formats``).
+        split: split of a ``datasets`` directory.
         num_workers: DataLoader workers.
         seed: seed of the training order (``EpochShuffleSampler``) and of any data sampling.
     """
 
     def __init__(self, tokenizer: str, batch_size: int = 32, val_batch_size: int | None = None,
-                 max_length: int = 512, length_policy: str = "truncate",
-                 chat_template: bool = True, num_workers: int = 0, seed: int = 0) -> None:
+                 max_length: int = 512,
+                 length_policy: Literal["truncate", "drop", "error"] = "truncate",
+                 chat_template: bool = True, format: str = "auto", split: str | None = None,
+                 num_workers: int = 0, seed: int = 0) -> None:
         super().__init__()
         check_length_policy(length_policy)
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"data.init_args.batch_size must be >= 1, got {batch_size}")
         self.tokenizer_path = tokenizer
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.max_length = max_length
         self.length_policy = length_policy
         self.chat_template = chat_template
+        self.format, self.split = format, split
         self.num_workers = num_workers
         self.seed = seed
         self._tokenizer = None

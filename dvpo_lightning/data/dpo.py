@@ -34,40 +34,29 @@ class DPODataModule(PairwiseDataModule):
         train_path: pairwise file (``{prompt, chosen, rejected}``, binarized UltraFeedback
             message lists, or HH-RLHF transcripts).
         val_path: held-out pairs (the DPO metrics on pairs not trained on).
-        tokenizer: the policy's tokenizer directory.
         eval_path: held-out prompts (the RL configs' ``data.eval_path``), or a scored or pairwise
             file whose distinct prompts are taken; None: no policy evaluation.
         max_eval_prompts: evaluate on the first this-many held-out prompts.
         max_prompt_length: held-out prompts longer than this keep their last tokens.
         eval_batch_size: held-out prompts per batch; None: ``val_batch_size``.
-        format: pairwise row format (``auto`` detects it).
-        split: split of a ``datasets`` directory.
-        batch_size: pairs per training batch (``2 · batch_size`` rows).
-        val_batch_size: held-out pairs per batch; None: ``batch_size``.
-        max_length: longest ``prompt + response`` of a pair's side, in tokens.
-        length_policy: longer pairs: ``truncate``, ``drop`` or ``error``.
-        chat_template: apply the tokenizer's chat template to prompts when it has one.
-        num_workers: DataLoader workers.
-        seed: seed of the training order.
         test_path: held-out test prompts, disjoint from ``eval_path`` (then the validation
             split): read only at the end of ``fit``, when the policy and the reference answer
             them once for the run's final numbers (the summary's ``test_eval``; the first
             ``max_eval_prompts``); None: no test evaluation.
+        **kwargs: the tokenizer, batching (``batch_size`` counts pairs), length, format (of the
+            pair files) and seed settings of
+            :class:`~dvpo_lightning.data.base.TokenizedDataModule`.
     """
 
-    def __init__(self, train_path: str, val_path: str, tokenizer: str,
-                 eval_path: str | None = None, max_eval_prompts: int = 256,
-                 max_prompt_length: int = 256, eval_batch_size: int | None = None,
-                 format: str = "auto", split: str | None = None, batch_size: int = 32,
-                 val_batch_size: int | None = None, max_length: int = 512,
-                 length_policy: str = "truncate", chat_template: bool = True,
-                 num_workers: int = 0, seed: int = 0, test_path: str | None = None) -> None:
-        super().__init__(train_path, val_path, tokenizer, format, split, batch_size,
-                         val_batch_size, max_length, length_policy, chat_template, num_workers,
-                         seed)
+    def __init__(self, train_path: str, val_path: str, eval_path: str | None = None,
+                 max_eval_prompts: int = 256, max_prompt_length: int = 256,
+                 eval_batch_size: int | None = None, test_path: str | None = None,
+                 **kwargs) -> None:
+        super().__init__(train_path=train_path, val_path=val_path, **kwargs)
         if max_eval_prompts < 1 or max_prompt_length < 1:
-            raise ValueError(f"data.max_eval_prompts ({max_eval_prompts}) and "
-                             f"data.max_prompt_length ({max_prompt_length}) must be >= 1")
+            raise ValueError(f"data.init_args.max_eval_prompts ({max_eval_prompts}) and "
+                             f"data.init_args.max_prompt_length ({max_prompt_length}) must be >= "
+                             "1. Fix: set them to positive integers")
         self.eval_path, self.max_eval_prompts = eval_path, max_eval_prompts
         self.test_path = test_path
         self.max_prompt_length = max_prompt_length

@@ -50,20 +50,13 @@ class PairwiseDataModule(TokenizedDataModule):
         train_path: pairwise file (``{prompt, chosen, rejected}``, binarized UltraFeedback
             message lists, or HH-RLHF transcripts).
         val_path: held-out pairs for pair accuracy.
-        format: row format (``auto`` detects it).
-        split: split of a ``datasets`` directory.
-        **kwargs: see :class:`TokenizedDataModule`.
+        **kwargs: the tokenizer, batching (``batch_size`` counts pairs), length, format and
+            seed settings of :class:`~dvpo_lightning.data.base.TokenizedDataModule`.
     """
 
-    def __init__(self, train_path: str, val_path: str, tokenizer: str, format: str = "auto",
-                 split: str | None = None, batch_size: int = 32,
-                 val_batch_size: int | None = None, max_length: int = 512,
-                 length_policy: str = "truncate", chat_template: bool = True,
-                 num_workers: int = 0, seed: int = 0) -> None:
-        super().__init__(tokenizer, batch_size, val_batch_size, max_length, length_policy,
-                         chat_template, num_workers, seed)
-        self.train_path, self.val_path, self.format, self.split = (
-            train_path, val_path, format, split)
+    def __init__(self, train_path: str, val_path: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.train_path, self.val_path = train_path, val_path
 
     def _encode(self, path: str) -> list[tuple]:
         rows = self.load(path, "pairwise", self.format, self.split)

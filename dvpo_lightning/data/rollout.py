@@ -86,8 +86,8 @@ def check_test_path(path: str | None) -> None:
     the end of ``fit``)."""
     if path and not os.path.exists(path):
         raise FileNotFoundError(
-            f"data.test_path={path!r} does not exist. The test prompts are read only at the end "
-            "of fit, so a missing file is refused before training starts. Fix: set "
+            f"data.init_args.test_path={path!r} does not exist. The test prompts are read only at "
+            "the end of fit, so a missing file is refused before training starts. Fix: set "
             "data.init_args.test_path to the test prompts file, or remove the key")
 
 
@@ -131,11 +131,13 @@ class RolloutDataModule(TokenizedDataModule):
                  shuffle: bool = True, chat_template: bool = True, format: str = "auto",
                  split: str | None = None, num_workers: int = 0, seed: int = 0,
                  test_path: str | None = None) -> None:
-        super().__init__(tokenizer, batch_size, batch_size, max_prompt_length, "truncate",
-                         chat_template, num_workers, seed)
+        super().__init__(tokenizer=tokenizer, batch_size=batch_size, val_batch_size=batch_size,
+                         max_length=max_prompt_length, length_policy="truncate",
+                         chat_template=chat_template, format=format, split=split,
+                         num_workers=num_workers, seed=seed)
         self.train_path, self.eval_path = train_path, eval_path
         self.max_eval_prompts, self.test_path = max_eval_prompts, test_path
-        self.shuffle, self.format, self.split = shuffle, format, split
+        self.shuffle = shuffle
         self.sampler: EpochShuffleSampler | None = None
 
     def _encode(self, path: str, limit: int | None = None) -> list[tuple[list[int], object]]:

@@ -31,10 +31,10 @@ class EpochShuffleSampler(DistributedSampler):
         self.num_replicas, self.rank = world_size, rank
         global_batch = batch_size * world_size
         if n < global_batch:
-            raise ValueError(f"one RL step takes data.batch_size × processes = {batch_size} × "
-                             f"{world_size} = {global_batch} prompts, but the prompt file has "
-                             f"only {n}. Fix: lower data.batch_size to at most "
-                             f"{max(1, n // world_size)}, or add prompts")
+            raise ValueError("one RL step takes data.init_args.batch_size × processes = "
+                             f"{batch_size} × {world_size} = {global_batch} prompts, but the "
+                             f"prompt file has only {n}. Fix: lower data.init_args.batch_size to "
+                             f"at most {max(1, n // world_size)}, or add prompts")
         self.epoch_length = (n - n % global_batch) // world_size  # indices per process
         self.epoch, self.position = 0, 0
 

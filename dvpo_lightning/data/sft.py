@@ -18,22 +18,17 @@ class SFTDataModule(TokenizedDataModule):
         train_path: SFT file (jsonl / json / parquet / datasets directory).
         val_path: held-out SFT file; None holds out ``val_fraction`` of ``train_path``.
         val_fraction: fraction of the training rows held out when ``val_path`` is None.
-        format: row format (``auto`` detects it; see ``dvpo_lightning.data.formats``).
-        split: split of a ``datasets`` directory.
-        **kwargs: see :class:`TokenizedDataModule` (tokenizer, batch_size, max_length, …).
+        **kwargs: the tokenizer, batching, length, format and seed settings of
+            :class:`~dvpo_lightning.data.base.TokenizedDataModule`.
     """
 
-    def __init__(self, train_path: str, tokenizer: str, val_path: str | None = None,
-                 val_fraction: float = 0.02, format: str = "auto", split: str | None = None,
-                 batch_size: int = 32, val_batch_size: int | None = None, max_length: int = 512,
-                 length_policy: str = "truncate", chat_template: bool = True,
-                 num_workers: int = 0, seed: int = 0) -> None:
-        super().__init__(tokenizer, batch_size, val_batch_size, max_length, length_policy,
-                         chat_template, num_workers, seed)
+    def __init__(self, train_path: str, val_path: str | None = None,
+                 val_fraction: float = 0.02, **kwargs) -> None:
+        super().__init__(**kwargs)
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
-        self.train_path, self.val_path = train_path, val_path
-        self.val_fraction, self.format, self.split = val_fraction, format, split
+            raise ValueError(f"data.init_args.val_fraction must be in [0, 1), got {val_fraction}. "
+                             "Fix: set it to a fraction below 1, or give data.init_args.val_path")
+        self.train_path, self.val_path, self.val_fraction = train_path, val_path, val_fraction
 
     def _encode(self, path: str) -> list[tuple[list[int], list[int]]]:
         report = self.new_report(path)

@@ -89,7 +89,8 @@ def check_unknown_share(tokenizer: PreTrainedTokenizerBase, sequences: Iterable[
             source, f"{n_unk} of its {total} tokens ({n_unk / total:.0%}) are the unknown token "
             f"{tokenizer.unk_token!r} of the tokenizer {tokenizer_name} (more than "
             f"{UNK_SHARE_LIMIT:.0%} is refused)", "this data was written for another tokenizer; "
-            "point data.tokenizer at the model's tokenizer, or use data written for this one")
+            "point data.init_args.tokenizer at the model's tokenizer, or use data written for "
+            "this one")
 
 
 def check_prompt_ids(prompt_ids: list[int], source: str, row: int) -> None:
@@ -134,4 +135,4 @@ def fit_length(prompt_ids: list[int], response_ids: list[int], max_length: int, 
 def check_length_policy(policy: str) -> None:
     if policy not in LENGTH_POLICIES:
         raise ValueError(f"length_policy={policy!r} is not one of {LENGTH_POLICIES}. Fix: set "
-                         "data.length_policy to one of those")
+                         "data.init_args.length_policy to one of those")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,8 +25,8 @@ _TRAIN_KIND_FIXES = {
     "scored": "set data.init_args.train_kind=scored to train on the scores (configs/gvm.yaml)",
 }
 _VAL_KIND_FIXES = {
-    "scored": "data.init_args.val_path takes held-out pairs ({prompt, chosen, rejected}); "
-              "scored rows go in data.init_args.train_path with train_kind=scored",
+    "scored": "data.init_args.val_path takes held-out pairs ({prompt, chosen, rejected}); scored "
+              "rows go in data.init_args.train_path with train_kind=scored",
 }
 
 
@@ -45,32 +46,28 @@ class ValueDataModule(TokenizedDataModule):
             policy (the row's ``policy`` field) as context. The paper describes it; the
             authors' code never implemented it. τ is drawn once, seeded, from the training
             rows with another prompt.
-        format: row format of ``train_path`` (``auto`` detects it).
-        split: split of a ``datasets`` directory.
         train_fraction: train on the rows of the first ``⌈fraction · P⌉`` of the ``P``
             distinct prompts of ``train_path`` (file order, all of a prompt's responses
             kept): the GVM-quality sweep's less-data variants. 1.0: every row.
-        **kwargs: see :class:`TokenizedDataModule`.
+        **kwargs: the tokenizer, batching, length, format (of ``train_path``) and seed
+            settings of :class:`~dvpo_lightning.data.base.TokenizedDataModule`.
     """
 
-    def __init__(self, train_path: str, val_path: str, tokenizer: str,
-                 train_kind: str = "scored", chosen_return: float = 1.0,
-                 rejected_return: float = -1.0, tau_conditioning: bool = False,
-                 format: str = "auto", split: str | None = None, train_fraction: float = 1.0,
-                 batch_size: int = 32,
-                 val_batch_size: int | None = None, max_length: int = 512,
-                 length_policy: str = "truncate", chat_template: bool = True,
-                 num_workers: int = 0, seed: int = 0) -> None:
-        super().__init__(tokenizer, batch_size, val_batch_size, max_length, length_policy,
-                         chat_template, num_workers, seed)
+    def __init__(self, train_path: str, val_path: str,
+                 train_kind: Literal["scored", "pairwise"] = "scored",
+                 chosen_return: float = 1.0, rejected_return: float = -1.0,
+                 tau_conditioning: bool = False, train_fraction: float = 1.0,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
         if train_kind not in TRAIN_KINDS:
-            raise ValueError(f"data.train_kind={train_kind!r} is not one of {TRAIN_KINDS}")
+            raise ValueError(f"data.init_args.train_kind={train_kind!r} is not one of "
+                             f"{TRAIN_KINDS}. Fix: set it to one of those")
         self.train_path, self.val_path, self.train_kind = train_path, val_path, train_kind
         self.chosen_return, self.rejected_return = chosen_return, rejected_return
-        self.tau_conditioning, self.format, self.split = tau_conditioning, format, split
+        self.tau_conditioning = tau_conditioning
         if not 0.0 < train_fraction <= 1.0:
-            raise ValueError(f"data.train_fraction={train_fraction}: must be in (0, 1], the "
-                             "share of the training prompts to keep (1.0: all)")
+            raise ValueError(f"data.init_args.train_fraction={train_fraction}: must be in (0, 1], "
+                             "the share of the training prompts to keep (1.0: all)")
         self.train_fraction = train_fraction
 
     def _train_rows(self) -> list[dict]:
@@ -90,8 +87,8 @@ class ValueDataModule(TokenizedDataModule):
             if r.get("policy") is None:
                 raise ValueError(
                     f"{self.train_path}, row {i}: field 'policy' is missing; "
-                    "data.tau_conditioning=true needs the behaviour policy of every row. "
-                    "Fix: add a 'policy' field, or set data.tau_conditioning=false")
+                    "data.init_args.tau_conditioning=true needs the behaviour policy of every "
+                    "row. Fix: add a 'policy' field, or set data.init_args.tau_conditioning=false")
             pool.setdefault(r["policy"], []).append(r)
         return pool
 
@@ -101,7 +98,7 @@ class ValueDataModule(TokenizedDataModule):
             raise ValueError(
                 f"{self.val_path}: policy {policy!r} has no training trajectory to condition on "
                 f"(training policies: {sorted(pool)}). Fix: evaluate on pairs of the training "
-                "policies, or set data.tau_conditioning=false")
+                "policies, or set data.init_args.tau_conditioning=false")
         cands = pool[policy]
         for _ in range(8):
             tau = rng.choice(cands)

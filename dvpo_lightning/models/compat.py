@@ -19,17 +19,19 @@ from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.named import resolve_model
 from dvpo_lightning.models.tiny import is_tiny, tiny_config
 
-_RETRAIN = ("point {setting} at a {label} trained from the policy's backbone and tokenizer "
-            "(stage 1 with data.tokenizer = the policy's tokenizer), or retrain it")
+_RETRAIN = ("point {setting} at a {label} trained from the policy's backbone and tokenizer (stage "
+            "1 with data.init_args.tokenizer = the policy's tokenizer), or retrain it")
 # role → (what it is called, the fix)
 ROLES = {
-    "gvm": ("GVM", _RETRAIN.format(setting="model.value_model", label="GVM")),
-    "reward_model": ("reward model", _RETRAIN.format(setting="model.reward_model",
+    "gvm": ("GVM", _RETRAIN.format(setting="model.init_args.value_model", label="GVM")),
+    "reward_model": ("reward model", _RETRAIN.format(setting="model.init_args.reward_model",
                                                      label="reward model")),
-    "reference": ("reference policy", "point model.reference at the SFT policy the run starts "
-                  "from (or leave it unset: it defaults to model.policy)"),
-    "critic": ("critic", _RETRAIN.format(setting="model.critic_init", label="critic")),
-    "policy": ("policy", "set data.tokenizer to the policy's directory (the tokenizer it was "
+    "reference": ("reference policy", "point model.init_args.reference at the SFT policy the run "
+                                      "starts "
+                  "from (or leave it unset: it defaults to model.init_args.policy)"),
+    "critic": ("critic", _RETRAIN.format(setting="model.init_args.critic_init", label="critic")),
+    "policy": ("policy", "set data.init_args.tokenizer to the policy's directory (the tokenizer "
+                         "it was "
                "trained with)"),
 }
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -64,7 +66,7 @@ def context_length(config: PretrainedConfig) -> int | None:
 
 
 def check_fits_context(max_length: int, model: PretrainedConfig | str | Path,
-                       what: str = "data.max_length") -> None:
+                       what: str = "data.init_args.max_length") -> None:
     """Raise unless sequences of ``max_length`` tokens fit the model's context.
 
     Args:

@@ -43,11 +43,11 @@ def resolve_frozen_dtype(setting: str | None, device: torch.device) -> tuple[str
         the loaded dtype); ``why`` says how it was chosen, for the start-up log.
     """
     if setting != "auto":
-        return setting, "model.models.frozen_dtype"
+        return setting, "model.init_args.models.frozen_dtype"
     kernels = bf16_kernels(device)
     if kernels:
-        return "bfloat16", f"model.models.frozen_dtype=auto: {kernels}"
-    return None, f"model.models.frozen_dtype=auto: {device.type} has no bfloat16 kernels"
+        return "bfloat16", f"model.init_args.models.frozen_dtype=auto: {kernels}"
+    return None, f"model.init_args.models.frozen_dtype=auto: {device.type} has no bfloat16 kernels"
 
 
 def cast_frozen(frozen: nn.ModuleDict, setting: str | None, device: torch.device,

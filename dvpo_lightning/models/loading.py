@@ -83,7 +83,9 @@ def _load(auto_cls, name_or_path: str, tokenizer: PreTrainedTokenizerBase, dtype
     if is_tiny(name_or_path):
         cfg = tiny_config(name_or_path, len(tokenizer), tokenizer.pad_token_id,
                           tokenizer.bos_token_id, tokenizer.eos_token_id)
-        return auto_cls.from_config(cfg, **extra)
+        model = auto_cls.from_config(cfg, **extra)
+        torch_dtype = resolve_dtype(dtype)  # (random weights: cast after they are drawn)
+        return model.to(torch_dtype) if torch_dtype is not None else model
     path = resolve_model(name_or_path)
     _check_path(path)
     config = AutoConfig.from_pretrained(path)

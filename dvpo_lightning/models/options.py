@@ -1,4 +1,7 @@
-"""How the models of an RL run are loaded and run: one typed group of settings."""
+"""How a run's models are loaded and run: one typed group of settings, ``model.init_args.models``
+in every stage. :class:`LoadOptions` is what a stage that trains one model takes (SFT, the
+reward model, the GVM); :class:`ModelOptions` adds what only runs with frozen models or a
+critic use (RL, DPO)."""
 
 from __future__ import annotations
 
@@ -9,20 +12,38 @@ import torch
 
 from dvpo_lightning.models.lora import LoraOptions
 
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
 
 @dataclass(frozen=True)
-class ModelOptions:
-    """How the policy, the critic and the frozen models are loaded and run.
+class LoadOptions:
+    """How the trained model loads and runs.
 
     Args:
-        lora: train LoRA adapters on the policy instead of every weight; the export merges
-            them (and writes the adapter alone to ``<export_dir>/adapter``). Without a
-            ``reference``, the reference is then the policy with its adapters switched off.
-        critic_lora: LoRA adapters for the PPO critic's backbone (its head trains fully).
+        lora: train LoRA adapters instead of every weight (a value model's head trains fully);
+            the export merges them (and writes the adapter alone to ``<export_dir>/adapter``).
+            In RL and DPO without a ``reference``, the reference is then the policy with its
+            adapters switched off.
+        dtype: dtype the trained model(s) load in; None or ``auto``: as saved (the trainer's
+            ``precision`` decides the compute dtype either way).
         attn_implementation: attention kernel of every model loaded (``eager``, ``sdpa``,
             ``flash_attention_2``, ...); None lets transformers choose.
         gradient_checkpointing: recompute the trained models' activations in the backward
             pass (less memory, ~30 % more update time).
+    """
+
+    lora: LoraOptions | None = None
+    dtype: DTypeName | None = None
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class ModelOptions(LoadOptions):
+    """How the policy, the critic and the frozen models are loaded and run.
+
+    Args:
+        critic_lora: LoRA adapters for the PPO critic's backbone (its head trains fully).
         frozen_dtype: dtype of the frozen reference, GVM and reward model; None keeps the
             loaded dtype (half precision halves their memory); ``auto``: bfloat16 where the
             run's device has bfloat16 kernels (a CUDA GPU with bfloat16, a CPU with AVX-512
@@ -40,15 +61,12 @@ class ModelOptions:
             in the backward.
     """
 
-    lora: LoraOptions | None = None
     critic_lora: LoraOptions | None = None
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
-    frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    frozen_dtype: DTypeName | None = None
     offload_frozen: bool = False
     fused_head: bool = True
 
 
 # Modules keep their options in their hyper-parameters, which Lightning saves in every
 # checkpoint: let `torch.load(weights_only=True)` (what resume uses) rebuild them.
-torch.serialization.add_safe_globals([ModelOptions])
+torch.serialization.add_safe_globals([LoadOptions, ModelOptions])

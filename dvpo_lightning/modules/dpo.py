@@ -25,6 +25,7 @@ from dvpo_lightning.models.lora import adapters_disabled
 from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.models.value_model import freeze
 from dvpo_lightning.modules.evaluation import HeldOutEvaluation, test_loader
+from dvpo_lightning.modules.optim import OptimSettings
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
 from dvpo_lightning.ops.sampling import LogitTransform
@@ -64,7 +65,7 @@ class DPOSettings:
                   "label_smoothing applies to loss_type sigmoid only (set it to 0 for ipo)")]
         broken = [rule for ok, rule in rules if not ok]
         if broken:
-            raise ValueError(f"model.dpo: {'; '.join(broken)} (got {self}). Fix the "
+            raise ValueError(f"model.init_args.dpo: {'; '.join(broken)} (got {self}). Fix the "
                              "model.init_args.dpo.* keys named")
 
 
@@ -80,8 +81,8 @@ def check_dpo_options(models: ModelOptions, rollout: RolloutSettings) -> None:
                                         "to evaluate, with generate: use 'hf')")]
     named = [what for bad, what in refused if bad]
     if named:
-        raise ValueError(f"DPOModule cannot use {'; '.join(named)}. Fix: remove these keys "
-                         "from model.init_args")
+        raise ValueError(f"DPOModule cannot use {'; '.join(named)}. Fix: remove these keys from "
+                         "model.init_args")
 
 
 SIDES = ("logp_c", "logp_r", "ref_c", "ref_r", "len_c", "len_r")  # by_side's, in order
@@ -116,10 +117,7 @@ class DPOModule(SingleModelStage):
             judge or ``package.module:function``); None for data without one: no gold reward
             nor win rate.
         dpo: the preference objective.
-        lr: peak learning rate (AdamW); TRL's default.
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps before the cosine decay.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        optim: the optimizer and its warm-up / cosine schedule (``lr`` 1e-6: TRL's default).
         export_dir: where to write the trained policy at the end of ``fit``; None writes
             nothing.
         models: how the policy and the reference load and run (LoRA, attention kernel,
@@ -133,8 +131,8 @@ class DPOModule(SingleModelStage):
     STEP_UNIT = "step"  # val_check_interval and max_steps count optimizer steps
 
     def __init__(self, policy: str, tokenizer: str | None = None, judge: str | None = None,
-                 dpo: DPOSettings = DPOSettings(), lr: float = 1e-6, weight_decay: float = 0.0,
-                 warmup_steps: int = 10, min_lr_ratio: float = 0.1,
+                 dpo: DPOSettings = DPOSettings(),
+                 optim: OptimSettings = OptimSettings(lr=1e-6, warmup_steps=10),
                  export_dir: str | None = None, models: ModelOptions = ModelOptions(),
                  rollout: RolloutSettings = RolloutSettings()) -> None:
         super().__init__()
@@ -144,9 +142,8 @@ class DPOModule(SingleModelStage):
         self.tokenizer = load_tokenizer(tokenizer or policy)
         check_compatible(self.tokenizer, policy, "policy")
         attn = models.attn_implementation
-        self.model = load_causal_lm(policy, self.tokenizer, attn_implementation=attn,
-                                    gradient_checkpointing=models.gradient_checkpointing,
-                                    lora=models.lora)
+        self.model = load_causal_lm(policy, self.tokenizer, models.dtype, attn,
+                                    models.gradient_checkpointing, models.lora)
         self.model.train()  # (loaded in eval mode: LoRA dropout, gradient checkpointing need it)
         self.reference: nn.Module | None = None
         if models.lora is None:
@@ -157,6 +154,7 @@ class DPOModule(SingleModelStage):
                 self.reference.to(dtype)
         # (settings kept as objects: under LightningCLI self.hparams holds the config dict)
         self.settings, self.model_options, self.rollout = dpo, models, rollout
+        self.optim, self.export_dir = optim, export_dir
         self.heldout = HeldOutEvaluation()  # the RL runs' held-out evaluation, state, summary
         self.pair_history: list[dict] = []  # the held-out pair metrics at every validation
 
@@ -184,7 +182,8 @@ class DPOModule(SingleModelStage):
         if getattr(dm, "eval_path", None) or getattr(dm, "test_path", None):
             check_fits_context(dm.max_prompt_length + self.rollout.max_new_tokens,
                                self.model.config,
-                               "data.max_prompt_length + model.rollout.max_new_tokens")
+                               "data.init_args.max_prompt_length + "
+                               "model.init_args.rollout.max_new_tokens")
 
     def on_train_start(self) -> None:
         # Restored here, not in on_load_checkpoint: the training loader draws its seed from

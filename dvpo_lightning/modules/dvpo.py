@@ -26,7 +26,7 @@ from dvpo_lightning.models.loading import load_tokenizer
 from dvpo_lightning.models.options import ModelOptions
 from dvpo_lightning.modules.evaluation import HeldOutEvaluation, test_loader
 from dvpo_lightning.modules.kl_penalty import KLPenalty, KLSettings
-from dvpo_lightning.modules.optim import adamw
+from dvpo_lightning.modules.optim import RLOptimSettings, adamw
 from dvpo_lightning.modules.ppo import PPOSettings, check_behaviour_source, minibatch_loss
 from dvpo_lightning.modules.reward_scale import RewardScale, RewardSettings
 from dvpo_lightning.modules.rl_models import load_rl_models
@@ -93,9 +93,7 @@ class DVPOModule(L.LightningModule):
             taking ``(prompt, response)`` (:mod:`dvpo_lightning.tasks.judges`); None for data
             without one (evaluation then reports the KL, lengths and the run's own GVM / reward
             model scores).
-        lr: the policy's learning rate (AdamW).
-        critic_lr: the critic's learning rate (its own parameter group); None: ``lr``.
-        weight_decay: AdamW weight decay.
+        optim: the optimizer (AdamW, the policy's and the critic's learning rates).
         export_dir: where the trained policy (and the critic, in ``critic/``) is written at
             the end of ``fit``; None writes nothing.
         models: how the models load and run (LoRA, attention kernel, precision, offloading).
@@ -119,9 +117,7 @@ class DVPOModule(L.LightningModule):
         critic_init: str | None = None,
         tokenizer: str | None = None,
         judge: str | None = None,
-        lr: float = 1e-5,
-        critic_lr: float | None = None,
-        weight_decay: float = 0.0,
+        optim: RLOptimSettings = RLOptimSettings(),
         export_dir: str | None = None,
         models: ModelOptions = ModelOptions(),
         rollout: RolloutSettings = RolloutSettings(),
@@ -143,8 +139,8 @@ class DVPOModule(L.LightningModule):
                            tok.pad_token_id), rollout, tok,
             scorer, loaded.shared_reference, models.fused_head,
             models.offload_frozen)
-        self._assemble(loaded.trained, experience, estimator, loaded.identity, models, kl, ppo,
-                       guards, reward)
+        self._assemble(loaded.trained, experience, estimator, loaded.identity, optim, export_dir,
+                       models, kl, ppo, guards, reward)
 
     @classmethod
     def from_parts(cls, trained: nn.ModuleDict, experience: nn.Module,
@@ -158,33 +154,35 @@ class DVPOModule(L.LightningModule):
             experience: an :class:`ExperienceMaker` (a test's subclass overrides ``forward``,
                 ``(policy, batch, critic, weights_version) ↦ (Experience, info)``).
             estimator: the advantage estimator.
-            **settings: ``lr``, ``critic_lr``, ``weight_decay``, ``kl``, ``ppo``, ``guards``,
-                ``reward``, ``models`` as in ``__init__``.
+            **settings: ``optim``, ``kl``, ``ppo``, ``guards``, ``reward``, ``models`` as in
+                ``__init__``.
         """
         self = cls.__new__(cls)
         L.LightningModule.__init__(self)
-        defaults = {"lr": 1e-5, "critic_lr": None, "weight_decay": 0.0, "export_dir": None,
-                    "models": ModelOptions(), "kl": KLSettings(), "ppo": PPOSettings(),
-                    "guards": GuardSettings(), "reward": RewardSettings()}
+        defaults = {"optim": RLOptimSettings(), "export_dir": None, "models": ModelOptions(),
+                    "kl": KLSettings(), "ppo": PPOSettings(), "guards": GuardSettings(),
+                    "reward": RewardSettings()}
         unknown = set(settings) - set(defaults)
         if unknown:
             raise TypeError(f"DVPOModule.from_parts: unknown settings {sorted(unknown)}; "
                             f"valid: {sorted(defaults)}")
         hp = {**defaults, **settings}
         self.save_hyperparameters(hp)
-        self._assemble(trained, experience, estimator, {}, hp["models"], hp["kl"], hp["ppo"],
-                       hp["guards"], hp["reward"])
+        self._assemble(trained, experience, estimator, {}, hp["optim"], hp["export_dir"],
+                       hp["models"], hp["kl"], hp["ppo"], hp["guards"], hp["reward"])
         return self
 
     def _assemble(self, trained: nn.ModuleDict, experience: nn.Module,
                   estimator: AdvantageEstimator, identity: dict[str, str | None],
-                  models: ModelOptions, kl: KLSettings, ppo: PPOSettings,
-                  guards: GuardSettings, reward: RewardSettings = RewardSettings()) -> None:
+                  optim: RLOptimSettings, export_dir: str | None, models: ModelOptions,
+                  kl: KLSettings, ppo: PPOSettings, guards: GuardSettings,
+                  reward: RewardSettings = RewardSettings()) -> None:
         # (settings are kept as objects: under LightningCLI self.hparams holds the config dict)
         self.automatic_optimization = False
         self.trained, self.experience, self.estimator = trained, experience, estimator
         self.tokenizer = experience.tokenizer
         self.model_options, self.ppo = models, ppo
+        self.optim, self.export_dir = optim, export_dir
         self.kl, self.guard = KLPenalty(kl), StepGuard(guards)
         self.reward_scale = RewardScale(reward)
         self.heldout = HeldOutEvaluation()  # the held-out evaluation, its state and summary
@@ -216,8 +214,8 @@ class DVPOModule(L.LightningModule):
                                 self.ppo.mini_batch_size)
         if self.model_options.offload_frozen and getattr(self.trainer.strategy,
                                                           "zero_stage_3", False):
-            raise ValueError("model.models.offload_frozen=true cannot move ZeRO-3 partitioned "
-                             "weights between devices. Fix: set it to false and use "
+            raise ValueError("model.init_args.models.offload_frozen=true cannot move ZeRO-3 "
+                             "partitioned weights between devices. Fix: set it to false and use "
                              "configs/deepspeed/zero3_offload.yaml (DeepSpeed's own offload)")
         device, prompt_length = self.trainer.strategy.root_device, getattr(dm, "max_length", 0)
         self.experience.follow_precision(self.trainer.precision)  # (vllm.dtype: auto)
@@ -226,7 +224,8 @@ class DVPOModule(L.LightningModule):
         longest = self.experience.longest_sequence(prompt_length)
         for part in (*self.trained.values(), *self.frozen.values()):
             check_fits_context(longest, getattr(part, "backbone", part).config,
-                               "data.max_prompt_length + model.rollout.max_new_tokens")
+                               "data.init_args.max_prompt_length + "
+                               "model.init_args.rollout.max_new_tokens")
         # (vLLM: refuse before the first rollout, not in it)
         self.experience.check_servable(self.policy, device, prompt_length)
         frozen_dtype, line = cast_frozen(  # (frozen_dtype=auto: bfloat16 where it has kernels)
@@ -252,14 +251,14 @@ class DVPOModule(L.LightningModule):
         def trainable(m: nn.Module) -> list:
             return [p for p in m.parameters() if p.requires_grad]  # (LoRA: the adapters)
 
-        hp = self.hparams
-        groups = [{"params": trainable(self.policy), "lr": hp.lr}]
+        o = self.optim
+        groups = [{"params": trainable(self.policy), "lr": o.lr}]
         if self.critic is not None:
-            groups.append({"params": trainable(self.critic), "lr": hp.critic_lr or hp.lr})
-        return adamw(groups, hp.lr, hp.weight_decay, strategy=self.trainer.strategy)
+            groups.append({"params": trainable(self.critic), "lr": o.critic_lr or o.lr})
+        return adamw(groups, o.lr, o.weight_decay, strategy=self.trainer.strategy)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return stage_callbacks(self.hparams.export_dir)
+        return stage_callbacks(self.export_dir)
 
     def on_train_start(self) -> None:
         self.trained.train()  # (loaded in eval mode, which Lightning 2.x keeps: the critic's
@@ -472,13 +471,13 @@ class DVPOModule(L.LightningModule):
         tolerance, chosen = self.logp_tolerance, self._tolerance_origin
         if tolerance is not None and mean > tolerance:
             raise SamplerMismatchError(
-                f"the rollout engine's log-probs of its own samples differ from the trainer's "
-                f"by {mean:.4g} per token on average (max {largest:.4g}) at RL step {step}, "
-                f"past model.rollout.vllm.logp_tolerance={tolerance:g}{chosen}: the engine "
-                "is likely sampling from stale or partly loaded weights (a missed push), or its "
+                "the rollout engine's log-probs of its own samples differ from the trainer's by "
+                f"{mean:.4g} per token on average (max {largest:.4g}) at RL step {step}, past "
+                f"model.init_args.rollout.vllm.logp_tolerance={tolerance:g}{chosen}: the engine is "
+                "likely sampling from stale or partly loaded weights (a missed push), or its "
                 "precision differs from the trainer's. Fix: check the weight sync; for a known "
-                "precision gap (bf16 kernels) raise the tolerance and set model.ppo.tis_cap; "
-                "the last checkpoint is the last good one")
+                "precision gap (bf16 kernels) raise the tolerance and set "
+                "model.init_args.ppo.tis_cap; the last checkpoint is the last good one")
         return {"sampler_logp_diff_mean": mean, "sampler_logp_diff_max": largest}
 
     def _skipped(self) -> None:

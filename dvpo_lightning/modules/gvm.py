@@ -2,65 +2,72 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
 from torch import Tensor
 
-from dvpo_lightning.models.lora import LoraOptions
 from dvpo_lightning.modules.value_base import ValueHeadModule
 from dvpo_lightning.ops.losses import value_regression_loss
 from dvpo_lightning.ops.returns import gvm_value_targets
 from dvpo_lightning.runtime.log_steps import logs_this_step
 
 
-class GVMModule(ValueHeadModule):
-    """Regress ``u_0 … u_T`` on returns with a selectable target (paper §4.1;
-    docs/algorithm.md#return-targets).
-
-    Targets (the bootstrap always under stop-gradient, reward ``r`` on the last token):
-
-    - ``td0``: the paper's Eq. 1, ``y_k = r_k + γ·u_{k+1}``.
-    - ``td_lambda``: the authors' code, TD(λ) returns from the model's own detached values.
-    - ``mc``: Monte Carlo, every trained position regresses on the (discounted) return.
+@dataclass(frozen=True)
+class ReturnTargets:
+    """What the GVM's values regress on (paper §4.1; docs/algorithm.md#return-targets), the
+    bootstrap always under stop-gradient and the reward ``r`` on the last token.
 
     Args:
-        backbone: a local model directory (the SFT policy, as in the paper) or a tiny config.
-        tokenizer: tokenizer directory; defaults to ``backbone``'s.
-        target: ``td0``, ``td_lambda`` or ``mc``.
+        target: ``td0``: the paper's Eq. 1, ``y_k = r_k + γ·u_{k+1}``; ``td_lambda``: the
+            authors' code, TD(λ) returns from the model's own detached values; ``mc``: Monte
+            Carlo, every trained position regresses on the (discounted) return.
         gamma: discount γ (paper: 1).
         lam: λ of ``td_lambda`` (authors' code: 0.95).
         positions: trained positions: ``all`` (``u_0 … u_T``, the paper's Q-view, the final
             value's target is ``r``) or ``before_token`` (``u_0 … u_{T-1}``, the authors' code).
-        lr: peak learning rate (AdamW).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps before the cosine decay.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-        export_dir: where to write the GVM (backbone + value head) at the end of ``fit``.
-        zero_init_head: start the value head at zero (authors' code).
-        dtype: dtype to load ``backbone`` in.
-        attn_implementation: attention kernel (``eager``, ``sdpa``, ``flash_attention_2``);
-            None lets transformers choose.
-        gradient_checkpointing: recompute activations in the backward pass (less memory).
-        lora: train LoRA adapters on the backbone (and the head fully) instead of every weight;
-            the export merges them.
+    """
+
+    target: Literal["td0", "td_lambda", "mc"] = "td_lambda"
+    gamma: float = 1.0
+    lam: float = 0.95
+    positions: Literal["all", "before_token"] = "all"
+
+    def __post_init__(self) -> None:
+        rules = [(self.target in ("td0", "td_lambda", "mc"),
+                  "target must be one of ('td0', 'td_lambda', 'mc')"),
+                 (self.positions in ("all", "before_token"),
+                  "positions must be one of ('all', 'before_token')"),
+                 (0 <= self.gamma <= 1, "gamma must be in [0, 1]"),
+                 (0 <= self.lam <= 1, "lam must be in [0, 1]")]
+        broken = [rule for ok, rule in rules if not ok]
+        if broken:
+            raise ValueError(f"model.init_args.returns: {'; '.join(broken)} (got {self}). Fix the "
+                             "model.init_args.returns.* keys named")
+
+
+# The GVM keeps its targets in its hyper-parameters, saved in every checkpoint: let
+# `torch.load(weights_only=True)` (what resume uses) rebuild them.
+torch.serialization.add_safe_globals([ReturnTargets])
+
+
+class GVMModule(ValueHeadModule):
+    """Regress ``u_0 … u_T`` on returns (paper §4.1), validated by held-out pair accuracy.
+
+    Args:
+        returns: the regression target (TD(0), TD(λ) or Monte Carlo), γ, λ and the trained
+            positions.
+        **kwargs: the backbone, tokenizer, optimizer, model options, head initialisation and
+            export directory of :class:`~dvpo_lightning.modules.value_base.ValueHeadModule`.
     """
 
     kind = "gvm"
     table_title = "GVM"
 
-    def __init__(self, backbone: str = "tiny-llama", tokenizer: str | None = None,
-                 target: str = "td_lambda", gamma: float = 1.0, lam: float = 0.95,
-                 positions: str = "all", lr: float = 3e-4, weight_decay: float = 0.0,
-                 warmup_steps: int = 50, min_lr_ratio: float = 0.1,
-                 export_dir: str | None = None, zero_init_head: bool = True,
-                 dtype: str | None = None, attn_implementation: str | None = None,
-                 gradient_checkpointing: bool = False, lora: LoraOptions | None = None) -> None:
-        super().__init__(backbone, tokenizer, lr, weight_decay, warmup_steps, min_lr_ratio,
-                         export_dir, zero_init_head, dtype, attn_implementation,
-                         gradient_checkpointing, lora)
-        self.save_hyperparameters()
-        if target not in ("td0", "td_lambda", "mc"):
-            raise ValueError(f"model.target={target!r} is not one of ('td0', 'td_lambda', 'mc')")
-        if positions not in ("all", "before_token"):
-            raise ValueError(f"model.positions={positions!r} is not one of ('all', 'before_token')")
+    def __init__(self, returns: ReturnTargets = ReturnTargets(), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.returns = returns
 
     @property
     def main_aggregation(self) -> str:
@@ -68,9 +75,9 @@ class GVMModule(ValueHeadModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         values = self.response_values(batch)  # (B, T+1): u_0 … u_T
-        hp = self.hparams
+        r = self.returns
         targets, train_mask = gvm_value_targets(values, batch["response_mask"], batch["returns"],
-                                                hp.target, hp.gamma, hp.lam, hp.positions)
+                                                r.target, r.gamma, r.lam, r.positions)
         loss = value_regression_loss(values, targets, train_mask)
         b = values.shape[0]
         self.log("train/value_loss", loss, prog_bar=True, batch_size=b)

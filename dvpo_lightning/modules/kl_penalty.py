@@ -47,9 +47,9 @@ class KLSettings:
 
     def __post_init__(self) -> None:
         if self.coef < 0 or self.target <= 0 or self.horizon <= 0:
-            raise ValueError(f"model.kl: need coef >= 0, target > 0 and horizon > 0, got "
-                             f"coef={self.coef}, target={self.target}, horizon={self.horizon}. "
-                             "Fix the model.init_args.kl.* keys named")
+            raise ValueError("model.init_args.kl: need coef >= 0, target > 0 and horizon > 0, got "
+                             f"coef={self.coef}, target={self.target}, horizon={self.horizon}. Fix "
+                             "the model.init_args.kl.* keys named")
 
 
 torch.serialization.add_safe_globals([KLSettings])  # in checkpointed hparams
@@ -97,9 +97,10 @@ class KLPenalty:
         bound = self.settings.bound
         if bound is None or kl_per_response <= bound:
             return False
-        msg = (f"the rollout's KL to the reference, {kl_per_response:.4f} nats per response at "
-               f"RL step {rl_step}, exceeds model.kl.bound={bound}: the policy is drifting from "
-               "the reference. Raise model.kl.coef, lower model.lr, or raise model.kl.bound")
+        msg = (f"the rollout's KL to the reference, {kl_per_response:.4f} nats per response at RL "
+               f"step {rl_step}, exceeds model.init_args.kl.bound={bound}: the policy is drifting "
+               "from the reference. Raise model.init_args.kl.coef, lower "
+               "model.init_args.optim.lr, or raise model.init_args.kl.bound")
         if self.settings.on_exceeded == "stop":
             raise KLBoundError(msg + "; the last checkpoint is the last good one.")
         rank_zero_warn(msg + " (kl.on_exceeded=warn: going on).")

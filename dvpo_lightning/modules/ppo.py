@@ -81,20 +81,21 @@ class PPOSettings:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.grad_accum < 1:
-            raise ValueError(f"model.ppo.epochs ({self.epochs}) and model.ppo.grad_accum "
-                             f"({self.grad_accum}) must be >= 1")
+            raise ValueError(f"model.init_args.ppo.epochs ({self.epochs}) and "
+                             f"model.init_args.ppo.grad_accum ({self.grad_accum}) must be >= 1")
         if self.tis_cap is not None and self.tis_cap <= 0:
-            raise ValueError(f"model.ppo.tis_cap={self.tis_cap} must be > 0, or null for no "
-                             "importance correction")
+            raise ValueError(f"model.init_args.ppo.tis_cap={self.tis_cap} must be > 0, or null for "
+                             "no importance correction")
         if self.mini_batch_size is not None and self.mini_batch_size < 1:
-            raise ValueError(f"model.ppo.mini_batch_size={self.mini_batch_size} must be >= 1, "
-                             "or null for the whole rollout batch")
+            raise ValueError(f"model.init_args.ppo.mini_batch_size={self.mini_batch_size} must be "
+                             ">= 1, or null for the whole rollout batch")
         if self.behaviour_logps == "engine" and self.tis_cap is not None:
             raise ValueError(
-                f"model.ppo.tis_cap={self.tis_cap} with model.ppo.behaviour_logps=engine: "
-                "logp_old is then the engine's own log-probs, so the importance weight "
-                "π_old / π_sampler is 1 and the cap does nothing. Fix: set model.ppo.tis_cap "
-                "to null, or behaviour_logps to auto to correct the gap instead")
+                f"model.init_args.ppo.tis_cap={self.tis_cap} with "
+                "model.init_args.ppo.behaviour_logps=engine: logp_old is then the engine's own "
+                "log-probs, so the importance weight π_old / π_sampler is 1 and the cap does "
+                "nothing. Fix: set model.init_args.ppo.tis_cap to null, or behaviour_logps to "
+                "auto to correct the gap instead")
 
 
 def check_behaviour_source(ppo: PPOSettings, engine: str) -> None:
@@ -102,9 +103,9 @@ def check_behaviour_source(ppo: PPOSettings, engine: str) -> None:
     raises before any model loads otherwise."""
     if ppo.behaviour_logps == "engine" and engine != "vllm":
         raise ValueError(
-            f"model.ppo.behaviour_logps=engine takes logp_old from the rollout engine's own "
-            f"log-probs, and model.rollout.engine={engine} reports none. Fix: set "
-            "model.rollout.engine=vllm, or model.ppo.behaviour_logps=auto")
+            "model.init_args.ppo.behaviour_logps=engine takes logp_old from the rollout engine's "
+            f"own log-probs, and model.init_args.rollout.engine={engine} reports none. Fix: set "
+            "model.init_args.rollout.engine=vllm, or model.init_args.ppo.behaviour_logps=auto")
 
 
 torch.serialization.add_safe_globals([PPOSettings])  # in checkpointed hparams

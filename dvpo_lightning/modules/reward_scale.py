@@ -52,11 +52,11 @@ class RewardSettings:
 
     def __post_init__(self) -> None:
         if self.normalize not in REWARD_NORMS:
-            raise ValueError(f"model.reward.normalize={self.normalize!r} is not one of "
-                             f"{REWARD_NORMS}. Fix: model.init_args.reward.normalize=none (raw) "
-                             "or first_rollout (one scale for every method)")
+            raise ValueError(f"model.init_args.reward.normalize={self.normalize!r} is not one of "
+                             f"{REWARD_NORMS}. Fix: model.init_args.reward.normalize=none (raw) or "
+                             "first_rollout (one scale for every method)")
         if not self.min_std > 0:
-            raise ValueError(f"model.reward.min_std={self.min_std} must be > 0. Fix: "
+            raise ValueError(f"model.init_args.reward.min_std={self.min_std} must be > 0. Fix: "
                              "model.init_args.reward.min_std=1e-6")
 
 

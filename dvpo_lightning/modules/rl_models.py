@@ -40,11 +40,11 @@ def needed_paths(needs: frozenset[Need], estimator: str, value_model: str | None
     naming the missing key when a needed path was not given."""
     wants_rm = Need.SCORES in needs or Need.GREEDY_BASELINE in needs
     if Need.GVM_VALUES in needs and not value_model:
-        raise ValueError(f"{estimator} needs a frozen GVM: set model.value_model to the GVM "
-                         "directory (stage 1 output)")
+        raise ValueError(f"{estimator} needs a frozen GVM: set model.init_args.value_model to the "
+                         "GVM directory (stage 1 output)")
     if wants_rm and not reward_model:
-        raise ValueError(f"{estimator} needs a reward model: set model.reward_model to the "
-                         "reward-model directory")
+        raise ValueError(f"{estimator} needs a reward model: set model.init_args.reward_model to "
+                         "the reward-model directory")
     return (value_model if Need.GVM_VALUES in needs else None,
             reward_model if wants_rm else None)
 
@@ -79,11 +79,10 @@ def load_rl_models(needs: frozenset[Need], estimator: str, tokenizer: PreTrained
     attn = options.attn_implementation
     # Load order is part of a run's random stream (fresh heads draw from it): keep it.
     trained = nn.ModuleDict({"policy": load_causal_lm(
-        policy, tokenizer, attn_implementation=attn,
-        gradient_checkpointing=options.gradient_checkpointing, lora=options.lora)})
+        policy, tokenizer, options.dtype, attn, options.gradient_checkpointing, options.lora)})
     if critic is not None:
         trained["critic"] = ValueModel.from_pretrained(
-            critic, tokenizer, kind="critic", attn_implementation=attn,
+            critic, tokenizer, kind="critic", dtype=options.dtype, attn_implementation=attn,
             gradient_checkpointing=options.gradient_checkpointing, lora=options.critic_lora)
     shared_reference = options.lora is not None and reference is None
     frozen = nn.ModuleDict()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from dvpo_lightning.models.loading import load_causal_lm, load_tokenizer
-from dvpo_lightning.models.lora import LoraOptions
+from dvpo_lightning.models.options import LoadOptions
+from dvpo_lightning.modules.optim import OptimSettings
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.rollout.scoring import policy_logps
 from dvpo_lightning.runtime.log_steps import logs_this_step
@@ -17,30 +18,23 @@ class SFTModule(SingleModelStage):
     Args:
         backbone: a local model directory or a tiny config name (``tiny-llama``: random init).
         tokenizer: tokenizer directory; defaults to ``backbone``'s.
-        lr: peak learning rate (AdamW).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear warm-up steps before the cosine decay.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        optim: the optimizer and its warm-up / cosine schedule.
+        models: how the model loads and runs (LoRA, dtype, attention kernel, gradient
+            checkpointing); the RL runs' key.
         export_dir: where to write the trained policy (``save_pretrained`` + tokenizer) at the
             end of ``fit``; None writes nothing.
-        dtype: dtype to load ``backbone`` in (``auto``, ``float32``, ``bfloat16``).
-        attn_implementation: attention kernel (``eager``, ``sdpa``, ``flash_attention_2``);
-            None lets transformers choose.
-        gradient_checkpointing: recompute activations in the backward pass (less memory).
-        lora: train LoRA adapters instead of every weight; the export merges them (and
-            writes the adapter alone to ``<export_dir>/adapter``).
     """
 
     def __init__(self, backbone: str = "tiny-llama", tokenizer: str | None = None,
-                 lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: int = 100,
-                 min_lr_ratio: float = 0.1, export_dir: str | None = None,
-                 dtype: str | None = None, attn_implementation: str | None = None,
-                 gradient_checkpointing: bool = False, lora: LoraOptions | None = None) -> None:
+                 optim: OptimSettings = OptimSettings(lr=1e-3, warmup_steps=100),
+                 models: LoadOptions = LoadOptions(), export_dir: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.optim, self.export_dir = optim, export_dir
         self.tokenizer = load_tokenizer(tokenizer or backbone)
-        self.model = load_causal_lm(backbone, self.tokenizer, dtype, attn_implementation,
-                                    gradient_checkpointing, lora)
+        self.model = load_causal_lm(backbone, self.tokenizer, models.dtype,
+                                    models.attn_implementation, models.gradient_checkpointing,
+                                    models.lora)
 
     def setup(self, stage: str) -> None:
         self.check_context(self.model.config)

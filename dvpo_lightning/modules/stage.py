@@ -12,7 +12,7 @@ from dvpo_lightning.callbacks.export import Export
 from dvpo_lightning.callbacks.grad_norm import GradNorm
 from dvpo_lightning.callbacks.summary import RunSummary
 from dvpo_lightning.models.compat import check_fits_context
-from dvpo_lightning.modules.optim import adamw, warmup_cosine
+from dvpo_lightning.modules.optim import OptimSettings, adamw, warmup_cosine
 from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
 
 
@@ -27,21 +27,23 @@ def stage_callbacks(export_dir: str | None) -> list[L.Callback]:
 
 
 class SingleModelStage(L.LightningModule):
-    """Base of the stage-1 modules (SFT, reward model, GVM), which train ``self.model``.
+    """Base of the modules that train one ``self.model`` (SFT, reward model, GVM, DPO).
 
-    Expects the hyper-parameters ``lr``, ``weight_decay``, ``warmup_steps``, ``min_lr_ratio``
-    and ``export_dir``. With LoRA, checkpoints hold the adapters (and any head), not the frozen
-    base weights, which are reloaded from the model directory at start-up.
+    A subclass sets ``self.optim`` (its :class:`OptimSettings`) and ``self.export_dir`` in its
+    ``__init__``. With LoRA, checkpoints hold the adapters (and any head), not the frozen base
+    weights, which are reloaded from the model directory at start-up.
     """
 
     model: nn.Module
+    optim: OptimSettings
+    export_dir: str | None
     STEP_UNIT: str | None = None  # a stage that counts steps, not epochs: the step's name
 
     def check_context(self, config) -> None:
         """Refuse data longer than the model's context (``data.max_length``)."""
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "max_length"):
-            check_fits_context(dm.max_length, config, "data.max_length")
+            check_fits_context(dm.max_length, config, "data.init_args.max_length")
 
     def on_fit_start(self) -> None:
         # Models load in eval mode and Lightning (2.x) no longer switches a module to train
@@ -50,15 +52,15 @@ class SingleModelStage(L.LightningModule):
 
     def configure_optimizers(self):
         """AdamW on the trainable weights (LoRA: the adapters), linear warm-up then cosine."""
-        hp = self.hparams
-        opt = adamw([p for p in self.model.parameters() if p.requires_grad], hp.lr,
-                    hp.weight_decay, strategy=self.trainer.strategy)
+        o = self.optim
+        opt = adamw([p for p in self.model.parameters() if p.requires_grad], o.lr,
+                    o.weight_decay, strategy=self.trainer.strategy)
         total = int(self.trainer.estimated_stepping_batches)
-        sched = warmup_cosine(opt, hp.warmup_steps, total, hp.min_lr_ratio)
+        sched = warmup_cosine(opt, o.warmup_steps, total, o.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_callbacks(self) -> list[L.Callback]:
-        return stage_callbacks(self.hparams.export_dir)
+        return stage_callbacks(self.export_dir)
 
     def export_parts(self) -> dict[str, nn.Module]:
         return {"": self.model}

@@ -9,8 +9,9 @@ from torch import Tensor
 
 from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
 from dvpo_lightning.models.loading import load_tokenizer
-from dvpo_lightning.models.lora import LoraOptions
+from dvpo_lightning.models.options import LoadOptions
 from dvpo_lightning.models.value_model import ValueModel
+from dvpo_lightning.modules.optim import OptimSettings
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.rollout.scoring import response_values
 
@@ -24,22 +25,37 @@ def format_accuracy_table(title: str, acc: dict[str, float], n_pairs: int) -> st
 
 
 class ValueHeadModule(SingleModelStage):
-    """Base of :class:`RewardModelModule` and :class:`GVMModule` (not used on its own)."""
+    """Base of :class:`RewardModelModule`, :class:`ScoreRewardModelModule` and
+    :class:`GVMModule`: a value head on a causal LM's body (not used on its own). Its
+    arguments are theirs; a subclass adds its own as keywords and passes these on.
+
+    Args:
+        backbone: a local model directory (the SFT policy, as in the paper) or a tiny config.
+        tokenizer: tokenizer directory; defaults to ``backbone``'s.
+        optim: the optimizer and its warm-up / cosine schedule.
+        models: how the model loads and runs (LoRA on the backbone, the head always training
+            fully; dtype, attention kernel, gradient checkpointing); the RL runs' key.
+        zero_init_head: start the head at zero (the authors' code).
+        export_dir: where to write the model (backbone + head, LoRA merged) at the end of
+            ``fit``; None writes nothing.
+    """
 
     kind = "value"
     table_title = "Value model"
     main_aggregation = "final"
 
-    def __init__(self, backbone: str, tokenizer: str | None, lr: float, weight_decay: float,
-                 warmup_steps: int, min_lr_ratio: float, export_dir: str | None,
-                 zero_init_head: bool, dtype: str | None,
-                 attn_implementation: str | None = None, gradient_checkpointing: bool = False,
-                 lora: LoraOptions | None = None) -> None:
+    def __init__(self, backbone: str = "tiny-llama", tokenizer: str | None = None,
+                 optim: OptimSettings = OptimSettings(lr=3e-4),
+                 models: LoadOptions = LoadOptions(), zero_init_head: bool = True,
+                 export_dir: str | None = None) -> None:
         super().__init__()
+        self.save_hyperparameters()
+        self.optim, self.export_dir = optim, export_dir
         self.tokenizer = load_tokenizer(tokenizer or backbone)
         self.model = ValueModel.from_pretrained(backbone, self.tokenizer, self.kind,
-                                                zero_init_head, dtype, attn_implementation,
-                                                gradient_checkpointing, lora)
+                                                zero_init_head, models.dtype,
+                                                models.attn_implementation,
+                                                models.gradient_checkpointing, models.lora)
         self.val_acc = PairAccuracy()
         self.last_accuracy: dict[str, float] = {}
         self.last_val_pairs = 0

@@ -139,8 +139,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     n_pairs = {k: next(iter(v.values()))[0]["pairs"] for k, v in accs.items() if v}
     on_test = [r.on_test for r in loaded]
     if all(on_test):
-        prompts = ("the test prompts (data.test_path), read once at each run's end; curves "
-                   "and tuning use the validation prompts")
+        prompts = ("the test prompts (data.init_args.test_path), read once at each run's end; "
+                   "curves and tuning use the validation prompts")
     elif any(on_test):
         prompts = ("held-out prompts: the test prompts where a run has them, else its last "
                    "validation")

@@ -97,8 +97,8 @@ def load_runs(runs: dict[str, dict[int, str]]) -> list[Run]:
             summary = json.loads(meta.read_text()).get("summary")
             if not summary or not summary.get("final_eval") or not summary.get("history"):
                 raise ValueError(
-                    f"run {method} seed {seed}: {meta} has no held-out evaluation; the RL "
-                    "config needs a validation set (data.eval_path) and "
+                    f"run {method} seed {seed}: {meta} has no held-out evaluation; the RL config "
+                    "needs a validation set (data.init_args.eval_path) and "
                     "trainer.val_check_interval")
             out.append(Run(method, int(seed), str(artifact), summary))
     return out

@@ -92,9 +92,9 @@ class HeldOutEvaluator:
         extra = {}
         if self.eval_seed is not None:
             if index is None:
-                raise ValueError("held-out evaluation with model.rollout.eval_seed set needs "
-                                 "each prompt's index in its file (the noise stream's key). Fix: "
-                                 "pass index=, e.g. the batch's 'prompt_index' "
+                raise ValueError("held-out evaluation with model.init_args.rollout.eval_seed set "
+                                 "needs each prompt's index in its file (the noise stream's key). "
+                                 "Fix: pass index=, e.g. the batch's 'prompt_index' "
                                  "(RolloutDataModule / DPODataModule give it)")
             extra["seeds"] = stream_seeds(self.eval_seed, index, k)
         resp, rmask = generator.generate(model, prompt_ids, prompt_mask, self.sampling,

@@ -42,16 +42,16 @@ def check_rollout_batch(batch_size: int, group_size: int,
     responses, which PPO mini-batches must split evenly.
     """
     if batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {batch_size}. Fix: set "
-                         "data.batch_size to a positive integer")
+        raise ValueError(f"data.init_args.batch_size must be >= 1, got {batch_size}. Fix: set "
+                         "data.init_args.batch_size to a positive integer")
     rollout = batch_size * group_size
     if mini_batch_size is not None and (mini_batch_size < 1 or rollout % mini_batch_size):
         fits = [d for d in range(1, rollout + 1) if rollout % d == 0]
-        raise ValueError(f"the rollout batch ({rollout} responses = data.batch_size {batch_size} "
-                         f"× the estimator's group_size {group_size}) must be a multiple of "
-                         f"model.ppo.mini_batch_size ({mini_batch_size}). Fix: set "
-                         f"model.ppo.mini_batch_size to one of {fits}, or change "
-                         "data.batch_size")
+        raise ValueError(f"the rollout batch ({rollout} responses = data.init_args.batch_size "
+                         f"{batch_size} × the estimator's group_size {group_size}) must be a "
+                         f"multiple of model.init_args.ppo.mini_batch_size ({mini_batch_size}). "
+                         f"Fix: set model.init_args.ppo.mini_batch_size to one of {fits}, or "
+                         "change data.init_args.batch_size")
 
 
 def repeat_prompts(batch: dict, group_size: int) -> dict:
@@ -255,9 +255,9 @@ class ExperienceMaker(nn.Module):
         with self.frozen_on(prompt[0].device):
             if engine_behaviour:
                 if samples.logps is None:
-                    raise RuntimeError(f"the {self.generator.name} engine reported no "
-                                       "log-probs of its samples: model.ppo.behaviour_logps="
-                                       "engine needs an engine that does (vllm)")
+                    raise RuntimeError(f"the {self.generator.name} engine reported no log-probs of "
+                                       "its samples: model.init_args.ppo.behaviour_logps=engine "
+                                       "needs an engine that does (vllm)")
                 logp_old = samples.logps
                 rows = -(-logp_old.shape[0] // ENGINE_CHECK_SHARE)
                 checked["logp_trainer_rows"] = self.by_rows(

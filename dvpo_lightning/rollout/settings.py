@@ -77,7 +77,7 @@ class RolloutSettings:
         ]
         broken = [rule for ok, rule in rules if not ok]
         if broken:
-            raise ValueError(f"model.rollout: {'; '.join(broken)} (got {self}). Fix the "
+            raise ValueError(f"model.init_args.rollout: {'; '.join(broken)} (got {self}). Fix the "
                              "model.init_args.rollout.* keys named")
 
     @property

@@ -244,8 +244,8 @@ class VLLMEngine:
         if self.options.dtype != "auto":
             raise ValueError(
                 f"model.init_args.rollout.vllm.dtype={dtype}: vLLM on this {device.type} runs "
-                f"{', '.join(supported)} only. Fix: set model.init_args.rollout.vllm.dtype to "
-                "one of those, or to auto")
+                f"{', '.join(supported)} only. Fix: set model.init_args.rollout.vllm.dtype to one "
+                "of those, or to auto")
         _LOG.warning("rollout engine vllm: dtype auto follows the trainer's precision %s to %s, "
                      "which vLLM on this %s does not run: the engine runs in float32 (set "
                      "model.init_args.rollout.vllm.dtype to choose)", self.precision, dtype,
@@ -272,10 +272,10 @@ class VLLMEngine:
             config.hidden_size // heads if heads else None)
         if device.type == "cpu" and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
             raise ValueError(
-                f"rollout.engine=vllm cannot serve this policy on a CPU: its attention heads "
-                f"have head_dim={head_dim}, and vLLM's CPU attention needs at least "
-                f"{MIN_CPU_HEAD_DIM}. Fix: set model.init_args.rollout.engine=hf, or use a model "
-                f"with larger heads (e.g. the tiny config test-llama-32)")
+                "rollout.engine=vllm cannot serve this policy on a CPU: its attention heads have "
+                f"head_dim={head_dim}, and vLLM's CPU attention needs at least {MIN_CPU_HEAD_DIM}. "
+                "Fix: set model.init_args.rollout.engine=hf, or use a model with larger heads "
+                "(e.g. the tiny config test-llama-32)")
         if self.options.sleep and device.type != "cuda":
             raise ValueError("model.init_args.rollout.vllm.sleep=true needs a GPU: vLLM's sleep "
                              "mode is not supported on a CPU. Fix: set it to false")
@@ -283,20 +283,20 @@ class VLLMEngine:
         if longest > served:
             raise ValueError(
                 f"rollout.engine=vllm serves at most {served} tokens of prompt + response "
-                f"(model.init_args.rollout.vllm.max_model_len="
-                f"{self.options.max_model_len}), and a rollout asks for up to {longest} "
-                "(data.max_prompt_length + model.rollout.max_new_tokens): vLLM would cut the "
-                f"longer responses silently. Fix: set model.init_args.rollout.vllm."
-                f"max_model_len={longest} (within the model's context), or lower "
-                "data.max_prompt_length or model.init_args.rollout.max_new_tokens")
+                f"(model.init_args.rollout.vllm.max_model_len={self.options.max_model_len}), and a "
+                f"rollout asks for up to {longest} (data.init_args.max_prompt_length + "
+                "model.init_args.rollout.max_new_tokens): vLLM would cut the longer responses "
+                f"silently. Fix: set model.init_args.rollout.vllm.max_model_len={longest} (within "
+                "the model's context), or lower data.init_args.max_prompt_length or "
+                "model.init_args.rollout.max_new_tokens")
         tied = tied_modules_to_save(model)
         if tied:
             raise ValueError(
                 f"rollout.engine=vllm cannot serve LoRA modules_to_save {tied} of a policy whose "
                 "input embeddings and output head are tied (tie_word_embeddings): the trainer "
                 "trains an untied copy, and the engine, which ties them, would sample with the "
-                "other one. Fix: remove them from model.init_args.models.lora.modules_to_save, "
-                "or set model.init_args.rollout.engine=hf")
+                "other one. Fix: remove them from model.init_args.models.lora.modules_to_save, or "
+                "set model.init_args.rollout.engine=hf")
         ignored = ignored_generation_settings(model)
         if ignored:
             _LOG.warning("rollout engine vllm: the policy's generation config sets %s, which "

@@ -104,7 +104,7 @@ class DeepSpeedChoices:
     def message(self, frozen: list[str]) -> str:
         clip = f"gradient clipping at norm {self.clipping:g}" if self.clipping else \
             "no gradient clipping"
-        line = f"DeepSpeed: {clip} (model.ppo.max_grad_norm)"
+        line = f"DeepSpeed: {clip} (model.init_args.ppo.max_grad_norm)"
         if frozen and self.frozen_dtype:
             line += f"; frozen models ({', '.join(frozen)}) in {self.frozen_dtype} ({self.why})"
         return line
@@ -142,9 +142,9 @@ def configure_deepspeed(strategy: Any, precision: str, max_grad_norm: float | No
     if given and not math.isclose(given, wanted):
         raise ValueError(
             f"the DeepSpeed config sets gradient_clipping={given:g} and "
-            f"model.ppo.max_grad_norm={max_grad_norm}: the RL module clips with "
-            "model.ppo.max_grad_norm, which it writes into DeepSpeed's config. Fix: remove "
-            "gradient_clipping from the DeepSpeed config (or set both to the same value)")
+            f"model.init_args.ppo.max_grad_norm={max_grad_norm}: the RL module clips with "
+            "model.init_args.ppo.max_grad_norm, which it writes into DeepSpeed's config. Fix: "
+            "remove gradient_clipping from the DeepSpeed config (or set both to the same value)")
     config["gradient_clipping"] = wanted
     zero = config.get("zero_optimization") or {}
     if zero.get("compute_grad_norm") is False:
@@ -164,28 +164,28 @@ def configure_deepspeed(strategy: Any, precision: str, max_grad_norm: float | No
         return DeepSpeedChoices(wanted, None, "")
     if half is None:  # float32 training: DeepSpeed casts nothing
         dtype = frozen_dtype or "float32"
-        return DeepSpeedChoices(wanted, dtype, "model.models.frozen_dtype" if frozen_dtype
+        return DeepSpeedChoices(wanted, dtype, "model.init_args.models.frozen_dtype" if frozen_dtype
                                 else f"as loaded; trainer.precision={precision}")
     if frozen_dtype in (None, half):
-        how = ("model.models.frozen_dtype" if frozen_dtype else
-               f"DeepSpeed casts them with the policy under trainer.precision={precision}; "
-               "set model.models.frozen_dtype=float32 to keep them in float32")
+        how = ("model.init_args.models.frozen_dtype" if frozen_dtype else
+               f"DeepSpeed casts them with the policy under trainer.precision={precision}; set "
+               "model.init_args.models.frozen_dtype=float32 to keep them in float32")
         return DeepSpeedChoices(wanted, half, how)
     if frozen_dtype != "float32":
         raise ValueError(
-            f"model.models.frozen_dtype={frozen_dtype} under DeepSpeed with "
+            f"model.init_args.models.frozen_dtype={frozen_dtype} under DeepSpeed with "
             f"trainer.precision={precision}: DeepSpeed holds the module's parameters in {half}, "
-            f"and the RL module can give the frozen models back only float32. Fix: set "
-            f"model.models.frozen_dtype to float32 or {half}")
+            "and the RL module can give the frozen models back only float32. Fix: set "
+            f"model.init_args.models.frozen_dtype to float32 or {half}")
     if (config.get("zero_optimization") or {}).get("stage", 0) >= 3:
         raise ValueError(
-            f"model.models.frozen_dtype=float32 under DeepSpeed ZeRO-3 with "
-            f"trainer.precision={precision}: ZeRO-3 partitions and casts every parameter of "
-            f"the module, the frozen models' included, to {half}. Fix: set "
-            f"model.models.frozen_dtype={half} (or leave it unset), or use ZeRO-1/2")
+            "model.init_args.models.frozen_dtype=float32 under DeepSpeed ZeRO-3 with "
+            f"trainer.precision={precision}: ZeRO-3 partitions and casts every parameter of the "
+            f"module, the frozen models' included, to {half}. Fix: set "
+            f"model.init_args.models.frozen_dtype={half} (or leave it unset), or use ZeRO-1/2")
     # DeepSpeed casts every parameter (its keep_in_fp32_modules spares buffers only): the RL
     # module keeps a float32 copy across the engine's construction (FrozenInFloat32)
-    return DeepSpeedChoices(wanted, "float32", "model.models.frozen_dtype", True)
+    return DeepSpeedChoices(wanted, "float32", "model.init_args.models.frozen_dtype", True)
 
 
 class FrozenInFloat32:
@@ -216,11 +216,11 @@ def _caller_owned_accumulation(config: dict, grad_accum: int) -> None:
         import deepspeed
 
         raise ValueError(
-            f"model.ppo.grad_accum={grad_accum} under DeepSpeed needs a DeepSpeed whose engine "
-            "lets the caller own the accumulation boundary (managed_gradient_accumulation, "
-            f"deepspeed 0.19.8 as locked); this one is {deepspeed.__version__}. Fix: install "
-            "the locked deepspeed, or set model.ppo.grad_accum=1 and raise "
-            "model.ppo.mini_batch_size")
+            f"model.init_args.ppo.grad_accum={grad_accum} under DeepSpeed needs a DeepSpeed whose "
+            "engine lets the caller own the accumulation boundary (managed_gradient_accumulation, "
+            f"deepspeed 0.19.8 as locked); this one is {deepspeed.__version__}. Fix: install the "
+            "locked deepspeed, or set model.init_args.ppo.grad_accum=1 and raise "
+            "model.init_args.ppo.mini_batch_size")
     config["managed_gradient_accumulation"] = False
     zero = config.get("zero_optimization") or {}
     if zero.get("stage", 0) < 2 and zero.get("overlap_comm"):

@@ -21,8 +21,9 @@ CAUSES = {
     "scores": "the reward model's scores: check its weights and its precision (fp16 "
               "overflow), or that its tokenizer matches the policy's",
     "baseline_scores": "the reward model's scores of the greedy baseline (see scores)",
-    "values": "the value model's outputs (GVM or critic): check its weights and precision; "
-              "a critic can diverge with a high learning rate (lower model.critic_lr)",
+    "values": "the value model's outputs (GVM or critic): check its weights and precision; a "
+              "critic can diverge with a high learning rate (lower "
+              "model.init_args.optim.critic_lr)",
     "logits": "the policy's logits are NaN / inf, so no token can be sampled: lower the "
               "learning rate, train in bf16 or fp32 instead of fp16, or check the starting "
               "checkpoint",
@@ -36,8 +37,8 @@ CAUSES = {
     "returns": "non-finite rewards or values upstream",
     "loss": "the probability ratio exp(log π − log π_old) overflowed or the policy's logits "
             "are non-finite: lower the learning rate or clip_eps, or set max_grad_norm",
-    "grad_norm": "exploding gradients: lower the learning rate, set model.ppo.max_grad_norm, or "
-                 "train in bf16/fp32 instead of fp16",
+    "grad_norm": "exploding gradients: lower the learning rate, set "
+                 "model.init_args.ppo.max_grad_norm, or train in bf16/fp32 instead of fp16",
 }
 
 
@@ -79,8 +80,8 @@ def nonfinite_message(names: list[str], where: str, rl_step: int, action: str) -
     lines = [f"non-finite values (NaN or inf) in {', '.join(names)} during {where} at RL step "
              f"{rl_step}; {action}."]
     lines += [f"  {n}: likely {CAUSES.get(n, 'an upstream non-finite value')}" for n in names]
-    lines.append("  Set model.init_args.guards.on_nonfinite=skip to skip such steps instead "
-                 "of stopping (each skip is logged as guard/skipped_steps).")
+    lines.append("  Set model.init_args.guards.on_nonfinite=skip to skip such steps instead of "
+                 "stopping (each skip is logged as guard/skipped_steps).")
     return "\n".join(lines)
 
 

@@ -141,7 +141,7 @@ class AutoWandbLogger(WandbLogger):
 class LogConfigCallback(SaveConfigCallback):
     """Saves ``config.yaml`` to ``trainer.log_dir`` (Lightning's behaviour) and puts the full
     resolved config into every W&B run's config, nested as in the YAML
-    (``model.init_args.lr``)."""
+    (``model.init_args.optim.lr``)."""
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
