@@ -74,11 +74,14 @@ torch.serialization.add_safe_globals([DPOSettings, RolloutSettings])  # in check
 
 def check_dpo_options(models: ModelOptions, rollout: RolloutSettings) -> None:
     """Refuse the RL-only settings a DPO run cannot honour (rather than ignore them)."""
-    refused = [(models.critic_lora is not None, "models.critic_lora (DPO trains no critic)"),
-               (models.offload_frozen, "models.offload_frozen (the reference scores every "
-                                       "training batch; keep it on the device)"),
-               (rollout.engine != "hf", f"rollout.engine={rollout.engine!r} (DPO generates only "
-                                        "to evaluate, with generate: use 'hf')")]
+    refused = [(models.critic_lora is not None,
+                "model.init_args.models.critic_lora (DPO trains no critic)"),
+               (models.offload_frozen,
+                "model.init_args.models.offload_frozen (the reference scores every training "
+                "batch; keep it on the device)"),
+               (rollout.engine != "hf",
+                f"model.init_args.rollout.engine={rollout.engine!r} (DPO generates only to "
+                "evaluate, with generate: use 'hf')")]
     named = [what for bad, what in refused if bad]
     if named:
         raise ValueError(f"DPOModule cannot use {'; '.join(named)}. Fix: remove these keys from "

@@ -103,7 +103,7 @@ class KLPenalty:
                "model.init_args.optim.lr, or raise model.init_args.kl.bound")
         if self.settings.on_exceeded == "stop":
             raise KLBoundError(msg + "; the last checkpoint is the last good one.")
-        rank_zero_warn(msg + " (kl.on_exceeded=warn: going on).")
+        rank_zero_warn(msg + " (model.init_args.kl.on_exceeded=warn: going on).")
         return True
 
     def update(self, kl_per_response: float, n_responses: int) -> None:

