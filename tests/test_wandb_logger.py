@@ -90,8 +90,8 @@ def test_offline_fit_logs_config_and_metrics(no_credentials, sft_workdir, caplog
     assert run["group"] == "test-group"
     cfg = run["config"]  # the full resolved LightningCLI config, nested as in the YAML
     assert cfg["model"]["class_path"] == "dvpo_lightning.modules.SFTModule"
-    assert cfg["model"]["init_args"]["lr"] == 0.0123
-    assert cfg["model"]["init_args"]["min_lr_ratio"] == 0.1  # a default, never on the CLI
+    assert cfg["model"]["init_args"]["optim"]["lr"] == 0.0123
+    assert cfg["model"]["init_args"]["optim"]["min_lr_ratio"] == 0.1  # a default, never on the CLI
     assert cfg["trainer"]["max_steps"] == 4
     assert cfg["data"]["init_args"]["batch_size"] == 16
     assert cfg["data"]["init_args"]["tokenizer"] == "data/sorting/tokenizer"
