@@ -9,6 +9,7 @@
 # "train_curve"); docs/instruct.md has the figures.
 set -euo pipefail
 tmp=$(mktemp --suffix=.yaml)
+trap 'rm -f "$tmp"' EXIT
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 PY=${PY:-.venv/bin/python}
 cat > "$tmp" <<'YAML'
@@ -41,5 +42,5 @@ for engine in ${ENGINES:-hf vllm}; do
     --data.init_args.tokenizer=data/instruct_time/tokenizer \
     --data.init_args.max_eval_prompts=32 --data.init_args.batch_size=16 \
     > runs/instruct_time_$engine.log 2>&1
-  echo "$engine: rc=$? $(( $(date +%s) - start )) s"
+  echo "$engine: $(( $(date +%s) - start )) s"
 done

@@ -56,3 +56,21 @@ def test_explicit_settings_and_casting_strategies_are_left_alone():
     assert cast_frozen(frozen, "auto", torch.device("cpu"), follows_strategy=True) == (None, None)
     assert _dtypes(frozen) == {torch.float32}
     assert cast_frozen(nn.ModuleDict(), "auto", torch.device("cpu")) == (None, None)
+
+
+def test_models_dtype_loads_the_trained_models_in_it_and_leaves_the_frozen_ones(tokenizer_dir):
+    # RL's `models.dtype` (shared with stage 1): the policy and the critic's body load in it; the
+    # frozen reference keeps the loaded dtype, which `frozen_dtype` alone decides
+    from dvpo_lightning.models import load_tokenizer
+    from dvpo_lightning.models.options import ModelOptions
+    from dvpo_lightning.modules.rl_models import load_rl_models
+    from dvpo_lightning.rollout.experience import Need
+
+    tok = load_tokenizer(tokenizer_dir)
+    loaded = load_rl_models(frozenset({Need.CRITIC_VALUES}), "GAE", tok, "test-llama", None,
+                            None, None, None, ModelOptions(dtype="bfloat16"))
+    assert set(loaded.trained) == {"policy", "critic"}
+    assert _dtypes(loaded.trained["policy"]) == {torch.bfloat16}
+    # (a value head is made in float32 and reads the body's output cast to it: by design)
+    assert _dtypes(loaded.trained["critic"].backbone) == {torch.bfloat16}
+    assert _dtypes(loaded.frozen) == {torch.float32}

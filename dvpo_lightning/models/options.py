@@ -24,8 +24,9 @@ class LoadOptions:
             the export merges them (and writes the adapter alone to ``<export_dir>/adapter``).
             In RL and DPO without a ``reference``, the reference is then the policy with its
             adapters switched off.
-        dtype: dtype the trained model(s) load in; None or ``auto``: as saved (the trainer's
-            ``precision`` decides the compute dtype either way).
+        dtype: dtype the trained model(s) load in (a value model's head stays float32); None
+            or ``auto``: as saved (the trainer's ``precision`` decides the compute dtype either
+            way).
         attn_implementation: attention kernel of every model loaded (``eager``, ``sdpa``,
             ``flash_attention_2``, ...); None lets transformers choose.
         gradient_checkpointing: recompute the trained models' activations in the backward

@@ -10,7 +10,11 @@ from torch import Tensor
 
 from dvpo_lightning.modules.value_base import ValueHeadModule
 from dvpo_lightning.ops.losses import value_regression_loss
-from dvpo_lightning.ops.returns import gvm_value_targets
+from dvpo_lightning.ops.returns import (
+    GVM_TARGET_MODES,
+    GVM_TARGET_POSITIONS,
+    gvm_value_targets,
+)
 from dvpo_lightning.runtime.log_steps import logs_this_step
 
 
@@ -35,10 +39,9 @@ class ReturnTargets:
     positions: Literal["all", "before_token"] = "all"
 
     def __post_init__(self) -> None:
-        rules = [(self.target in ("td0", "td_lambda", "mc"),
-                  "target must be one of ('td0', 'td_lambda', 'mc')"),
-                 (self.positions in ("all", "before_token"),
-                  "positions must be one of ('all', 'before_token')"),
+        rules = [(self.target in GVM_TARGET_MODES, f"target must be one of {GVM_TARGET_MODES}"),
+                 (self.positions in GVM_TARGET_POSITIONS,
+                  f"positions must be one of {GVM_TARGET_POSITIONS}"),
                  (0 <= self.gamma <= 1, "gamma must be in [0, 1]"),
                  (0 <= self.lam <= 1, "lam must be in [0, 1]")]
         broken = [rule for ok, rule in rules if not ok]
