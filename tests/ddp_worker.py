@@ -2,7 +2,8 @@
 
     python tests/ddp_worker.py OUT_DIR DEVICES KIND TASK_DATA POLICY GVM RM [ENGINE [REFERENCE]]
 
-KIND: ``gvm`` (DVPO, greedy rollouts, the GVM standardised on the first rollout), ``grpo``
+KIND: ``gvm`` (DVPO, greedy rollouts, the GVM standardised on the first rollout), ``refresh``
+(``gvm`` with a semi-online refresh of the GVM after the step: 8 labels, noisy), ``grpo``
 (GRPO, two sampled responses per prompt), ``kl_eval`` (DVPO with greedy rollouts, an adaptive KL
 to REFERENCE — another policy, so the KL is not 0 — then the held-out evaluation of 5 prompts,
 greedy, judged by the sorting task) or ``sft_gold`` (one SFT step of POLICY with the GoldEval
@@ -30,6 +31,7 @@ from dvpo_lightning.modules.kl_penalty import KLSettings
 from dvpo_lightning.modules.optim import OptimSettings, RLOptimSettings
 from dvpo_lightning.modules.ppo import PPOSettings
 from dvpo_lightning.modules.reward_scale import RewardSettings
+from dvpo_lightning.refresh.settings import RefreshSettings
 from dvpo_lightning.rollout.settings import RolloutSettings
 
 warnings.filterwarnings("ignore")
@@ -128,11 +130,14 @@ def main() -> None:
     torch.set_num_threads(1)
     L.seed_everything(0)
     total_prompts = 8
-    if kind in ("gvm", "kl_eval"):
+    if kind in ("gvm", "kl_eval", "refresh"):
         estimator, group = GVM(version="value_difference"), 1
         extra = dict(value_model=gvm)
-        if kind == "gvm":  # the GVM's scale fitted on the first rollout of every rank
+        if kind in ("gvm", "refresh"):  # the GVM's scale fitted on every rank's first rollout
             extra["reward"] = RewardSettings(normalize="first_rollout")
+        if kind == "refresh":
+            extra["refresh"] = RefreshSettings(every=1, labels=8, steps=2, batch_size=4,
+                                               replay=0, lr=1e-2)
         whiten, temperature = True, 0.0
     else:
         estimator, group = GRPO(group_size=2), 2
@@ -161,6 +166,9 @@ def main() -> None:
                         enable_model_summary=False, default_root_dir=out, **validation)
     trainer.fit(model, datamodule=dm)
     rank = trainer.global_rank
+    if model.refresher is not None:
+        model.record.update(buffer=model.refresher.buffer.state_dict()["rows"],
+                            gvm={k: v.clone() for k, v in model.frozen["gvm"].state_dict().items()})
     torch.save({**model.record, "world_size": trainer.world_size, "kl_coef": model.kl.coef,
                 "evals": model.evals.rows, "reference_eval": model.evals.reference,
                 "rng": torch.get_rng_state(), "reward_scale": model.reward_scale.state_dict()},

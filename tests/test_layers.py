@@ -14,7 +14,7 @@ LAYERS = [
     {"models", "data", "tasks", "metrics"},
     {"rollout"},
     {"estimators", "report"},
-    {"modules", "callbacks"},
+    {"modules", "callbacks", "refresh"},
     {"commands"},
     {"__main__"},
 ]

@@ -49,6 +49,23 @@ def _by_prompt(records: list[dict]) -> dict:
     return rows
 
 
+def test_a_refresh_over_two_processes_is_the_one_process_refresh(tmp_path, task_data,
+                                                                  artifacts):
+    """Semi-online DVPO over two processes: each rank samples and labels its share of the
+    fresh prompts; after the refresh both ranks hold the one-process buffer (the same prompts,
+    responses and noisy labels, in the same order) and the same GVM, which is the one-process
+    GVM up to the summation order of the policy's all-reduced first update."""
+    one = _run(tmp_path / "one", 1, "refresh", task_data, artifacts)
+    two = _run(tmp_path / "two", 2, "refresh", task_data, artifacts)
+    fields = ("prompt", "response", "label", "target")
+    rows = [[tuple(r[f] for f in fields) for r in rec["buffer"]] for rec in (*one, *two)]
+    assert len(rows[0]) == 8 and rows[1] == rows[0] and rows[2] == rows[0]
+    assert len({r[2] for r in rows[0]}) > 1  # the annotation noise is in the labels
+    for k, v in two[0]["gvm"].items():
+        assert torch.equal(v, two[1]["gvm"][k]), k  # one GVM on every rank
+        assert torch.allclose(v, one[0]["gvm"][k], atol=1e-5), k
+
+
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_ddp_matches_single_process_dvpo(engine, tmp_path, task_data, artifacts, artifacts32):
     """With ``vllm`` each process drives its own colocated engine on its share of the prompts

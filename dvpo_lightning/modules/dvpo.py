@@ -32,6 +32,9 @@ from dvpo_lightning.modules.reward_scale import RewardScale, RewardSettings
 from dvpo_lightning.modules.rl_models import load_rl_models
 from dvpo_lightning.modules.stage import stage_callbacks
 from dvpo_lightning.ops.masked import masked_mean
+from dvpo_lightning.refresh.refresher import GVMRefresher
+from dvpo_lightning.refresh.settings import RefreshSettings
+from dvpo_lightning.refresh.setup import check_refresh, make_refresher, refresh_inputs
 from dvpo_lightning.rollout.end_tokens import end_token_ids, finished
 from dvpo_lightning.rollout.engines import make_generator
 from dvpo_lightning.rollout.evaluation import HeldOutEvaluator
@@ -103,6 +106,8 @@ class DVPOModule(L.LightningModule):
         guards: the numerical guards.
         reward: how the frozen scorer's output reaches the estimator (one scale for every
             method: :mod:`~dvpo_lightning.modules.reward_scale`).
+        refresh: semi-online DVPO: refresh the GVM from new labels every few RL steps (off by
+            default: the GVM stays frozen; :mod:`~dvpo_lightning.refresh`).
     """
 
     STEP_UNIT = "RL step"
@@ -125,11 +130,15 @@ class DVPOModule(L.LightningModule):
         ppo: PPOSettings = PPOSettings(),
         guards: GuardSettings = GuardSettings(),
         reward: RewardSettings = RewardSettings(),
+        refresh: RefreshSettings = RefreshSettings(),
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["estimator"])
         check_behaviour_source(ppo, rollout.engine)
         scorer = load_judge(judge) if judge else None  # (a bad name fails before models load)
+        # (the labeller, the replay and prompt files: checked before models load too)
+        refresher = make_refresher(refresh, estimator.needs, type(estimator).__name__,
+                                   value_model)
         tok = load_tokenizer(tokenizer or policy)
         loaded = load_rl_models(estimator.needs, type(estimator).__name__, tok, policy,
                                 reference, value_model, reward_model, critic_init, models)
@@ -140,7 +149,7 @@ class DVPOModule(L.LightningModule):
             scorer, loaded.shared_reference, models.fused_head,
             models.offload_frozen)
         self._assemble(loaded.trained, experience, estimator, loaded.identity, optim, export_dir,
-                       models, kl, ppo, guards, reward)
+                       models, kl, ppo, guards, reward, refresher)
 
     @classmethod
     def from_parts(cls, trained: nn.ModuleDict, experience: nn.Module,
@@ -155,13 +164,13 @@ class DVPOModule(L.LightningModule):
                 ``(policy, batch, critic, weights_version) ↦ (Experience, info)``).
             estimator: the advantage estimator.
             **settings: ``optim``, ``kl``, ``ppo``, ``guards``, ``reward``, ``models`` as in
-                ``__init__``.
+                ``__init__``, and ``refresher``: a :class:`GVMRefresher` (or None).
         """
         self = cls.__new__(cls)
         L.LightningModule.__init__(self)
         defaults = {"optim": RLOptimSettings(), "export_dir": None, "models": ModelOptions(),
                     "kl": KLSettings(), "ppo": PPOSettings(), "guards": GuardSettings(),
-                    "reward": RewardSettings()}
+                    "reward": RewardSettings(), "refresher": None}
         unknown = set(settings) - set(defaults)
         if unknown:
             raise TypeError(f"DVPOModule.from_parts: unknown settings {sorted(unknown)}; "
@@ -169,14 +178,16 @@ class DVPOModule(L.LightningModule):
         hp = {**defaults, **settings}
         self.save_hyperparameters(hp)
         self._assemble(trained, experience, estimator, {}, hp["optim"], hp["export_dir"],
-                       hp["models"], hp["kl"], hp["ppo"], hp["guards"], hp["reward"])
+                       hp["models"], hp["kl"], hp["ppo"], hp["guards"], hp["reward"],
+                       hp["refresher"])
         return self
 
     def _assemble(self, trained: nn.ModuleDict, experience: nn.Module,
                   estimator: AdvantageEstimator, identity: dict[str, str | None],
                   optim: RLOptimSettings, export_dir: str | None, models: ModelOptions,
                   kl: KLSettings, ppo: PPOSettings, guards: GuardSettings,
-                  reward: RewardSettings = RewardSettings()) -> None:
+                  reward: RewardSettings = RewardSettings(),
+                  refresher: GVMRefresher | None = None) -> None:
         # (settings are kept as objects: under LightningCLI self.hparams holds the config dict)
         self.automatic_optimization = False
         self.trained, self.experience, self.estimator = trained, experience, estimator
@@ -192,6 +203,7 @@ class DVPOModule(L.LightningModule):
         self._update_pass: tuple[Tensor, Tensor] | None = None
         self._update_pass_s = 0.0
         self.identity_paths = identity  # role → path a resumed run must find again
+        self.refresher = refresher  # semi-online DVPO (None: the GVM stays frozen)
 
     @property
     def policy(self) -> nn.Module:
@@ -228,6 +240,10 @@ class DVPOModule(L.LightningModule):
                                "model.init_args.rollout.max_new_tokens")
         # (vLLM: refuse before the first rollout, not in it)
         self.experience.check_servable(self.policy, device, prompt_length)
+        if self.refresher is not None:
+            self.refresher.attach(*refresh_inputs(self.refresher.settings, dm,
+                                                  self.tokenizer,
+                                                  self.experience.longest_sequence(prompt_length)))
         frozen_dtype, line = cast_frozen(  # (frozen_dtype=auto: bfloat16 where it has kernels)
             self.frozen, self.model_options.frozen_dtype, device,
             follows_strategy=casts_every_parameter(self.trainer.strategy, self.trainer.precision))
@@ -246,6 +262,8 @@ class DVPOModule(L.LightningModule):
         if keeper is not None:  # DeepSpeed has cast the whole module by now
             keeper.restore()
             self._frozen_fp32 = None
+        if self.refresher is not None:  # (after every cast: the GVM as it will train)
+            check_refresh(self.frozen["gvm"], self.trainer.strategy)
 
     def configure_optimizers(self):
         def trainable(m: nn.Module) -> list:
@@ -272,9 +290,23 @@ class DVPOModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, float] | None:
         step = self.global_step + 1  # this RL step's number (global_step counts RL steps)
         try:
-            return self._rl_step(batch, step)
+            out = self._rl_step(batch, step)
         finally:
             self._update_pass = None  # (a skipped step drops the forward's graph here)
+        self.refresh_gvm(step)  # (before the step's checkpoint: a resume never repeats it)
+        return out
+
+    def refresh_gvm(self, step: int) -> None:
+        """Semi-online DVPO: refresh the GVM from new labels when one is due after RL step
+        ``step`` (:class:`~dvpo_lightning.refresh.refresher.GVMRefresher`), and log it."""
+        if self.refresher is None or not self.refresher.due(step):
+            return
+        sample = functools.partial(self.experience.sample, self.policy,
+                                   weights_version=self.weights_version)
+        with self.experience.frozen_on(self.device):
+            logs = self.refresher(self.frozen["gvm"], sample, self.tokenizer,
+                                  self.experience.end_ids, step, self.device)
+        self.log_dict(logs, batch_size=1)
 
     def _rl_step(self, batch: dict, step: int) -> dict[str, float] | None:
         """The RL step: rollout, reward scale, KL, guards, advantages, the PPO update."""
@@ -582,22 +614,27 @@ class DVPOModule(L.LightningModule):
         load, not at start-up (large weights)."""
         return {role: fingerprint(path) for role, path in self.identity_paths.items()}
 
-    def _reloaded(self) -> dict[str, Tensor]:
+    def _reloaded(self, saving: bool = False) -> dict[str, Tensor]:
         """State-dict entries a checkpoint need not hold: the frozen models and, with LoRA,
         the trained parts' frozen base weights — reloaded from their directories, whose
-        hashes a resume checks."""
-        out = {f"experience.frozen.{k}": v for k, v in self.frozen.state_dict().items()}
+        hashes a resume checks. ``saving`` with a refresh on: not the GVM, whose refreshed
+        weights the checkpoint keeps."""
+        keep_gvm = saving and self.refresher is not None
+        out = {f"experience.frozen.{k}": v for k, v in self.frozen.state_dict().items()
+               if not (keep_gvm and k.startswith("gvm."))}
         out.update(reloaded_weights(self.trained, "trained."))
         return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        drop_reloaded(checkpoint, self._reloaded())
+        drop_reloaded(checkpoint, self._reloaded(saving=True))
         checkpoint["rl_state"] = {"kl": self.kl.state_dict(),
                                   "policy_updates": self.weights_version,
                                   "guard": self.guard.state_dict(),
                                   "reward_scale": self.reward_scale.state_dict(),
                                   "frozen_identity": self.frozen_identity,
                                   **self.heldout.state_dict()}  # (evals, rng)
+        if self.refresher is not None:
+            checkpoint["rl_state"]["refresh"] = self.refresher.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_reloaded(checkpoint, self._reloaded())
@@ -609,6 +646,8 @@ class DVPOModule(L.LightningModule):
         self.reward_scale.load_state_dict(state.get("reward_scale", {}))
         self.weights_version = state.get("policy_updates", 0)
         self.experience.forget_weights()  # other weights, maybe the same count
+        if self.refresher is not None and "refresh" in state:
+            self.refresher.load_state_dict(state["refresh"])
 
     # ------------------------------------------------------------------ summary and export
     def summary(self) -> dict:
@@ -620,6 +659,7 @@ class DVPOModule(L.LightningModule):
                 "kl_coef": self.kl.settings.coef,
                 "reward_scale": {"normalize": self.reward_scale.settings.normalize,
                                  **self.reward_scale.state_dict()},
+                **({"refresh": self.refresher.summary()} if self.refresher is not None else {}),
                 **self.heldout.summary()}
 
     def summary_tables(self) -> dict[str, tuple[list[str], list[list]]]:
@@ -635,8 +675,10 @@ class DVPOModule(L.LightningModule):
         return self.heldout.line(summary)
 
     def export_parts(self) -> dict[str, nn.Module]:
-        """The policy; the critic too (judged against the GVM after training)."""
-        return {"": self.policy, **({"critic": self.critic} if self.critic is not None else {})}
+        """The policy; the critic too (judged against the GVM after training); a refreshed
+        GVM in ``gvm/``."""
+        return {"": self.policy, **({"critic": self.critic} if self.critic is not None else {}),
+                **({"gvm": self.frozen["gvm"]} if self.refresher is not None else {})}
 
     def export_manifest(self, summary: dict) -> dict:
         return {"kind": "policy", "stage": "rl", "summary": summary}

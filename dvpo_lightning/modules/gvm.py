@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -15,6 +17,7 @@ from dvpo_lightning.ops.returns import (
     GVM_TARGET_POSITIONS,
     gvm_value_targets,
 )
+from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 from dvpo_lightning.runtime.log_steps import logs_this_step
 
 
@@ -48,6 +51,17 @@ class ReturnTargets:
         if broken:
             raise ValueError(f"model.init_args.returns: {'; '.join(broken)} (got {self}). Fix the "
                              "model.init_args.returns.* keys named")
+
+
+def trained_returns(gvm_dir: str | None) -> ReturnTargets:
+    """The return targets a GVM directory was trained on (its ``dvpo_artifact.json``); the
+    defaults when it records none (a directory from elsewhere)."""
+    path = Path(gvm_dir or "") / ARTIFACT_FILE
+    if not gvm_dir or not path.is_file():
+        return ReturnTargets()
+    meta = json.loads(path.read_text())
+    saved = meta.get("returns") or meta.get("hparams", {}).get("returns")
+    return ReturnTargets(**saved) if isinstance(saved, dict) else ReturnTargets()
 
 
 # The GVM keeps its targets in its hyper-parameters, saved in every checkpoint: let
@@ -87,3 +101,6 @@ class GVMModule(ValueHeadModule):
         if logs_this_step(self.trainer):
             self.log("train/value_mean", values.detach()[train_mask].mean(), batch_size=b)
         return loss
+
+    def export_manifest(self, summary: dict) -> dict:
+        return {**super().export_manifest(summary), "returns": asdict(self.returns)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from dvpo_lightning.models.lora import adapters_disabled
 from dvpo_lightning.ops.sampling import LogitTransform
 from dvpo_lightning.rollout.evaluation import HeldOutEvaluator
 from dvpo_lightning.rollout.experience import NEED_FIELD, Experience, Need
-from dvpo_lightning.rollout.generation import Generator, HFGenerator
+from dvpo_lightning.rollout.generation import Generator, HFGenerator, Samples
 from dvpo_lightning.rollout.gold import gold_scores
 from dvpo_lightning.rollout.scoring import by_rows, policy_logps, response_values, sequence_scores
 from dvpo_lightning.rollout.settings import RolloutSettings
@@ -207,6 +207,21 @@ class ExperienceMaker(nn.Module):
     def by_rows(self, fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
         """``fn(*tensors)`` in slices of ``score_batch_size`` rows (:func:`by_rows`)."""
         return by_rows(fn, self.settings.score_batch_size, *tensors)
+
+    @torch.no_grad()
+    def sample(self, policy: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+               seeds: Sequence[int], weights_version: int | None = None) -> Samples:
+        """Responses of ``policy`` to ``(n, P)`` prompts with the rollout's engine and sampling
+        settings, row ``r`` drawn from ``seeds[r]`` alone (the global RNGs untouched): what a
+        semi-online refresh labels (:mod:`~dvpo_lightning.refresh`)."""
+        was_training = policy.training
+        policy.eval()
+        with gathered_for_generation(policy):
+            samples = self.generator.generate(policy, prompt_ids, prompt_mask,
+                                              self.settings.sampling, weights_version, seeds)
+        self.sleep_engine()
+        policy.train(was_training)
+        return samples
 
     # ------------------------------------------------------------------ one rollout
     @torch.no_grad()

@@ -96,10 +96,18 @@ def _short(text, n: int = 60) -> str:
 def load_judge(spec: str) -> Judge:
     """The judge a config names: a registry name or ``package.module:function`` (see the module
     docstring). Raises one ValueError naming the key and the fix for anything else."""
-    key = "model.init_args.judge"
-    if spec in JUDGES:
-        fn = JUDGES[spec]()
-        return Judge(spec, fn, _takes_finished(fn), embedded=spec in EMBEDDED)
+    fn = resolve_scorer(spec, "model.init_args.judge", JUDGES, "judge", "or null for no judge")
+    return Judge(spec, fn, takes_finished(fn), embedded=spec in JUDGES and spec in EMBEDDED)
+
+
+def resolve_scorer(spec: str, key: str, registry: dict[str, Callable[[], ScoreFn]], what: str,
+                   otherwise: str = "") -> ScoreFn:
+    """The scoring function ``spec`` names: a ``registry`` entry (built by its factory) or an
+    importable ``package.module:function`` (a class is instantiated without arguments). One
+    ValueError naming ``key`` (the config key) and the fix for anything else; ``what`` names
+    the kind (``judge``, ``labeller``), ``otherwise`` ends the fix of an unknown name."""
+    if spec in registry:
+        return registry[spec]()
     elif ":" in spec:
         module_name, _, attr = spec.partition(":")
         try:
@@ -119,14 +127,15 @@ def load_judge(spec: str) -> Judge:
             raise ValueError(f"{key}={spec!r} is not callable. Fix: name a function taking "
                              "(prompt, response) and returning a number")
     else:
-        known = ", ".join(sorted(JUDGES))
-        raise ValueError(f"{key}={spec!r} is neither a registered judge ({known}) nor a "
-                         "'package.module:function' path. Fix: use one of those, or null for no "
-                         "judge")
-    return Judge(spec, fn, _takes_finished(fn))
+        known = ", ".join(sorted(registry))
+        raise ValueError(f"{key}={spec!r} is neither a registered {what} ({known}) nor a "
+                         f"'package.module:function' path. Fix: use one of those"
+                         + (f", {otherwise}" if otherwise else ""))
+    return fn
 
 
-def _takes_finished(fn: ScoreFn) -> bool:
+def takes_finished(fn: ScoreFn) -> bool:
+    """``fn`` accepts ``finished`` (a third argument)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin without a signature: two arguments

@@ -1,0 +1,195 @@
+"""Semi-online DVPO's parts (dvpo_lightning/refresh): the settings and the label budget, the
+labellers and their errors, the drift's pairs, and one refresh of a real tiny GVM."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+
+import pytest
+import torch
+
+from dvpo_lightning.estimators import GRPO, GVM
+from dvpo_lightning.modules.gvm import ReturnTargets
+from dvpo_lightning.refresh import (
+    GVMRefresher,
+    LabellerError,
+    RefreshSettings,
+    load_labeller,
+)
+from dvpo_lightning.refresh.refresher import _pairs
+from dvpo_lightning.refresh.setup import make_refresher
+from dvpo_lightning.tasks import get_task
+
+
+def test_settings_name_every_broken_key():
+    with pytest.raises(ValueError) as e:
+        RefreshSettings(every=-1, labels=3, replay=1.5)
+    msg = str(e.value)
+    for part in ("model.init_args.refresh.every=-1", "model.init_args.refresh.labels=3 must be "
+                 "even", "model.init_args.refresh.replay=1.5 must be in [0, 1)", "Fix"):
+        assert part in msg
+    with pytest.raises(ValueError, match=r"refresh.replay=0.5 needs model.init_args.refresh."
+                                         r"replay_path"):
+        RefreshSettings(every=2)
+    assert not RefreshSettings().on  # off by default: DVPO as in the paper
+    assert RefreshSettings(every=2, replay=0).on
+
+
+@pytest.mark.parametrize("kind,budget,expected", [
+    ("scores", None, [8, 8, 8, 8]),
+    ("scores", 20, [8, 8, 4, 0]),   # the last refresh buys what is left
+    ("scores", 19, [8, 8, 2, 0]),   # ... even: two responses per prompt
+    ("pairs", 19, [8, 8, 3, 0]),
+    ("scores", 0, [0, 0, 0, 0]),
+])
+def test_the_budget_is_spent_and_never_passed(kind, budget, expected):
+    s = RefreshSettings(every=1, labels=8, budget=budget, kind=kind, replay=0)
+    used, got = 0, []
+    for _ in expected:
+        n = s.labels_next(used)
+        got.append(n)
+        used += n
+    assert got == expected
+    assert budget is None or used <= budget
+    assert s.on == (expected[0] > 0)
+
+
+def test_the_sorting_labeller_is_the_gold_judge_with_the_datas_noise():
+    lab = load_labeller("sorting")
+    assert lab.noise == 0.1  # the embedded data's annotator (commands/data/sorting.py)
+    task = get_task("sorting")
+    rng = random.Random(3)
+    prompts = [task.sample_prompt(rng) for _ in range(6)]
+    responses = [task.reference(p) if i % 2 else "x" for i, p in enumerate(prompts)]
+    noise = random.Random(7)
+    z = [noise.gauss(0.0, 1.0) for _ in prompts]
+    labels = lab.label(prompts, responses, [True] * 6, step=4, z=z)
+    again = random.Random(7)  # the data command's annotator: gold + gauss(0, 0.1), rounded
+    expected = [round(task.gold_score(p, r) + again.gauss(0.0, 0.1), 4)
+                for p, r in zip(prompts, responses)]
+    assert labels == expected
+    exact = load_labeller("sorting", noise=0.0).label(prompts, responses, [True] * 6, 4, z)
+    assert exact == [task.gold_score(p, r) for p, r in zip(prompts, responses)]
+
+
+def test_a_users_labeller_and_what_its_failures_say(tmp_path, monkeypatch):
+    (tmp_path / "my_labels.py").write_text(textwrap.dedent("""
+        def length(prompt, response):
+            return len(response)
+
+        def broken(prompt, response):
+            if response == "b":
+                raise KeyError("no such row")
+            return 1.0
+
+        def not_a_number(prompt, response):
+            return "good"
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lab = load_labeller("my_labels:length")
+    assert lab.noise == 0.0
+    assert lab.label(["p", "q"], ["ab", "abcd"], [True, True], 2, [0.3, -1.0]) == [2.0, 4.0]
+    with pytest.raises(LabellerError, match=r"the labeller 'my_labels:broken' raised KeyError.*"
+                       r"on row 1 of the refresh after RL step 6.*Fix.*--ckpt_path last"):
+        load_labeller("my_labels:broken").label(["p", "q"], ["a", "b"], [True, True], 6,
+                                                [0.0, 0.0])
+    with pytest.raises(LabellerError, match=r"returned 'good' \(str\) on row 0.*finite number"):
+        load_labeller("my_labels:not_a_number").label(["p"], ["a"], [True], 1, [0.0])
+    with pytest.raises(ValueError, match=r"model.init_args.refresh.labeller='nope' is neither a "
+                       r"registered labeller \(instruct, sorting\)"):
+        load_labeller("nope")
+
+
+def test_pairs_take_the_larger_label_and_drop_ties():
+    assert _pairs([0.2, 0.5, 0.3, 0.3, 0.9, 0.1]) == [(1, 0), (4, 5)]
+
+
+def test_a_refresh_needs_an_estimator_that_uses_the_gvm():
+    on = RefreshSettings(every=1, replay=0)
+    with pytest.raises(ValueError, match=r"refresh.every=1 refreshes the GVM, and the estimator "
+                                         r"GRPO uses none"):
+        make_refresher(on, GRPO().needs, "GRPO", None)
+    assert make_refresher(RefreshSettings(), GVM().needs, "GVM", "gvm") is None
+
+
+def test_one_refresh_trains_the_gvm_toward_its_new_labels(artifacts, task_data, tokenizer_dir):
+    """A real tiny GVM and policy: the refresh samples, labels and trains; the GVM's weights
+    move, it is frozen again after, its pair accuracy on the labelled samples rises, and the
+    buffer holds exactly the labels bought."""
+    from dvpo_lightning.data.rollout import encode_prompts
+    from dvpo_lightning.data.tokenize import LengthReport
+    from dvpo_lightning.models import ValueModel, load_causal_lm, load_tokenizer
+    from dvpo_lightning.models.value_model import freeze
+    from dvpo_lightning.rollout.generation import HFGenerator, SamplingConfig
+
+    tok = load_tokenizer(tokenizer_dir)
+    gvm = freeze(ValueModel.from_pretrained(artifacts.gvm, tok))
+    start = {k: v.clone() for k, v in gvm.state_dict().items()}
+    policy = load_causal_lm(artifacts.policy, tok)
+
+    class Prompts:  # what encode_prompts reads of a DataModule
+        tokenizer, chat_template = tok, False
+
+        def check_vocabulary(self, path, seqs) -> None:
+            pass
+
+    rows = [{"prompt": get_task("sorting").sample_prompt(random.Random(i))} for i in range(20)]
+    prompts = encode_prompts(Prompts(), rows, "prompts", LengthReport("prompts", 64, "t"), 64)
+    refresher = GVMRefresher(RefreshSettings(every=1, labels=16, steps=30, lr=3e-3,
+                                             batch_size=16, replay=0), load_labeller("sorting"),
+                             ReturnTargets(target="mc"))
+    refresher.attach(prompts, [])
+    gen = HFGenerator((tok.eos_token_id,), tok.pad_token_id)
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
+
+    def sample(ids, mask, seeds):
+        return gen.generate(policy, ids, mask, cfg, None, seeds)
+
+    log = refresher(gvm, sample, tok, (tok.eos_token_id,), 5, torch.device("cpu"))
+    assert len(refresher.buffer) == 16 and refresher.labels_used == 16
+    assert log["refresh/labels_used"] == 16 and log["refresh/pairs"] > 0
+    assert log["refresh/pair_acc_after"] > log["refresh/pair_acc_before"]
+    assert log["refresh/pair_acc_after"] >= 0.75
+    assert not gvm.training and not any(p.requires_grad for p in gvm.parameters())
+    moved = [k for k, v in gvm.state_dict().items() if not torch.equal(v, start[k])]
+    assert any("head" in k for k in moved) and len(moved) > len(start) // 2
+    assert {r.step for r in refresher.buffer.rows} == {5}
+    state = refresher.state_dict()
+    again = GVMRefresher(refresher.settings, refresher.labeller, refresher.returns)
+    again.load_state_dict(state)
+    assert again.buffer.rows == refresher.buffer.rows
+    assert again.rng.random() == refresher.rng.random()
+
+
+def test_the_refresh_trains_on_the_targets_its_gvm_directory_records(tmp_path):
+    from dvpo_lightning.modules.gvm import trained_returns
+    from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
+
+    assert trained_returns(str(tmp_path)) == ReturnTargets()  # (no record: the defaults)
+    target = {"target": "td0", "gamma": 0.9, "lam": 0.5, "positions": "before_token"}
+    (tmp_path / ARTIFACT_FILE).write_text(json.dumps({"returns": target}))
+    assert trained_returns(str(tmp_path)) == ReturnTargets(**target)
+    (tmp_path / ARTIFACT_FILE).write_text(json.dumps({"hparams": {"returns": {"target": "mc"}}}))
+    assert trained_returns(str(tmp_path)) == ReturnTargets(target="mc")  # (a CLI run's record)
+
+
+def test_replay_fraction_replays_the_rows_train_fraction_trained_on(task_data, tokenizer_dir):
+    from types import SimpleNamespace
+
+    from dvpo_lightning.data.value import ValueDataModule
+    from dvpo_lightning.models import load_tokenizer
+    from dvpo_lightning.refresh.setup import refresh_inputs
+
+    path = f"{task_data}/trajectories.jsonl"
+    tok = load_tokenizer(tokenizer_dir)
+    dm = SimpleNamespace(chat_template=False, train_set=[([1, 2], "p")])
+    settings = RefreshSettings(every=1, replay_path=path, replay_fraction=0.5)
+    prompts, replay = refresh_inputs(settings, dm, tok, longest=10_000)
+    stage1 = ValueDataModule(train_path=path, val_path=f"{task_data}/eval_pairs.jsonl",
+                             tokenizer=tokenizer_dir, train_fraction=0.5)._train_rows()
+    assert prompts == [([1, 2], "p")]
+    assert sorted(score for _, _, score in replay) == sorted(r["score"] for r in stage1)
+    assert 0 < len(replay) < len(refresh_inputs(RefreshSettings(every=1, replay_path=path), dm,
+                                                tok, 10_000)[1])
