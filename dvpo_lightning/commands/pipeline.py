@@ -91,7 +91,11 @@ def _digest(*parts: str) -> str:
 
 
 def _stage_hash(stage: Stage, upstream: str) -> str:
-    return _digest(Path(stage.config).read_text(), json.dumps(stage.args or []), upstream)
+    # (a second config given as an argument, `--config=<file>`, counts with its contents)
+    overlays = [Path(a.split("=", 1)[1]).read_text() for a in stage.args or []
+                if a.startswith("--config=")]
+    return _digest(Path(stage.config).read_text(), json.dumps(stage.args or []), upstream,
+                   *overlays)
 
 
 def seeded_stage(name: str, config: str, seed: int, runs_dir: str, args: list[str],

@@ -91,13 +91,17 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_runs(runs)
     gvms, rms = _by_seed(gvm), _by_seed(reward_model)
-    critics = {}  # method → the critics its runs exported (PPO's, at their last step)
+    critics, refreshed = {}, {}  # method → the critics / refreshed GVMs its runs exported
     for m, rs in by_method(loaded).items():
         if dirs := [d for r in rs if (d := Path(r.artifact) / "critic").exists()]:
             critics[m] = dirs
+        if dirs := [d for r in rs if (d := Path(r.artifact) / "gvm").exists()]:
+            refreshed[m] = dirs
     value_models = {"GVM": list(gvms.values()), "ScalarRM": list(rms.values()),
                     **{f"critic of {m} (A/C)": [str(d) for d in dirs]
-                       for m, dirs in critics.items()}}
+                       for m, dirs in critics.items()},
+                    **{f"GVM refreshed by {m}": [str(d) for d in dirs]
+                       for m, dirs in refreshed.items()}}
     files = {name: pairs for name, pairs in (("in_distribution", eval_pairs),
                                              ("shifted", shifted_pairs)) if pairs}
     # each model loaded once for both files: {label: [{pairs file: result} per model]}
@@ -114,6 +118,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                                                  accs.get("shifted")),
         "cost": tables.cost_table(loaded, baseline),
         "convergence": tables.convergence_table(loaded, reference=reference),
+        "refresh": tables.refresh_table(loaded),
     }
     sweep = None
     if gvm_sweep and eval_pairs:
@@ -169,7 +174,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                       "that spread the evaluation alone would make. 'not available': the runs' "
                       "summaries predate per-prompt values (final_eval_items).",
         "value_models": (f"GVM and ScalarRM: stage 1, {stage1}, on the same data; a critic "
-                         "row is each PPO run's critic at its last step. In distribution: "
+                         "row is each PPO run's critic at its last step, a refreshed-GVM row "
+                         "each semi-online DVPO run's GVM at its last step. In distribution: "
                          f"{n_pairs.get('in_distribution', '?')} held-out pairs of the "
                          "training behaviour policies"
                          + (f"; shifted: {n_pairs['shifted']} pairs of a behaviour policy "
@@ -183,6 +189,14 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                 "column compares them at their policy-update budgets. On CPU, memory is the "
                 "process's peak RSS, which includes the Python runtime: compare differences, "
                 "not absolute values.",
+        "refresh": "Per run, averaged over its refreshes, then mean ± 95 % CI over seeds. "
+                   "Accuracy: the GVM's pair accuracy (token-mean values) on the pairs of "
+                   "each refresh's newly labelled samples (two responses of the current policy "
+                   "per fresh prompt, the better-labelled one chosen; labels carry the "
+                   "annotator's noise): before the refresh, the drift it corrects; after, "
+                   "what it bought on those same samples (a training-set accuracy: the "
+                   "value-model table's held-out rows are the test). s / refresh: sampling, "
+                   "labelling and fine-tuning together.",
         "convergence": "Held-out evaluations happen every trainer.val_check_interval steps, "
                        "so a count here is a multiple of that interval; policy updates are "
                        "optimizer steps (an RL step makes several, a DPO step one).",

@@ -14,6 +14,8 @@ Student-t interval's half-width over seeds (the report's one interval convention
   per method, all measured in the same study, with ratios to a baseline method.
 - :func:`convergence_table` — the RL step at which each method reaches 95 % of its best
   held-out gold reward (Figure 4's reading).
+- :func:`refresh_table` — semi-online DVPO: labels bought, and the GVM's accuracy on each
+  refresh's new samples before and after it.
 
 Each table is ``{"title", "columns": [[key, label], …], "rows": {name: {key: cell}}}`` and
 ``interval``: what follows a mean's ``±`` (always ``ci95``, the half-width of the 95 %
@@ -31,7 +33,8 @@ from dvpo_lightning.report.stats import holm, paired_difference, summarize
 
 DIGITS = {"response_len": 2, "gen_tokens_per_step": 1, "params_loaded_m": 3,
           "params_trained_m": 3, "time_ratio": 2, "mem_ratio": 2, "step_best": 1,
-          "step_gain": 1, "rl_steps": 0, "peak_rss_gb": 3, "peak_mem_gb": 2}
+          "step_gain": 1, "rl_steps": 0, "peak_rss_gb": 3, "peak_mem_gb": 2,
+          "labels_used": 0, "refreshes": 0, "refresh_s": 2, "refresh_share": 3}
 QUALITY_COLUMNS = [("gold_reward", "gold reward ↑"), ("win_rate_vs_sft", "win rate vs SFT ↑"),
                    ("kl_to_ref", "KL to ref"), ("response_len", "length")]
 
@@ -212,6 +215,49 @@ def value_model_table(models: dict[str, list[dict]],
     return {"title": "Held-out pair accuracy of the value models, in distribution and shifted "
                      "(Tables 3/4/5 analog)", "columns": columns, "rows": rows,
             "interval": "ci95"}
+
+
+REFRESH_COLUMNS = [("labels_used", "labels used"), ("refreshes", "refreshes"),
+                   ("acc_before", "GVM acc. before ↑"), ("acc_after", "GVM acc. after ↑"),
+                   ("acc_bought", "after − before"), ("refresh_s", "s / refresh"),
+                   ("refresh_share", "share of training time")]
+
+
+def refresh_table(runs: list[Run]) -> dict | None:
+    """Semi-online DVPO's refreshes per method (runs whose summary has ``refresh``): labels
+    bought, refreshes, the GVM's pair accuracy on each refresh's newly labelled samples
+    before (the drift it corrects) and after (what it bought), averaged over a run's
+    refreshes, and the refresh's seconds. None when no run refreshed."""
+    rows = {}
+    for method, rs in by_method(runs).items():
+        if not all(r.summary.get("refresh") for r in rs):
+            continue
+
+        def per_run(key: str) -> list[float]:
+            out = []
+            for r in rs:
+                vals = [h[key] for h in r.summary["refresh"]["history"] if h[key] == h[key]]
+                if vals:
+                    out.append(sum(vals) / len(vals))
+            return out
+
+        hs = [r.summary["refresh"] for r in rs]
+        before, after = per_run("refresh/pair_acc_before"), per_run("refresh/pair_acc_after")
+        seconds = [sum(h["refresh/seconds"] for h in x["history"]) for x in hs]
+        train = [r.summary.get("cost", {}).get("train_s") for r in rs]
+        rows[method] = {
+            "labels_used": mean_std([x["labels_used"] for x in hs]),
+            "refreshes": mean_std([x["refreshes"] for x in hs]),
+            "acc_before": mean_std(before), "acc_after": mean_std(after),
+            "acc_bought": mean_std([a - b for a, b in zip(after, before)])
+            if len(after) == len(before) else None,
+            "refresh_s": mean_std(per_run("refresh/seconds")),
+            "refresh_share": mean_std([s / t for s, t in zip(seconds, train) if t])
+            if all(train) else None}
+    if not rows:
+        return None
+    return {"title": "Semi-online DVPO: the GVM's refreshes", "columns": REFRESH_COLUMNS,
+            "rows": rows, "interval": "ci95"}
 
 
 def cost_table(runs: list[Run], baseline: str | None = "ppo") -> dict:
