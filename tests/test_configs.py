@@ -72,6 +72,8 @@ def classify(path: Path) -> str | None:
         return None
     if isinstance(doc.get("model"), dict) and set(doc) == {"model"} and (
             "class_path" not in doc["model"]):
+        if set(doc["model"].get("init_args", {})) == {"refresh"}:
+            return "refresh"  # an add-on: a second --config turning the refresh on
         return "engine"  # an add-on: a second --config setting the RL module's rollout engine
     if isinstance(doc.get("model"), dict):  # (an instruct data config names a model path)
         return "cli"
@@ -335,6 +337,26 @@ def test_engine_configs_add_to_every_rl_config(path, capsys):
         assert init["rollout"]["engine"] == want, method
         own = load(CONFIG_DIR / f"{method}.yaml")["model"]["init_args"]
         for group in ("rollout", "ppo", "kl"):  # the method's own settings survive the merge
+            assert own.get(group, {}).items() <= init[group].items(), (method, group)
+
+
+@pytest.mark.parametrize("path", configs_of("refresh"))
+def test_refresh_configs_add_to_dvpo_and_ppo(path, capsys):
+    """``configs/semi_online.yaml`` merges with DVPO's and PPO's configs: the refresh is on,
+    the method's own settings stay (parsed only; tests/test_refresh_rl.py runs the refresh)."""
+    from dvpo_lightning.commands.fit import main
+
+    want = load(path)["model"]["init_args"]["refresh"]
+    for method in ("dvpo", "ppo"):
+        with pytest.raises(SystemExit) as e:
+            main(["fit", "--config", str(CONFIG_DIR / f"{method}.yaml"), "--config", str(path),
+                  "--print_config"])
+        assert e.value.code in (0, None), capsys.readouterr().err[-2000:]
+        printed = yaml.safe_load(capsys.readouterr().out)
+        init = printed["model"]["init_args"]
+        assert want.items() <= init["refresh"].items() and want["every"] > 0, method
+        own = load(CONFIG_DIR / f"{method}.yaml")["model"]["init_args"]
+        for group in ("rollout", "ppo", "kl"):
             assert own.get(group, {}).items() <= init[group].items(), (method, group)
 
 

@@ -10,12 +10,14 @@ import textwrap
 import pytest
 import torch
 
-from dvpo_lightning.estimators import GRPO, GVM
+from dvpo_lightning.estimators import GAE, GRPO, GVM, ReMax
 from dvpo_lightning.modules.gvm import ReturnTargets
 from dvpo_lightning.refresh import (
-    GVMRefresher,
+    GVMObjective,
     LabellerError,
+    Refresher,
     RefreshSettings,
+    RewardObjective,
     load_labeller,
 )
 from dvpo_lightning.refresh.refresher import _pairs
@@ -106,12 +108,30 @@ def test_pairs_take_the_larger_label_and_drop_ties():
     assert _pairs([0.2, 0.5, 0.3, 0.3, 0.9, 0.1]) == [(1, 0), (4, 5)]
 
 
-def test_a_refresh_needs_an_estimator_that_uses_the_gvm():
+def test_a_refresh_trains_the_frozen_model_the_estimator_scores_with():
     on = RefreshSettings(every=1, replay=0)
-    with pytest.raises(ValueError, match=r"refresh.every=1 refreshes the GVM, and the estimator "
-                                         r"GRPO uses none"):
-        make_refresher(on, GRPO().needs, "GRPO", None)
-    assert make_refresher(RefreshSettings(), GVM().needs, "GVM", "gvm") is None
+    gvm = make_refresher(on, GVM().needs, "GVM", "gvm_dir", None)
+    assert gvm.role == "gvm" and isinstance(gvm.objective, GVMObjective)
+    for estimator in (GAE(), GRPO(), ReMax()):  # PPO and the critic-free RM methods
+        rm = make_refresher(on, estimator.needs, "X", None, "rm_dir")
+        assert rm.role == "reward_model" and isinstance(rm.objective, RewardObjective)
+    with pytest.raises(ValueError, match=r"refresh.every=1 refreshes the frozen GVM or reward "
+                                         r"model, and the estimator GRPO uses neither"):
+        make_refresher(on, GRPO().needs, "GRPO", None, None)
+    assert make_refresher(RefreshSettings(), GVM().needs, "GVM", "gvm_dir") is None
+
+
+def test_the_reward_objective_pairs_the_two_labelled_responses_of_a_prompt():
+    from dvpo_lightning.refresh import LabelledRow
+
+    def row(label, response):
+        return LabelledRow(1, "p", "r", [5], response, label, label)
+
+    rows = [row(0.2, [1]), row(0.7, [2]), row(0.4, [3]), row(0.4, [4]), row(0.9, [5]),
+            row(0.1, [6])]
+    pairs = RewardObjective().from_buffer(rows, random.Random(0), 50)
+    assert set(map(str, pairs)) == {str(([5], [2], [1])), str(([5], [5], [6]))}  # (tie: none)
+    assert RewardObjective().from_buffer(rows[2:4], random.Random(0), 3) == []
 
 
 def test_one_refresh_trains_the_gvm_toward_its_new_labels(artifacts, task_data, tokenizer_dir):
@@ -137,9 +157,9 @@ def test_one_refresh_trains_the_gvm_toward_its_new_labels(artifacts, task_data, 
 
     rows = [{"prompt": get_task("sorting").sample_prompt(random.Random(i))} for i in range(20)]
     prompts = encode_prompts(Prompts(), rows, "prompts", LengthReport("prompts", 64, "t"), 64)
-    refresher = GVMRefresher(RefreshSettings(every=1, labels=16, steps=30, lr=3e-3,
-                                             batch_size=16, replay=0), load_labeller("sorting"),
-                             ReturnTargets(target="mc"))
+    refresher = Refresher(RefreshSettings(every=1, labels=16, steps=30, lr=3e-3,
+                                          batch_size=16, replay=0), load_labeller("sorting"),
+                          GVMObjective(ReturnTargets(target="mc")))
     refresher.attach(prompts, [])
     gen = HFGenerator((tok.eos_token_id,), tok.pad_token_id)
     cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
@@ -157,7 +177,7 @@ def test_one_refresh_trains_the_gvm_toward_its_new_labels(artifacts, task_data, 
     assert any("head" in k for k in moved) and len(moved) > len(start) // 2
     assert {r.step for r in refresher.buffer.rows} == {5}
     state = refresher.state_dict()
-    again = GVMRefresher(refresher.settings, refresher.labeller, refresher.returns)
+    again = Refresher(refresher.settings, refresher.labeller, refresher.objective)
     again.load_state_dict(state)
     assert again.buffer.rows == refresher.buffer.rows
     assert again.rng.random() == refresher.rng.random()
@@ -185,11 +205,14 @@ def test_replay_fraction_replays_the_rows_train_fraction_trained_on(task_data, t
     path = f"{task_data}/trajectories.jsonl"
     tok = load_tokenizer(tokenizer_dir)
     dm = SimpleNamespace(chat_template=False, train_set=[([1, 2], "p")])
-    settings = RefreshSettings(every=1, replay_path=path, replay_fraction=0.5)
-    prompts, replay = refresh_inputs(settings, dm, tok, longest=10_000)
+    def inputs(**kwargs):
+        refresher = Refresher(RefreshSettings(every=1, replay_path=path, **kwargs),
+                              load_labeller("sorting"), GVMObjective(ReturnTargets()))
+        return refresh_inputs(refresher, dm, tok, longest=10_000)
+
+    prompts, replay = inputs(replay_fraction=0.5)
     stage1 = ValueDataModule(train_path=path, val_path=f"{task_data}/eval_pairs.jsonl",
                              tokenizer=tokenizer_dir, train_fraction=0.5)._train_rows()
     assert prompts == [([1, 2], "p")]
     assert sorted(score for _, _, score in replay) == sorted(r["score"] for r in stage1)
-    assert 0 < len(replay) < len(refresh_inputs(RefreshSettings(every=1, replay_path=path), dm,
-                                                tok, 10_000)[1])
+    assert 0 < len(replay) < len(inputs()[1])

@@ -1,6 +1,7 @@
 """Semi-online DVPO through the real CLI: an RL run that refreshes its GVM trains it within
 the label budget and exports it; N steps ≡ N/2 + resume + N/2 with refreshes in both halves;
-with the refresh off the run is the frozen-GVM run to the last digit."""
+with the refresh off the run is the frozen-GVM run to the last digit. PPO refreshes its reward
+model from the same kind of labels, on the Bradley–Terry loss with its stage-1 pairs replayed."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from test_rl_training import make_cli
 from dvpo_lightning.models import ValueModel, load_tokenizer
 
 
-def refresh_args(task_data: str, every: int = 1, budget: int = 10) -> list[str]:
+def refresh_args(task_data: str, every: int = 1, budget: int = 10,
+                 replay: str = "trajectories") -> list[str]:
     k = "--model.init_args.refresh"
     return [f"{k}.every={every}", f"{k}.labels=4", f"{k}.budget={budget}", f"{k}.steps=2",
-            f"{k}.batch_size=4", f"{k}.replay=0.5",
-            f"{k}.replay_path={task_data}/trajectories.jsonl"]
+            f"{k}.batch_size=4", f"{k}.replay=0.5", f"{k}.replay_path={task_data}/{replay}.jsonl"]
 
 
 def _gvm(cli) -> dict[str, torch.Tensor]:
@@ -88,3 +89,25 @@ def test_a_refreshing_run_resumes_exactly(tmp_path, artifacts, task_data):
              for h in rf.history]
     assert strip == [{k: v for k, v in h.items() if not k.endswith("_s")
                       and k != "refresh/seconds"} for h in rr.history]
+
+
+def test_ppo_refreshes_its_reward_model_from_the_same_labels(tmp_path, artifacts, task_data):
+    cli, _ = make_cli("ppo", tmp_path, artifacts, task_data,
+                      *refresh_args(task_data, replay="pairs"), rl_steps=2)
+    frozen = cli.model.frozen
+    assert "gvm" not in frozen and cli.model.refresher.role == "reward_model"
+    rm0 = {k: v.clone() for k, v in frozen["reward_model"].state_dict().items()}
+    ref0 = {k: v.clone() for k, v in frozen["reference"].state_dict().items()}
+    critic0 = {k: v.clone() for k, v in cli.model.critic.state_dict().items()}
+    assert len(cli.model.refresher.replay) == 0  # (the replay is read at set-up)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert len(cli.model.refresher.replay[0]) == 3  # (prompt, chosen, rejected) pairs
+    rm1 = frozen["reward_model"].state_dict()
+    assert any(not torch.equal(rm0[k], rm1[k]) for k in rm0)
+    assert all(torch.equal(v, frozen["reference"].state_dict()[k]) for k, v in ref0.items())
+    assert any(not torch.equal(v, cli.model.critic.state_dict()[k]) for k, v in critic0.items())
+    r = json.loads((tmp_path / "summary.json").read_text())["refresh"]
+    assert r["model"] == "reward_model" and r["labels_used"] == 8 and r["refreshes"] == 2
+    exported = ValueModel.from_pretrained(str(tmp_path / "policy" / "reward_model"),
+                                          load_tokenizer(str(tmp_path / "policy")))
+    assert all(torch.equal(v, rm1[k]) for k, v in exported.state_dict().items())

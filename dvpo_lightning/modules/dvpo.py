@@ -32,7 +32,7 @@ from dvpo_lightning.modules.reward_scale import RewardScale, RewardSettings
 from dvpo_lightning.modules.rl_models import load_rl_models
 from dvpo_lightning.modules.stage import stage_callbacks
 from dvpo_lightning.ops.masked import masked_mean
-from dvpo_lightning.refresh.refresher import GVMRefresher
+from dvpo_lightning.refresh.refresher import Refresher
 from dvpo_lightning.refresh.settings import RefreshSettings
 from dvpo_lightning.refresh.setup import check_refresh, make_refresher, refresh_inputs
 from dvpo_lightning.rollout.end_tokens import end_token_ids, finished
@@ -106,8 +106,9 @@ class DVPOModule(L.LightningModule):
         guards: the numerical guards.
         reward: how the frozen scorer's output reaches the estimator (one scale for every
             method: :mod:`~dvpo_lightning.modules.reward_scale`).
-        refresh: semi-online DVPO: refresh the GVM from new labels every few RL steps (off by
-            default: the GVM stays frozen; :mod:`~dvpo_lightning.refresh`).
+        refresh: refresh the frozen GVM (semi-online DVPO) or reward model (the other methods)
+            from new labels every few RL steps (off by default: it stays frozen;
+            :mod:`~dvpo_lightning.refresh`).
     """
 
     STEP_UNIT = "RL step"
@@ -138,7 +139,7 @@ class DVPOModule(L.LightningModule):
         scorer = load_judge(judge) if judge else None  # (a bad name fails before models load)
         # (the labeller, the replay and prompt files: checked before models load too)
         refresher = make_refresher(refresh, estimator.needs, type(estimator).__name__,
-                                   value_model)
+                                   value_model, reward_model)
         tok = load_tokenizer(tokenizer or policy)
         loaded = load_rl_models(estimator.needs, type(estimator).__name__, tok, policy,
                                 reference, value_model, reward_model, critic_init, models)
@@ -164,7 +165,7 @@ class DVPOModule(L.LightningModule):
                 ``(policy, batch, critic, weights_version) ↦ (Experience, info)``).
             estimator: the advantage estimator.
             **settings: ``optim``, ``kl``, ``ppo``, ``guards``, ``reward``, ``models`` as in
-                ``__init__``, and ``refresher``: a :class:`GVMRefresher` (or None).
+                ``__init__``, and ``refresher``: a :class:`Refresher` (or None).
         """
         self = cls.__new__(cls)
         L.LightningModule.__init__(self)
@@ -187,7 +188,7 @@ class DVPOModule(L.LightningModule):
                   optim: RLOptimSettings, export_dir: str | None, models: ModelOptions,
                   kl: KLSettings, ppo: PPOSettings, guards: GuardSettings,
                   reward: RewardSettings = RewardSettings(),
-                  refresher: GVMRefresher | None = None) -> None:
+                  refresher: Refresher | None = None) -> None:
         # (settings are kept as objects: under LightningCLI self.hparams holds the config dict)
         self.automatic_optimization = False
         self.trained, self.experience, self.estimator = trained, experience, estimator
@@ -203,7 +204,7 @@ class DVPOModule(L.LightningModule):
         self._update_pass: tuple[Tensor, Tensor] | None = None
         self._update_pass_s = 0.0
         self.identity_paths = identity  # role → path a resumed run must find again
-        self.refresher = refresher  # semi-online DVPO (None: the GVM stays frozen)
+        self.refresher = refresher  # (None: the frozen models stay frozen)
 
     @property
     def policy(self) -> nn.Module:
@@ -241,8 +242,7 @@ class DVPOModule(L.LightningModule):
         # (vLLM: refuse before the first rollout, not in it)
         self.experience.check_servable(self.policy, device, prompt_length)
         if self.refresher is not None:
-            self.refresher.attach(*refresh_inputs(self.refresher.settings, dm,
-                                                  self.tokenizer,
+            self.refresher.attach(*refresh_inputs(self.refresher, dm, self.tokenizer,
                                                   self.experience.longest_sequence(prompt_length)))
         frozen_dtype, line = cast_frozen(  # (frozen_dtype=auto: bfloat16 where it has kernels)
             self.frozen, self.model_options.frozen_dtype, device,
@@ -262,8 +262,8 @@ class DVPOModule(L.LightningModule):
         if keeper is not None:  # DeepSpeed has cast the whole module by now
             keeper.restore()
             self._frozen_fp32 = None
-        if self.refresher is not None:  # (after every cast: the GVM as it will train)
-            check_refresh(self.frozen["gvm"], self.trainer.strategy)
+        if self.refresher is not None:  # (after every cast: the model as it will train)
+            check_refresh(self.frozen[self.refresher.role], self.trainer.strategy)
 
     def configure_optimizers(self):
         def trainable(m: nn.Module) -> list:
@@ -293,18 +293,19 @@ class DVPOModule(L.LightningModule):
             out = self._rl_step(batch, step)
         finally:
             self._update_pass = None  # (a skipped step drops the forward's graph here)
-        self.refresh_gvm(step)  # (before the step's checkpoint: a resume never repeats it)
+        self.refresh_scorer(step)  # (before the step's checkpoint: a resume never repeats it)
         return out
 
-    def refresh_gvm(self, step: int) -> None:
-        """Semi-online DVPO: refresh the GVM from new labels when one is due after RL step
-        ``step`` (:class:`~dvpo_lightning.refresh.refresher.GVMRefresher`), and log it."""
+    def refresh_scorer(self, step: int) -> None:
+        """Refresh the frozen GVM (semi-online DVPO) or reward model from new labels when a
+        refresh is due after RL step ``step`` (:class:`~dvpo_lightning.refresh.refresher.
+        Refresher`), and log it."""
         if self.refresher is None or not self.refresher.due(step):
             return
         sample = functools.partial(self.experience.sample, self.policy,
                                    weights_version=self.weights_version)
         with self.experience.frozen_on(self.device):
-            logs = self.refresher(self.frozen["gvm"], sample, self.tokenizer,
+            logs = self.refresher(self.frozen[self.refresher.role], sample, self.tokenizer,
                                   self.experience.end_ids, step, self.device)
         self.log_dict(logs, batch_size=1)
 
@@ -617,11 +618,11 @@ class DVPOModule(L.LightningModule):
     def _reloaded(self, saving: bool = False) -> dict[str, Tensor]:
         """State-dict entries a checkpoint need not hold: the frozen models and, with LoRA,
         the trained parts' frozen base weights — reloaded from their directories, whose
-        hashes a resume checks. ``saving`` with a refresh on: not the GVM, whose refreshed
+        hashes a resume checks. ``saving`` with a refresh on: not the refreshed model, whose
         weights the checkpoint keeps."""
-        keep_gvm = saving and self.refresher is not None
+        kept = f"{self.refresher.role}." if saving and self.refresher is not None else None
         out = {f"experience.frozen.{k}": v for k, v in self.frozen.state_dict().items()
-               if not (keep_gvm and k.startswith("gvm."))}
+               if not (kept and k.startswith(kept))}
         out.update(reloaded_weights(self.trained, "trained."))
         return out
 
@@ -676,9 +677,11 @@ class DVPOModule(L.LightningModule):
 
     def export_parts(self) -> dict[str, nn.Module]:
         """The policy; the critic too (judged against the GVM after training); a refreshed
-        GVM in ``gvm/``."""
+        GVM or reward model in ``gvm/`` or ``reward_model/``."""
+        refreshed = ({self.refresher.role: self.frozen[self.refresher.role]}
+                     if self.refresher is not None else {})
         return {"": self.policy, **({"critic": self.critic} if self.critic is not None else {}),
-                **({"gvm": self.frozen["gvm"]} if self.refresher is not None else {})}
+                **refreshed}
 
     def export_manifest(self, summary: dict) -> dict:
         return {"kind": "policy", "stage": "rl", "summary": summary}

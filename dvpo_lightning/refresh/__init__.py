@@ -7,8 +7,10 @@ from dvpo_lightning.refresh.labellers import (
            load_labeller,
            register_labeller,
 )
-from dvpo_lightning.refresh.refresher import GVMRefresher, pair_accuracy
+from dvpo_lightning.refresh.objectives import GVMObjective, RewardObjective
+from dvpo_lightning.refresh.refresher import Refresher, pair_accuracy
 from dvpo_lightning.refresh.settings import RefreshSettings
 
-__all__ = ["GVMRefresher", "LabelledBuffer", "LabelledRow", "Labeller", "LabellerError",
-           "RefreshSettings", "load_labeller", "pair_accuracy", "register_labeller"]
+__all__ = ["GVMObjective", "LabelledBuffer", "LabelledRow", "Labeller", "LabellerError",
+           "RefreshSettings", "Refresher", "RewardObjective", "load_labeller", "pair_accuracy",
+           "register_labeller"]

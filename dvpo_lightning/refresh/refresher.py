@@ -1,15 +1,17 @@
-"""Refresh the GVM from new labels between RL steps: semi-online DVPO (docs/semi-online.md).
+"""Refresh a frozen scorer from new labels between RL steps: semi-online DVPO, and the same for
+the reward model of PPO and the other reward-model methods (docs/semi-online.md).
 
 After every ``refresh.every``-th RL step: draw fresh prompts, sample two responses to each from
-the current policy, have them labelled, measure the GVM's pair accuracy on them (the drift the
-refresh is about to correct), fine-tune the GVM for ``refresh.steps`` AdamW steps on the
-labelled buffer mixed with a replay of its stage-1 rows, measure again (what the refresh
-bought), and freeze it again. Between refreshes the RL step is unchanged; with the refresh off
-nothing here runs and no random stream is touched.
+the current policy, have them labelled, measure the scorer's pair accuracy on them (the drift
+the refresh is about to correct), fine-tune it for ``refresh.steps`` AdamW steps on the
+labelled buffer mixed with a replay of its stage-1 data (:mod:`~dvpo_lightning.refresh.
+objectives`: the GVM's regression, the reward model's Bradley–Terry loss), measure again (what
+the refresh bought), and freeze it again. Between refreshes the RL step is unchanged; with the
+refresh off nothing here runs and no random stream is touched.
 
 Over several processes every rank labels its own share of the prompts, the rows are gathered
-so every rank holds the same buffer, and rank 0's fine-tuned weights are broadcast, so every
-rank's GVM stays the same.
+so every rank holds the one-process buffer, and rank 0's fine-tuned weights are broadcast, so
+every rank's scorer stays the same.
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ from torch import Tensor, nn
 from dvpo_lightning.data.collate import collate_prompt_response, pad_left
 from dvpo_lightning.metrics.pair_accuracy import aggregate_token_values
 from dvpo_lightning.models.value_model import freeze
-from dvpo_lightning.modules.gvm import ReturnTargets
-from dvpo_lightning.ops.losses import value_regression_loss
-from dvpo_lightning.ops.returns import gvm_value_targets
 from dvpo_lightning.refresh.buffer import LabelledBuffer, LabelledRow
 from dvpo_lightning.refresh.labellers import Labeller
+from dvpo_lightning.refresh.objectives import GVMObjective, RewardObjective
 from dvpo_lightning.refresh.settings import RefreshSettings
 from dvpo_lightning.rollout.generation import Samples
 from dvpo_lightning.rollout.scoring import response_values
@@ -42,34 +42,36 @@ Sampler = Callable[[Tensor, Tensor, Sequence[int]], Samples]
 """``(prompt_ids, prompt_mask, seeds) ↦ samples`` of the current policy (the rollout's engine
 and sampling settings; row ``r`` drawn from ``seeds[r]`` alone)."""
 
-AGGREGATION = "mean"
-"""How the drift's pair accuracy reduces token values: the GVM's validation aggregation."""
-
-
-class GVMRefresher:
-    """The refresh: its settings, labeller, random stream, labelled buffer and optimizer.
+class Refresher:
+    """The refresh: its settings, labeller, objective, random stream, labelled buffer and
+    optimizer.
 
     Args:
         settings: when, from how many labels and how hard to refresh.
         labeller: who labels.
-        returns: the GVM's regression targets (as in its stage 1).
+        objective: what is trained and how (:class:`GVMObjective` for DVPO's GVM,
+            :class:`RewardObjective` for a reward model); its ``role`` names the frozen model.
     """
 
     def __init__(self, settings: RefreshSettings, labeller: Labeller,
-                 returns: ReturnTargets) -> None:
-        self.settings, self.labeller, self.returns = settings, labeller, returns
+                 objective: GVMObjective | RewardObjective) -> None:
+        self.settings, self.labeller, self.objective = settings, labeller, objective
         self.rng = random.Random(settings.seed)
         self.buffer = LabelledBuffer()
         self.labels_used = 0
         self.history: list[dict[str, float]] = []
         self.prompts: list[Prompt] = []
-        self.replay: list[tuple[list[int], list[int], float]] = []
+        self.replay: list[tuple] = []
         self._optimizer: torch.optim.Optimizer | None = None
         self._optimizer_state: dict | None = None
 
-    def attach(self, prompts: list[Prompt], replay: list[tuple[list[int], list[int], float]],
-               ) -> None:
-        """The fresh prompts and the replay rows ``(prompt ids, response ids, return)``,
+    @property
+    def role(self) -> str:
+        """The frozen model refreshed: ``gvm`` or ``reward_model``."""
+        return self.objective.role
+
+    def attach(self, prompts: list[Prompt], replay: list[tuple]) -> None:
+        """The fresh prompts and the replay items (the objective's, from its stage-1 data),
         tokenised as the run's data (at set-up)."""
         if not prompts:
             raise ValueError("model.init_args.refresh: no fresh prompt to sample from. Fix: set "
@@ -86,9 +88,10 @@ class GVMRefresher:
         return s.every > 0 and step % s.every == 0 and s.labels_next(self.labels_used) > 0
 
     # ------------------------------------------------------------------ one refresh
-    def __call__(self, gvm: nn.Module, sample: Sampler, tokenizer, end_ids: Sequence[int],
+    def __call__(self, model: nn.Module, sample: Sampler, tokenizer, end_ids: Sequence[int],
                  step: int, device: torch.device) -> dict[str, float]:
-        """Refresh ``gvm`` in place after RL step ``step``; returns the refresh's log."""
+        """Refresh ``model`` (the frozen ``role``) in place after RL step ``step``; returns the
+        refresh's log."""
         s = self.settings
         rank, world = rank_and_world()
         labels = s.labels_next(self.labels_used)
@@ -120,10 +123,11 @@ class GVMRefresher:
                                         [r.response_ids for r in rows], tokenizer.pad_token_id)
         fresh = {k: v.to(device) for k, v in fresh.items()}
         pairs = _pairs([r.label for r in rows])
-        before = pair_accuracy(gvm, fresh, pairs)
+        how = self.objective.aggregation
+        before = pair_accuracy(model, fresh, pairs, how)
         self.buffer.add([r for r in rows if not math.isnan(r.target)])  # (a tied pair)
-        loss = self.train(gvm, tokenizer.pad_token_id, device)
-        after = pair_accuracy(gvm, fresh, pairs)
+        loss = self.train(model, tokenizer.pad_token_id, device)
+        after = pair_accuracy(model, fresh, pairs, how)
         t3 = phase_clock(device)
         self.labels_used += labels
         log = {"refresh/pair_acc_before": before, "refresh/pair_acc_after": after,
@@ -156,36 +160,28 @@ class GVMRefresher:
                                        responses[j], scores[j], targets[j - i]))
         return out
 
-    def train(self, gvm: nn.Module, pad_id: int, device: torch.device) -> float:
-        """``refresh.steps`` AdamW steps of the GVM's stage-1 regression on batches of the
-        buffer mixed with replay; the GVM is frozen again after. Returns the mean loss."""
-        s, r = self.settings, self.returns
+    def train(self, model: nn.Module, pad_id: int, device: torch.device) -> float:
+        """``refresh.steps`` AdamW steps of the objective on batches of the buffer mixed with
+        replay (a share ``refresh.replay``); the model is frozen again after. Returns the
+        mean loss (NaN when there was nothing to train on: every pair tied, no replay)."""
+        s = self.settings
         n_replay = round(s.replay * s.batch_size) if self.replay else 0
-        if not self.buffer.rows:  # (every pair so far tied: replay alone, or nothing)
-            n_replay = s.batch_size if self.replay else 0
-        if n_replay == 0 and not self.buffer.rows:
-            return float("nan")
-        params = list(gvm.parameters())
+        if not self.objective.from_buffer(self.buffer.rows, random.Random(0), 1):
+            n_replay = s.batch_size if self.replay else 0  # (nothing usable bought yet)
+            if not n_replay:
+                return float("nan")
+        params = list(model.parameters())
         for p in params:
             p.requires_grad_(True)
-        gvm.train()
+        model.train()
         optimizer = self._optimizer_for(params)
         losses = []
         try:
             for _ in range(s.steps):
-                rows = ([(x.prompt_ids, x.response_ids, x.target) for x in
-                         self.rng.choices(self.buffer.rows, k=s.batch_size - n_replay)]
-                        + self.rng.choices(self.replay, k=n_replay))
-                batch = collate_prompt_response([p for p, _, _ in rows],
-                                                [q for _, q, _ in rows], pad_id)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                returns = torch.tensor([t for _, _, t in rows], dtype=torch.float32,
-                                       device=device)
-                values = response_values(gvm, batch["prompt_ids"], batch["prompt_mask"],
-                                         batch["response_ids"], batch["response_mask"])
-                targets, mask = gvm_value_targets(values, batch["response_mask"], returns,
-                                                  r.target, r.gamma, r.lam, r.positions)
-                loss = value_regression_loss(values, targets, mask)
+                items = (self.objective.from_buffer(self.buffer.rows, self.rng,
+                                                    s.batch_size - n_replay)
+                         + self.rng.choices(self.replay, k=n_replay))
+                loss = self.objective.loss(model, items, pad_id, device)
                 loss.backward()
                 if s.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
@@ -193,7 +189,7 @@ class GVMRefresher:
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
         finally:
-            freeze(gvm)
+            freeze(model)
         _broadcast(params)
         return sum(losses) / len(losses)
 
@@ -225,25 +221,27 @@ class GVMRefresher:
     def summary(self) -> dict:
         """The run's refreshes: settings, labels used, and each refresh's log."""
         s = self.settings
-        return {"every": s.every, "labels_per_refresh": s.labels, "budget": s.budget,
+        return {"model": self.role, "every": s.every, "labels_per_refresh": s.labels,
+                "budget": s.budget,
                 "kind": s.kind, "labeller": self.labeller.name, "noise": self.labeller.noise,
                 "labels_used": self.labels_used, "refreshes": len(self.history),
                 "history": self.history}
 
 
-def pair_accuracy(gvm: nn.Module, batch: dict[str, Tensor], pairs: list[tuple[int, int]],
-                  ) -> float:
+def pair_accuracy(model: nn.Module, batch: dict[str, Tensor], pairs: list[tuple[int, int]],
+                  aggregation: str = "mean") -> float:
     """The share of ``pairs`` ``(chosen row, rejected row)`` of ``batch`` whose chosen row gets
-    the larger mean token value ``u_1 … u_T`` (a tie counts one half; NaN without pairs)."""
+    the larger value of ``u_1 … u_T`` reduced by ``aggregation`` (``mean``: the GVM's,
+    ``final``: a reward model's score; a tie counts one half; NaN without pairs)."""
     if not pairs:
         return float("nan")
-    was_training = gvm.training
-    gvm.eval()
+    was_training = model.training
+    model.eval()
     with torch.no_grad():
-        values = response_values(gvm, batch["prompt_ids"], batch["prompt_mask"],
+        values = response_values(model, batch["prompt_ids"], batch["prompt_mask"],
                                  batch["response_ids"], batch["response_mask"])[:, 1:]
-    gvm.train(was_training)
-    agg = aggregate_token_values(values, batch["response_mask"], AGGREGATION)
+    model.train(was_training)
+    agg = aggregate_token_values(values, batch["response_mask"], aggregation)
     chosen = agg[[c for c, _ in pairs]]
     rejected = agg[[r for _, r in pairs]]
     return float(((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean())

@@ -91,17 +91,16 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_runs(runs)
     gvms, rms = _by_seed(gvm), _by_seed(reward_model)
-    critics, refreshed = {}, {}  # method → the critics / refreshed GVMs its runs exported
+    # method → the critics and the refreshed GVMs / reward models its runs exported
+    exported: dict[str, dict[str, list[str]]] = {}
     for m, rs in by_method(loaded).items():
-        if dirs := [d for r in rs if (d := Path(r.artifact) / "critic").exists()]:
-            critics[m] = dirs
-        if dirs := [d for r in rs if (d := Path(r.artifact) / "gvm").exists()]:
-            refreshed[m] = dirs
+        for sub, label in (("critic", f"critic of {m} (A/C)"), ("gvm", f"GVM refreshed by {m}"),
+                           ("reward_model", f"ScalarRM refreshed by {m}")):
+            if dirs := [str(d) for r in rs if (d := Path(r.artifact) / sub).exists()]:
+                exported.setdefault(sub, {})[label] = dirs
     value_models = {"GVM": list(gvms.values()), "ScalarRM": list(rms.values()),
-                    **{f"critic of {m} (A/C)": [str(d) for d in dirs]
-                       for m, dirs in critics.items()},
-                    **{f"GVM refreshed by {m}": [str(d) for d in dirs]
-                       for m, dirs in refreshed.items()}}
+                    **{label: dirs for part in exported.values()
+                       for label, dirs in part.items()}}
     files = {name: pairs for name, pairs in (("in_distribution", eval_pairs),
                                              ("shifted", shifted_pairs)) if pairs}
     # each model loaded once for both files: {label: [{pairs file: result} per model]}
@@ -174,8 +173,9 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                       "that spread the evaluation alone would make. 'not available': the runs' "
                       "summaries predate per-prompt values (final_eval_items).",
         "value_models": (f"GVM and ScalarRM: stage 1, {stage1}, on the same data; a critic "
-                         "row is each PPO run's critic at its last step, a refreshed-GVM row "
-                         "each semi-online DVPO run's GVM at its last step. In distribution: "
+                         "row is each PPO run's critic at its last step, a refreshed row "
+                         "each run's refreshed GVM or reward model at its last step. In "
+                         "distribution: "
                          f"{n_pairs.get('in_distribution', '?')} held-out pairs of the "
                          "training behaviour policies"
                          + (f"; shifted: {n_pairs['shifted']} pairs of a behaviour policy "
