@@ -94,3 +94,30 @@ def test_nothing_imports_a_command():
         if module.startswith(("dvpo_lightning.commands", "dvpo_lightning.__main__")):
             continue
         assert not any(d.startswith("dvpo_lightning.commands") for d in deps), module
+
+
+IMPORT_EACH_FIRST = r"""
+import importlib, sys
+failed = []
+for name in sys.argv[1:]:
+    for k in [k for k in sys.modules if k.split(".")[0] == "dvpo_lightning"]:
+        del sys.modules[k]
+    try:
+        importlib.import_module(name)
+    except Exception as e:
+        failed.append(f"{name}: {type(e).__name__}: {e}")
+print("\n".join(failed))
+"""
+
+
+def test_every_module_imports_first_in_a_fresh_package():
+    """A cycle through a package's ``__init__`` (which the graph above does not see) breaks
+    the import of whichever module a user imports first: import each one first, once."""
+    import subprocess
+    import sys
+
+    names = sorted(module_name(p) for p in PACKAGE.rglob("*.py"))
+    proc = subprocess.run([sys.executable, "-c", IMPORT_EACH_FIRST, *names],
+                          capture_output=True, text=True, timeout=600, cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", proc.stdout

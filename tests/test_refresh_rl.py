@@ -111,3 +111,36 @@ def test_ppo_refreshes_its_reward_model_from_the_same_labels(tmp_path, artifacts
     exported = ValueModel.from_pretrained(str(tmp_path / "policy" / "reward_model"),
                                           load_tokenizer(str(tmp_path / "policy")))
     assert all(torch.equal(v, rm1[k]) for k, v in exported.state_dict().items())
+
+
+def test_a_failing_labeller_stops_the_run_and_the_resume_keeps_every_label(
+        tmp_path, artifacts, task_data, monkeypatch):
+    """Two refreshes, a checkpoint; the third refresh's labeller fails: one error naming it,
+    the step and the fix, and last.ckpt still holds the first eight labels; resumed with a
+    labeller that works, the run ends with those eight and eight more."""
+    import pytest
+
+    from dvpo_lightning.refresh import LabellerError
+
+    (tmp_path / "flaky_labels.py").write_text(
+        "def broken(prompt, response):\n    raise RuntimeError('annotator offline')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extra = refresh_args(task_data, budget=100)
+    first, _ = _rl("dvpo", tmp_path / "run", artifacts, task_data, 2, 2, *extra)
+    first.trainer.fit(first.model, first.datamodule)
+    bought = list(first.model.refresher.buffer.rows)
+    assert len(bought) == 8
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    failing, _ = _rl("dvpo", tmp_path / "run", artifacts, task_data, 4, 2, *extra,
+                     "--model.init_args.refresh.labeller=flaky_labels:broken")
+    with pytest.raises(LabellerError, match=r"the labeller 'flaky_labels:broken' raised "
+                       r"RuntimeError: annotator offline on row 0 of the refresh after RL step 3"
+                       r".*--ckpt_path last"):
+        failing.trainer.fit(failing.model, failing.datamodule, ckpt_path=str(last))
+    saved = torch.load(last, weights_only=True)["rl_state"]["refresh"]
+    assert len(saved["buffer"]["rows"]) == 8 and saved["labels_used"] == 8
+    resumed, _ = _rl("dvpo", tmp_path / "run", artifacts, task_data, 4, 2, *extra)
+    resumed.trainer.fit(resumed.model, resumed.datamodule, ckpt_path=str(last))
+    rows = resumed.model.refresher.buffer.rows
+    assert rows[:8] == bought and len(rows) == 16
+    assert [r.step for r in rows] == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4

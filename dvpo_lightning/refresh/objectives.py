@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from dvpo_lightning.data.collate import collate_prompt_response
-from dvpo_lightning.modules.gvm import ReturnTargets
 from dvpo_lightning.ops.losses import bradley_terry_loss, value_regression_loss
 from dvpo_lightning.ops.returns import gvm_value_targets
 from dvpo_lightning.refresh.buffer import LabelledRow
 from dvpo_lightning.rollout.scoring import final_scores, response_values
+
+if TYPE_CHECKING:  # (a runtime import would cycle: modules/ imports the refresh)
+    from dvpo_lightning.modules.gvm import ReturnTargets
 
 Encode = Callable[[object], list[int]]
 """A prompt or a response (text) → its token ids, as the run tokenises them."""

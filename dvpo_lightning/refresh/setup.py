@@ -12,7 +12,6 @@ from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.prompts import load_prompts
 from dvpo_lightning.data.rollout import encode_prompts
 from dvpo_lightning.data.tokenize import encode_prompt, encode_response
-from dvpo_lightning.modules.gvm import trained_returns
 from dvpo_lightning.refresh.labellers import load_labeller
 from dvpo_lightning.refresh.objectives import GVMObjective, RewardObjective
 from dvpo_lightning.refresh.refresher import Prompt, Refresher
@@ -33,6 +32,8 @@ def make_refresher(settings: RefreshSettings, needs: frozenset[Need], estimator:
     if not settings.on:
         return None
     if Need.GVM_VALUES in needs and value_model:
+        from dvpo_lightning.modules.gvm import trained_returns  # (modules/ imports this file)
+
         objective = GVMObjective(trained_returns(value_model))
     elif (Need.SCORES in needs or Need.GREEDY_BASELINE in needs) and reward_model:
         objective = RewardObjective()
