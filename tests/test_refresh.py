@@ -97,7 +97,8 @@ def test_a_users_labeller_and_what_its_failures_say(tmp_path, monkeypatch):
                        r"on row 1 of the refresh after RL step 6.*Fix.*--ckpt_path last"):
         load_labeller("my_labels:broken").label(["p", "q"], ["a", "b"], [True, True], 6,
                                                 [0.0, 0.0])
-    with pytest.raises(LabellerError, match=r"returned 'good' \(str\) on row 0.*finite number"):
+    with pytest.raises(LabellerError, match=r"returned 'good' \(str\) on row 0 .*a labeller "
+                                            r"returns a finite number"):
         load_labeller("my_labels:not_a_number").label(["p"], ["a"], [True], 1, [0.0])
     with pytest.raises(ValueError, match=r"model.init_args.refresh.labeller='nope' is neither a "
                        r"registered labeller \(instruct, sorting\)"):
@@ -216,3 +217,39 @@ def test_replay_fraction_replays_the_rows_train_fraction_trained_on(task_data, t
     assert prompts == [([1, 2], "p")]
     assert sorted(score for _, _, score in replay) == sorted(r["score"] for r in stage1)
     assert 0 < len(replay) < len(inputs()[1])
+
+
+def test_the_report_table_of_the_refreshes_by_hand():
+    from dvpo_lightning.report.runs import Run
+    from dvpo_lightning.report.tables import refresh_table
+
+    def run(seed, before, after, seconds, train_s):
+        history = [{"refresh/pair_acc_before": b, "refresh/pair_acc_after": a,
+                    "refresh/seconds": s} for b, a, s in zip(before, after, seconds)]
+        return Run("so", seed, "x", {"refresh": {"labels_used": 8, "refreshes": len(history),
+                                                 "history": history},
+                                     "cost": {"train_s": train_s}})
+
+    nan = float("nan")  # (a refresh whose pairs all tied: left out of the mean)
+    def final(method, seed, gold):
+        return Run(method, seed, "y", {"cost": {"train_s": 5.0}, "final_eval": {
+            "eval/gold_reward": gold}})
+
+    runs = [run(0, [0.5, 0.7], [0.7, 0.9], [1.0, 3.0], 20.0),
+            run(1, [0.6, nan], [0.8, nan], [2.0, 2.0], 8.0),
+            final("frozen", 0, 0.5), final("frozen", 1, 0.25)]
+    for r, gold in zip(runs, (0.75, 0.5)):
+        r.summary["final_eval"] = {"eval/gold_reward": gold}
+    table = refresh_table(runs, {"so": "frozen"})
+    row = table["rows"]["so"]
+    assert list(table["rows"]) == ["so"]  # (a method that never refreshed has no row)
+    assert row["labels_used"]["mean"] == 8 and row["refreshes"]["values"] == [2, 2]
+    assert row["acc_before"]["values"] == pytest.approx([0.6, 0.6])
+    assert row["acc_after"]["values"] == pytest.approx([0.8, 0.8])
+    assert row["acc_bought"]["values"] == pytest.approx([0.2, 0.2])
+    assert row["refresh_s"]["values"] == pytest.approx([2.0, 2.0])
+    assert row["refresh_share"]["values"] == pytest.approx([4.0 / 20.0, 4.0 / 8.0])
+    assert row["frozen"] == {"text": "frozen"}
+    assert row["gold_vs_frozen"]["values"] == pytest.approx([0.25, 0.25])  # refreshed − frozen
+    assert row["gold_vs_frozen"]["p"] is not None  # (joins the report's Holm family)
+    assert refresh_table(runs[2:]) is None

@@ -18,12 +18,10 @@ last checkpoint.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from dvpo_lightning.tasks.judges import ScoreFn, resolve_scorer, takes_finished
+from dvpo_lightning.tasks.judges import ScoreFn, checked_score, resolve_scorer, takes_finished
 
 KEY = "model.init_args.refresh.labeller"
 
@@ -76,35 +74,21 @@ class Labeller:
         """One label per response: the score plus ``noise · z[row]`` (``z``: standard-normal
         draws, one per row), rounded to 4 places as the embedded data's scores are.
         ``step``: the RL step the refresh follows, for the error."""
+        fix = (f"Fix the labeller {self.name!r} ({KEY}) so that it returns a finite number for "
+               "every (prompt, response), then resume the run from its last checkpoint "
+               "(--ckpt_path last): the labels bought before this refresh are in it")
         out = []
         for row, (p, r, f, zr) in enumerate(zip(prompts, responses, finished, z, strict=True)):
-            where = (f"on row {row} of the refresh after RL step {step} (prompt {_short(p)}, "
-                     f"response {_short(r)})")
-            fix = (f"Fix the labeller {self.name!r} ({KEY}) so that it returns a finite number "
-                   "for every (prompt, response), then resume the run from its last checkpoint "
-                   "(--ckpt_path last): the labels bought before this refresh are in it")
-            try:
-                value = self.fn(p, r, f) if self.takes_finished else self.fn(p, r)
-            except Exception as e:
-                raise LabellerError(f"the labeller {self.name!r} raised {type(e).__name__}: {e} "
-                                    f"{where}. {fix}") from e
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
-                    float(value)):
-                raise LabellerError(f"the labeller {self.name!r} returned {value!r} "
-                                    f"({type(value).__name__}) {where}; a label is a finite "
-                                    f"number. {fix}")
-            value = float(value)
+            value = checked_score(self.fn, self.takes_finished, p, r, f,
+                                  f"the labeller {self.name!r}",
+                                  f"on row {row} of the refresh after RL step {step}",
+                                  "a labeller", fix, LabellerError)
             out.append(round(value + zr * self.noise, 4) if self.noise else value)
         return out
 
 
 class LabellerError(ValueError):
     """A labeller failed or returned something that is not a label."""
-
-
-def _short(text, n: int = 60) -> str:
-    text = repr(text)
-    return text if len(text) <= n else text[:n - 3] + "..."
 
 
 def load_labeller(spec: str, noise: float | None = None) -> Labeller:

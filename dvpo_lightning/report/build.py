@@ -55,7 +55,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                  group: str | None = None, reference: str = "SFT",
                  fair: dict | None = None, variants: dict[str, dict] | None = None,
                  tuning_runs: dict[str, dict[int, str]] | None = None,
-                 tuning_choice: dict | None = None) -> list[Path]:
+                 tuning_choice: dict | None = None,
+                 refresh_against: dict[str, str] | None = None) -> list[Path]:
     """Write the tables, plots and pictures of a study; returns the files written.
 
     Args:
@@ -85,6 +86,9 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
             passes it).
         tuning_runs: ``{tuning point: {seed: artifact}}`` (the pipeline passes it).
         tuning_choice: ``{"points", "chosen"}`` of the tuning (the pipeline passes it).
+        refresh_against: ``{method that refreshed a frozen model: the same method frozen}``:
+            the refresh table's paired gold difference (:func:`~dvpo_lightning.report.tables.
+            refresh_table`).
     """
     t0 = time.time()
     out_dir = Path(out)
@@ -117,7 +121,7 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                                                  accs.get("shifted")),
         "cost": tables.cost_table(loaded, baseline),
         "convergence": tables.convergence_table(loaded, reference=reference),
-        "refresh": tables.refresh_table(loaded),
+        "refresh": tables.refresh_table(loaded, refresh_against),
     }
     sweep = None
     if gvm_sweep and eval_pairs:
@@ -190,8 +194,9 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                 "process's peak RSS, which includes the Python runtime: compare differences, "
                 "not absolute values.",
         "refresh": "Per run, averaged over its refreshes, then mean ± 95 % CI over seeds. "
-                   "Accuracy: the GVM's pair accuracy (token-mean values) on the pairs of "
-                   "each refresh's newly labelled samples (two responses of the current policy "
+                   "Accuracy: the refreshed model's pair accuracy (the GVM by its token mean, "
+                   "a reward model by its final score) on the pairs of each refresh's newly "
+                   "labelled samples (two responses of the current policy "
                    "per fresh prompt, the better-labelled one chosen; labels carry the "
                    "annotator's noise): before the refresh, the drift it corrects; after, "
                    "what it bought on those same samples (a training-set accuracy: the "

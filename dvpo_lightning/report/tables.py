@@ -14,8 +14,8 @@ Student-t interval's half-width over seeds (the report's one interval convention
   per method, all measured in the same study, with ratios to a baseline method.
 - :func:`convergence_table` — the RL step at which each method reaches 95 % of its best
   held-out gold reward (Figure 4's reading).
-- :func:`refresh_table` — semi-online DVPO: labels bought, and the GVM's accuracy on each
-  refresh's new samples before and after it.
+- :func:`refresh_table` — semi-online DVPO (and a refreshed reward model): labels bought, and
+  the refreshed model's accuracy on each refresh's new samples before and after it.
 
 Each table is ``{"title", "columns": [[key, label], …], "rows": {name: {key: cell}}}`` and
 ``interval``: what follows a mean's ``±`` (always ``ci95``, the half-width of the 95 %
@@ -218,16 +218,19 @@ def value_model_table(models: dict[str, list[dict]],
 
 
 REFRESH_COLUMNS = [("labels_used", "labels used"), ("refreshes", "refreshes"),
-                   ("acc_before", "GVM acc. before ↑"), ("acc_after", "GVM acc. after ↑"),
+                   ("acc_before", "acc. before ↑"), ("acc_after", "acc. after ↑"),
                    ("acc_bought", "after − before"), ("refresh_s", "s / refresh"),
                    ("refresh_share", "share of training time")]
 
 
-def refresh_table(runs: list[Run]) -> dict | None:
-    """Semi-online DVPO's refreshes per method (runs whose summary has ``refresh``): labels
-    bought, refreshes, the GVM's pair accuracy on each refresh's newly labelled samples
-    before (the drift it corrects) and after (what it bought), averaged over a run's
-    refreshes, and the refresh's seconds. None when no run refreshed."""
+def refresh_table(runs: list[Run], against: dict[str, str] | None = None) -> dict | None:
+    """The refreshes of each method whose runs refreshed a frozen model (their summary has
+    ``refresh``: semi-online DVPO's GVM, PPO's reward model): labels bought, refreshes, the
+    model's pair accuracy on each refresh's newly labelled samples before (the drift it
+    corrects) and after (what it bought), averaged over a run's refreshes, and the refresh's
+    seconds. ``against``: ``{method: the same method frozen}``; each such row also gets the
+    paired difference of the held-out gold reward, refreshed − frozen (its p joins the
+    report's Holm family). None when no run refreshed."""
     rows = {}
     for method, rs in by_method(runs).items():
         if not all(r.summary.get("refresh") for r in rs):
@@ -254,9 +257,20 @@ def refresh_table(runs: list[Run]) -> dict | None:
             "refresh_s": mean_std(per_run("refresh/seconds")),
             "refresh_share": mean_std([s / t for s, t in zip(seconds, train) if t])
             if all(train) else None}
+        frozen = (against or {}).get(method)
+        if frozen in by_method(runs):
+            rows[method]["gold_vs_frozen"] = paired_difference(
+                {r.seed: r.final["eval/gold_reward"] for r in rs},
+                {r.seed: r.final["eval/gold_reward"] for r in by_method(runs)[frozen]})
+            rows[method]["frozen"] = {"text": frozen}
     if not rows:
         return None
-    return {"title": "Semi-online DVPO: the GVM's refreshes", "columns": REFRESH_COLUMNS,
+    columns = list(REFRESH_COLUMNS)
+    if any("gold_vs_frozen" in row for row in rows.values()):
+        columns += [("frozen", "frozen run"), ("gold_vs_frozen", "gold, refreshed − frozen"),
+                    ("gold_vs_frozen_p", "p"), ("gold_vs_frozen_p_holm", "p (Holm)")]
+    return {"title": "Refreshed from new labels: the GVM (semi-online DVPO) or the reward model",
+            "columns": columns,
             "rows": rows, "interval": "ci95"}
 
 

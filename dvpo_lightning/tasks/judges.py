@@ -73,19 +73,26 @@ class Judge:
         fix = (f"Fix the judge {self.name!r} (model.init_args.judge) so that it returns a "
                "finite number for every (prompt, response), or set model.init_args.judge=null "
                "to evaluate without one")
-        try:
-            value = (self.fn(prompt, response, finished) if self.takes_finished
-                     else self.fn(prompt, response))
-        except Exception as e:
-            raise ValueError(f"the judge {self.name!r} raised {type(e).__name__}: {e} on row "
-                             f"{row} (prompt {_short(prompt)}, response {_short(response)}). "
-                             f"{fix}") from e
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
-                float(value)):
-            raise ValueError(f"the judge {self.name!r} returned {value!r} ({type(value).__name__})"
-                             f" on row {row} (prompt {_short(prompt)}, response "
-                             f"{_short(response)}); a judge returns a finite number. {fix}")
-        return float(value)
+        return checked_score(self.fn, self.takes_finished, prompt, response, finished,
+                             f"the judge {self.name!r}", f"on row {row}", "a judge", fix)
+
+
+def checked_score(fn: ScoreFn, with_finished: bool, prompt, response: str, finished: bool,
+                  who: str, where: str, kind: str, fix: str,
+                  error: type[Exception] = ValueError) -> float:
+    """``fn``'s score of one response as a float. One ``error`` naming ``who`` (``the judge
+    'x'``), ``where`` (the row), the prompt and response, and ``fix`` when ``fn`` raises or
+    returns something other than a finite number (``kind``: what must return one)."""
+    at = f"{where} (prompt {_short(prompt)}, response {_short(response)})"
+    try:
+        value = fn(prompt, response, finished) if with_finished else fn(prompt, response)
+    except Exception as e:
+        raise error(f"{who} raised {type(e).__name__}: {e} {at}. {fix}") from e
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(
+            float(value)):
+        raise error(f"{who} returned {value!r} ({type(value).__name__}) {at}; {kind} returns a "
+                    f"finite number. {fix}")
+    return float(value)
 
 
 def _short(text, n: int = 60) -> str:
