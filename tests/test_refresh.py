@@ -253,3 +253,18 @@ def test_the_report_table_of_the_refreshes_by_hand():
     assert row["gold_vs_frozen"]["values"] == pytest.approx([0.25, 0.25])  # refreshed − frozen
     assert row["gold_vs_frozen"]["p"] is not None  # (joins the report's Holm family)
     assert refresh_table(runs[2:]) is None
+
+
+def test_a_refresh_refuses_a_partitioned_or_bfloat16_model():
+    from types import SimpleNamespace
+
+    from dvpo_lightning.refresh.setup import check_refresh
+
+    model = torch.nn.Linear(2, 2)
+    check_refresh(model, SimpleNamespace())  # float32, not partitioned: fine
+    with pytest.raises(ValueError, match=r"cannot be refreshed under ZeRO-3.*Fix: use "
+                                         r"configs/deepspeed/zero1.yaml"):
+        check_refresh(model, SimpleNamespace(zero_stage_3=True))
+    with pytest.raises(ValueError, match=r"is in \['torch.bfloat16'\], not float32. Fix: set "
+                                         r"model.init_args.models.frozen_dtype=float32"):
+        check_refresh(model.to(torch.bfloat16), SimpleNamespace())
