@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from dvpo_lightning.data.collate import collate_prompt_response, pad_left
-from dvpo_lightning.metrics.pair_accuracy import aggregate_token_values
+from dvpo_lightning.metrics.pair_accuracy import PairAccuracy
 from dvpo_lightning.models.value_model import freeze
 from dvpo_lightning.refresh.buffer import LabelledBuffer, LabelledRow
 from dvpo_lightning.refresh.labellers import Labeller
 from dvpo_lightning.refresh.objectives import GVMObjective, RewardObjective
 from dvpo_lightning.refresh.settings import RefreshSettings
 from dvpo_lightning.rollout.generation import Samples
+from dvpo_lightning.rollout.gold import decoded
 from dvpo_lightning.rollout.scoring import response_values
 from dvpo_lightning.runtime.distributed import rank_and_world
 from dvpo_lightning.runtime.timing import phase_clock
@@ -111,10 +112,8 @@ class Refresher:
         samples = sample(prompt_ids.to(device), prompt_mask.to(device),
                          [seeds[2 * i + j] for i in mine for j in range(2)])
         t1 = phase_clock(device)
-        responses = [[t for t, keep in zip(r, m) if keep] for r, m in zip(
-            samples.response_ids.tolist(), samples.response_mask.tolist())]
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-        finished = [bool(r) and r[-1] in end_ids for r in responses]
+        responses, texts, finished = decoded(tokenizer, samples.response_ids,
+                                             samples.response_mask, end_ids)
         scores = self.labeller.label([raw for _, raw in prompts], texts, finished, step,
                                      [z[2 * i + j] for i in mine for j in range(2)])
         t2 = phase_clock(device)
@@ -241,10 +240,11 @@ def pair_accuracy(model: nn.Module, batch: dict[str, Tensor], pairs: list[tuple[
         values = response_values(model, batch["prompt_ids"], batch["prompt_mask"],
                                  batch["response_ids"], batch["response_mask"])[:, 1:]
     model.train(was_training)
-    agg = aggregate_token_values(values, batch["response_mask"], aggregation)
-    chosen = agg[[c for c, _ in pairs]]
-    rejected = agg[[r for _, r in pairs]]
-    return float(((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean())
+    c, r = [c for c, _ in pairs], [r for _, r in pairs]
+    mask = batch["response_mask"]
+    metric = PairAccuracy((aggregation,))
+    metric.update(values[c], mask[c], values[r], mask[r])
+    return float(metric.compute()[aggregation])
 
 
 def _pairs(labels: list[float]) -> list[tuple[int, int]]:

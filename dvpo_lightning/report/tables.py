@@ -231,8 +231,8 @@ def refresh_table(runs: list[Run], against: dict[str, str] | None = None) -> dic
     seconds. ``against``: ``{method: the same method frozen}``; each such row also gets the
     paired difference of the held-out gold reward, refreshed − frozen (its p joins the
     report's Holm family). None when no run refreshed."""
-    rows = {}
-    for method, rs in by_method(runs).items():
+    rows, groups = {}, by_method(runs)
+    for method, rs in groups.items():
         if not all(r.summary.get("refresh") for r in rs):
             continue
 
@@ -258,10 +258,10 @@ def refresh_table(runs: list[Run], against: dict[str, str] | None = None) -> dic
             "refresh_share": mean_std([s / t for s, t in zip(seconds, train) if t])
             if all(train) else None}
         frozen = (against or {}).get(method)
-        if frozen in by_method(runs):
+        if frozen in groups:
             rows[method]["gold_vs_frozen"] = paired_difference(
                 {r.seed: r.final["eval/gold_reward"] for r in rs},
-                {r.seed: r.final["eval/gold_reward"] for r in by_method(runs)[frozen]})
+                {r.seed: r.final["eval/gold_reward"] for r in groups[frozen]})
             rows[method]["frozen"] = {"text": frozen}
     if not rows:
         return None

@@ -17,11 +17,16 @@ def gold_scores(judge: Judge, tokenizer: PreTrainedTokenizerBase, prompts: list,
     is one of ``end_ids``: the engine's
     :attr:`~dvpo_lightning.rollout.generation.Generator.end_ids`). A judge that raises or
     returns a non-number is one error naming it and the row (:meth:`Judge.score`)."""
-    out = []
-    for row, (p, r, m) in enumerate(zip(prompts, response_ids.tolist(),
-                                        response_mask.tolist())):
-        toks = [t for t, keep in zip(r, m) if keep]
-        finished = bool(toks) and toks[-1] in end_ids
-        out.append(judge.score(p, tokenizer.decode(toks, skip_special_tokens=True), finished,
-                               row))
-    return out
+    _, texts, done = decoded(tokenizer, response_ids, response_mask, end_ids)
+    return [judge.score(p, text, f, row)
+            for row, (p, text, f) in enumerate(zip(prompts, texts, done))]
+
+
+def decoded(tokenizer: PreTrainedTokenizerBase, response_ids: Tensor, response_mask: Tensor,
+            end_ids: Sequence[int]) -> tuple[list[list[int]], list[str], list[bool]]:
+    """Each response's tokens (up to its mask), its text, and whether it finished (its last
+    token is one of ``end_ids``), as a judge or a labeller reads them."""
+    tokens = [[t for t, keep in zip(r, m) if keep]
+              for r, m in zip(response_ids.tolist(), response_mask.tolist())]
+    return (tokens, [tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
+            [bool(t) and t[-1] in end_ids for t in tokens])
