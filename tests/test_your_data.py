@@ -126,12 +126,14 @@ def build_tiny_model(out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def run_step(root: Path, name: str, command: str, extra: list[str] = ()) -> None:
+def run_step(root: Path, name: str, command: str, extra: list[str] = (),
+             threads: int | None = None) -> None:
     """One page step in ``root`` via ``bash``, ``python`` being this interpreter and this
-    checkout's package first on the path; fails with the output's tail unless it exits 0."""
+    checkout's package first on the path (with ``threads`` intra-op threads when given); fails
+    with the output's tail unless it exits 0."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-           "DVPO_DEBUG": "1"}
+           "DVPO_DEBUG": "1", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     line = " ".join([command, *(extra or SIZES[name])])
     proc = subprocess.run(["bash", "-c", line], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -169,15 +171,58 @@ def test_the_page_lists_every_step_the_tests_size():
     assert list(page_steps()) == list(SIZES)
 
 
+RUN_DIR = re.compile(r"(?:--trainer\.default_root_dir=|--out )(runs/\S+)")
+RUNS_PATH = re.compile(r"runs/[\w./-]+")
+
+
+def step_needs(steps: dict[str, str]) -> dict[str, set[str]]:
+    """``{step: the earlier steps it reads from}``: a step needs another when a ``runs/`` path
+    in its command lies in that step's run directory (its ``default_root_dir`` or ``--out``)."""
+    owns = {name: [Path(d) for d in RUN_DIR.findall(command)] for name, command in steps.items()}
+    needs = {}
+    for i, (name, command) in enumerate(steps.items()):
+        read = [Path(p) for p in RUNS_PATH.findall(command)
+                if not any(Path(p).is_relative_to(d) for d in owns[name])]
+        needs[name] = {other for other in list(steps)[:i]
+                       if any(p.is_relative_to(d) for p in read for d in owns[other])}
+    return needs
+
+
+def run_steps(root: Path, steps: dict[str, str], workers: int = 2) -> None:
+    """The steps in the page's order, ``workers`` at a time (one thread each), a step starting
+    once the steps it reads from (:func:`step_needs`) have ended; the first failure raises."""
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    needs, pending, done, running = step_needs(steps), list(steps), set(), {}
+    with ThreadPoolExecutor(workers) as pool:
+        while pending or running:
+            for name in [n for n in pending if needs[n] <= done][:workers - len(running)]:
+                pending.remove(name)
+                running[pool.submit(run_step, root, name, steps[name], threads=1)] = name
+            assert running, f"steps {pending} wait on steps that never ran"
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                future.result()
+                done.add(running.pop(future))
+
+
+def test_the_steps_that_read_another_steps_output_wait_for_it():
+    assert step_needs(page_steps()) == {
+        "convert": set(), "gvm": set(), "gvm-pairs": set(), "explain": {"gvm"},
+        "dvpo": {"gvm"}, "dvpo-judge": {"gvm"}, "compare": {"dvpo"}, "reward-model": set(),
+        "ppo": {"reward-model"}, "grpo": {"reward-model"}, "reinforce-pp": {"reward-model"},
+        "dpo": set()}
+
+
 @pytest.fixture(scope="module")
 def tiny_journey(tmp_path_factory) -> Path:
-    """Every step of the page, in order, with the tiny stand-in model."""
+    """Every step of the page with the tiny stand-in model, two at a time (the suite's machine
+    has two cores; a step waits for the steps whose output it reads)."""
     root = tmp_path_factory.mktemp("your_data")
     write_user_files(root)
     build_tiny_model(root / "models" / "smollm2")
-    for name, command in page_steps().items():
-        if name != "convert":  # the real model's step: the SmolLM2 tier runs it
-            run_step(root, name, command)
+    # (convert is the real model's step: the SmolLM2 tier runs it)
+    run_steps(root, {k: v for k, v in page_steps().items() if k != "convert"})
     return root
 
 
