@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import json
 import os
 import platform
@@ -158,7 +159,8 @@ def run_method(args) -> dict:
         f"--trainer.max_steps={args.rl_steps}",
         "--trainer.limit_val_batches=0", "--trainer.logger=false",
         "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root / 'run'}",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root / f'run-{args.method}-{args.engine}'}",
         f"--trainer.precision={args.precision}",
         f"--trainer.accelerator={'gpu' if args.mode == 'gpu' else 'cpu'}", "--trainer.devices=1",
         f"--model.init_args.rollout.engine={args.engine}",
@@ -254,6 +256,8 @@ def markdown(records: list[dict], meta: dict, trls: dict[str, dict] | None = Non
     lines = [f"# Cost per RL step — {meta['device']}, shape {meta['shape']}, "
              f"{meta['responses_per_step']} responses × {meta['length']} tokens, "
              f"{meta['precision']}", "",
+             *([f"**{meta['jobs']} children at once: a smoke run, the timings are no "
+                "measurement.**", ""] if meta.get("jobs", 1) > 1 else []),
              "| method | engine | s / step | generate s | score s | update s | gen tok/s | "
              f"train tok/s | peak mem (GB, {kind}) | params loaded (M) | "
              "params trained (M) | frozen weights (GB) | time ÷ PPO | mem ÷ PPO |"
@@ -369,6 +373,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trl", choices=("auto", "on", "off"), default="auto",
                    help="also run TRL's GRPOTrainer under the same protocol (auto: when trl "
                    "imports)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="children run at once; above 1 only for a smoke run (tests): children "
+                        "side by side slow each other down, so the timings are no measurement")
     p.add_argument("--method", help=argparse.SUPPRESS)  # child process: run one method
     p.add_argument("--engine", default="hf", help=argparse.SUPPRESS)  # … with this engine
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -461,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
             rec = run_trl(args)
         else:
             rec = run_method(args)
-        Path(args.workdir, f"{args.method}.json").write_text(json.dumps(rec))
+        Path(args.workdir, f"{args.method}-{args.engine}.json").write_text(json.dumps(rec))
         return rec
     if args.mode == "gpu":
         import torch
@@ -486,6 +493,7 @@ def main(argv: list[str] | None = None) -> dict:
             "cpu_flags": cpu_flags(), "threads": torch_threads(),
             "gradient_checkpointing": args.gradient_checkpointing,
             "score_batch_size": args.score_batch_size, "deepspeed": args.deepspeed,
+            "jobs": args.jobs,
             "seconds": 0.0, "date": time.strftime("%Y-%m-%d"), "trl_version": version}
     out = Path(args.out)
     records: list[dict] = []
@@ -502,25 +510,25 @@ def main(argv: list[str] | None = None) -> dict:
         jobs = [(m, engine) for engine in args.generation for m in args.methods]
         if version:  # right after the first method: a run cut short still has the comparison
             jobs[1:1] = [(k, "hf") for k in TRL_ROWS]
-        for m, engine in jobs:
-            if m in TRL_ROWS:
-                try:
-                    from benchmarks.trl_grpo import prepare
+        for m in [m for m, _ in jobs if m in TRL_ROWS]:
+            try:
+                from benchmarks.trl_grpo import prepare
 
-                    prepare(root, args, Path(__file__).resolve().parents[1] / "configs"
-                            / "grpo.yaml")
-                except (Exception, SystemExit) as e:  # noqa: BLE001 (its row says why)
-                    trls[m] = failed_row(m, "hf", None, [f"{type(e).__name__}: {e}"])
-                    write(out, meta, records, trls, t0)
-                    continue
-                cmd = [sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
-                       "--workdir", str(root)]
-            else:
-                cmd = [sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
-                       "--engine", engine, "--workdir", str(root)]
+                prepare(root, args, Path(__file__).resolve().parents[1] / "configs"
+                        / "grpo.yaml")
+            except (Exception, SystemExit) as e:  # noqa: BLE001 (its row says why)
+                trls[m] = failed_row(m, "hf", None, [f"{type(e).__name__}: {e}"])
+        jobs = [job for job in jobs if job[0] not in trls]  # (a TRL row that failed to prepare)
+        slots: list[dict | None] = [None] * len(jobs)
+
+        def one(i: int) -> None:
+            """Run job ``i``'s child; its row into its slot (the rows keep the jobs' order)."""
+            m, engine = jobs[i]
+            cmd = [sys.executable, "-m", "benchmarks.cost", *child, "--method", m,
+                   "--engine", engine, "--workdir", str(root)]
             name = (f"TRL GRPOTrainer {version} ({TRL_ROWS[m]})" if m in TRL_ROWS
                     else f"{m} ({engine})")
-            result = root / f"{m}.json"
+            result = root / f"{m}-{engine}.json"
             result.unlink(missing_ok=True)
             rc, tail = run_child(cmd, env)
             if rc == 0 and result.exists():
@@ -530,11 +538,19 @@ def main(argv: list[str] | None = None) -> dict:
                 rec = failed_row(m, engine, rc, tail)
                 print(f"[cost] {name} FAILED (exit {rc}): {tail[-1] if tail else 'no stderr'}",
                       flush=True)
-            if m in TRL_ROWS:
-                trls[m] = rec
-            else:
-                records.append(rec)
+            slots[i] = rec
+
+        def collect() -> None:  # (after each child: what has ended is written)
+            records[:] = [r for (m, _), r in zip(jobs, slots) if r and m not in TRL_ROWS]
+            trls.update({m: r for (m, _), r in zip(jobs, slots) if r and m in TRL_ROWS})
             write(out, meta, records, trls, t0)
+
+        write(out, meta, records, trls, t0)
+        with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            for done in concurrent.futures.as_completed([pool.submit(one, i)
+                                                        for i in range(len(jobs))]):
+                done.result()
+                collect()
     doc = write(out, meta, records, trls, t0)
     print(markdown(records, meta, trls))
     return doc

@@ -73,7 +73,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TORCH_EXTENSIONS_DIR=/tmp/torc
 
 if [[ $DRY_RUN == 1 ]]; then  # tiny shapes on CPU: seconds per step
     mode=(--mode cpu --shape tiny)
-    cost_shape=(--prompts 2 --group 2 --length 4 --prompt_len 6 --rl_steps 2)
+    # (two children at once: a dry run's timings are no measurement)
+    cost_shape=(--prompts 2 --group 2 --length 4 --prompt_len 6 --rl_steps 2 --jobs 2)
     mfu_shapes=(tiny)
     mfu_args=(--batch 2 --seq 16 --warmup 1 --repeats 2 --matmul_size 128)
     decode_args=(--shape test --batch_sizes 2 --prompt_len 5 --new_tokens 4 --repeats 1

@@ -197,7 +197,8 @@ def run_trl(args) -> dict:
     ckpt = ("activation_checkpointing" if "activation_checkpointing" in fields
             else "gradient_checkpointing")
     config = GRPOConfig(
-        output_dir=str(root / "trl_run"), report_to=[], save_strategy="no", eval_strategy="no",
+        output_dir=str(root / f"trl_run_{args.method}"), report_to=[], save_strategy="no",
+        eval_strategy="no",
         logging_strategy="no", disable_tqdm=True, seed=s["data_seed"], use_cpu=not gpu,
         max_steps=args.rl_steps * args.minibatches, gradient_accumulation_steps=1,
         per_device_train_batch_size=per_step, generation_batch_size=n_resp,

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="module")
 def cost_run(tmp_path_factory):
     """One CPU smoke run of every method, DVPO also with a separate old-log-prob pass and with
-    bfloat16 frozen models (and TRL when installed): (cost.json, cost.md)."""
+    bfloat16 frozen models (and TRL when installed), two children at a time: (cost.json,
+    cost.md)."""
     out = tmp_path_factory.mktemp("cost")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
@@ -32,7 +33,7 @@ def cost_run(tmp_path_factory):
         main(["--mode", "cpu", "--methods", *METHODS, "dvpo_rescore", "dvpo_bf16",
               "--rl_steps", str(RL_STEPS), "--length", str(LENGTH),
               "--prompts", str(PROMPTS), "--group", str(GROUP), "--prompt_len", str(PROMPT_LEN),
-              "--trl", "on" if HAS_TRL else "off", "--out", str(out)])
+              "--trl", "on" if HAS_TRL else "off", "--jobs", "2", "--out", str(out)])
     return json.loads((out / "cost.json").read_text()), (out / "cost.md").read_text()
 
 
@@ -58,6 +59,7 @@ def test_cpu_cost_benchmark_writes_every_field_for_every_method(cost_run):
         assert r["per_prompt_ratio_to_grpo"] == pytest.approx(
             r["s_per_prompt"] / records["grpo"]["s_per_prompt"])
     assert "Time per prompt ÷ GRPO" in md
+    assert doc["meta"]["jobs"] == 2 and "2 children at once" in md  # (a smoke run)
     # PPO trains a critic as large as the policy; the others train the policy only
     assert records["ppo"]["params_trained_m"] == pytest.approx(
         2 * records["dvpo"]["params_trained_m"], rel=0.01)
@@ -158,11 +160,12 @@ def test_cpu_cost_benchmark_puts_hf_and_vllm_side_by_side(tmp_path):
         mp.chdir(Path(__file__).resolve().parents[1])
         main(["--mode", "cpu", "--shape", "tiny32", "--rl_steps", str(RL_STEPS), "--length",
               str(LENGTH), "--prompts", str(PROMPTS), "--group", str(GROUP), "--prompt_len",
-              str(PROMPT_LEN), "--methods", "dvpo", "ppo", "grpo", "--generation", "hf", "vllm",
-              "--trl", "off", "--out", str(out)])
+              str(PROMPT_LEN), "--methods", "dvpo", "ppo", "--generation", "hf", "vllm",
+              "--trl", "off", "--jobs", "2", "--out", str(out)])
     doc = json.loads((out / "cost.json").read_text())
     records = {(r["method"], r["engine"]): r for r in doc["methods"]}
-    assert set(records) == {(m, e) for m in ("dvpo", "ppo", "grpo") for e in ("hf", "vllm")}
+    assert [(r["method"], r["engine"]) for r in doc["methods"]] == [  # (the jobs' order)
+        ("dvpo", "hf"), ("ppo", "hf"), ("dvpo", "vllm"), ("ppo", "vllm")]
     for (m, e), r in records.items():
         assert r["gen_tokens_per_step"] == float(PROMPTS * GROUP * LENGTH), (m, e)
         assert r["time_ratio_to_ppo"] == pytest.approx(
@@ -189,7 +192,7 @@ def test_cpu_cost_benchmark_keeps_the_hf_rows_when_vllm_fails(tmp_path):
         [sys.executable, "-m", "benchmarks.cost", "--mode", "cpu", "--shape", "tiny32",
          "--rl_steps", str(RL_STEPS), "--length", str(LENGTH), "--prompts", str(PROMPTS),
          "--group", str(GROUP), "--prompt_len", str(PROMPT_LEN), "--methods", "dvpo", "ppo",
-         "--generation", "hf", "vllm", "--trl", "off", "--out", str(out)],
+         "--generation", "hf", "vllm", "--trl", "off", "--jobs", "2", "--out", str(out)],
         cwd=ROOT, env=without_vllm(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "2 row(s) failed" in proc.stderr, proc.stderr[-2000:]
