@@ -43,8 +43,10 @@ def test_settings_name_the_online_key_and_need_prompts():
     assert OnlineSettings(every=2, prompts_path="p.jsonl").on
 
 
-def _round(labels: list[float], step: int = 2) -> Round:
-    rows = [LabelledRow(step, f"p{i // 2}", f"r{i}", [1, i // 2], [10 + i], label, label)
+def _round(labels: list[float], step: int = 2, same: tuple[int, ...] = ()) -> Round:
+    """Two rows per prompt; the prompts in ``same`` get one answer twice."""
+    rows = [LabelledRow(step, f"p{i // 2}", f"r{i}", [1, i // 2],
+                        [10 + i - i % 2 if i // 2 in same else 10 + i], label, label)
             for i, label in enumerate(labels)]
     pairs = [(i, i + 1) if labels[i] > labels[i + 1] else (i + 1, i)
              for i in range(0, len(labels), 2) if labels[i] != labels[i + 1]]
@@ -52,12 +54,17 @@ def _round(labels: list[float], step: int = 2) -> Round:
 
 
 def test_kept_pairs_put_the_chosen_first_drop_ties_and_spend_the_labels():
-    online = OnlinePairs(OnlineSettings(every=2, labels=6, budget=12, batch_pairs=5,
+    online = OnlinePairs(OnlineSettings(every=2, labels=8, budget=16, batch_pairs=5,
                                         prompts_path="p.jsonl"), load_labeller("sorting"))
     assert online.draw(2, 0) == []  # nothing bought yet
-    online.keep(_round([0.2, 0.7, 0.5, 0.5, 0.9, 0.1]), 2, {"online/x": 1.0})
-    assert online.labels_used == 6 and online.n_pairs == 2  # the tie is not a pair
+    bought = _round([0.2, 0.7, 0.5, 0.5, 0.9, 0.1, 0.3, 0.4], same=(3,))
+    pairs = online.distinct(bought)
+    assert bought.pairs == [(1, 0), (4, 5), (7, 6)] and pairs == [(1, 0), (4, 5)]
+    online.keep(bought, pairs, 2, {"online/x": 1.0})
+    # the tie is not a pair, one answer twice is not kept; every label is spent
+    assert online.labels_used == 8 and online.n_pairs == 2
     assert [r.response for r in online.buffer.rows] == ["r1", "r0", "r4", "r5"]
+    assert online.history[-1]["online/pairs_identical"] == 1.0
     assert online.done_after(2) and not online.done_after(4)
     assert online.history[-1]["online/pairs_kept"] == 2.0
     # the draws: batch_pairs items (prompt, chosen, prompt, rejected), a function of
@@ -67,7 +74,7 @@ def test_kept_pairs_put_the_chosen_first_drop_ties_and_spend_the_labels():
     assert {(tuple(c), tuple(r)) for _, c, _, r in a} <= {((11,), (10,)), ((14,), (15,))}
     restored = OnlinePairs(online.settings, online.labeller)
     restored.load_state_dict(online.state_dict())
-    assert restored.draw(3, 0) == a and restored.labels_used == 6
+    assert restored.draw(3, 0) == a and restored.labels_used == 8
     assert restored.rng.random() == online.rng.random()
     batch = online.batch(3, 0, pad_id=0)
     assert int(batch["n_pairs"]) == 5 and batch["response_ids"].shape[0] == 10
@@ -112,12 +119,20 @@ def test_rounds_buy_labelled_pairs_within_the_budget_and_change_the_update(
     task = get_task("sorting")
     for c, r in zip(o.buffer.rows[::2], o.buffer.rows[1::2]):
         assert c.prompt == r.prompt and c.label > r.label and c.step == r.step
+        assert c.response_ids != r.response_ids
         for row in (c, r):  # the annotator's label: gold + N(0, 0.1²) noise, rounded
             assert min(abs(row.label - task.gold_score(row.prompt, row.response, finished))
                        for finished in (True, False)) < 0.45
             assert row.label == round(row.label, 4)
     assert all(0.0 <= h["online/reward_acc_before"] <= 1.0 or h["online/pairs"] == 0
                for h in o.history)
+    # the implicit-reward accuracy: a pair and its swap sum to 1, a row against itself is 1/2
+    batch = online.online.batch(6, 0, online.tokenizer.pad_token_id)
+    n = int(batch.pop("n_pairs"))
+    pairs = [(i, n + i) for i in range(n)]
+    acc = online.implicit_accuracy(batch, pairs)
+    assert acc + online.implicit_accuracy(batch, [(r, c) for c, r in pairs]) == 1.0
+    assert online.implicit_accuracy(batch, [(0, 0), (1, 1)]) == 0.5
     summary = online.summary()["online"]
     assert summary["labels_used"] == 16 and summary["refreshes"] == 2
     assert summary["pairs"] == o.n_pairs and summary["model"] == "policy"
@@ -161,7 +176,8 @@ def test_a_failing_labeller_names_its_key_and_the_step(task_data, tokenizer_dir,
 def test_the_draws_differ_by_rank(monkeypatch):
     online = OnlinePairs(OnlineSettings(every=1, labels=4, batch_pairs=8,
                                         prompts_path="p.jsonl"), load_labeller("sorting"))
-    online.keep(_round([0.1, 0.9, 0.8, 0.2]), 1, {})
+    bought = _round([0.1, 0.9, 0.8, 0.2])
+    online.keep(bought, online.distinct(bought), 1, {})
     import dvpo_lightning.refresh.online as mod
 
     draws = {}

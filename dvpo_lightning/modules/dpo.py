@@ -253,7 +253,9 @@ class DPOModule(SingleModelStage):
     def buy_pairs(self, step: int) -> None:
         """Online DPO: the label round due after optimizer step ``step``, once, and its log:
         the policy's implicit-reward accuracy on the new pairs before it trains on them
-        (``online/reward_acc_before``) besides the round's entries."""
+        (``online/reward_acc_before``) besides the round's entries. Pairs of one answer twice
+        are not kept (:meth:`~dvpo_lightning.refresh.online.OnlinePairs.distinct`); their
+        labels are spent all the same."""
         if (self.online is None or not self.online.due(step)
                 or self.online.done_after(step)):
             return
@@ -264,19 +266,26 @@ class DPOModule(SingleModelStage):
                                    cfg=self.rollout.sampling)
         bought = self.online.buy(lambda ids, mask, seeds: sample(ids, mask, seeds=seeds),
                                  self.tokenizer, self.generator.end_ids, step, self.device)
-        acc = float("nan")
-        if bought.pairs:
-            rows = [i for pair in zip(*bought.pairs) for i in pair]  # chosen ones, then rejected
-            chosen_first = {k: v[rows] for k, v in bought.batch.items()}
-            with torch.no_grad():
-                _, stats = self.objective(*by_side(*self.pair_logps(chosen_first),
-                                                   len(bought.pairs)))
-            acc = float(stats["rewards/accuracies"])
+        pairs = self.online.distinct(bought)
+        acc = self.implicit_accuracy(bought.batch, pairs)
         self.model.train(was_training)
-        self.online.keep(bought, step, {"online/reward_acc_before": acc,
-                                        "online/seconds": phase_clock(self.device) - t0})
+        self.online.keep(bought, pairs, step, {"online/reward_acc_before": acc,
+                                               "online/seconds": phase_clock(self.device) - t0})
         self.log_dict({k: v for k, v in self.online.history[-1].items() if k != "step"},
                       batch_size=1)
+
+    @torch.no_grad()
+    def implicit_accuracy(self, batch: dict, pairs: list[tuple[int, int]]) -> float:
+        """The share of ``pairs`` ``(chosen row, rejected row)`` of ``batch`` (the shared
+        layout) whose chosen row has the larger implicit reward ``log π − log π_ref`` (summed
+        over the response; a tie counts one half); NaN without pairs."""
+        if not pairs:
+            return float("nan")
+        rows = [c for c, _ in pairs] + [r for _, r in pairs]
+        logp, ref_logp, _ = self.pair_logps({k: v[rows] for k, v in batch.items()})
+        reward = logp - ref_logp
+        chosen, rejected = reward[:len(pairs)], reward[len(pairs):]
+        return float(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean())
 
     # ------------------------------------------------------------------ evaluation
     @functools.cached_property

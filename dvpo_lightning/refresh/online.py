@@ -3,9 +3,10 @@ during the run, bought by the same label rounds as a GVM refresh (docs/semi-onli
 
 Every ``online.every`` optimizer steps a round (:class:`~dvpo_lightning.refresh.rounds.
 LabelRounds`) samples two responses of the current policy to fresh prompts and has them
-labelled; each prompt whose two labels differ becomes a pair, the better-labelled response
-chosen. From then on every training batch gets ``online.batch_pairs`` of the pairs bought so far
-besides the pairs of the data file. With ``online.every: 0`` nothing here runs: offline DPO.
+labelled; each prompt whose two labels differ and whose two answers differ becomes a pair, the
+better-labelled answer chosen. From then on every training batch gets ``online.batch_pairs``
+of the pairs bought so far besides the pairs of the data file. With ``online.every: 0``
+nothing here runs: offline DPO.
 """
 
 from __future__ import annotations
@@ -38,12 +39,21 @@ class OnlinePairs(LabelRounds):
         """Pairs bought so far (ties are not pairs)."""
         return len(self.buffer) // 2
 
-    def keep(self, bought: Round, step: int, log: dict[str, float]) -> None:
-        """Keep a round's pairs (chosen row, then rejected row), spend its labels, record
-        ``log`` (the round's entries and the caller's) as the round's history."""
-        self.buffer.add([bought.rows[i] for pair in bought.pairs for i in pair])
+    @staticmethod
+    def distinct(bought: Round) -> list[tuple[int, int]]:
+        """The round's pairs whose two answers differ: a pair of one answer twice, told apart
+        by the annotator's noise alone, has no gradient in the DPO loss and teaches nothing."""
+        rows = bought.rows
+        return [(c, r) for c, r in bought.pairs if rows[c].response_ids != rows[r].response_ids]
+
+    def keep(self, bought: Round, pairs: list[tuple[int, int]], step: int,
+             log: dict[str, float]) -> None:
+        """Keep ``pairs`` of a round (chosen row, then rejected row), spend all its labels,
+        record ``log`` (the round's entries and the caller's) as the round's history."""
+        self.buffer.add([bought.rows[i] for pair in pairs for i in pair])
         self.labels_used += bought.labels
         self.history.append({"step": float(step), **bought.log("online", self.labels_used),
+                             "online/pairs_identical": float(len(bought.pairs) - len(pairs)),
                              "online/pairs_kept": float(self.n_pairs), **log})
 
     def done_after(self, step: int) -> bool:
