@@ -74,6 +74,8 @@ def classify(path: Path) -> str | None:
             "class_path" not in doc["model"]):
         if set(doc["model"].get("init_args", {})) == {"refresh"}:
             return "refresh"  # an add-on: a second --config turning the refresh on
+        if set(doc["model"].get("init_args", {})) == {"online"}:
+            return "online"  # an add-on: a second --config turning online DPO on
         return "engine"  # an add-on: a second --config setting the RL module's rollout engine
     if isinstance(doc.get("model"), dict):  # (an instruct data config names a model path)
         return "cli"
@@ -296,6 +298,25 @@ def test_pipeline_overrides_parse(config, args, capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--config", str(REPO / config), *args, "--print_config"])
     assert e.value.code in (0, None), capsys.readouterr().err[-2000:]
+
+
+@pytest.mark.parametrize("path", configs_of("online"))
+def test_online_configs_add_to_dpo(path, capsys):
+    """``configs/online_dpo.yaml`` merges with DPO's config: the rounds are on, DPO's own
+    settings stay (parsed only; tests/test_online_dpo.py runs the rounds)."""
+    from dvpo_lightning.commands.fit import main
+
+    want = load(path)["model"]["init_args"]["online"]
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--config", str(CONFIG_DIR / "dpo.yaml"), "--config", str(path),
+              "--print_config"])
+    assert e.value.code in (0, None), capsys.readouterr().err[-2000:]
+    init = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert want.items() <= init["online"].items() and want["every"] > 0
+    own = load(CONFIG_DIR / "dpo.yaml")["model"]["init_args"]
+    for group in ("dpo", "optim", "rollout"):
+        assert own[group].items() <= init[group].items(), group
+    assert Path(want["prompts_path"]).name == "rl_prompts.jsonl"
 
 
 @pytest.mark.parametrize("path", configs_of("strategy"))

@@ -20,7 +20,7 @@ from dvpo_lightning.refresh import (
     RewardObjective,
     load_labeller,
 )
-from dvpo_lightning.refresh.refresher import _pairs
+from dvpo_lightning.refresh.rounds import _pairs
 from dvpo_lightning.refresh.setup import make_refresher
 from dvpo_lightning.tasks import get_task
 

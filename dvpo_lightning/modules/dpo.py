@@ -29,6 +29,8 @@ from dvpo_lightning.modules.optim import OptimSettings
 from dvpo_lightning.modules.stage import SingleModelStage
 from dvpo_lightning.ops.dpo import DPO_LOSSES, dpo_loss
 from dvpo_lightning.ops.sampling import LogitTransform
+from dvpo_lightning.refresh.settings import OnlineSettings
+from dvpo_lightning.refresh.setup import make_online, online_prompts
 from dvpo_lightning.rollout.end_tokens import end_token_ids
 from dvpo_lightning.rollout.evaluation import EvalRows, HeldOutEvaluator
 from dvpo_lightning.rollout.generation import HFGenerator
@@ -37,6 +39,7 @@ from dvpo_lightning.rollout.settings import RolloutSettings
 from dvpo_lightning.runtime.checkpointing import drop_reloaded, reloaded_weights, restore_reloaded
 from dvpo_lightning.runtime.deepspeed import casts_every_parameter
 from dvpo_lightning.runtime.log_steps import logs_this_step
+from dvpo_lightning.runtime.timing import phase_clock
 from dvpo_lightning.tasks.judges import load_judge
 
 
@@ -128,7 +131,11 @@ class DPOModule(SingleModelStage):
             runs' key.
         rollout: how held-out answers are sampled (``max_new_tokens``, ``temperature``,
             ``top_p``, ``top_k``, ``eval_greedy``, ``score_batch_size``): the RL runs' key, so
-            one override evaluates every method alike. DPO samples nothing to train.
+            one override evaluates every method alike; with ``online`` on, the training
+            sampler's settings also sample the responses a round labels.
+        online: online (iterative) DPO: pairs of the policy's own responses labelled during
+            the run join the training batches (:mod:`~dvpo_lightning.refresh.online`); off
+            (``every: 0``) by default.
     """
 
     STEP_UNIT = "step"  # val_check_interval and max_steps count optimizer steps
@@ -137,11 +144,13 @@ class DPOModule(SingleModelStage):
                  dpo: DPOSettings = DPOSettings(),
                  optim: OptimSettings = OptimSettings(lr=1e-6, warmup_steps=10),
                  export_dir: str | None = None, models: ModelOptions = ModelOptions(),
-                 rollout: RolloutSettings = RolloutSettings()) -> None:
+                 rollout: RolloutSettings = RolloutSettings(),
+                 online: OnlineSettings = OnlineSettings()) -> None:
         super().__init__()
         self.save_hyperparameters()
         check_dpo_options(models, rollout)
         self.judge = load_judge(judge) if judge else None  # (before the models load)
+        self.online = make_online(online)  # (None: offline DPO)
         self.tokenizer = load_tokenizer(tokenizer or policy)
         check_compatible(self.tokenizer, policy, "policy")
         attn = models.attn_implementation
@@ -182,7 +191,10 @@ class DPOModule(SingleModelStage):
             if line:
                 rank_zero_info(line)
         dm = self.trainer.datamodule
-        if getattr(dm, "eval_path", None) or getattr(dm, "test_path", None):
+        if self.online is not None:
+            self.online.attach_prompts(online_prompts(self.online, dm))
+        if (getattr(dm, "eval_path", None) or getattr(dm, "test_path", None)
+                or self.online is not None):
             check_fits_context(dm.max_prompt_length + self.rollout.max_new_tokens,
                                self.model.config,
                                "data.init_args.max_prompt_length + "
@@ -218,8 +230,19 @@ class DPOModule(SingleModelStage):
                         len_c, len_r)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
+        step = self.global_step
+        self.buy_pairs(step)  # (before this step's update: a checkpoint never holds half a round)
         loss, stats = self(batch)
         n = int(batch["n_pairs"])
+        bought = (self.online.batch(step, batch_idx, self.tokenizer.pad_token_id)
+                  if self.online is not None else None)
+        if bought is not None:  # online DPO: the mean loss over both sets of pairs
+            m = int(bought["n_pairs"])
+            online_loss, online_stats = self(bought)
+            loss = (n * loss + m * online_loss) / (n + m)
+            self.log_dict({"train/online/loss": online_loss,
+                           "train/online/accuracy": online_stats["rewards/accuracies"]},
+                          batch_size=m)
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         if logs_this_step(self.trainer):
             self.log_dict({f"train/{k}": v for k, v in stats.items()}, batch_size=n)
@@ -227,15 +250,57 @@ class DPOModule(SingleModelStage):
         return {"loss": loss, "margin": float(stats["rewards/margins"]),
                 "accuracy": float(stats["rewards/accuracies"])}
 
+    def buy_pairs(self, step: int) -> None:
+        """Online DPO: the label round due after optimizer step ``step``, once, and its log:
+        the policy's implicit-reward accuracy on the new pairs before it trains on them
+        (``online/reward_acc_before``) besides the round's entries. Pairs of one answer twice
+        are not kept (:meth:`~dvpo_lightning.refresh.online.OnlinePairs.distinct`); their
+        labels are spent all the same."""
+        if (self.online is None or not self.online.due(step)
+                or self.online.done_after(step)):
+            return
+        t0 = phase_clock(self.device)
+        was_training = self.model.training
+        self.model.eval()  # (as the held-out sampler: no dropout)
+        sample = functools.partial(self.generator.generate, self.model,
+                                   cfg=self.rollout.sampling)
+        bought = self.online.buy(lambda ids, mask, seeds: sample(ids, mask, seeds=seeds),
+                                 self.tokenizer, self.generator.end_ids, step, self.device)
+        pairs = self.online.distinct(bought)
+        acc = self.implicit_accuracy(bought.batch, pairs)
+        self.model.train(was_training)
+        self.online.keep(bought, pairs, step, {"online/reward_acc_before": acc,
+                                               "online/seconds": phase_clock(self.device) - t0})
+        self.log_dict({k: v for k, v in self.online.history[-1].items() if k != "step"},
+                      batch_size=1)
+
+    @torch.no_grad()
+    def implicit_accuracy(self, batch: dict, pairs: list[tuple[int, int]]) -> float:
+        """The share of ``pairs`` ``(chosen row, rejected row)`` of ``batch`` (the shared
+        layout) whose chosen row has the larger implicit reward ``log π − log π_ref`` (summed
+        over the response; a tie counts one half); NaN without pairs."""
+        if not pairs:
+            return float("nan")
+        rows = [c for c, _ in pairs] + [r for _, r in pairs]
+        logp, ref_logp, _ = self.pair_logps({k: v[rows] for k, v in batch.items()})
+        reward = logp - ref_logp
+        chosen, rejected = reward[:len(pairs)], reward[len(pairs):]
+        return float(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean())
+
     # ------------------------------------------------------------------ evaluation
+    @functools.cached_property
+    def generator(self) -> HFGenerator:
+        """``generate`` with the policy's end tokens: the held-out answers and online DPO's."""
+        return HFGenerator(end_token_ids(self.tokenizer, self.model),
+                           self.tokenizer.pad_token_id)
+
     @functools.cached_property
     def evaluator(self) -> HeldOutEvaluator:
         """The RL runs' held-out evaluation: ``generate``, the judge, the KL to
         the reference."""
         tok = self.tokenizer
         return HeldOutEvaluator(
-            HFGenerator(end_token_ids(tok, self.model), tok.pad_token_id),
-            self.rollout.eval_sampling, tok,
+            self.generator, self.rollout.eval_sampling, tok,
             self.judge, self.reference_logps, None, self.rollout.score_batch_size,
             self.model_options.fused_head, eval_seed=self.rollout.eval_seed,
             samples=self.rollout.eval_samples)
@@ -307,6 +372,8 @@ class DPOModule(SingleModelStage):
         checkpoint["dpo_state"] = {"pair_history": self.pair_history,
                                    "frozen_identity": self.frozen_identity,
                                    **self.heldout.state_dict()}  # (evals, rng)
+        if self.online is not None:  # (the pairs bought, the rounds' stream and history)
+            checkpoint["dpo_state"]["online"] = self.online.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         restore_reloaded(checkpoint, reloaded_weights(self, ""))
@@ -314,6 +381,8 @@ class DPOModule(SingleModelStage):
         check_same_models(state.get("frozen_identity", {}), self.frozen_identity)
         self.heldout.load_state_dict(state)
         self.pair_history = state.get("pair_history", [])
+        if self.online is not None and "online" in state:
+            self.online.load_state_dict(state["online"])
 
     # ------------------------------------------------------------------ summary and export
     def summary(self) -> dict:
@@ -323,7 +392,8 @@ class DPOModule(SingleModelStage):
                 "rl_steps": int(self.global_step), "policy_updates": int(self.global_step),
                 "kl_coef": self.settings.beta, **self.heldout.summary(),
                 "pair_eval": self.pair_history[-1] if self.pair_history else None,
-                "pair_history": self.pair_history}
+                "pair_history": self.pair_history,
+                **({"online": self.online.summary()} if self.online is not None else {})}
 
     def summary_tables(self) -> dict[str, tuple[list[str], list[list]]]:
         tables = self.heldout.tables()

@@ -62,26 +62,30 @@ class Labeller:
         fn: ``(prompt, response[, finished]) ↦ score``.
         takes_finished: ``fn`` accepts ``finished``.
         noise: the standard deviation of the Gaussian noise added to every score.
+        key: the config key that named it, for errors.
+        round_name: what a label round is called in errors, ``{step}`` standing for its step.
     """
 
     name: str
     fn: ScoreFn
     takes_finished: bool
     noise: float
+    key: str = KEY
+    round_name: str = "the refresh after RL step {step}"
 
     def label(self, prompts: Sequence, responses: Sequence[str], finished: Sequence[bool],
               step: int, z: Sequence[float]) -> list[float]:
         """One label per response: the score plus ``noise · z[row]`` (``z``: standard-normal
         draws, one per row), rounded to 4 places as the embedded data's scores are.
-        ``step``: the RL step the refresh follows, for the error."""
-        fix = (f"Fix the labeller {self.name!r} ({KEY}) so that it returns a finite number for "
-               "every (prompt, response), then resume the run from its last checkpoint "
-               "(--ckpt_path last): the labels bought before this refresh are in it")
+        ``step``: the training step the round follows, for the error."""
+        fix = (f"Fix the labeller {self.name!r} ({self.key}) so that it returns a finite number "
+               "for every (prompt, response), then resume the run from its last checkpoint "
+               "(--ckpt_path last): the labels bought before this round are in it")
         out = []
         for row, (p, r, f, zr) in enumerate(zip(prompts, responses, finished, z, strict=True)):
             value = checked_score(self.fn, self.takes_finished, p, r, f,
                                   f"the labeller {self.name!r}",
-                                  f"on row {row} of the refresh after RL step {step}",
+                                  f"on row {row} of {self.round_name.format(step=step)}",
                                   "a labeller", fix, LabellerError)
             out.append(round(value + zr * self.noise, 4) if self.noise else value)
         return out
@@ -91,9 +95,11 @@ class LabellerError(ValueError):
     """A labeller failed or returned something that is not a label."""
 
 
-def load_labeller(spec: str, noise: float | None = None) -> Labeller:
-    """The labeller a config names (see the module docstring); ``noise`` None: its default
-    (0 for a callable path). One ValueError naming the key and the fix for anything else."""
-    fn = resolve_scorer(spec, KEY, LABELLERS, "labeller")
+def load_labeller(spec: str, noise: float | None = None, key: str = KEY,
+                  round_name: str = Labeller.round_name) -> Labeller:
+    """The labeller a config names at ``key`` (see the module docstring); ``noise`` None: its
+    default (0 for a callable path); ``round_name``: :class:`Labeller`'s. One ValueError
+    naming the key and the fix for anything else."""
+    fn = resolve_scorer(spec, key, LABELLERS, "labeller")
     chosen = DEFAULT_NOISE.get(spec, 0.0) if noise is None else noise
-    return Labeller(spec, fn, takes_finished(fn), chosen)
+    return Labeller(spec, fn, takes_finished(fn), chosen, key, round_name)

@@ -11,11 +11,12 @@ from torch import nn
 from dvpo_lightning.data.formats import load_examples
 from dvpo_lightning.data.prompts import load_prompts
 from dvpo_lightning.data.rollout import encode_prompts
-from dvpo_lightning.data.tokenize import encode_prompt, encode_response
+from dvpo_lightning.data.tokenize import LengthReport, encode_prompt, encode_response
 from dvpo_lightning.refresh.labellers import load_labeller
 from dvpo_lightning.refresh.objectives import GVMObjective, RewardObjective
+from dvpo_lightning.refresh.online import OnlinePairs
 from dvpo_lightning.refresh.refresher import Prompt, Refresher
-from dvpo_lightning.refresh.settings import RefreshSettings
+from dvpo_lightning.refresh.settings import OnlineSettings, RefreshSettings
 from dvpo_lightning.rollout.experience import Need
 
 KEY = "model.init_args.refresh"
@@ -47,6 +48,26 @@ def make_refresher(settings: RefreshSettings, needs: frozenset[Need], estimator:
     if settings.replay:
         load_examples(settings.replay_path, objective.replay_kind)
     return Refresher(settings, labeller, objective)
+
+
+def make_online(settings: OnlineSettings) -> OnlinePairs | None:
+    """Online DPO's label rounds (None with ``online.every: 0``), after checking — before any
+    model loads — that the labeller resolves and the prompt file reads."""
+    if not settings.on:
+        return None
+    labeller = load_labeller(settings.labeller, settings.noise, f"{settings.KEY}.labeller",
+                             "the online DPO round after step {step}")
+    load_prompts(settings.prompts_path)
+    return OnlinePairs(settings, labeller)
+
+
+def online_prompts(online: OnlinePairs, dm) -> list[Prompt]:
+    """``online.prompts_path`` tokenised as DPO's held-out prompts are (a prompt longer than
+    ``data.init_args.max_prompt_length`` keeps its last tokens)."""
+    path = online.settings.prompts_path
+    report = LengthReport(path, dm.max_prompt_length, "truncate")
+    dm.length_reports.append(report)
+    return encode_prompts(dm, dm.load_prompts(path), path, report, dm.max_prompt_length)
 
 
 def refresh_inputs(refresher: Refresher, dm, tokenizer, longest: int,

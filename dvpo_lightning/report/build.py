@@ -201,7 +201,14 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
                    "annotator's noise): before the refresh, the drift it corrects; after, "
                    "what it bought on those same samples (a training-set accuracy: the "
                    "value-model table's held-out rows are the test). s / refresh: sampling, "
-                   "labelling and fine-tuning together.",
+                   "labelling and fine-tuning together. Online DPO (a round per 'refresh'): "
+                   "before is the policy's implicit-reward accuracy (log π − log π_ref, ties "
+                   "½) on the round's pairs of two different answers, before it trains on "
+                   "them; nothing is refreshed, so no after, and its s / round is sampling, "
+                   "labelling and that measurement (the bought pairs' extra compute in each "
+                   "training batch is in the cost table's training time). 'With − without': "
+                   "the paired gold difference against the same method without new labels, "
+                   "Holm-adjusted with the report's family.",
         "convergence": "Held-out evaluations happen every trainer.val_check_interval steps, "
                        "so a count here is a multiple of that interval; policy updates are "
                        "optimizer steps (an RL step makes several, a DPO step one).",

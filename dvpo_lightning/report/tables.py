@@ -223,38 +223,53 @@ REFRESH_COLUMNS = [("labels_used", "labels used"), ("refreshes", "refreshes"),
                    ("refresh_share", "share of training time")]
 
 
+def _rounds(summary: dict) -> tuple[dict, str, str, str | None] | None:
+    """A run's label rounds: ``(their summary, log prefix, the "before" accuracy's key, the
+    "after" one's or None)``: a refresh of a frozen model (``refresh``), or online DPO's
+    rounds (``online``: the policy's implicit-reward accuracy on the new pairs before it
+    trains on them); None for a run that bought no labels."""
+    if summary.get("refresh"):
+        return (summary["refresh"], "refresh", "refresh/pair_acc_before",
+                "refresh/pair_acc_after")
+    if summary.get("online"):
+        return summary["online"], "online", "online/reward_acc_before", None
+    return None
+
+
 def refresh_table(runs: list[Run], against: dict[str, str] | None = None) -> dict | None:
-    """The refreshes of each method whose runs refreshed a frozen model (their summary has
-    ``refresh``: semi-online DVPO's GVM, PPO's reward model): labels bought, refreshes, the
-    model's pair accuracy on each refresh's newly labelled samples before (the drift it
-    corrects) and after (what it bought), averaged over a run's refreshes, and the refresh's
-    seconds. ``against``: ``{method: the same method frozen}``; each such row also gets the
-    paired difference of the held-out gold reward, refreshed − frozen (its p joins the
-    report's Holm family). None when no run refreshed."""
+    """The label rounds of each method whose runs bought labels during training: a refreshed
+    frozen model (semi-online DVPO's GVM, PPO's reward model: their summary's ``refresh``) or
+    online DPO's pairs (``online``): labels bought, rounds, the model's pair accuracy on each
+    round's newly labelled samples before (the drift it corrects) and after a refresh (what it
+    bought), averaged over a run's rounds, and the rounds' seconds. ``against``: ``{method:
+    the same method without new labels}``; each such row also gets the paired difference of
+    the held-out gold reward, with − without (its p joins the report's Holm family). None when
+    no run bought labels."""
     rows, groups = {}, by_method(runs)
     for method, rs in groups.items():
-        if not all(r.summary.get("refresh") for r in rs):
+        found = [_rounds(r.summary) for r in rs]
+        if not all(found):
             continue
+        hs, prefix, before_key, after_key = [f[0] for f in found], *found[0][1:]
 
-        def per_run(key: str) -> list[float]:
+        def per_run(key: str | None) -> list[float]:
             out = []
-            for r in rs:
-                vals = [h[key] for h in r.summary["refresh"]["history"] if h[key] == h[key]]
+            for x in hs if key else []:
+                vals = [h[key] for h in x["history"] if h[key] == h[key]]
                 if vals:
                     out.append(sum(vals) / len(vals))
             return out
 
-        hs = [r.summary["refresh"] for r in rs]
-        before, after = per_run("refresh/pair_acc_before"), per_run("refresh/pair_acc_after")
-        seconds = [sum(h["refresh/seconds"] for h in x["history"]) for x in hs]
+        before, after = per_run(before_key), per_run(after_key)
+        seconds = [sum(h[f"{prefix}/seconds"] for h in x["history"]) for x in hs]
         train = [r.summary.get("cost", {}).get("train_s") for r in rs]
         rows[method] = {
             "labels_used": mean_std([x["labels_used"] for x in hs]),
             "refreshes": mean_std([x["refreshes"] for x in hs]),
-            "acc_before": mean_std(before), "acc_after": mean_std(after),
+            "acc_before": mean_std(before), "acc_after": mean_std(after) if after else None,
             "acc_bought": mean_std([a - b for a, b in zip(after, before)])
-            if len(after) == len(before) else None,
-            "refresh_s": mean_std(per_run("refresh/seconds")),
+            if after and len(after) == len(before) else None,
+            "refresh_s": mean_std(per_run(f"{prefix}/seconds")),
             "refresh_share": mean_std([s / t for s, t in zip(seconds, train) if t])
             if all(train) else None}
         frozen = (against or {}).get(method)
@@ -267,9 +282,10 @@ def refresh_table(runs: list[Run], against: dict[str, str] | None = None) -> dic
         return None
     columns = list(REFRESH_COLUMNS)
     if any("gold_vs_frozen" in row for row in rows.values()):
-        columns += [("frozen", "frozen run"), ("gold_vs_frozen", "gold, refreshed − frozen"),
+        columns += [("frozen", "without new labels"), ("gold_vs_frozen", "gold, with − without"),
                     ("gold_vs_frozen_p", "p"), ("gold_vs_frozen_p_holm", "p (Holm)")]
-    return {"title": "Refreshed from new labels: the GVM (semi-online DVPO) or the reward model",
+    return {"title": "New labels during training: the GVM refreshed (semi-online DVPO), the "
+                     "reward model refreshed (PPO), the policy's own pairs (online DPO)",
             "columns": columns,
             "rows": rows, "interval": "ci95"}
 
