@@ -77,7 +77,9 @@ def report(tmp_path_factory):
     chosen = {"dvpo": {"name": "dvpo@lr=0.0003", "point": {"lr": 3e-4}}}
     out = root / "report"
     build_report(runs, out=str(out), wandb=False, examples=0, compare=None, baseline=None,
-                 fair={"reference": "dvpo", "cells": CELLS, "long": ["dvpo_long"]},
+                 fair={"reference": "dvpo", "cells": CELLS, "long": ["dvpo_long"],
+                       "against": {"dvpo_gvm_pairs": "dvpo", "ppo_rm_scores": "ppo",
+                                   "absent": "dvpo"}},
                  variants=variants, tuning_runs=tuning_runs,
                  tuning_choice={"points": points, "chosen": chosen})
     return out, json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
@@ -94,6 +96,23 @@ def test_matched_kl_reads_the_test_evaluation_and_pairs_by_seed(report):
         assert "p_holm" in diff
     assert doc["tables"]["frontier"]["rows"]["dvpo (β 0.05)"]["kl"]["n"] == 3
     assert "Gold reward at matched KL" in md and "p (Holm)" in md
+
+
+def test_each_method_against_its_counterpart_at_matched_kl(report):
+    """``fair.against``: method − counterpart at matched KL is the built-in offset difference,
+    every seed (dvpo_gvm_pairs .06 − dvpo .10; ppo_rm_scores .04 − ppo 0); a method without
+    runs has no row."""
+    _, doc, md = report
+    rows = doc["tables"]["matched_kl_against"]["rows"]
+    assert list(rows) == ["dvpo_gvm_pairs", "ppo_rm_scores"]
+    for method, against, want in (("dvpo_gvm_pairs", "dvpo", -0.04),
+                                  ("ppo_rm_scores", "ppo", 0.04)):
+        assert rows[method]["against"]["text"] == against
+        for i in range(3):
+            diff = rows[method][f"diff_{i}"]
+            assert diff["mean"] == pytest.approx(want) and diff["n"] == 3
+            assert "p_holm" in diff  # (joins the report's Holm family)
+    assert "each method against its counterpart" in md
 
 
 def test_beta_is_chosen_on_validation_not_test(report):

@@ -81,7 +81,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
         reference: what the runs started from, in labels (``SFT``; ``instruct model``).
         fair: the fair study's sections (:func:`~dvpo_lightning.report.fair.fair_sections`):
             ``{"reference": method, "cells": {value_scores, value_pairs, reward_scores,
-            reward_pairs: method}, "long": [method, …]}``; with ``variants`` only.
+            reward_pairs: method}, "long": [method, …], "against": {method: counterpart}}``;
+            with ``variants`` only.
         variants: ``{run name: {"method", "point"}}`` of a gridded study (the pipeline
             passes it).
         tuning_runs: ``{tuning point: {seed: artifact}}`` (the pipeline passes it).
@@ -135,7 +136,8 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
 
         fair_tables, fair_notes, fair_files = fair_sections(
             loaded, variants, out_dir, fair.get("reference", compare or "dvpo"),
-            fair.get("cells"), fair.get("long"), tuning_runs, tuning_choice)
+            fair.get("cells"), fair.get("long"), tuning_runs, tuning_choice,
+            against=fair.get("against"))
         result.update(fair_tables)
     result = {k: v for k, v in result.items() if v is not None}
     family = tables.adjust_p_values(result)  # Holm over every paired comparison above

@@ -49,6 +49,37 @@ def pairwise_matched_kl(points: list, reference: str, n_levels: int = 3) -> dict
             "columns": columns, "rows": rows, "interval": "ci95"}
 
 
+def against_at_matched_kl(points: list, against: dict[str, str], n_levels: int = 3
+                          ) -> dict | None:
+    """Each method of ``against`` (``{method: the same method with one thing changed, e.g.
+    without new labels}``) against its counterpart alone, at ``n_levels`` KL levels inside the
+    range both cover on every seed: ``method − counterpart`` paired by seed, a report table
+    (None when no pair has runs)."""
+    names = ("low", "middle", "high") if n_levels == 3 else tuple(map(str, range(n_levels)))
+    columns = [("against", "against"), ("levels", "KL levels")]
+    for i, name in enumerate(names):
+        columns += [(f"diff_{i}", f"method − against, {name}"), (f"diff_{i}_p_holm", "p (Holm)")]
+    rows = {}
+    have = {p.method for p in points}
+    for m, other in against.items():
+        if m not in have or other not in have:
+            continue
+        pair = [p for p in points if p.method in (m, other)]
+        row = {"against": {"text": other}}
+        span = frontier.common_kl_range(pair)
+        if span is None:
+            rows[m] = {**row, "levels": {"text": "—"}}
+            continue
+        levels = frontier.kl_levels(*span, n_levels)
+        result = frontier.matched_kl(pair, levels, reference=m)  # (paired: m − other)
+        rows[m] = {**row, "levels": {"text": ", ".join(f"{lv:.2f}" for lv in levels)},
+                   **{f"diff_{i}": d for i, d in enumerate(result["paired"][other])}}
+    if not rows:
+        return None
+    return {"title": "Gold reward at matched KL, each method against its counterpart",
+            "columns": columns, "rows": rows, "interval": "ci95"}
+
+
 def _add_two_by_two(tables_: dict, notes: dict, result: dict, cells: dict[str, str],
                     levels: list[float]) -> None:
     """The 2 × 2 at the middle of ``levels`` (``result``: :func:`frontier.matched_kl` at
@@ -100,7 +131,8 @@ def two_by_two_table(per_seed: dict[str, dict[int, float]], cells: dict[str, str
 def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
                   reference: str = "dvpo", cells: dict[str, str] | None = None,
                   long: list[str] | None = None, tuning_runs: dict | None = None,
-                  tuning_choice: dict | None = None, n_levels: int = 3) -> tuple[
+                  tuning_choice: dict | None = None, n_levels: int = 3,
+                  against: dict[str, str] | None = None) -> tuple[
                       dict[str, dict], dict[str, str], list[Path]]:
     """``(tables, notes, files)`` of the fair study.
 
@@ -114,6 +146,8 @@ def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
         tuning_runs: ``{point name: {seed: artifact}}`` of the tuning runs.
         tuning_choice: ``{"points": variants, "chosen": …}`` of the tuning.
         n_levels: matched KL levels.
+        against: ``{method: its counterpart}``: each also compared with its counterpart alone
+            at matched KL (:func:`against_at_matched_kl`); None: no such table.
     """
     tables_, notes, files = {}, {}, []
     if tuning_runs and tuning_choice:
@@ -139,6 +173,15 @@ def fair_sections(runs: list[Run], variants: dict[str, dict], out_dir: Path,
             "The same runs at their last validation (the validation prompts, never the test "
             "prompts): per method the β with the best mean validation gold over the seeds is "
             "marked, the rule the default study's configs took their β by.")
+        if against:
+            table = against_at_matched_kl(points, against, n_levels)
+            if table:
+                tables_["matched_kl_against"] = table
+                notes["matched_kl_against"] = (
+                    f"Per pair, {n_levels} KL levels inside the range every seed of both "
+                    "covers (low, middle, high; log-spaced), gold read off each curve over β, "
+                    "linear in log KL, never extrapolated; method − against paired by seed. "
+                    "— : the two share no KL range.")
         span = frontier.common_kl_range(points)
         if span is None:
             notes["frontier"] += (" The methods' KL ranges share no interval: no KL level can "
