@@ -262,10 +262,12 @@ class DPOModule(SingleModelStage):
         t0 = phase_clock(self.device)
         was_training = self.model.training
         self.model.eval()  # (as the held-out sampler: no dropout)
-        sample = functools.partial(self.generator.generate, self.model,
-                                   cfg=self.rollout.sampling)
-        bought = self.online.buy(lambda ids, mask, seeds: sample(ids, mask, seeds=seeds),
-                                 self.tokenizer, self.generator.end_ids, step, self.device)
+        def sample(ids: Tensor, mask: Tensor, seeds: list[int]):
+            return self.generator.generate(self.model, ids, mask, self.rollout.sampling,
+                                           seeds=seeds)
+
+        bought = self.online.buy(sample, self.tokenizer, self.generator.end_ids, step,
+                                 self.device)
         pairs = self.online.distinct(bought)
         acc = self.implicit_accuracy(bought.batch, pairs)
         self.model.train(was_training)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 
 from dvpo_lightning.data.pairwise import collate_pairs
-from dvpo_lightning.refresh.labellers import Labeller
 from dvpo_lightning.refresh.rounds import LabelRounds, Round
 from dvpo_lightning.refresh.settings import OnlineSettings
 from dvpo_lightning.runtime.distributed import rank_and_world
@@ -30,9 +29,6 @@ class OnlinePairs(LabelRounds):
     """
 
     settings: OnlineSettings
-
-    def __init__(self, settings: OnlineSettings, labeller: Labeller) -> None:
-        super().__init__(settings, labeller)
 
     @property
     def n_pairs(self) -> int:
