@@ -33,6 +33,7 @@ Sampler = Callable[[Tensor, Tensor, Sequence[int]], Samples]
 """``(prompt_ids, prompt_mask, seeds) ↦ samples`` of the current policy (the rollout's engine
 and sampling settings; row ``r`` drawn from ``seeds[r]`` alone)."""
 
+
 @dataclass
 class Round:
     """What one label round bought, every rank's rows in draw order.
