@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_pipeline_e2e import QUIET, write_study
 
 from dvpo_lightning.commands.pipeline import run_pipeline, run_pipeline_file
+from dvpo_lightning.report.build import CACHE
 from dvpo_lightning.report.stats import holm, paired_t_p, t975
 from dvpo_lightning.runtime.artifacts import ARTIFACT_FILE
 
@@ -198,14 +199,26 @@ def test_a_rerun_reuses_everything_and_a_new_variant_reruns_only_itself(study):
 
 def test_two_workers_give_the_same_numbers(study, tmp_path, monkeypatch):
     """``workers: 2`` runs the stages in two spawned processes as soon as what they read is
-    done; at the same thread count every artifact and evaluation equals the serial run's."""
+    done; at the same thread count every artifact and evaluation equals the serial run's, and
+    the report's value-model accuracies, measured by the workers as each model appeared
+    (:mod:`~dvpo_lightning.commands.pipeline_prefetch`), equal the serial report's own."""
     root, path, _ = study
     spec = yaml.safe_load(path.read_text())
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))  # as this process
     (tmp_path / "data.yaml").write_text((root / "data.yaml").read_text())
-    out = run_pipeline(**{**spec, "workers": 2, "in_process": True, "skip_report": True})
+    out = run_pipeline(**{**spec, "workers": 2, "in_process": True})
     assert all(v["status"] == "ran" for k, v in out.items() if k != "data")
+    report = "runs/sorting/report/report.json"
+    serial, parallel = (json.loads((r / report).read_text())["value_model_accuracy"]
+                        for r in (root, tmp_path))
+    assert parallel == serial
+    # one measurement per value model (stage 1's GVMs and reward models, the PPO runs'
+    # critics), each made by a worker: the report found them all and measured none again
+    models = sum(len(v) for v in parallel["in_distribution"].values())
+    assert models == 4 * len(SEEDS)  # GVM, reward model, the critics of ppo and ppo_gvm_critic
+    cached = list((tmp_path / "runs/sorting/report" / CACHE).glob("*.json"))
+    assert len(cached) == models
     for name in ("sft", "reward_model", "gvm", "gvm_half"):
         for k in SEEDS:
             rel = f"runs/sorting/{name}/seed{k}/model/model.safetensors"

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from dvpo_lightning.commands.pipeline_grid import Variant, expand
+from dvpo_lightning.commands.pipeline_prefetch import Prefetch
 from dvpo_lightning.commands.pipeline_spec import (
     SEED_SCOPES,
     STAMP,
@@ -298,41 +299,61 @@ def _work(stage: Stage, h: str, force: bool) -> dict:
     return out[stage.name]
 
 
-def run_parallel(jobs: list[Job], workers: int, force: bool, done: dict[str, dict]) -> None:
+def run_parallel(jobs: list[Job], workers: int, force: bool, done: dict[str, dict],
+                 prefetch: Prefetch | None = None) -> None:
     """Run ``jobs`` on ``workers`` worker processes, each job once the jobs it reads are done.
 
     Tiny models use two CPU threads poorly (a DVPO run: 14.5 s on one thread, 12.3 s on two),
     so two one-thread workers finish a study's independent stages (the seeds' chains, the
     methods of a seed) in about 60 % of the time. Every stage seeds itself and reads only its
     inputs, so the order in which they run changes no number. Among the ready jobs, stage 1
-    goes first (it gates the methods), then file order. A failed stage stops the pipeline
+    goes first (it gates the methods), then file order; a worker that no ready stage needs
+    measures a finished value model for the report (``prefetch``,
+    :mod:`~dvpo_lightning.commands.pipeline_prefetch`). A failed stage stops the pipeline
     after the running ones finish. Workers are spawned fresh (no state from this process);
     each has ``OMP_NUM_THREADS`` threads when that is set, else cores ÷ workers.
     """
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    from dvpo_lightning.commands.pipeline_prefetch import measure
+
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // workers))
     finished = {j.stage.name for j in jobs if not j.selected}  # --only: assumed to exist
+    made = {j.stage.artifact for j in jobs if not j.selected}
     pending = [j for j in jobs if j.selected]
-    running = {}
+    running: dict = {}
+    measuring: dict = {}  # future → value-model directory
+    queue: list[str] = []
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
-        while pending or running:
+        while pending or running or queue or measuring:
             ready = sorted((j for j in pending if set(j.deps) <= finished),
                            key=lambda j: (j.method, pending.index(j)))
-            for job in ready[:workers - len(running)]:
+            for job in ready[:workers - len(running) - len(measuring)]:
                 pending.remove(job)
                 running[pool.submit(_work, job.stage, job.hash, force)] = job
-            if not running:
+            if prefetch is not None:
+                queue += prefetch.ready(made)
+                while queue and len(running) + len(measuring) < workers:
+                    d = queue.pop(0)
+                    measuring[pool.submit(measure, d, prefetch.pairs, prefetch.cache_dir)] = d
+            if not running and not measuring:
                 raise RuntimeError("pipeline: stages wait on stages that never run: "
                                    + ", ".join(f"{j.stage.name} (needs {j.deps})"
                                                for j in pending))
-            complete, _ = wait(running, return_when=FIRST_COMPLETED)
+            complete, _ = wait([*running, *measuring], return_when=FIRST_COMPLETED)
             for future in complete:
+                if future in measuring:
+                    d = measuring.pop(future)
+                    if (error := future.result()) is not None:
+                        print(f"[pipeline] measuring {d} for the report failed ({error}); "
+                              "the report measures it again", flush=True)
+                    continue
                 job = running.pop(future)
                 done[job.stage.name] = future.result()  # re-raises the stage's error
                 finished.add(job.stage.name)
+                made.add(job.stage.artifact)
 
 
 def run_pipeline(data: str | None = None, stages: list[dict] | None = None,
@@ -493,9 +514,10 @@ def plan_jobs(spec: PipelineSpec, variants: list[Variant]) -> list:
                 _resumable)
 
 
-def _run_jobs(jobs: list[Job], spec: PipelineSpec, done: dict[str, dict]) -> None:
+def _run_jobs(jobs: list[Job], spec: PipelineSpec, done: dict[str, dict],
+              prefetch: Prefetch | None = None) -> None:
     if spec.workers > 1:
-        run_parallel(jobs, spec.workers, spec.force, done)
+        run_parallel(jobs, spec.workers, spec.force, done, prefetch)
     else:
         for job in jobs:
             if job.selected:
@@ -542,17 +564,18 @@ def run_spec(spec: PipelineSpec, source: str = "pipeline arguments") -> dict:
             f"{m} → {c['name']} (validation gold {c['gold']['mean']:.4f})"
             for m, c in chosen.items()), flush=True)
         variants = with_choice(variants, chosen)
-    _run_jobs(build_jobs(spec, variants), spec, done)
-    report = spec.report
-    if report and not spec.skip_report:
+    report = spec.report if not spec.skip_report else None
+    runs = {v.name: {s: f"{spec.runs_dir}/{v.name}/seed{s}/model" for s in spec.seeds}
+            for v in variants}
+    if report and spec.seed_scope == "pipeline":
+        report = per_seed(report, {s: {st.artifact: f"{spec.runs_dir}/{st.name}/seed{s}/model"
+                                       for st in spec.stages} for s in spec.seeds})
+    _run_jobs(build_jobs(spec, variants), spec, done,
+              Prefetch.for_report(report, runs) if report else None)
+    if report:
         from dvpo_lightning.report.build import build_report
 
         t0 = time.time()
-        runs = {v.name: {s: f"{spec.runs_dir}/{v.name}/seed{s}/model" for s in spec.seeds}
-                for v in variants}
-        if spec.seed_scope == "pipeline":
-            report = per_seed(report, {s: {st.artifact: f"{spec.runs_dir}/{st.name}/seed{s}/model"
-                                           for st in spec.stages} for s in spec.seeds})
         extra = {}
         if any(v.point for v in variants):
             extra["variants"] = variant_table(variants)

@@ -22,7 +22,7 @@ from dvpo_lightning.data.examples import file_examples
 from dvpo_lightning.report import gvm_quality, plots, tables
 from dvpo_lightning.report.explain import write_token_values
 from dvpo_lightning.report.runs import by_method, load_runs
-from dvpo_lightning.report.value_accuracy import pair_accuracies
+from dvpo_lightning.report.value_accuracy import cached_pair_accuracies
 from dvpo_lightning.runtime.environment import describe_environment, environment_markdown
 
 CONVENTION = ("Every ± in this report, and every band in its plots, is the half-width of the "
@@ -36,6 +36,24 @@ def _machine() -> str:
         return f"{torch.cuda.get_device_name(0)} GPU"
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} " \
            "torch threads)"
+
+
+EXPORTED_VALUE_MODELS = {"critic": "critic of {} (A/C)", "gvm": "GVM refreshed by {}",
+                         "reward_model": "ScalarRM refreshed by {}"}
+"""Value models an RL run may export beside its policy (sub-directory: row label by method)."""
+
+CACHE = "cache/pair_accuracy"
+"""Where, under a report's ``out``, the value models' pair accuracies are kept
+(:func:`~dvpo_lightning.report.value_accuracy.cached_pair_accuracies`)."""
+
+
+def value_model_dirs(runs: dict[str, dict[int, str]], gvm=None, reward_model=None) -> list[str]:
+    """Every directory whose pair accuracy :func:`build_report` would measure with these
+    arguments, once it exists: the stage-1 GVMs and reward models, and whatever value models
+    the runs export (:data:`EXPORTED_VALUE_MODELS`). What the pipeline measures early."""
+    return [*_by_seed(gvm).values(), *_by_seed(reward_model).values(),
+            *(str(Path(a) / sub) for by_seed in runs.values() for a in by_seed.values()
+              for sub in EXPORTED_VALUE_MODELS)]
 
 
 def _by_seed(artifact: str | dict | None) -> dict:
@@ -99,17 +117,17 @@ def build_report(runs: dict[str, dict[int, str]], out: str = "runs/report",
     # method → the critics and the refreshed GVMs / reward models its runs exported
     exported: dict[str, dict[str, list[str]]] = {}
     for m, rs in by_method(loaded).items():
-        for sub, label in (("critic", f"critic of {m} (A/C)"), ("gvm", f"GVM refreshed by {m}"),
-                           ("reward_model", f"ScalarRM refreshed by {m}")):
+        for sub, label in EXPORTED_VALUE_MODELS.items():
             if dirs := [str(d) for r in rs if (d := Path(r.artifact) / sub).exists()]:
-                exported.setdefault(sub, {})[label] = dirs
+                exported.setdefault(sub, {})[label.format(m)] = dirs
     value_models = {"GVM": list(gvms.values()), "ScalarRM": list(rms.values()),
                     **{label: dirs for part in exported.values()
                        for label, dirs in part.items()}}
     files = {name: pairs for name, pairs in (("in_distribution", eval_pairs),
                                              ("shifted", shifted_pairs)) if pairs}
     # each model loaded once for both files: {label: [{pairs file: result} per model]}
-    per_model = {label: [pair_accuracies(d, list(files.values())) for d in dirs]
+    per_model = {label: [cached_pair_accuracies(d, list(files.values()), out_dir / CACHE)
+                         for d in dirs]
                  for label, dirs in value_models.items() if dirs and files}
     accs: dict[str, dict[str, list[dict]]] = {
         name: {label: [r[pairs] for r in results] for label, results in per_model.items()}

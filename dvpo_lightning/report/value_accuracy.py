@@ -2,12 +2,16 @@
 
 One function for all three models, so the Table-3/4 analog compares them on the same pairs
 with the same tokenisation and the same reductions (:mod:`dvpo_lightning.metrics.pair_accuracy`).
+:func:`cached_pair_accuracies` keeps each result on disk under a key of everything that decides
+its digits, so the pipeline's workers can measure a model as soon as it exists and the report
+(and every rebuild of it) reads the number instead of recomputing it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -94,3 +98,38 @@ def pair_accuracies(model_dir: str, pairs_paths: list[str], tokenizer: str | Non
         out[pairs_path] = {"pairs": len(items),
                            "accuracy": {k: float(v) for k, v in metric.compute().items()}}
     return out
+
+
+def accuracy_key(model_dir: str, pairs_paths: list[str], **settings) -> str:
+    """What decides :func:`pair_accuracies`' digits, as a hex digest: the model directory's
+    files (name, size, modification time: a retrained model is a new key), each pairs file's
+    bytes, the settings, and the kernels that run it here (device, torch threads, the CPU
+    instruction set ``ATEN_CPU_CAPABILITY`` picks, float32 matmul precision): the same model
+    measured with two threads may differ in the last digits from one thread."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    for path in pairs_paths:
+        h.update(f"{path}:".encode() + hashlib.sha256(Path(path).read_bytes()).digest())
+    kernels = ("cuda" if torch.cuda.is_available() else "cpu", torch.get_num_threads(),
+               torch.backends.cpu.get_cpu_capability(), torch.get_float32_matmul_precision())
+    h.update(json.dumps([sorted(settings.items()), kernels], default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_pair_accuracies(model_dir: str, pairs_paths: list[str], cache_dir: str | Path,
+                           **settings) -> dict[str, dict]:
+    """:func:`pair_accuracies`, read from ``cache_dir`` when this process would compute the
+    same digits (:func:`accuracy_key`), else computed and written there (atomically: a file
+    is whole or absent, so workers and the report may share the directory)."""
+    path = Path(cache_dir) / f"{accuracy_key(model_dir, pairs_paths, **settings)}.json"
+    if path.exists():
+        return json.loads(path.read_text())["result"]
+    result = pair_accuracies(model_dir, pairs_paths, **settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"model": str(model_dir), "result": result}))
+    tmp.replace(path)
+    return result
