@@ -24,6 +24,12 @@ bandwidth-bound perfection). Writes ``decode.json`` and ``decode.md`` into ``--o
 every row. ``hf`` is timed first, before the vLLM engine is built, so a vLLM that fails (not
 installed, out of memory) cannot lose its rows: the vLLM rows then carry the error, and the
 command exits non-zero once everything is written.
+
+``--ops N`` also profiles one whole ``hf`` generation per batch size (``torch.profiler``, after
+the timing) and records its ``N`` operators with the most time of their own, each as a share of
+all operators' own time (Python between operators is not in it): which kernels a decode step
+is made of — the weight-reading matrix multiplies, the sampler's random draws, the KV cache's
+concatenations.
 """
 
 from __future__ import annotations
@@ -218,13 +224,34 @@ def time_path(gen, model, batch: int, path: str, args, full, one, device, dtype,
     total = timed(lambda: run(full), device, args.repeats)
     prefill = timed(lambda: run(one), device, args.repeats)
     step = max(total - prefill, 1e-9) / max(args.new_tokens - 1, 1)
-    return {"batch_size": batch, "path": path, "status": "ok", "step_ms": step * 1e3,
+    ops = {"ops": op_shares(lambda: run(full), device, args.ops)} if (
+        args.ops and path == "hf") else {}
+    return {**ops, "batch_size": batch, "path": path, "status": "ok", "step_ms": step * 1e3,
             "total_s": total, "prefill_s": prefill,
             "tokens_per_s": batch * args.new_tokens / total,
             "floor_ms": floor_s * 1e3, "fraction_of_floor": floor_s / step,
             "weight_bytes": w_bytes, "kv_bytes_per_step": kv,
             "bandwidth_gb_s": bandwidth / 1e9,
             "graphs_compiled_while_timed": _unique_graphs() - graphs_before}
+
+
+def op_shares(fn, device, top: int) -> list[dict]:
+    """The ``top`` operators with the most time of their own in one call of ``fn``
+    (``torch.profiler``; on a GPU their device time): ``{"op", "calls", "self_s", "share"}``,
+    ``share`` of the summed own time of every operator."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU,
+                             *([ProfilerActivity.CUDA] if gpu else [])]) as prof:
+        fn()
+        _sync(device)
+    attr = "self_device_time_total" if gpu else "self_cpu_time_total"
+    events = sorted((e for e in prof.key_averages() if getattr(e, attr) > 0),
+                    key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    return [{"op": e.key, "calls": e.count, "self_s": getattr(e, attr) / 1e6,
+             "share": getattr(e, attr) / total} for e in events[:top]]
 
 
 def _unique_graphs() -> int:
@@ -259,6 +286,12 @@ def markdown(records: list[dict], meta: dict) -> str:
               f"({meta['bandwidth_gb_s']:.0f} GB/s, read + write). {meta['threads']} torch "
               f"thread(s); CPU flags: {meta['cpu_flags']}. The hf path is timed first, before "
               "the vLLM engine is built."]
+    for r in records:
+        if r.get("ops"):
+            lines += ["", f"Where one whole {r['path']} generation's time goes, batch "
+                      f"{r['batch_size']} (--ops; share of all operators' own time, not of wall "
+                      "time): " + ", ".join(f"`{o['op']}` {o['share']:.1%} ({o['calls']} calls)"
+                                            for o in r["ops"])]
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +326,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--copy_mib", type=int, default=None,
                    help="size of the bandwidth copy (default: 1024 on cuda, 256 on cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--ops", type=int, default=0,
+                   help="also profile one hf generation: its N costliest operators")
     p.add_argument("--out", default=None, help="output directory")
     a = p.parse_args(argv)
     import torch

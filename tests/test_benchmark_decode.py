@@ -22,7 +22,8 @@ def test_cpu_decode_benchmark_writes_every_field(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "decode"
     main(["--shape", "test", "--device", "cpu", "--batch_sizes", "2", "3", "--prompt_len", "5",
-          "--new_tokens", "4", "--repeats", "1", "--copy_mib", "8", "--out", str(out)])
+          "--new_tokens", "4", "--repeats", "1", "--copy_mib", "8", "--ops", "4",
+          "--out", str(out)])
     doc = json.loads((out / "decode.json").read_text())
     meta = doc["meta"]
     assert meta["shape"] == "test" and meta["new_tokens"] == 4 and meta["prompt_len"] == 5
@@ -43,6 +44,15 @@ def test_cpu_decode_benchmark_writes_every_field(tmp_path):
     assert by[(3, "hf")]["weight_bytes"] == by[(2, "vllm")]["weight_bytes"]
     md = (out / "decode.md").read_text()
     assert "| 2 | hf |" in md and "| 3 | vllm |" in md and "floor" in md
+    # --ops: the hf generation's costliest operators, their shares of all operators' time
+    for r in records:
+        ops = r.get("ops", [])
+        assert len(ops) == (4 if r["path"] == "hf" else 0), r["path"]
+        assert [o["self_s"] for o in ops] == sorted((o["self_s"] for o in ops), reverse=True)
+        assert all(0 < o["share"] <= 1 and o["calls"] >= 1 for o in ops)
+        assert not ops or 0 < sum(o["share"] for o in ops) <= 1 + 1e-9
+    assert "aten::mm" in {o["op"] for o in by[(2, "hf")]["ops"]}  # the weights' products
+    assert "Where one whole hf generation's time goes, batch 2" in md
 
 
 def test_cpu_decode_benchmark_keeps_the_hf_rows_when_vllm_fails(tmp_path):
