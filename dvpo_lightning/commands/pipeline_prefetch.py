@@ -2,7 +2,7 @@
 
 The report measures every stage-1 GVM and reward model, and every critic a run exports, on the
 held-out pairs (:func:`~dvpo_lightning.report.value_accuracy.cached_pair_accuracies`). Alone at
-the end that is serial work with the other workers idle (20 of the default study's 26 report
+the end that is serial work with the other workers idle (most of the default study's 22 report
 seconds on 2 cores). A :class:`Prefetch` hands each model to a free worker as soon as the stage
 that writes it has finished, after every stage that is ready to run (it never delays a stage),
 and the measurement lands in the report's cache; the report then reads it. The key of a
