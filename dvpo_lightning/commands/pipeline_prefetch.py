@@ -48,9 +48,10 @@ class Prefetch:
         from dvpo_lightning.models.value_model import HEAD_WEIGHTS
 
         made_paths = {Path(a) for a in made}
-        new = [d for d in dict.fromkeys(self.dirs)
-               if d not in self.sent and (Path(d) / HEAD_WEIGHTS).exists()
-               and made_paths & {Path(d), *Path(d).parents}]
+        new = [d for d in dict.fromkeys(self.dirs)  # (the file-system check last: a large
+               if d not in self.sent  # study lists a thousand directories, most not made yet)
+               and made_paths & {Path(d), *Path(d).parents}
+               and (Path(d) / HEAD_WEIGHTS).exists()]
         self.sent.update(new)
         return new
 
