@@ -57,7 +57,14 @@ VARIANTS = {**{f"{m}_rescore": (m, ["--model.init_args.ppo.behaviour_logps=resco
                for m in ("dvpo", "ppo", "grpo")},
             # logp_old from the engine (--generation vllm only)
             **{f"{m}_engine": (m, ["--model.init_args.ppo.behaviour_logps=engine"])
-               for m in ("dvpo", "grpo")}}
+               for m in ("dvpo", "grpo")},
+            # the frozen models and the vLLM engine in bfloat16, the policy (and critic) trained
+            # in the run's precision: what a GPU run does (--generation vllm only)
+            **{f"{m}_bf16_rollout": (m, ["--model.init_args.models.frozen_dtype=bfloat16",
+                                         "--model.init_args.rollout.vllm.dtype=bfloat16"])
+               for m in ("dvpo", "ppo", "grpo")}}
+# variants that set the vLLM engine and mean nothing with HF generate
+VLLM_ONLY = tuple(v for v in VARIANTS if v.endswith(("_engine", "_bf16_rollout")))
 ENGINES = ("hf", "vllm")
 # Llama-family shapes with random weights: tiny ones for CPU smoke runs (tiny32's heads are the
 # smallest vLLM's CPU attention serves), two real ones.
@@ -133,10 +140,15 @@ def run_method(args) -> dict:
     from dvpo_lightning.callbacks import CostMeter
     from dvpo_lightning.commands.fit import cli_main
     from dvpo_lightning.rollout.experience import Need
+    from dvpo_lightning.rollout.tolerance import engine_dtype
 
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise SystemExit("benchmarks.cost --generation vllm: vllm is not installed here (pip "
                          "install vllm); this row fails, the others stand")
+    if args.engine != "vllm" and args.method in VLLM_ONLY:
+        raise SystemExit(f"benchmarks.cost --methods {args.method}: this row sets the vLLM "
+                         f"engine, and this run's engine is {args.engine}. Fix: run it with "
+                         "--generation vllm")
     root = Path(args.workdir)
     method, variant = VARIANTS.get(args.method, (args.method, []))
     group = args.group if method in GROUP_METHODS else 1
@@ -205,7 +217,9 @@ def run_method(args) -> dict:
                             torch.bfloat16 if "bf16" in str(args.precision) else torch.float32,
                             8192 if gpu else 1024, repeats=20, best=True)
     seconds = {k: c[f"{k}_s"] for k in flops}
+    vllm = module.experience.settings.vllm if args.engine == "vllm" else None
     return {"method": args.method, "engine": args.engine, "responses_per_step": n_resp,
+            "engine_dtype": vllm and engine_dtype(vllm.dtype, str(args.precision)),
             "group": group,
             "prompts_per_step": batch, "s_per_prompt": c["step_s"] / batch,
             "length": args.length, "rl_steps": c["rl_steps"], "step_s": c["step_s"],
@@ -268,7 +282,8 @@ def markdown(records: list[dict], meta: dict, trls: dict[str, dict] | None = Non
     rows += [(f"TRL GRPOTrainer {t['trl_version']} ({TRL_ROWS[k]})", {**t, "engine": "hf"})
              for k, t in trl_ok.items()]
     for name, r in rows:
-        line = (f"| {name} | {r['engine']} | {r['step_s']:.3f} | {_fmt(r['generate_s'], '.3f')} | "
+        engine = r["engine"] + (f" ({r['engine_dtype']})" if r.get("engine_dtype") else "")
+        line = (f"| {name} | {engine} | {r['step_s']:.3f} | {_fmt(r['generate_s'], '.3f')} | "
                 f"{_fmt(r['score_s'], '.3f')} | {r['update_s']:.3f} | "
                 f"{_fmt(r['gen_tokens_per_s'], '.0f')} | "
                 f"{r['train_tokens_per_s']:.0f} | {r['peak_mem_gb']:.3f} | "
@@ -380,6 +395,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine", default="hf", help=argparse.SUPPRESS)  # … with this engine
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.method is None and "vllm" not in a.generation and set(a.methods) & set(VLLM_ONLY):
+        p.error(f"--methods {' '.join(m for m in a.methods if m in VLLM_ONLY)}: these rows set "
+                f"the vLLM engine, and --generation is {' '.join(a.generation)}. Fix: add "
+                "--generation vllm (they run with vLLM only)")
     gpu = a.mode == "gpu"
     a.shape = a.shape or ("smollm2-135m" if gpu else "tiny")
     a.prompts = a.prompts or (64 if gpu else 4)
@@ -507,7 +526,8 @@ def main(argv: list[str] | None = None) -> dict:
         # the children find this checkout first, and whatever the parent's path had after it
         path = [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-        jobs = [(m, engine) for engine in args.generation for m in args.methods]
+        jobs = [(m, engine) for engine in args.generation for m in args.methods
+                if engine == "vllm" or m not in VLLM_ONLY]
         if version:  # right after the first method: a run cut short still has the comparison
             jobs[1:1] = [(k, "hf") for k in TRL_ROWS]
         for m in [m for m, _ in jobs if m in TRL_ROWS]:

@@ -160,21 +160,37 @@ def test_cpu_cost_benchmark_puts_hf_and_vllm_side_by_side(tmp_path):
         mp.chdir(Path(__file__).resolve().parents[1])
         main(["--mode", "cpu", "--shape", "tiny32", "--rl_steps", str(RL_STEPS), "--length",
               str(LENGTH), "--prompts", str(PROMPTS), "--group", str(GROUP), "--prompt_len",
-              str(PROMPT_LEN), "--methods", "dvpo", "ppo", "--generation", "hf", "vllm",
-              "--trl", "off", "--jobs", "2", "--out", str(out)])
+              str(PROMPT_LEN), "--methods", "dvpo", "ppo", "dvpo_bf16_rollout",
+              "--generation", "hf", "vllm", "--trl", "off", "--jobs", "2", "--out", str(out)])
     doc = json.loads((out / "cost.json").read_text())
     records = {(r["method"], r["engine"]): r for r in doc["methods"]}
-    assert [(r["method"], r["engine"]) for r in doc["methods"]] == [  # (the jobs' order)
-        ("dvpo", "hf"), ("ppo", "hf"), ("dvpo", "vllm"), ("ppo", "vllm")]
+    assert [(r["method"], r["engine"]) for r in doc["methods"]] == [  # (the jobs' order; the
+        # bf16 rollout row sets the vLLM engine, so it has no HF run)
+        ("dvpo", "hf"), ("ppo", "hf"), ("dvpo", "vllm"), ("ppo", "vllm"),
+        ("dvpo_bf16_rollout", "vllm")]
+    assert [records[k]["engine_dtype"] for k in records] == [
+        None, None, "float32", "float32", "bfloat16"]
+    assert records[("dvpo_bf16_rollout", "vllm")]["frozen_weights_gb"] == pytest.approx(
+        records[("dvpo", "vllm")]["frozen_weights_gb"] / 2)
     for (m, e), r in records.items():
         assert r["gen_tokens_per_step"] == float(PROMPTS * GROUP * LENGTH), (m, e)
         assert r["time_ratio_to_ppo"] == pytest.approx(
             r["step_s"] / records[("ppo", e)]["step_s"])
-        if e == "vllm":
+        if e == "vllm" and (m, "hf") in records:
             assert r["step_ratio_to_hf"] == pytest.approx(r["step_s"] / records[(m, "hf")]
                                                           ["step_s"])
     md = (out / "cost.md").read_text()
-    assert "| dvpo | vllm |" in md and "step ÷ hf" in md and "CPU flags" in md
+    assert "| dvpo | vllm (float32) |" in md and "step ÷ hf" in md and "CPU flags" in md
+    assert "| dvpo_bf16_rollout | vllm (bfloat16) |" in md
+
+
+def test_vllm_only_rows_need_the_vllm_engine(capsys):
+    """A row that sets the vLLM engine, asked for without it, is refused before anything
+    runs, with the fix."""
+    with pytest.raises(SystemExit):
+        main(["--mode", "cpu", "--methods", "dvpo", "dvpo_bf16_rollout", "--trl", "off"])
+    err = capsys.readouterr().err
+    assert "--methods dvpo_bf16_rollout" in err and "Fix: add --generation vllm" in err
 
 
 def without_vllm() -> dict:
