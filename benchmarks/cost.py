@@ -316,6 +316,10 @@ def markdown(records: list[dict], meta: dict, trls: dict[str, dict] | None = Non
     lines += ["", f"Step times exclude the first step (warm-up); {meta['rl_steps']} RL steps "
               "per method and engine, each in its own process, one after another. Ratios to "
               "PPO are within an engine."]
+    paired = [r for r in good if r.get("ppo_row", "ppo") != "ppo"]
+    if paired:
+        lines[-1] += (" A row with a setting changed is against PPO with the same setting: "
+                      + ", ".join(f"{r['method']} ÷ {r['ppo_row']}" for r in paired) + ".")
     grpo = [r for r in good if "per_prompt_ratio_to_grpo" in r]
     if grpo:
         lines += ["", "Time per prompt ÷ GRPO (the paper's per-prompt comparison: GRPO samples "
@@ -433,6 +437,14 @@ def ok(r: dict | None) -> bool:
     return r is not None and r.get("status", "ok") == "ok"
 
 
+def ppo_row(method: str, rows: dict) -> str | None:
+    """The PPO row ``method`` is measured against among ``rows`` (one engine's, by name): PPO
+    with the same setting where it ran (``dvpo_bf16`` → ``ppo_bf16``), else plain ``ppo``."""
+    setting = VARIANTS[method][0] if method in VARIANTS else None
+    same = "ppo" + method[len(setting):] if setting else "ppo"
+    return same if same in rows else ("ppo" if "ppo" in rows else None)
+
+
 def derive(records: list[dict], trls: dict[str, dict]) -> None:
     """Ratios between rows that finished (in place; a failed row gets none and is no one's
     reference)."""
@@ -442,9 +454,11 @@ def derive(records: list[dict], trls: dict[str, dict]) -> None:
         r["e2e_tokens_per_s"] = r["gen_tokens_per_step"] / max(r["step_s"], 1e-9)
     for r in good:  # ratios within an engine; a method's engines against each other
         same = {x["method"]: x for x in good if x["engine"] == r["engine"]}
-        if "ppo" in same:
-            r["time_ratio_to_ppo"] = r["step_s"] / same["ppo"]["step_s"]
-            r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / same["ppo"]["peak_mem_gb"]
+        ppo = ppo_row(r["method"], same)
+        if ppo is not None:
+            r["ppo_row"] = ppo
+            r["time_ratio_to_ppo"] = r["step_s"] / same[ppo]["step_s"]
+            r["mem_ratio_to_ppo"] = r["peak_mem_gb"] / same[ppo]["peak_mem_gb"]
         if "grpo" in same:  # the paper's "time per prompt": one response vs GRPO's group
             r["per_prompt_ratio_to_grpo"] = r["s_per_prompt"] / same["grpo"]["s_per_prompt"]
         hf = next((x for x in good if x["method"] == r["method"] and x["engine"] == "hf"), None)

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.cost import FIELDS, METHODS, main  # noqa: E402
+from benchmarks.cost import FIELDS, METHODS, derive, main  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
 PROMPTS, GROUP, LENGTH, PROMPT_LEN, RL_STEPS = 2, 2, 4, 6, 2
@@ -182,6 +182,30 @@ def test_cpu_cost_benchmark_puts_hf_and_vllm_side_by_side(tmp_path):
     md = (out / "cost.md").read_text()
     assert "| dvpo | vllm (float32) |" in md and "step ÷ hf" in md and "CPU flags" in md
     assert "| dvpo_bf16_rollout | vllm (bfloat16) |" in md
+
+
+def test_a_variant_is_against_ppo_with_the_same_setting():
+    """``dvpo_bf16`` ÷ ``ppo_bf16`` where PPO ran with that setting, else ÷ ``ppo``; a failed
+    PPO row is no one's reference; each engine has its own."""
+    def row(method, step, mem, engine="hf"):
+        return {"method": method, "engine": engine, "step_s": step, "peak_mem_gb": mem,
+                "gen_tokens_per_step": 64.0, "gen_tokens_per_s": 1.0, "s_per_prompt": 1.0,
+                "generate_s": 1.0}
+
+    records = [row("dvpo", 6, 3), row("ppo", 10, 5), row("dvpo_bf16", 4, 2),
+               row("ppo_bf16", 8, 4), row("dvpo_rescore", 7, 3),
+               row("dvpo_bf16_rollout", 3, 2, "vllm"), row("ppo", 12, 6, "vllm"),
+               {"method": "ppo_bf16_rollout", "engine": "vllm", "status": "failed"}]
+    derive(records, {})
+    by = {(r["method"], r["engine"]): r for r in records}
+    assert by[("dvpo_bf16", "hf")]["ppo_row"] == "ppo_bf16"
+    assert by[("dvpo_bf16", "hf")]["time_ratio_to_ppo"] == pytest.approx(4 / 8)
+    assert by[("dvpo_bf16", "hf")]["mem_ratio_to_ppo"] == pytest.approx(2 / 4)
+    assert by[("ppo_bf16", "hf")]["time_ratio_to_ppo"] == pytest.approx(1.0)
+    assert by[("dvpo", "hf")]["ppo_row"] == "ppo"  # (no ppo_rescore: plain PPO)
+    assert by[("dvpo_rescore", "hf")]["time_ratio_to_ppo"] == pytest.approx(7 / 10)
+    assert by[("dvpo_bf16_rollout", "vllm")]["ppo_row"] == "ppo"
+    assert by[("dvpo_bf16_rollout", "vllm")]["time_ratio_to_ppo"] == pytest.approx(3 / 12)
 
 
 def test_vllm_only_rows_need_the_vllm_engine(capsys):
