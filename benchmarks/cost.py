@@ -140,7 +140,6 @@ def run_method(args) -> dict:
     from dvpo_lightning.callbacks import CostMeter
     from dvpo_lightning.commands.fit import cli_main
     from dvpo_lightning.rollout.experience import Need
-    from dvpo_lightning.rollout.tolerance import engine_dtype
 
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise SystemExit("benchmarks.cost --generation vllm: vllm is not installed here (pip "
@@ -217,9 +216,10 @@ def run_method(args) -> dict:
                             torch.bfloat16 if "bf16" in str(args.precision) else torch.float32,
                             8192 if gpu else 1024, repeats=20, best=True)
     seconds = {k: c[f"{k}_s"] for k in flops}
-    vllm = module.experience.settings.vllm if args.engine == "vllm" else None
+    llm = getattr(module.experience.generator, "llm", None)  # the vLLM engine, as built
     return {"method": args.method, "engine": args.engine, "responses_per_step": n_resp,
-            "engine_dtype": vllm and engine_dtype(vllm.dtype, str(args.precision)),
+            "engine_dtype": None if llm is None else
+            str(llm.llm_engine.model_config.dtype).removeprefix("torch."),
             "group": group,
             "prompts_per_step": batch, "s_per_prompt": c["step_s"] / batch,
             "length": args.length, "rl_steps": c["rl_steps"], "step_s": c["step_s"],
