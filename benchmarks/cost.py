@@ -144,10 +144,6 @@ def run_method(args) -> dict:
     if args.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         raise SystemExit("benchmarks.cost --generation vllm: vllm is not installed here (pip "
                          "install vllm); this row fails, the others stand")
-    if args.engine != "vllm" and args.method in VLLM_ONLY:
-        raise SystemExit(f"benchmarks.cost --methods {args.method}: this row sets the vLLM "
-                         f"engine, and this run's engine is {args.engine}. Fix: run it with "
-                         "--generation vllm")
     root = Path(args.workdir)
     method, variant = VARIANTS.get(args.method, (args.method, []))
     group = args.group if method in GROUP_METHODS else 1
@@ -440,8 +436,8 @@ def ok(r: dict | None) -> bool:
 def ppo_row(method: str, rows: dict) -> str | None:
     """The PPO row ``method`` is measured against among ``rows`` (one engine's, by name): PPO
     with the same setting where it ran (``dvpo_bf16`` → ``ppo_bf16``), else plain ``ppo``."""
-    setting = VARIANTS[method][0] if method in VARIANTS else None
-    same = "ppo" + method[len(setting):] if setting else "ppo"
+    base = VARIANTS[method][0] if method in VARIANTS else None  # dvpo_bf16 → dvpo
+    same = "ppo" + method[len(base):] if base else "ppo"
     return same if same in rows else ("ppo" if "ppo" in rows else None)
 
 
